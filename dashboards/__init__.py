@@ -1,0 +1,1 @@
+"""Reports and MLflow views of sweeps."""

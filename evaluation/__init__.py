@@ -1,0 +1,1 @@
+"""Scoring of the in-domain math and out-of-domain benchmarks."""

@@ -1,0 +1,325 @@
+"""Pretrained top-k singular bases ``Uk``, ``Vk`` and reference block ``Sref`` for each protected matrix.
+
+``Sref`` is always computed from the bases *as stored* (same dtype, same projection routine as the penalty), so
+the penalty is exactly zero at the pretrained weights. A matrix whose resolved ``k`` equals ``min(m, n)`` is
+stored in *full* mode: it keeps ``W0`` itself and the penalty is the L2-to-init distance ``||W - W0||_F^2``
+(the top-k penalty with complete orthonormal bases). ``k = 0`` stores empty bases: no penalty, plain SFT.
+
+Bases are computed once at the largest ``k`` needed; :meth:`Bases.truncate` slices them for smaller ``k``
+(the leading columns of a top-k basis are the top-k' basis). :func:`load_or_compute_bases` caches them as
+safetensors keyed by a fingerprint of the weights, the selection and the basis method, with a content hash
+checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+BasisMethod = Literal["exact", "gram", "randomized"]
+BASIS_METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
+KSpec = int | float
+
+
+class BasisCacheError(RuntimeError):
+    """A cached basis file is corrupt or does not belong to these weights."""
+
+
+def resolve_k(k: KSpec, shape: tuple[int, int]) -> int:
+    """Resolve an int or a rank fraction to an int in ``[0, min(m, n)]`` (ints above the rank are clamped)."""
+    rank = min(shape)
+    if isinstance(k, bool):
+        raise TypeError("k: expected an int or a fraction, got a bool")
+    if isinstance(k, float):
+        if not 0.0 < k <= 1.0:
+            raise ValueError(
+                f"k: a fractional k must lie in (0, 1], got {k}. Fix: use e.g. 0.05 or an int rank"
+            )
+        return max(1, min(rank, round(k * rank)))
+    if k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}. Fix: use 0 (plain SFT), a positive rank or a fraction")
+    return min(int(k), rank)
+
+
+def project_block(weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``U^T W V`` (k x k), computed as ``U^T (W V)``: the one routine used for ``Sref`` and the penalty."""
+    return u.transpose(0, 1) @ (weight.to(u.dtype) @ v)
+
+
+@dataclass
+class MatrixBasis:
+    """Bases of one matrix. In full mode ``w0`` holds the pretrained weight and ``u``/``v``/``sref`` are empty."""
+
+    u: Tensor  # m x k
+    v: Tensor  # n x k
+    sref: Tensor  # k x k
+    shape: tuple[int, int]
+    w0: Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return min(self.shape) if self.full else self.u.shape[1]
+
+    @property
+    def full(self) -> bool:
+        return self.w0 is not None
+
+    def covers(self, k: int) -> bool:
+        """Whether bases at resolved rank ``k`` can be sliced from this entry."""
+        if self.full:
+            return k == min(self.shape)
+        return k <= self.k and k != min(self.shape)
+
+    def nbytes(self) -> int:
+        tensors = [self.u, self.v, self.sref] + ([self.w0] if self.w0 is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Bases:
+    """Top-k bases for a selection of matrices, keyed by parameter name."""
+
+    entries: dict[str, MatrixBasis]
+    method: str = "exact"
+    fingerprint: str = ""
+    params: dict[str, nn.Parameter] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def ks(self) -> dict[str, int]:
+        return {name: entry.k for name, entry in self.entries.items()}
+
+    def nbytes(self) -> int:
+        return sum(entry.nbytes() for entry in self.entries.values())
+
+    def truncate(self, k: KSpec) -> Bases:
+        """Bases at a smaller ``k`` (int or fraction, resolved per matrix) by slicing; no recomputation."""
+        entries: dict[str, MatrixBasis] = {}
+        for name, entry in self.entries.items():
+            kk = resolve_k(k, entry.shape)
+            if not entry.covers(kk):
+                have = "full mode (W0 only)" if entry.full else f"k={entry.k}"
+                raise ValueError(
+                    f"k: cannot slice {name} to k={kk}: the bases hold {have}. "
+                    "Fix: compute the bases at the largest k the run needs (full rank needs its own bases)"
+                )
+            if entry.full:
+                entries[name] = entry
+                continue
+            u, v = entry.u[:, :kk].contiguous(), entry.v[:, :kk].contiguous()
+            entries[name] = MatrixBasis(u, v, entry.sref[:kk, :kk].contiguous(), entry.shape)
+        return Bases(entries, self.method, self.fingerprint, self.params)
+
+    def bind(self, params: dict[str, nn.Parameter] | nn.Module) -> Bases:
+        """Attach the live parameters (a selection dict, or a model to look the names up in)."""
+        if isinstance(params, nn.Module):
+            named = dict(params.named_parameters(remove_duplicate=False))
+            missing = [n for n in self.entries if n not in named]
+            if missing:
+                raise KeyError(f"bases: parameters {missing[:3]} not found in the model")
+            params = {n: named[n] for n in self.entries}
+        self.params = dict(params)
+        return self
+
+    def to(self, device: torch.device | str) -> Bases:
+        for entry in self.entries.values():
+            entry.u, entry.v, entry.sref = entry.u.to(device), entry.v.to(device), entry.sref.to(device)
+            if entry.w0 is not None:
+                entry.w0 = entry.w0.to(device)
+        return self
+
+
+def _full_entry(w0: Tensor, dtype: torch.dtype) -> MatrixBasis:
+    empty = w0.new_zeros((0,), dtype=dtype)
+    return MatrixBasis(empty, empty, empty, tuple(w0.shape), w0=w0.detach().clone())
+
+
+def _top_k_exact(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :k], vh[:k].transpose(0, 1)
+
+
+def _top_k_gram(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the Gram matrix of the narrow side; the other side by one matmul + QR."""
+    transposed = w.shape[0] > w.shape[1]
+    a = w.transpose(0, 1) if transposed else w  # a is m x n with m <= n
+    _, evecs = torch.linalg.eigh(a @ a.transpose(0, 1))
+    u = evecs[:, -k:].flip(-1)
+    v, _ = torch.linalg.qr(a.transpose(0, 1) @ u)  # = V_k S_k up to column scale; QR keeps it orthonormal
+    v = v * torch.sign(torch.sum(v * (a.transpose(0, 1) @ u), dim=0, keepdim=True))
+    return (v, u) if transposed else (u, v)
+
+
+def _top_k_randomized(w: Tensor, k: int, niter: int = 6, oversample: int = 16) -> tuple[Tensor, Tensor]:
+    q = min(k + oversample, min(w.shape))
+    u, _, v = torch.svd_lowrank(w, q=q, niter=niter)
+    return u[:, :k], v[:, :k]
+
+
+def top_k_bases(w: Tensor, k: int, method: str = "exact") -> tuple[Tensor, Tensor]:
+    """Top-k left/right singular vectors of ``w`` (float32 or float64 compute)."""
+    if method == "exact":
+        return _top_k_exact(w, k)
+    if method == "gram":
+        return _top_k_gram(w, k)
+    if method == "randomized":
+        return _top_k_randomized(w, k)
+    raise ValueError(f"basis_method: unknown {method!r}. Fix: use one of {', '.join(BASIS_METHODS)}")
+
+
+@torch.no_grad()
+def compute_bases(
+    selection: dict[str, nn.Parameter],
+    k: KSpec,
+    *,
+    method: str = "exact",
+    dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Bases:
+    """Compute ``Uk``, ``Vk``, ``Sref`` for each selected matrix at its resolved ``k``.
+
+    ``dtype`` is the storage dtype of the bases (default: each weight's dtype); ``Sref`` is built from the
+    stored bases, so the penalty at the pretrained weights is exactly zero. ``compute_dtype`` defaults to
+    float32 (float64 for float64 weights).
+    """
+    if method not in BASIS_METHODS:
+        raise ValueError(f"basis_method: unknown {method!r}. Fix: use one of {', '.join(BASIS_METHODS)}")
+    from tqdm.auto import tqdm
+
+    entries: dict[str, MatrixBasis] = {}
+    for name, param in tqdm(selection.items(), desc=f"bases ({method})", disable=not progress, leave=False):
+        w0 = param.detach()
+        if w0.ndim != 2:
+            raise ValueError(f"layers: {name} is not a 2-D matrix (shape {tuple(w0.shape)})")
+        store_dtype = dtype or w0.dtype
+        kk = resolve_k(k, tuple(w0.shape))
+        if kk == min(w0.shape):
+            entries[name] = _full_entry(w0, store_dtype)
+            continue
+        if kk == 0:
+            u, v = w0.new_zeros((w0.shape[0], 0)), w0.new_zeros((w0.shape[1], 0))
+        else:
+            u, v = top_k_bases(
+                w0.to(compute_dtype or torch.promote_types(w0.dtype, torch.float32)), kk, method
+            )
+        u, v = u.to(store_dtype).contiguous(), v.to(store_dtype).contiguous()
+        entries[name] = MatrixBasis(u, v, project_block(w0, u, v), tuple(w0.shape))
+    return Bases(entries, method, params=dict(selection))
+
+
+# --------------------------------------------------------------------------------------------- caching
+
+
+def weights_fingerprint(selection: dict[str, nn.Parameter], method: str, extra: str = "") -> str:
+    """sha256 over names, shapes, dtypes and bytes of the selected matrices, plus the basis method."""
+    digest = hashlib.sha256()
+    digest.update(f"method={method};{extra}".encode())
+    for name, param in selection.items():
+        tensor = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _content_hash(tensors: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous().cpu()
+        digest.update(key.encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def save_bases(bases: Bases, path: str | os.PathLike, k: KSpec) -> None:
+    """Write bases to a safetensors file with their fingerprint, k and a content hash in the metadata."""
+    tensors: dict[str, Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, entry in bases.entries.items():
+        shapes[name] = list(entry.shape)
+        if entry.full:
+            tensors[f"{name}::w0"] = entry.w0
+        else:
+            tensors[f"{name}::u"], tensors[f"{name}::v"], tensors[f"{name}::sref"] = (
+                entry.u,
+                entry.v,
+                entry.sref,
+            )
+    tensors = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
+    metadata = {
+        "fingerprint": bases.fingerprint,
+        "method": bases.method,
+        "k": json.dumps(k),
+        "shapes": json.dumps(shapes),
+        "content_sha256": _content_hash(tensors),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+def load_bases(path: str | os.PathLike, expected_fingerprint: str | None = None) -> tuple[Bases, KSpec]:
+    """Read bases written by :func:`save_bases`; verify the content hash (and the fingerprint if given)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    tensors = load_file(str(path))
+    if metadata.get("content_sha256") != _content_hash(tensors):
+        raise BasisCacheError(f"bases: {path} fails its integrity check (content hash mismatch)")
+    if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:
+        raise BasisCacheError(f"bases: {path} belongs to other weights, selection or basis method")
+    entries: dict[str, MatrixBasis] = {}
+    for name, shape in json.loads(metadata["shapes"]).items():
+        if f"{name}::w0" in tensors:
+            w0 = tensors[f"{name}::w0"]
+            entries[name] = _full_entry(w0, w0.dtype)
+        else:
+            entries[name] = MatrixBasis(
+                tensors[f"{name}::u"], tensors[f"{name}::v"], tensors[f"{name}::sref"], tuple(shape)
+            )
+    return Bases(entries, metadata.get("method", "exact"), metadata.get("fingerprint", "")), json.loads(
+        metadata["k"]
+    )
+
+
+def load_or_compute_bases(
+    selection: dict[str, nn.Parameter],
+    k: KSpec,
+    *,
+    cache_dir: str | os.PathLike,
+    method: str = "exact",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Bases:
+    """Cached :func:`compute_bases`: reuse a stored file when it covers ``k`` (slicing it), else compute.
+
+    The file name is the fingerprint of (weights, selection, method); a file computed at a larger k serves
+    every smaller k. A corrupt file is recomputed.
+    """
+    fingerprint = weights_fingerprint(selection, method, extra=f"dtype={dtype}")
+    path = Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
+    if path.exists():
+        try:
+            stored, _ = load_bases(path, expected_fingerprint=fingerprint)
+            if all(entry.covers(resolve_k(k, entry.shape)) for entry in stored.entries.values()):
+                device = next(iter(selection.values())).device
+                return stored.truncate(k).to(device).bind(selection)
+        except BasisCacheError:
+            pass
+    bases = compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
+    bases.fingerprint = fingerprint
+    save_bases(bases, path, k)
+    return bases

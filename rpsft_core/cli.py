@@ -1,0 +1,94 @@
+"""The ``rpsft`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Rotation-Preserving SFT: train, sweep, evaluate."
+)
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config (see configs/)."),
+    model: str | None = typer.Option(None, help="Embedded name, HF directory, .gguf file or hub id."),
+    data: str | None = typer.Option(None, help="JSONL path, demo-math[:N], or hf:<dataset>[:split]."),
+    method: str | None = typer.Option(None, help="sft, rpsft, l2-init, dft, iw, lora, rpsft-lora, osf."),
+    k: str | None = typer.Option(None, help="Protected rank: an int, or a fraction of each matrix's rank."),
+    lam: float | None = typer.Option(None, "--lambda", help="Penalty strength."),
+    layers: str | None = typer.Option(None, help="Layer preset: all, attn, mlp, early-attn, ..."),
+    max_steps: int | None = typer.Option(None, help="Optimizer steps."),
+    output_dir: str | None = typer.Option(None, help="Where the checkpoint and metrics.json go."),
+    seed: int | None = typer.Option(None),
+) -> None:
+    """Fine-tune one model; writes <output_dir>/model (HF checkpoint) and <output_dir>/metrics.json."""
+    from rpsft_core.config import ConfigError, load_train_config
+    from rpsft_core.data import DataError
+
+    k_value = None
+    if k is not None:
+        k_value = float(k) if "." in k else int(k)
+    overrides = dict(
+        model=model,
+        data=data,
+        method=method,
+        k=k_value,
+        layers=layers,
+        max_steps=max_steps,
+        output_dir=output_dir,
+        seed=seed,
+    )
+    overrides["lambda"] = lam
+    try:
+        cfg = load_train_config(config, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    from rpsft_core.train import train as run_train
+
+    try:
+        result = run_train(cfg)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        _fail(f"error: {exc}")
+    summary = {
+        key: result.metrics[key]
+        for key in (
+            "train_loss",
+            "global_steps",
+            "train_seconds",
+            "bases_seconds",
+            "n_examples",
+            "drift_mean",
+        )
+    }
+    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(f"checkpoint: {result.output_dir / 'model'}\nmetrics:    {result.output_dir / 'metrics.json'}")
+
+
+@app.command()
+def models(
+    prepare: str | None = typer.Option(None, help="Dequantize and cache this embedded model now."),
+) -> None:
+    """List the embedded models (and optionally cache one)."""
+    from rpsft_core.models import EMBEDDED_MODELS, default_cache_dir, resolve_model_dir
+
+    for name, entry in EMBEDDED_MODELS.items():
+        cached = (default_cache_dir() / "models" / name).exists()
+        typer.echo(f"{name:24s} {'cached' if cached else 'not cached':11s} {entry.description}")
+    if prepare:
+        if prepare not in EMBEDDED_MODELS:
+            _fail(f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}")
+        typer.echo(resolve_model_dir(prepare))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())

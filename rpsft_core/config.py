@@ -1,0 +1,141 @@
+"""Typed training configuration (``rpsft train --config train.yaml``), validated before any work starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rpsft_core.bases import BASIS_METHODS
+from rpsft_core.selection import LayerSpec, resolve_spec
+
+Method = Literal["sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf"]
+METHODS: tuple[str, ...] = ("sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf")
+PENALIZED_METHODS = ("rpsft", "l2-init", "rpsft-lora")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+def check_k(value: float) -> int | float:
+    if isinstance(value, bool):
+        raise ValueError("k must be an int rank or a fraction in (0, 1], not a bool")
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(
+                f"a fractional k must lie in (0, 1], got {value}. Fix: e.g. 0.05, or an int rank"
+            )
+    elif value < 0:
+        raise ValueError(f"k must be >= 0, got {value}. Fix: 0 (plain SFT), a positive rank, or a fraction")
+    return value
+
+
+class TrainConfig(BaseModel):
+    """One training run: model, data, method and its knobs, optimization, output."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str = "smollm2-135m-instruct"
+    data: str = "demo-math:256"
+    max_length: int = Field(256, gt=8)
+    data_limit: int | None = Field(None, gt=0)
+
+    method: Method = "rpsft"
+    k: int | float = 64
+    lam: float = Field(1.0, alias="lambda")
+    period: int = Field(1, ge=1)
+    layers: str | LayerSpec = "all"
+    basis_method: str = "exact"
+    lora_r: int = Field(32, gt=0)
+    lora_alpha: float = Field(64.0, gt=0)
+    iw_tau: float = Field(1.0, gt=0)
+    iw_clamp: float = Field(16.0, gt=0)
+
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = "adamw_torch"
+    learning_rate: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(4, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int | None = Field(20, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    seed: int = 0
+
+    output_dir: str = "runs/train"
+    save_model: bool = True
+    logging_steps: int = Field(1, gt=0)
+    cache_dir: str | None = None
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: float) -> int | float:
+        return check_k(value)
+
+    @field_validator("lam")
+    @classmethod
+    def _check_lam(cls, value: float) -> float:
+        if value < 0:
+            raise ValueError(
+                f"lambda must be >= 0, got {value}. Fix: a non-negative penalty strength, e.g. 1.0"
+            )
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: str | LayerSpec) -> str | LayerSpec:
+        resolve_spec(value)
+        return value
+
+    @field_validator("basis_method")
+    @classmethod
+    def _check_basis_method(cls, value: str) -> str:
+        if value not in BASIS_METHODS:
+            raise ValueError(f"unknown basis method {value!r}. Fix: one of {', '.join(BASIS_METHODS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_method(self) -> TrainConfig:
+        if self.method in ("rpsft", "rpsft-lora") and self.lam == 0:
+            raise ValueError(
+                f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
+            )
+        return self
+
+    @property
+    def effective_k(self) -> int | float:
+        """The rank the penalty uses: full rank (1.0) for ``l2-init``, 0 for unpenalized methods."""
+        if self.method == "l2-init":
+            return 1.0
+        return self.k if self.method in PENALIZED_METHODS else 0
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {field}: {message}")
+    return "\n".join(lines)
+
+
+def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML file (optional) plus overrides into a validated :class:`TrainConfig` (or raise ConfigError)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config: file {path} does not exist. Fix: pass an existing YAML file")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of fields, got {type(raw).__name__}")
+    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path or "config"))) from None

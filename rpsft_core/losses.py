@@ -1,0 +1,65 @@
+"""Token-level training losses: SFT (NLL), DFT and importance-weighted SFT (IW).
+
+All losses sum per-token terms over response tokens and divide by ``num_items`` (the number of response tokens
+in the whole optimizer step, as ``transformers.Trainer`` passes it), so gradient accumulation gives the same
+update as one large batch.
+
+* SFT: ``-log p(y_t)``.
+* DFT (dynamic fine-tuning, Wu et al. 2025): ``-sg(p(y_t)) * log p(y_t)``; the same per-token formula as TRL's
+  ``SFTConfig(loss_type="dft")``.
+* IW (importance-weighted SFT, Qin & Springenberg 2025): per sequence
+  ``w = min(exp(tau * mean_t(log p - log p_ref)), clamp)`` (detached, ``p_ref`` from the frozen base model)
+  times the sequence's NLL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("sft", "dft", "iw")
+
+
+def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probabilities of the next-token labels and their mask, both ``[batch, seq - 1]``."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    safe_labels = shift_labels.masked_fill(~mask, 0)
+    logp = torch.gather(F.log_softmax(shift_logits, dim=-1), -1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return logp * mask, mask
+
+
+def _denominator(mask: Tensor, num_items: int | Tensor | None) -> Tensor:
+    count = mask.sum() if num_items is None else torch.as_tensor(num_items, device=mask.device)
+    return count.clamp(min=1)
+
+
+def sft_loss(logp: Tensor, mask: Tensor, num_items: int | Tensor | None = None) -> Tensor:
+    return -(logp * mask).sum() / _denominator(mask, num_items)
+
+
+def dft_loss(logp: Tensor, mask: Tensor, num_items: int | Tensor | None = None) -> Tensor:
+    return -(logp * logp.detach().exp() * mask).sum() / _denominator(mask, num_items)
+
+
+def iw_weights(logp: Tensor, ref_logp: Tensor, mask: Tensor, tau: float = 1.0, clamp: float = 16.0) -> Tensor:
+    """Per-sequence importance weights ``min(exp(tau * mean_t(logp - ref_logp)), clamp)``, detached."""
+    tokens = mask.sum(-1).clamp(min=1)
+    mean_log_ratio = ((logp.detach() - ref_logp.detach()) * mask).sum(-1) / tokens
+    return torch.exp(tau * mean_log_ratio).clamp(max=clamp)
+
+
+def iw_loss(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    num_items: int | Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    clamp: float = 16.0,
+) -> Tensor:
+    weights = iw_weights(logp, ref_logp, mask, tau, clamp)
+    return -(weights.unsqueeze(-1) * logp * mask).sum() / _denominator(mask, num_items)

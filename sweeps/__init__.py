@@ -1,0 +1,1 @@
+"""Orchestration of (k, lambda, layer subset) sweeps."""

@@ -1,0 +1,21 @@
+"""Shared test helpers: matrices with a decaying spectrum and subspace angles (independent of rpsft_core)."""
+
+import torch
+
+
+def decaying_matrix(
+    m: int, n: int, *, decay: float = 0.9, seed: int = 0, dtype=torch.float64
+) -> torch.Tensor:
+    """W = U diag(s) V^T with s_i = decay^i (a clear spectral gap at every index)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    s = decay ** torch.arange(r, dtype=torch.float64)
+    return (u * s) @ v.T if dtype is None else ((u * s) @ v.T).to(dtype)
+
+
+def mean_angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean principal angle between the column spaces of two orthonormal bases."""
+    cos = torch.linalg.svdvals(a.double().T @ b.double()).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cos)).mean().item()

@@ -1,0 +1,66 @@
+import math
+
+import pytest
+import torch
+
+from rpsft_core.losses import dft_loss, iw_loss, iw_weights, sft_loss, token_logprobs
+
+# one sequence, vocab of 3, 4 positions -> 3 next-token predictions; the first is a prompt token (-100)
+LOGITS = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, 0.0, 3.0], [9.0, 9.0, 9.0]]
+LABELS = [0, -100, 1, 2]  # predictions: pos0 -> label -100 (masked), pos1 -> 1, pos2 -> 2
+REF_LOGITS = [[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+
+
+def _p(row, target):
+    return math.exp(row[target]) / sum(math.exp(x) for x in row)
+
+
+def _inputs():
+    return torch.tensor([LOGITS]), torch.tensor([LABELS]), torch.tensor([REF_LOGITS])
+
+
+def test_sft_and_dft_match_hand_computation():
+    logits, labels, _ = _inputs()
+    logp, mask = token_logprobs(logits, labels)
+    assert mask.tolist() == [[False, True, True]]
+    p1, p2 = _p(LOGITS[1], 1), _p(LOGITS[2], 2)
+    assert sft_loss(logp, mask).item() == pytest.approx(-(math.log(p1) + math.log(p2)) / 2, rel=1e-6)
+    assert dft_loss(logp, mask).item() == pytest.approx(
+        -(p1 * math.log(p1) + p2 * math.log(p2)) / 2, rel=1e-6
+    )
+
+
+def test_dft_gradient_treats_probability_as_constant():
+    logits, labels, _ = _inputs()
+    logits.requires_grad_(True)
+    logp, mask = token_logprobs(logits, labels)
+    dft_loss(logp, mask).backward()
+    g_dft = logits.grad.clone()
+    logits.grad = None
+    logp, mask = token_logprobs(logits, labels)
+    weights = logp.detach().exp()
+    (-(weights * logp * mask).sum() / 2).backward()
+    assert torch.allclose(g_dft, logits.grad)
+
+
+def test_iw_weight_and_loss_match_hand_computation():
+    logits, labels, ref_logits = _inputs()
+    logp, mask = token_logprobs(logits, labels)
+    ref_logp, _ = token_logprobs(ref_logits, labels)
+    p1, p2 = _p(LOGITS[1], 1), _p(LOGITS[2], 2)
+    r1, r2 = _p(REF_LOGITS[1], 1), _p(REF_LOGITS[2], 2)
+    tau = 0.7
+    w = math.exp(tau * ((math.log(p1) - math.log(r1)) + (math.log(p2) - math.log(r2))) / 2)
+    assert iw_weights(logp, ref_logp, mask, tau=tau).item() == pytest.approx(w, rel=1e-6)
+    expected = -w * (math.log(p1) + math.log(p2)) / 2
+    assert iw_loss(logp, ref_logp, mask, tau=tau).item() == pytest.approx(expected, rel=1e-6)
+    # the weight is clamped at 16
+    assert iw_weights(logp, ref_logp - 100.0, mask, tau=1.0).item() == 16.0
+
+
+def test_num_items_normalizes_across_microbatches():
+    logits, labels, _ = _inputs()
+    logp, mask = token_logprobs(logits, labels)
+    assert sft_loss(logp, mask, num_items=4).item() == pytest.approx(
+        sft_loss(logp, mask).item() / 2, rel=1e-6
+    )

@@ -1,0 +1,200 @@
+import json
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from rpsft_core.bases import compute_bases
+from rpsft_core.config import ConfigError, TrainConfig, load_train_config
+from rpsft_core.data import DataError, SFTCollator, build_sft_dataset, demo_math_examples
+from rpsft_core.models import load_model, tiny_model
+from rpsft_core.regularizer import RPSFTRegularizer
+from rpsft_core.selection import select_matrices
+from rpsft_core.train import train
+from rpsft_core.trainer import RPSFTCallback, RPSFTTrainer
+
+
+def _config(tmp_path, **overrides):
+    base = dict(
+        data="demo-math:16",
+        max_length=96,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=3,
+        learning_rate=1e-3,
+        k=4,
+        layers="all",
+        output_dir=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+        seed=0,
+    )
+    base.update(overrides)
+    return TrainConfig.model_validate(base)
+
+
+def _tiny(tokenizer, arch="llama"):
+    return tiny_model(arch, vocab_size=len(tokenizer), seed=0)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_k0_rpsft_follows_the_sft_trajectory(tmp_path, smol_tokenizer):
+    runs = {}
+    for method, k in (("sft", 4), ("rpsft", 0)):
+        cfg = _config(tmp_path / method, method=method, k=k, save_model=False)
+        runs[method] = _weights(
+            train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False).model
+        )
+    changed = [n for n in runs["sft"] if not torch.equal(runs["sft"][n], _weights(_tiny(smol_tokenizer))[n])]
+    assert changed  # training moved the weights
+    assert all(torch.equal(runs["sft"][n], runs["rpsft"][n]) for n in runs["sft"])
+
+
+def test_drift_falls_with_lambda_within_the_stationary_bound(tmp_path, smol_tokenizer):
+    """SGD on a tiny LM: drift ||Uk^T (W - W0) Vk|| falls as lambda grows and stays under ||grad f|| / (2 lambda)."""
+    from rpsft_core.losses import sft_loss, token_logprobs
+
+    batch = SFTCollator(smol_tokenizer.pad_token_id)(
+        list(build_sft_dataset(demo_math_examples(8), smol_tokenizer, 96))
+    )
+    drift_means = []
+    for lam in (0.1, 1.0, 10.0):
+        cfg = _config(
+            tmp_path / str(lam),
+            method="rpsft",
+            k=4,
+            lam=lam,
+            layers="attn",
+            data="demo-math:8",
+            batch_size=8,
+            grad_accum=1,
+            max_steps=30,
+            learning_rate=0.05,
+            optimizer="sgd",
+            lr_scheduler="constant",
+            max_grad_norm=0.0,
+            save_model=False,
+        )
+        result = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
+        model = result.model
+        model.zero_grad()
+        logp, mask = token_logprobs(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        sft_loss(logp, mask).backward()
+        selection = select_matrices(model, "attn")
+        for name, param in selection.items():
+            assert result.drift[name] <= param.grad.norm().item() / (2 * lam)
+        drift_means.append(result.metrics["drift_mean"])
+    assert drift_means[0] > drift_means[1] > drift_means[2] > 0
+
+
+@pytest.mark.parametrize("method", ["sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf"])
+def test_every_method_trains_and_writes_a_loadable_checkpoint(tmp_path, smol_tokenizer, method):
+    cfg = _config(tmp_path, method=method, max_steps=2, layers="attn")
+    model = _tiny(smol_tokenizer)
+    before = _weights(model)
+    result = train(cfg, model=model, tokenizer=smol_tokenizer, progress=False)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["global_steps"] == 2 and metrics["config"]["method"] == method
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in metrics["log_history"] if "loss" in e)
+    reloaded, _ = load_model(tmp_path / "out" / "model")
+    after = dict(reloaded.named_parameters())
+    assert set(after) == set(before)  # adapters were merged back into plain weights
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(after[q], before[q])
+    if method in ("rpsft", "l2-init", "rpsft-lora"):
+        logged = [e for e in metrics["log_history"] if "rpsft/penalty" in e]
+        assert logged and logged[-1]["rpsft/penalty"] > 0
+        assert metrics["drift"] and result.drift
+    if method in ("lora", "rpsft-lora", "osf"):  # only the selected (attention) matrices change
+        down = "model.layers.0.mlp.down_proj.weight"
+        assert torch.equal(after[down], before[down])
+
+
+def test_callback_in_a_stock_trainer_matches_rpsft_trainer(tmp_path, smol_tokenizer):
+    """Without clipping, RPSFTCallback in a plain transformers.Trainer gives the RPSFTTrainer update."""
+    dataset = build_sft_dataset(demo_math_examples(8), smol_tokenizer, 96)
+    results = []
+    for trainer_cls in (Trainer, RPSFTTrainer):
+        model = _tiny(smol_tokenizer)
+        selection = select_matrices(model, "attn")
+        reg = RPSFTRegularizer(compute_bases(selection, 4), lam=50.0)
+        args = TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            learning_rate=1e-3,
+            max_grad_norm=0.0,
+            report_to=[],
+            save_strategy="no",
+            seed=0,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_pin_memory=False,
+        )
+        kwargs = dict(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=SFTCollator(smol_tokenizer.pad_token_id),
+        )
+        if trainer_cls is Trainer:
+            trainer = Trainer(**kwargs, callbacks=[RPSFTCallback(reg)])
+        else:
+            trainer = RPSFTTrainer(**kwargs, regularizer=reg)
+        trainer.train()
+        assert reg.last_step_applied == 1
+        results.append(_weights(model))
+    for name in results[0]:
+        assert torch.allclose(results[0][name], results[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"k": -1}, "k: .*must be >= 0"),
+        ({"k": 1.5}, "k: .*fractional k must lie in"),
+        ({"lambda": -0.5}, "lambda: .*must be >= 0"),
+        ({"layers": "everything"}, "layers: .*unknown preset"),
+        ({"method": "magic"}, "method: "),
+        ({"basis_method": "qr"}, "basis_method: .*unknown basis method"),
+        ({"batch_size": 0}, "batch_size: "),
+    ],
+)
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(None, overrides)
+
+
+def test_bad_config_file_is_rejected_before_anything_loads(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("method: rpsft\nk: -3\n")
+    with pytest.raises(ConfigError, match=r"train.yaml: invalid configuration\n  - k: "):
+        load_train_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_train_config(tmp_path / "missing.yaml")
+
+
+def test_data_and_selection_errors_fail_before_training(tmp_path, smol_tokenizer):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?"}\n')
+    for data, message in ((str(empty), "no"), (str(bad), r"bad.jsonl:2")):
+        with pytest.raises(DataError, match=message):
+            train(
+                _config(tmp_path, data=data),
+                model=_tiny(smol_tokenizer),
+                tokenizer=smol_tokenizer,
+                progress=False,
+            )
+    with pytest.raises(ValueError, match="layers: the selection .* matches no weight matrix"):
+        train(
+            _config(tmp_path, layers={"regex": "nothing_here"}),
+            model=_tiny(smol_tokenizer),
+            tokenizer=smol_tokenizer,
+            progress=False,
+        )
+    assert not (tmp_path / "out" / "metrics.json").exists()
