@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -88,6 +90,26 @@ def models(
         if prepare not in EMBEDDED_MODELS:
             _fail(f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}")
         typer.echo(resolve_model_dir(prepare))
+
+
+# Commands of the other packages: each module defines ``register(app)`` and imports its heavy dependencies
+# inside the command functions, so ``rpsft --help`` stays fast.
+COMMAND_MODULES = ("rpsft_core.diagnostics.cli", "evaluation.cli", "sweeps.cli", "dashboards.cli")
+
+
+def _register_commands() -> None:
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
+            continue
+        try:
+            spec = importlib.util.find_spec(module_name)
+        except ModuleNotFoundError:
+            spec = None
+        if spec is not None:
+            importlib.import_module(module_name).register(app)
+
+
+_register_commands()
 
 
 def main() -> None:  # pragma: no cover
