@@ -113,6 +113,7 @@ def train(
         "bases_bytes": prepared.regularizer.bases.nbytes() if prepared.regularizer else 0,
         "log_history": trainer.state.log_history,
         "drift": drift,
+        "drift_history": trainer.rpsft_callback.history if trainer.rpsft_callback else [],
         "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
     }
     out_dir = Path(config.output_dir)

@@ -25,7 +25,7 @@ class RPSFTCallback(TrainerCallback):
     def __init__(self, regularizer: RPSFTRegularizer) -> None:
         self.regularizer = regularizer
         self.last_penalty: float | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # per logging step: penalty and drift per matrix
 
     def apply(self, step: int) -> None:
         """Apply the penalty gradient for optimizer step ``step`` unless already applied."""
@@ -51,6 +51,10 @@ class RPSFTCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "rpsft/penalty" not in logs:
             logs.update(self.log_metrics())
+        if self.last_penalty is not None:
+            entry = {"step": state.global_step, "penalty": self.last_penalty, "drift": self.regularizer.last_drift()}
+            if not self.history or self.history[-1]["step"] != state.global_step:
+                self.history.append(entry)
 
 
 class RPSFTTrainer(Trainer):

@@ -107,6 +107,8 @@ def test_every_method_trains_and_writes_a_loadable_checkpoint(tmp_path, smol_tok
         logged = [e for e in metrics["log_history"] if "rpsft/penalty" in e]
         assert logged and logged[-1]["rpsft/penalty"] > 0
         assert metrics["drift"] and result.drift
+        history = metrics["drift_history"]
+        assert [h["step"] for h in history] == [1, 2] and set(history[-1]["drift"]) == set(metrics["drift"])
     if method in ("lora", "rpsft-lora", "osf"):  # only the selected (attention) matrices change
         down = "model.layers.0.mlp.down_proj.weight"
         assert torch.equal(after[down], before[down])
