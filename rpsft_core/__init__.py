@@ -9,32 +9,34 @@ reg.add_grad_()                                    # once per optimizer step, be
 optimizer.step()
 """
 
-from rpsft_core.bases import Bases, compute_bases, load_bases, load_or_compute_bases, save_bases
-from rpsft_core.config import TrainConfig, load_train_config
-from rpsft_core.models import load_model, load_tokenizer, tiny_model
-from rpsft_core.regularizer import RPSFTRegularizer, find_lora_parts
-from rpsft_core.selection import PRESETS, LayerSpec, select_matrices
-from rpsft_core.train import TrainResult, train
-from rpsft_core.trainer import RPSFTCallback, RPSFTTrainer
+from importlib import import_module
 
-__all__ = [
-    "PRESETS",
-    "Bases",
-    "LayerSpec",
-    "RPSFTCallback",
-    "RPSFTRegularizer",
-    "RPSFTTrainer",
-    "TrainConfig",
-    "TrainResult",
-    "compute_bases",
-    "find_lora_parts",
-    "load_bases",
-    "load_model",
-    "load_or_compute_bases",
-    "load_tokenizer",
-    "load_train_config",
-    "save_bases",
-    "select_matrices",
-    "tiny_model",
-    "train",
-]
+# Public names -> defining module; imported on first use so `rpsft --help` does not pay for torch.
+_EXPORTS = {
+    "Bases": "rpsft_core.bases",
+    "compute_bases": "rpsft_core.bases",
+    "load_bases": "rpsft_core.bases",
+    "load_or_compute_bases": "rpsft_core.bases",
+    "save_bases": "rpsft_core.bases",
+    "TrainConfig": "rpsft_core.config",
+    "load_train_config": "rpsft_core.config",
+    "load_model": "rpsft_core.models",
+    "load_tokenizer": "rpsft_core.models",
+    "tiny_model": "rpsft_core.models",
+    "RPSFTRegularizer": "rpsft_core.regularizer",
+    "find_lora_parts": "rpsft_core.regularizer",
+    "PRESETS": "rpsft_core.selection",
+    "LayerSpec": "rpsft_core.selection",
+    "select_matrices": "rpsft_core.selection",
+    "TrainResult": "rpsft_core.train",
+    "train": "rpsft_core.train",
+    "RPSFTCallback": "rpsft_core.trainer",
+    "RPSFTTrainer": "rpsft_core.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'rpsft_core' has no attribute {name!r}")

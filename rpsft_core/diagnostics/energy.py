@@ -193,7 +193,8 @@ def per_sample_gradients(
     checks and small matrices (the energy diagnostic uses the factored form instead).
     """
     names = [names] if isinstance(names, str) else list(names)
-    io, _ = capture_layer_io(model, batch, names, loss_fn)
+    with eval_mode(model):
+        io, _ = capture_layer_io(model, batch, names, loss_fn)
     return {name: torch.einsum("bsm,bsn->bmn", part.dy, part.x) for name, part in io.items()}
 
 

@@ -50,7 +50,12 @@ def generation_entropy(
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     device = model_device(model)
     per_prompt: list[float] = []
@@ -62,12 +67,16 @@ def generation_entropy(
                 input_ids=input_ids.to(device),
                 attention_mask=mask.to(device),
                 generation_config=config,
-                output_logits=True,
-                return_dict_in_generate=True,
             )
-            logits = torch.stack(out.logits, dim=1).float()  # [B, T, V]
-            logp = torch.log_softmax(logits, dim=-1)
-            entropy = -(logp.exp() * logp).sum(-1)  # [B, T]
+            # One step at a time, in float64 (generate hands out float32 logits; a stacked [B, T, V] copy
+            # of a real vocabulary would be large).
+            entropy = torch.stack(
+                [
+                    -(torch.softmax(z.double(), -1) * torch.log_softmax(z.double(), -1)).sum(-1)
+                    for z in out.logits
+                ],
+                dim=1,
+            )  # [B, T]
             generated = out.sequences[:, input_ids.shape[1] :]
             steps = entropy.shape[1]
             for row in range(entropy.shape[0]):

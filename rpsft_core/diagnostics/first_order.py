@@ -57,7 +57,7 @@ def dataset_gradients(
     params = [named[name] for name in names]
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    totals = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    totals = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     with eval_mode(model), grad_enabled_for(params):
         for chunk in batches(features, batch_size):
             batch = {key: value.to(device) for key, value in collate(chunk, pad).items()}
@@ -65,7 +65,7 @@ def dataset_gradients(
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for total, grad in zip(totals, grads):
                 if grad is not None:
-                    total += grad.detach().float()
+                    total += grad.detach().to(total.dtype)
     return dict(zip(names, totals))
 
 

@@ -169,8 +169,9 @@ def rotation_summary(
 
     Returns ``mean_deg`` (mean over the non-trivial matrices), ``max_deg``, ``layer_mean_deg`` (mean of the
     per-layer values), ``per_layer`` ({layer index: mean over its types}), ``per_type``, ``per_matrix``
-    ({name: degrees}), ``trivial`` (names with K == m), ``n_matrices``, ``n_unchanged``, ``top_k``,
-    ``method`` and ``seconds``.
+    ({name: degrees}), ``trivial`` (names with K == m), ``n_matrices``, ``n_unchanged``, ``update_norm``
+    (``||W_tuned - W_base||_F`` over all selected matrices, None without base weights: rotation at equal
+    update size is the fair comparison), ``top_k``, ``method`` and ``seconds``.
     """
     started = time.perf_counter()
     names = resolve_names(base_model if base_model is not None else tuned_model, selection)
@@ -198,6 +199,15 @@ def rotation_summary(
             )
         )
     counted = [r for r in results if not r.trivial]
+    update_sq = 0.0
+    if base_weights:
+        for name in names:
+            if name in base_weights:
+                tuned_w = tuned_weights[name].detach()
+                delta = tuned_w.to(torch.float64) - base_weights[name].detach().to(
+                    tuned_w.device, torch.float64
+                )
+                update_sq += float(delta.square().sum())
     per_layer: dict[int, list[float]] = {}
     per_type: dict[str, list[float]] = {}
     for r in counted:
@@ -217,6 +227,7 @@ def rotation_summary(
         "trivial": [r.name for r in results if r.trivial],
         "n_matrices": len(counted),
         "n_unchanged": sum(r.unchanged for r in counted),
+        "update_norm": math.sqrt(update_sq) if base_weights else None,
         "seconds": time.perf_counter() - started,
     }
 
@@ -228,6 +239,8 @@ def rotation_metrics(summary: Mapping[str, Any], prefix: str = "rotation/") -> d
         f"{prefix}max_deg": float(summary["max_deg"]),
         f"{prefix}layer_mean_deg": float(summary["layer_mean_deg"]),
     }
+    if summary.get("update_norm") is not None:
+        metrics[f"{prefix}update_norm"] = float(summary["update_norm"])
     for layer, value in summary["per_layer"].items():
         if value is not None:
             metrics[f"{prefix}layer_{int(layer):02d}_deg"] = float(value)
@@ -271,3 +284,47 @@ def rankwise_rotation(
     ub = left_subspace(w_base, top_k, method=method, dtype=dtype)
     ut = left_subspace(w_tuned, top_k, method=method, dtype=dtype).to(ub.device)
     return {"k": k, "ranks": ranks, "mean_deg": [mean_angle_deg(ub[:, :r], ut[:, :r]) for r in ranks]}
+
+
+def protected_drift(
+    base_model: WeightSource,
+    tuned_model: WeightSource,
+    selection: Any = "all",
+    *,
+    k: int | float = 64,
+    bases=None,
+    method: str = "gram",
+) -> dict[str, Any]:
+    """Drift of the protected block ``||U_k^T (W_tuned - W_base) V_k||_F`` per matrix, its mean and max.
+
+    The same quantity the RPSFT regularizer logs (``reg.drift()``), but computable for any pair of
+    checkpoints (SFT ones included), so trials of different methods compare on the same block. ``bases``:
+    :class:`rpsft_core.bases.Bases` of the base weights (computed here at ``k`` when None).
+    """
+    from rpsft_core.bases import compute_bases, project_block
+
+    started = time.perf_counter()
+    names = resolve_names(base_model, selection)
+    base_weights, tuned_weights = named_weights(base_model), named_weights(tuned_model)
+    if bases is None:
+        bases = compute_bases({name: base_weights[name] for name in names}, k, method=method)
+    per_matrix: dict[str, float] = {}
+    for name in names:
+        entry = bases.entries[name]
+        tuned_w = tuned_weights[name].detach()
+        delta = tuned_w.to(torch.float64) - base_weights[name].detach().to(tuned_w.device, torch.float64)
+        if entry.full:
+            per_matrix[name] = float(delta.norm())
+        elif entry.k == 0:
+            per_matrix[name] = 0.0
+        else:
+            u, v = entry.u.to(delta.device, torch.float64), entry.v.to(delta.device, torch.float64)
+            per_matrix[name] = float(project_block(delta, u, v).norm())
+    values = list(per_matrix.values())
+    return {
+        "k": k,
+        "mean": sum(values) / len(values) if values else 0.0,
+        "max": max(values, default=0.0),
+        "per_matrix": per_matrix,
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,177 @@
+"""``rpsft eval``: score a model on the ID math and OOD benchmarks through lm-eval; print a table, write JSON.
+
+Registered into the ``rpsft`` app by :func:`register`; heavy imports happen inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _label(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model).name or model).strip("_") or "model"
+
+
+def eval_command(
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Embedded name, HF directory, .gguf or hub id."
+    ),
+    suite: str | None = typer.Option(
+        None, help="Comma list of suites (id, ood, all) and/or benchmark names. Default: id,ood."
+    ),
+    exclude: str | None = typer.Option(None, help="Comma list of benchmarks to leave out (e.g. supergpqa)."),
+    data_dir: str | None = typer.Option(
+        None, help="Directory with id/*.jsonl and ood/*.jsonl (paper-data format). Default: the hub."
+    ),
+    subset: str | None = typer.Option(
+        None, help="full (default) or test: the smaller *_test.jsonl where present."
+    ),
+    k: int | None = typer.Option(None, help="Samples per item for every benchmark (default: the paper's k)."),
+    pass_k: int | None = typer.Option(None, help="k of pass@k (default: the number of samples)."),
+    limit: int | None = typer.Option(None, help="First N items of each benchmark."),
+    max_new_tokens: int | None = typer.Option(None, help="Generation length (default 1024)."),
+    batch_size: int | None = typer.Option(None, help="Generation batch size (default 8)."),
+    temperature: float | None = typer.Option(
+        None, help="Sampling temperature (default: greedy if k=1, else 0.6)."
+    ),
+    seed: int | None = typer.Option(None),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="YAML eval settings (configs/eval-*.yaml)."
+    ),
+    benchmarks_file: str | None = typer.Option(None, help="YAML with extra benchmark entries (config only)."),
+    base: str | None = typer.Option(
+        None, help="Base model: also print G_id, F_ood, Phi (base scores cached)."
+    ),
+    beta: str | None = typer.Option(None, help="Comma list of beta values for Phi (default 0.5,1.0)."),
+    loss: bool = typer.Option(False, help="Also compute the loss-based G_id / F_ood against --base."),
+    cache_dir: str | None = typer.Option(None, help="Cache for base scores (default ~/.cache/rpsft/eval)."),
+    backend: str | None = typer.Option(None, help="hf (default) or vllm (if installed; model path only)."),
+    output: Path | None = typer.Option(
+        None, "--output", "-o", help="JSON output (default runs/eval/<model>.json)."
+    ),
+    log_samples: bool = typer.Option(False, help="Keep every response in the JSON."),
+    write_tasks: Path | None = typer.Option(
+        None, help="Write the lm-eval task YAML to this directory (for lm_eval --include_path) and exit."
+    ),
+    verbose: bool = typer.Option(False, help="Show lm-eval's log messages."),
+) -> None:
+    """Score a model on the benchmarks (lm-eval), print a table, write JSON."""
+    from evaluation.benchmarks import EvalConfigError
+    from evaluation.settings import load_eval_settings, plan_evaluation
+
+    overrides = dict(
+        suite=suite,
+        exclude=exclude,
+        data_dir=data_dir,
+        subset=subset,
+        k=k,
+        pass_k=pass_k,
+        limit=limit,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        benchmarks_file=benchmarks_file,
+        betas=beta,
+        cache_dir=cache_dir,
+        backend=backend,
+    )
+    try:
+        settings = load_eval_settings(config, overrides)
+        plan = plan_evaluation(settings)
+    except EvalConfigError as exc:
+        _fail(f"error: {exc}")
+    if write_tasks is not None:
+        from evaluation.lm_eval_tasks import write_task_dir
+
+        write_task_dir(plan, write_tasks)
+        typer.echo(f"wrote {len(plan.tasks)} task(s) to {write_tasks}: {', '.join(plan.task_names)}")
+        return
+    if model is None:
+        _fail("error: --model is required. Fix: e.g. --model smollm2-135m-instruct")
+    loss_settings = None
+    if loss:
+        if base is None:
+            _fail("error: --loss compares against a base model. Fix: add --base MODEL")
+        from evaluation.loss_metrics import LossSettings, loss_items
+
+        try:
+            loss_settings = LossSettings(
+                data_dir=settings.data_dir,
+                subset=settings.subset,
+                cache_dir=settings.cache_dir,
+                batch_size=settings.batch_size,
+                max_new_tokens=min(128, settings.max_new_tokens),
+                **({"n_id": settings.limit, "n_ood": settings.limit} if settings.limit else {}),
+            )
+            loss_items(loss_settings)
+        except EvalConfigError as exc:
+            _fail(f"error: {exc}")
+
+    from evaluation.runner import evaluate
+    from rpsft_core.models import load_model
+
+    try:
+        tuned_model, tokenizer = load_model(model)
+        result = evaluate(
+            tuned_model,
+            tokenizer,
+            settings,
+            plan=plan,
+            model_label=model,
+            log_samples=log_samples,
+            verbose=verbose,
+        )
+    except EvalConfigError as exc:
+        _fail(f"error: {exc}")
+    typer.echo(f"model: {model}   ({result.seconds:.1f} s)")
+    typer.echo(result.table())
+    payload: dict = {"result": json.loads(result.model_dump_json())}
+    if base is not None:
+        from evaluation.scoring import base_scores, compute_tradeoff
+
+        base_model, base_tok = load_model(base)
+        base_result, hit = base_scores(
+            base_model, base_tok, settings, plan=plan, model_label=base, verbose=verbose
+        )
+        trade = compute_tradeoff(base_result, result, settings.betas)
+        typer.echo(f"\nbase: {base}   ({'cached' if hit else f'{base_result.seconds:.1f} s'})")
+        typer.echo(base_result.table())
+        typer.echo("\n" + _tradeoff_lines("avg@k", trade))
+        payload["base"] = json.loads(base_result.model_dump_json())
+        payload["tradeoff"] = json.loads(trade.model_dump_json())
+        if loss_settings is not None:
+            from evaluation.loss_metrics import loss_tradeoff
+
+            lt = loss_tradeoff(
+                tuned_model, tokenizer, loss_settings, base_model=base_model, betas=settings.betas
+            )
+            typer.echo(_tradeoff_lines("loss (NLL)", lt.nll))
+            if lt.kl is not None:
+                typer.echo(_tradeoff_lines("loss (KL)", lt.kl))
+            payload["loss_tradeoff"] = json.loads(lt.model_dump_json())
+    out = output or Path("runs") / "eval" / f"{_label(model)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    typer.echo(f"json: {out}")
+
+
+def _tradeoff_lines(name: str, trade) -> str:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:+.4f}"
+
+    phis = "  ".join(f"Phi(beta={b})={fmt(v)}" for b, v in trade.phi.items())
+    return f"{name}: G_id={fmt(trade.g_id)}  F_ood={fmt(trade.f_ood)}  {phis}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
