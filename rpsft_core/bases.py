@@ -160,9 +160,16 @@ def _top_k_gram(w: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return (v, u) if transposed else (u, v)
 
 
-def _top_k_randomized(w: Tensor, k: int, niter: int = 6, oversample: int = 16) -> tuple[Tensor, Tensor]:
-    q = min(k + oversample, min(w.shape))
-    u, _, v = torch.svd_lowrank(w, q=q, niter=niter)
+def _top_k_randomized(w: Tensor, k: int, niter: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Randomized subspace iteration (``torch.svd_lowrank``), seeded so bases are reproducible.
+
+    Oversampling ``k/2`` matters more than more iterations at large k (benchmarks/README.md).
+    """
+    q = min(k + max(16, k // 2), min(w.shape))
+    devices = [w.device] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        u, _, v = torch.svd_lowrank(w, q=q, niter=niter)
     return u[:, :k], v[:, :k]
 
 
