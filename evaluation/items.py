@@ -24,6 +24,7 @@ from typing import Any
 
 from evaluation.answers import normalize_gold, parse_choices
 from evaluation.benchmarks import MC_INSTRUCTION, Benchmark, EvalConfigError
+from rpsft_core.data import iter_jsonl
 
 
 class EvalDataError(EvalConfigError):
@@ -255,18 +256,8 @@ def _file_digest(path: Path) -> str:
 def _read_jsonl_cached(bench_json: str, path: str, mtime_ns: int, size: int) -> tuple[Item, ...]:
     bench = Benchmark.model_validate_json(bench_json)
     items: list[Item] = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{bench.name}: {path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalDataError(
-                    f"{where}: not valid JSON ({exc.msg}). Fix: one JSON object per line"
-                ) from None
-            items.append(_row_to_item(bench, row, len(items), where))
+    for where, row in iter_jsonl(path, error=EvalDataError, label=bench.name):
+        items.append(_row_to_item(bench, row, len(items), where))
     if not items:
         raise EvalDataError(f"{bench.name}: {path} has no rows. Fix: one JSON object per line")
     return tuple(items)

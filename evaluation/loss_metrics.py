@@ -134,6 +134,7 @@ def token_nll(
     import torch
 
     from rpsft_core.data import SFTCollator
+    from rpsft_core.losses import token_logprobs
 
     encoded = _encode(conversations, tokenizer, max_length)
     collate = SFTCollator(tokenizer.pad_token_id)
@@ -146,11 +147,8 @@ def token_nll(
             for chunk in _batches(encoded, batch_size):
                 batch = {k: v.to(device) for k, v in collate(chunk).items()}
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-                mask = labels != -100
-                logp = torch.log_softmax(logits, dim=-1)
-                picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                nll = -(picked * mask).sum(dim=1)
+                logp, mask = token_logprobs(logits, batch["labels"])  # logp is zero where masked
+                nll = -logp.sum(dim=1)
                 out += [(float(s), int(n)) for s, n in zip(nll.tolist(), mask.sum(dim=1).tolist())]
     finally:
         model.train(was_training)

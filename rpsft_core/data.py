@@ -18,7 +18,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +117,28 @@ def row_to_messages(row: Any, where: str) -> Messages:
     return messages
 
 
+def iter_jsonl(
+    path: str | Path, *, error: type[Exception] = DataError, label: str = ""
+) -> Iterator[tuple[str, Any]]:
+    """Yield ``(where, row)`` per non-blank line, ``where`` = ``"[label: ]path:lineno"``.
+
+    Invalid JSON raises ``error`` naming the file and line.
+    """
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{label}: {path}:{lineno}" if label else f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise error(
+                    f"{where}: invalid JSON ({err.msg} at column {err.colno}). "
+                    "Fix: write exactly one JSON object per line."
+                ) from None
+            yield where, row
+
+
 def read_jsonl_examples(path: str | Path) -> list[Messages]:
     """Read a chat-format JSONL file (blank lines skipped) into a list of message lists."""
     path = Path(path)
@@ -125,21 +147,7 @@ def read_jsonl_examples(path: str | Path) -> list[Messages]:
             f"data: file {path} does not exist (or is not a file). Fix: pass the path of an existing "
             f".jsonl file, or one of the other data sources: {_SOURCE_FORMS}."
         )
-    examples: list[Messages] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{where}: invalid JSON ({err.msg} at column {err.colno}). "
-                    "Fix: write exactly one JSON object per line."
-                ) from None
-            examples.append(row_to_messages(row, where))
-    return examples
+    return [row_to_messages(row, where) for where, row in iter_jsonl(path)]
 
 
 def write_jsonl(path: str | Path, examples: Iterable[Messages]) -> None:

@@ -17,14 +17,13 @@ entropy diagnostics use the prompt alone, rendered with the generation prompt.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rpsft_core.data import IGNORE_INDEX, DataError, Messages, load_examples, tokenize_example
+from rpsft_core.data import IGNORE_INDEX, DataError, Messages, iter_jsonl, load_examples, tokenize_example
 
 
 @dataclass
@@ -89,17 +88,10 @@ def read_prompt_examples(path: str | Path, limit: int | None = None) -> list[Pro
     if not path.is_file():
         raise DataError(f"data: file {path} does not exist. Fix: pass an existing .jsonl file")
     examples: list[PromptExample] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            examples.append(row_to_prompt(row, f"{path}:{lineno}"))
+    for where, row in iter_jsonl(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        examples.append(row_to_prompt(row, where))
     if not examples:
         raise DataError(f"data: {path} holds no rows")
     return examples
