@@ -33,19 +33,22 @@ class BasisCacheError(RuntimeError):
     """A cached basis file is corrupt or does not belong to these weights."""
 
 
+def check_k(k: KSpec) -> KSpec:
+    """Validate a rank spec: an int >= 0, or a fraction of each matrix's rank in (0, 1]."""
+    if isinstance(k, bool) or not isinstance(k, int | float):
+        raise ValueError(f"k: expected an int rank or a fraction in (0, 1], got {k!r}")
+    if isinstance(k, float) and not 0.0 < k <= 1.0:
+        raise ValueError(f"k: a fractional k must lie in (0, 1], got {k}. Fix: use e.g. 0.05 or an int rank")
+    if isinstance(k, int) and k < 0:
+        raise ValueError(f"k: must be >= 0, got {k}. Fix: use 0 (plain SFT), a positive rank or a fraction")
+    return k
+
+
 def resolve_k(k: KSpec, shape: tuple[int, int]) -> int:
     """Resolve an int or a rank fraction to an int in ``[0, min(m, n)]`` (ints above the rank are clamped)."""
     rank = min(shape)
-    if isinstance(k, bool):
-        raise TypeError("k: expected an int or a fraction, got a bool")
-    if isinstance(k, float):
-        if not 0.0 < k <= 1.0:
-            raise ValueError(
-                f"k: a fractional k must lie in (0, 1], got {k}. Fix: use e.g. 0.05 or an int rank"
-            )
+    if isinstance(check_k(k), float):
         return max(1, min(rank, round(k * rank)))
-    if k < 0:
-        raise ValueError(f"k: must be >= 0, got {k}. Fix: use 0 (plain SFT), a positive rank or a fraction")
     return min(int(k), rank)
 
 

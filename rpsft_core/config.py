@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rpsft_core.bases import BASIS_METHODS
+from rpsft_core.bases import BASIS_METHODS, check_k
 from rpsft_core.selection import LayerSpec, resolve_spec
 
 Method = Literal["sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf"]
@@ -18,19 +18,6 @@ PENALIZED_METHODS = ("rpsft", "l2-init", "rpsft-lora")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field and the fix."""
-
-
-def check_k(value: float) -> int | float:
-    if isinstance(value, bool):
-        raise ValueError("k must be an int rank or a fraction in (0, 1], not a bool")
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"a fractional k must lie in (0, 1], got {value}. Fix: e.g. 0.05, or an int rank"
-            )
-    elif value < 0:
-        raise ValueError(f"k must be >= 0, got {value}. Fix: 0 (plain SFT), a positive rank, or a fraction")
-    return value
 
 
 class TrainConfig(BaseModel):
@@ -119,7 +106,7 @@ def format_validation_error(exc: ValidationError, source: str = "config") -> str
     lines = [f"{source}: invalid configuration"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        message = err["msg"].removeprefix("Value error, ")
+        message = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ")
         lines.append(f"  - {field}: {message}")
     return "\n".join(lines)
 
