@@ -199,8 +199,9 @@ def compute_bases(
 ) -> Bases:
     """Compute ``Uk``, ``Vk``, ``Sref`` for each selected matrix at its resolved ``k``.
 
-    ``dtype`` is the storage dtype of the bases (default: each weight's dtype); ``Sref`` is built from the
-    stored bases, so the penalty at the pretrained weights is exactly zero. ``compute_dtype`` defaults to
+    ``dtype`` is the storage dtype of the bases (default: float32, float64 for float64 weights, so the small
+    drift of bf16 weights is not lost in bf16 rounding; pass ``torch.bfloat16`` to halve their memory);
+    ``Sref`` is built from the stored bases, so the penalty at the pretrained weights is exactly zero. ``compute_dtype`` defaults to
     float32 (float64 for float64 weights).
     """
     if method not in BASIS_METHODS:
@@ -212,7 +213,7 @@ def compute_bases(
         w0 = param.detach()
         if w0.ndim != 2:
             raise ValueError(f"layers: {name} is not a 2-D matrix (shape {tuple(w0.shape)})")
-        store_dtype = dtype or w0.dtype
+        store_dtype = dtype or torch.promote_types(w0.dtype, torch.float32)
         kk = resolve_k(k, tuple(w0.shape))
         if kk == min(w0.shape):
             entries[name] = _full_entry(w0, store_dtype)
@@ -319,7 +320,9 @@ def load_or_compute_bases(
     The file name is the fingerprint of (weights, selection, method); a file computed at a larger k serves
     every smaller k. A corrupt file is recomputed.
     """
-    fingerprint = weights_fingerprint(selection, method, extra=f"dtype={dtype}")
+    # Slicing is exact for exact/gram bases; randomized ones depend on the k they were sketched at.
+    extra = f"dtype={dtype}" + (f";k={k}" if method == "randomized" else "")
+    fingerprint = weights_fingerprint(selection, method, extra=extra)
     path = Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
     if path.exists():
         try:

@@ -37,9 +37,17 @@ def train(
     from rpsft_core.config import ConfigError, load_train_config
     from rpsft_core.data import DataError
 
-    k_value = None
+    k_value: int | float | None = None
     if k is not None:
-        k_value = float(k) if "." in k else int(k)
+        try:
+            k_value = int(k)
+        except ValueError:
+            try:
+                k_value = float(k)
+            except ValueError:
+                _fail(
+                    f"--k: {k!r} is not a number. Fix: an int rank (1 = rank 1) or a fraction (0.05; 1.0 = full)"
+                )
     overrides = dict(
         model=model,
         data=data,
@@ -59,7 +67,7 @@ def train(
 
     try:
         result = run_train(cfg)
-    except (DataError, ValueError, FileNotFoundError) as exc:
+    except (DataError, ValueError, KeyError, OSError, RuntimeError) as exc:
         _fail(f"error: {exc}")
     summary = {
         key: result.metrics[key]

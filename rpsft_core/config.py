@@ -79,6 +79,16 @@ class TrainConfig(BaseModel):
         resolve_spec(value)
         return value
 
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str) -> str:
+        from transformers import SchedulerType
+
+        names = [item.value for item in SchedulerType]
+        if value not in names:
+            raise ValueError(f"unknown scheduler {value!r}. Fix: one of {', '.join(names)}")
+        return value
+
     @field_validator("basis_method")
     @classmethod
     def _check_basis_method(cls, value: str) -> str:
@@ -88,7 +98,9 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method(self) -> TrainConfig:
-        if self.method in ("rpsft", "rpsft-lora") and self.lam == 0:
+        if self.method == "osf" and self.k == 0:
+            raise ValueError("k: osf freezes the top-k subspace and needs k > 0. Fix: a positive rank or fraction")
+        if self.method in PENALIZED_METHODS and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
             )

@@ -100,6 +100,18 @@ class RPSFTRegularizer:
     def names(self) -> list[str]:
         return list(self.bases.entries)
 
+    def _sync_device(self) -> None:
+        """Follow the parameters when the model was moved (e.g. to CUDA by the Trainer) after the bases were built."""
+        if not self.bases.entries:
+            return
+        if self.lora is not None:
+            device = next(iter(self.lora.values())).a.device
+        else:
+            device = next(iter(self.bases.params.values())).device
+        entry = next(iter(self.bases.entries.values()))
+        if (entry.w0 if entry.full else entry.u).device != device:
+            self.bases.to(device)
+
     def applies_at(self, step: int) -> bool:
         return self.lam > 0 and len(self.bases) > 0 and step % self.period == 0
 
@@ -121,6 +133,7 @@ class RPSFTRegularizer:
 
     def penalty(self) -> Tensor:
         """``lambda * sum_l R_k(W_l)`` as a differentiable scalar (reference path, builds an autograd graph)."""
+        self._sync_device()
         total = None
         for name, entry in self.bases.entries.items():
             term = _squared_norm(self._residual(name, entry))
@@ -141,6 +154,7 @@ class RPSFTRegularizer:
             return None
         if self.lam == 0 or len(self.bases) == 0:
             return 0.0
+        self._sync_device()
         scale = 2.0 * self.lam
         norms = []
         for name, entry in self.bases.entries.items():
@@ -190,6 +204,7 @@ class RPSFTRegularizer:
     @torch.no_grad()
     def drift(self) -> dict[str, float]:
         """Protected-block drift ``||Uk^T (W - W0) Vk||_F`` per matrix (``||W - W0||_F`` in full mode)."""
+        self._sync_device()
         norms = torch.stack(
             [_squared_norm(self._residual(n, e)).sqrt() for n, e in self.bases.entries.items()]
         )

@@ -75,6 +75,8 @@ def train(
     dataset = build_sft_dataset(examples, tokenizer, config.max_length)
     if model is None:
         model, _ = load_model(config.model, dtype=config.dtype, cache_dir=config.cache_dir)
+    args = training_arguments(config, progress)
+    model.to(args.device)  # bases are computed where the model trains
     selection = select_matrices(model, config.layers)
 
     started = time.perf_counter()
@@ -83,7 +85,7 @@ def train(
     set_seed(config.seed)
     trainer = RPSFTTrainer(
         model=prepared.model,
-        args=training_arguments(config, progress),
+        args=args,
         train_dataset=dataset,
         data_collator=SFTCollator(tokenizer.pad_token_id),
         regularizer=prepared.regularizer,

@@ -106,6 +106,9 @@ class RPSFTTrainer(Trainer):
                 )
                 ref_logp, _ = token_logprobs(ref_logits.logits, labels)
             loss = iw_loss(logp, ref_logp, mask, num_items_in_batch, tau=self.iw_tau, clamp=self.iw_clamp)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every rank's tokens and DDP averages gradients (as Trainer.compute_loss)
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -115,6 +115,9 @@ def test_cache_reuses_and_invalidates(tmp_path, monkeypatch):
     assert counter.calls == 4
     load_or_compute_bases(selection, 8, cache_dir=tmp_path, method="gram")  # other basis method
     assert counter.calls == 5
+    load_or_compute_bases(selection, 8, cache_dir=tmp_path, method="randomized")
+    load_or_compute_bases(selection, 4, cache_dir=tmp_path, method="randomized")  # sketched per k: no slicing
+    assert counter.calls == 7
 
 
 def test_cache_recomputes_a_corrupt_file(tmp_path, monkeypatch):

@@ -67,6 +67,8 @@ def test_cli_bad_input_fails_before_loading_a_model(tmp_path):
         app, ["train", "--data", str(tmp_path / "none.jsonl"), "--output-dir", str(tmp_path)]
     )
     assert result.exit_code == 2 and "none.jsonl" in result.output
+    result = runner.invoke(app, ["train", "--k", "abc", "--output-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "--k: 'abc' is not a number" in result.output
     assert not (tmp_path / "metrics.json").exists()
 
 

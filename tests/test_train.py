@@ -163,6 +163,9 @@ def test_callback_in_a_stock_trainer_matches_rpsft_trainer(tmp_path, smol_tokeni
         ({"method": "magic"}, "method: "),
         ({"basis_method": "qr"}, "basis_method: .*unknown basis method"),
         ({"batch_size": 0}, "batch_size: "),
+        ({"lr_scheduler": "cosine_typo"}, "lr_scheduler: .*unknown scheduler"),
+        ({"method": "osf", "k": 0}, "osf freezes the top-k subspace and needs k > 0"),
+        ({"method": "l2-init", "lambda": 0}, "lambda is 0 for method 'l2-init'"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
