@@ -116,10 +116,36 @@ def _batches(seq: Sequence[Any], size: int):
         yield seq[i : i + size]
 
 
-def _encode(conversations: Sequence[Messages], tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
-    from rpsft_core.data import tokenize_example
+def _scoring_batches(
+    models: Sequence[Any], tokenizer: Any, conversations: Sequence[Messages], batch_size: int, max_length: int
+):
+    """Collated (CPU) batches of the tokenized conversations, with ``models`` in eval mode and no grad.
 
-    return [tokenize_example(list(c), tokenizer, max_length) for c in conversations]
+    Each model's train/eval mode is restored afterwards.
+    """
+    import torch
+
+    from rpsft_core.data import SFTCollator, tokenize_example
+
+    encoded = [tokenize_example(list(c), tokenizer, max_length) for c in conversations]
+    collate = SFTCollator(tokenizer.pad_token_id)
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            for chunk in _batches(encoded, batch_size):
+                yield collate(chunk)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def _logits(model: Any, batch: dict[str, Any]):
+    device = _device(model)
+    return model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).logits
 
 
 def token_nll(
@@ -131,27 +157,12 @@ def token_nll(
     max_length: int = 1024,
 ) -> list[tuple[float, int]]:
     """``(sum of NLL, number of scored tokens)`` of the assistant turns of each conversation."""
-    import torch
-
-    from rpsft_core.data import SFTCollator
     from rpsft_core.losses import token_logprobs
 
-    encoded = _encode(conversations, tokenizer, max_length)
-    collate = SFTCollator(tokenizer.pad_token_id)
-    device = _device(model)
     out: list[tuple[float, int]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for chunk in _batches(encoded, batch_size):
-                batch = {k: v.to(device) for k, v in collate(chunk).items()}
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logp, mask = token_logprobs(logits, batch["labels"])  # logp is zero where masked
-                nll = -logp.sum(dim=1)
-                out += [(float(s), int(n)) for s, n in zip(nll.tolist(), mask.sum(dim=1).tolist())]
-    finally:
-        model.train(was_training)
+    for batch in _scoring_batches([model], tokenizer, conversations, batch_size, max_length):
+        logp, mask = token_logprobs(_logits(model, batch).cpu(), batch["labels"])  # logp is zero where masked
+        out += [(float(s), int(n)) for s, n in zip((-logp.sum(dim=1)).tolist(), mask.sum(dim=1).tolist())]
     return out
 
 
@@ -167,32 +178,16 @@ def token_kl(
     """``(sum over response tokens of KL(base || tuned), number of tokens)`` per conversation."""
     import torch
 
-    from rpsft_core.data import SFTCollator
-
-    encoded = _encode(conversations, tokenizer, max_length)
-    collate = SFTCollator(tokenizer.pad_token_id)
     out: list[tuple[float, int]] = []
-    modes = (base_model.training, tuned_model.training)
-    base_model.eval()
-    tuned_model.eval()
-    try:
-        with torch.no_grad():
-            for chunk in _batches(encoded, batch_size):
-                batch = collate(chunk)
-                mask = batch["labels"][:, 1:] != -100
-                logps = []
-                for model in (base_model, tuned_model):
-                    dev = _device(model)
-                    logits = model(
-                        input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev)
-                    ).logits[:, :-1]
-                    logps.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-                kl = (logps[0].exp() * (logps[0] - logps[1])).sum(-1)
-                kl_sum = (kl * mask).sum(dim=1)
-                out += [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())]
-    finally:
-        base_model.train(modes[0])
-        tuned_model.train(modes[1])
+    models = [base_model, tuned_model]
+    for batch in _scoring_batches(models, tokenizer, conversations, batch_size, max_length):
+        mask = batch["labels"][:, 1:] != -100
+        base_logp, tuned_logp = (
+            torch.log_softmax(_logits(model, batch)[:, :-1].float(), dim=-1).cpu() for model in models
+        )
+        kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
+        kl_sum = (kl * mask).sum(dim=1)
+        out += [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())]
     return out
 
 
