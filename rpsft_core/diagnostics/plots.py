@@ -77,21 +77,19 @@ def plot_energy(energy: Mapping[str, Any], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def _plot_per_layer(ax, per_layer: Mapping[str, Any], label: str, color) -> None:
+    """One line of a per-layer value (layer index as a string key; negative keys and None values skipped)."""
+    layers = sorted((int(k), v) for k, v in per_layer.items() if v is not None and int(k) >= 0)
+    if layers:
+        ax.plot([x for x, _ in layers], [y for _, y in layers], marker="o", markersize=3, label=label, color=color)
+
+
 def plot_rotation_layerwise(rotation: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
     """Mean top-K left-subspace rotation per layer, one line per tuned model."""
     fig, (ax,) = _figure(1, width=6.5)
     colors = _colors(list(rotation))
     for label, summary in rotation.items():
-        layers = sorted((int(k), v) for k, v in summary["per_layer"].items() if v is not None and int(k) >= 0)
-        if layers:
-            ax.plot(
-                [x for x, _ in layers],
-                [y for _, y in layers],
-                marker="o",
-                markersize=3,
-                label=label,
-                color=colors[label],
-            )
+        _plot_per_layer(ax, summary["per_layer"], label, colors[label])
     ax.set_xlabel("layer")
     ax.set_ylabel("mean principal angle (deg)")
     top_k = next(iter(rotation.values()))["top_k"] if rotation else ""
@@ -124,15 +122,7 @@ def plot_first_order(
     colors = _colors(list(first_order))
     for ax, dataset in zip(axes, datasets):
         for label, per_dataset in first_order.items():
-            layers = sorted((int(k), v) for k, v in per_dataset[dataset]["per_layer"].items() if int(k) >= 0)
-            ax.plot(
-                [x for x, _ in layers],
-                [y for _, y in layers],
-                marker="o",
-                markersize=3,
-                label=label,
-                color=colors[label],
-            )
+            _plot_per_layer(ax, per_dataset[dataset]["per_layer"], label, colors[label])
         ax.axhline(0.0, color="grey", linewidth=1)
         ax.set_title(f"{dataset} ({roles.get(dataset, '?').upper()})", fontsize=9)
         ax.set_xlabel("layer")
