@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,10 @@ def _mean(pairs: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in pairs) / tokens if tokens else float("nan")
 
 
+def _finite(scores: dict[str, float] | None) -> dict[str, float] | None:
+    return None if scores is None else {k: v for k, v in scores.items() if math.isfinite(v)}
+
+
 class LossScores(BaseModel):
     """Mean per-token NLL (and KL) per benchmark of one model."""
 
@@ -314,7 +319,8 @@ def loss_scores(
             for name, conv in ood_conv.items()
             if conv
         }
-    return LossScores(id_nll=id_nll, ood_nll=ood_nll, ood_kl=ood_kl)
+    # a benchmark whose items all lost their response to truncation (max_length) has no score
+    return LossScores(id_nll=_finite(id_nll), ood_nll=_finite(ood_nll), ood_kl=_finite(ood_kl))
 
 
 class LossTradeOff(BaseModel):

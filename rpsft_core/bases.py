@@ -320,6 +320,9 @@ def load_or_compute_bases(
     The file name is the fingerprint of (weights, selection, method); a file computed at a larger k serves
     every smaller k. A corrupt file is recomputed.
     """
+    if all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values()):
+        # full rank keeps W0 itself: a copy, nothing worth caching (and a sweep's shared file stays intact)
+        return compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
     # Slicing is exact for exact/gram bases; randomized ones depend on the k they were sketched at.
     extra = f"dtype={dtype}" + (f";k={k}" if method == "randomized" else "")
     fingerprint = weights_fingerprint(selection, method, extra=extra)

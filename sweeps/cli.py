@@ -1,0 +1,92 @@
+"""``rpsft sweep`` / ``rpsft sweep resume`` / ``rpsft select``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _print_outcome(outcome, beta: float) -> None:
+    from sweeps.summary import selection_text, trials_table
+
+    chosen = outcome.selection.best.run_id if outcome.selection else None
+    for row in outcome.trials:
+        row["operating_point"] = row["run_id"] == chosen
+    typer.echo("\n" + trials_table(outcome.trials, beta))
+    if outcome.selection:
+        typer.echo("\n" + selection_text(outcome.selection))
+    else:
+        typer.echo("\nno finished trial carries G_id/F_ood: nothing to select")
+    typer.echo(
+        f"\nMLflow: {outcome.tracking_uri}  (experiment id {outcome.experiment_id}, parent run {outcome.parent_run_id})"
+        f"\n  browse: mlflow ui --backend-store-uri {outcome.tracking_uri}"
+        f"\nsweep state: {outcome.sweep_dir}"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sweep(
+        target: str = typer.Argument(..., help="A sweep YAML (see sweeps/configs/), or 'resume'."),
+        name: str | None = typer.Argument(None, help="With 'resume': the sweep's name."),
+        rename: str | None = typer.Option(None, "--name", help="Override the config's sweep name."),
+        address: str | None = typer.Option(
+            None, help="Ray cluster address ('auto' or host:port); default local."
+        ),
+        root: Path = typer.Option(Path("runs/sweeps"), help="With 'resume': the sweeps' output_dir."),
+    ) -> None:
+        """Run a (k, lambda, layers) sweep with Ray Tune + Optuna, tracked in MLflow; or resume one."""
+        from sweeps.config import SweepConfigError, load_sweep_config
+        from sweeps.runner import resume_sweep, run_sweep
+
+        try:
+            if target == "resume":
+                if not name:
+                    _fail("resume: give the sweep's name. Fix: rpsft sweep resume NAME")
+                outcome = resume_sweep(name, root=root, address=address, echo=typer.echo)
+            else:
+                config = load_sweep_config(target, {"name": rename})
+                outcome = run_sweep(config, address=address, echo=typer.echo)
+        except SweepConfigError as exc:
+            _fail(str(exc))
+
+        beta = _beta_of(outcome)
+        _print_outcome(outcome, beta)
+
+    @app.command("select")
+    def select_cmd(
+        name: str = typer.Argument(..., help="The sweep's name."),
+        beta: float | None = typer.Option(
+            None, help="Forgetting weight of Phi = G_id - beta F_ood (default: the sweep's)."
+        ),
+        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
+        tag: bool = typer.Option(False, help="Move the MLflow operating-point tag to this choice."),
+        as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
+    ) -> None:
+        """The max-Phi trial, the Pareto front and the beta path, from the stored results only."""
+        from sweeps.config import SweepConfigError
+        from sweeps.report import load_selection
+
+        try:
+            selection, rows, context = load_selection(name, root=root, beta=beta, retag=tag)
+        except (SweepConfigError, ValueError) as exc:
+            _fail(str(exc))
+        if as_json:
+            typer.echo(json.dumps(selection.to_dict(), indent=2))
+            return
+        from sweeps.summary import selection_text, trials_table
+
+        for row in rows:
+            row["operating_point"] = row["run_id"] == selection.best.run_id
+        typer.echo(trials_table(rows, selection.beta) + "\n\n" + selection_text(selection))
+
+
+def _beta_of(outcome) -> float:
+    return outcome.selection.beta if outcome.selection else 1.0

@@ -1,0 +1,492 @@
+"""Typed sweep configuration (``rpsft sweep sweep.yaml``), validated before Ray, a model or a trial starts.
+
+A sweep is: a model and SFT data, a training budget shared by all trials, a search space over the RPSFT knobs
+(k, lambda, layer subset, period), reference trials that always run once (sft, l2-init, ...), how trials are
+scored (loss-based trade-off, optionally the lm-eval harness), the objective (max Phi at the first beta, or the
+Pareto front of ID gain vs OOD forgetting), and where things run and are stored.
+
+Every trial's :class:`TrainConfig` is built by :meth:`SweepConfig.trial_train_config`; the config validator
+builds it for every reference and every corner of the space, so a value training would reject fails here,
+with the sweep field named (``space.lambda``, ``references[1]``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rpsft_core.config import ConfigError, TrainConfig
+from rpsft_core.selection import LayerSpec, resolve_spec
+
+# TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
+TRIAL_FIELDS = ("model", "data", "method", "k", "lambda", "lam", "layers", "period", "seed", "output_dir")
+
+
+class SweepConfigError(ConfigError):
+    """A sweep that cannot run; raised before any trial starts, naming the field and the fix."""
+
+
+class NumberRange(BaseModel):
+    """A continuous (or integer) range ``[low, high]``, sampled uniformly or log-uniformly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> NumberRange:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) > high ({self.high}). Fix: low <= high")
+        if self.log and self.low <= 0:
+            raise ValueError(
+                f"a log-scale range needs low > 0, got low={self.low}. Fix: e.g. low: 1.0e-3, or log: false"
+            )
+        return self
+
+    def corners(self) -> list[float]:
+        return [self.low, self.high]
+
+
+def _non_empty(values: list[Any], what: str) -> list[Any]:
+    if not values:
+        raise ValueError(f"the list of {what} is empty. Fix: give at least one value")
+    return values
+
+
+class SearchSpace(BaseModel):
+    """The RPSFT knobs searched: each is a list of choices or a ``{low, high, log}`` range."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    k: list[int | float | str] | NumberRange = Field(default_factory=lambda: [16, 64])
+    lam: list[float] | NumberRange = Field(
+        default_factory=lambda: NumberRange(low=1e-2, high=10.0, log=True), alias="lambda"
+    )
+    layers: list[str | LayerSpec] = Field(default_factory=lambda: ["all"])
+    period: list[int] = Field(default_factory=lambda: [1])
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float, str)) else value
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: list[int | float | str] | NumberRange) -> list[int | float | str] | NumberRange:
+        from rpsft_core.diagnostics.energy import parse_k_spec
+
+        if isinstance(value, NumberRange):
+            if value.low < 0:
+                raise ValueError(f"k range: low must be >= 0, got {value.low}")
+            return value
+        _non_empty(value, "k values")
+        out: list[int | float | str] = []
+        for item in value:
+            parsed = parse_k_spec(item)
+            auto = isinstance(item, str) and not isinstance(parsed, (int, float))
+            out.append(item.strip().lower() if auto else parsed)
+        return out
+
+    @field_validator("lam", mode="before")
+    @classmethod
+    def _lam_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("lam")
+    @classmethod
+    def _check_lam(cls, value: list[float] | NumberRange) -> list[float] | NumberRange:
+        values = value.corners() if isinstance(value, NumberRange) else _non_empty(value, "lambda values")
+        if any(v <= 0 for v in values):
+            raise ValueError(
+                f"lambda must be > 0 for a penalized trial, got {min(values)}. "
+                "Fix: positive values (the 'sft' reference covers lambda = 0)"
+            )
+        return value
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (str, dict)) else value
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: list[str | LayerSpec]) -> list[str | LayerSpec]:
+        for item in _non_empty(value, "layer subsets"):
+            resolve_spec(item)
+        return value
+
+    @field_validator("period", mode="before")
+    @classmethod
+    def _period_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("period")
+    @classmethod
+    def _check_period(cls, value: list[int]) -> list[int]:
+        if any(p < 1 for p in _non_empty(value, "periods")):
+            raise ValueError(f"period must be >= 1, got {min(value)}. Fix: 1 = every optimizer step")
+        return value
+
+    def layer_labels(self) -> list[str]:
+        """One string per layer choice: the preset name, or the spec as compact JSON."""
+        return [layer_label(item) for item in self.layers]
+
+    def layers_for(self, label: str) -> str | LayerSpec:
+        for item in self.layers:
+            if layer_label(item) == label:
+                return item
+        raise KeyError(f"layers: {label!r} is not in the search space")
+
+    def k_choices(self) -> list[int | float | str]:
+        if isinstance(self.k, NumberRange):
+            return [int(self.k.low), int(self.k.high)]
+        return list(self.k)
+
+    def lam_choices(self) -> list[float]:
+        return self.lam.corners() if isinstance(self.lam, NumberRange) else list(self.lam)
+
+
+def layer_label(item: str | LayerSpec) -> str:
+    if isinstance(item, str):
+        return item
+    return json.dumps(item.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+
+
+class Reference(BaseModel):
+    """A baseline trial run once: a method, with optional k / lambda / layers for the penalized ones."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    method: Literal["sft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf", "rpsft"]
+    k: int | float | None = None
+    lam: float | None = Field(None, alias="lambda")
+    layers: str | LayerSpec | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.method]
+        if self.k is not None:
+            parts.append(f"k={self.k}")
+        if self.lam is not None:
+            parts.append(f"lambda={self.lam:g}")
+        if self.layers is not None:
+            parts.append(f"layers={layer_label(self.layers)}")
+        return " ".join(parts)
+
+
+class LossEval(BaseModel):
+    """Loss-based trade-off (see :mod:`evaluation.loss_metrics`): forward passes, cheap, moves on small models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_id: int = Field(8, ge=1, description="ID items per benchmark (reference solutions scored by NLL)")
+    n_ood: int = Field(8, ge=1, description="OOD prompts per benchmark (base greedy responses scored)")
+    id_benchmarks: list[str] | None = None
+    ood_benchmarks: list[str] | None = None
+    max_new_tokens: int = Field(64, ge=1)
+    max_length: int = Field(512, ge=16)
+    batch_size: int = Field(8, ge=1)
+    kl: bool = False
+
+
+class EvaluationConfig(BaseModel):
+    """How trials are scored. ``every`` > 0 adds intermediate loss evaluations (the rungs of ASHA)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: str = "../shared/paper-data"
+    subset: Literal["full", "test"] = "full"
+    loss: LossEval = Field(default_factory=LossEval)
+    harness: dict[str, Any] | None = Field(
+        None, description="lm-eval settings (as `rpsft eval` / EvalSettings) scored at the end of each trial"
+    )
+    every: int = Field(0, ge=0, description="intermediate evaluation every N optimizer steps (0: at the end)")
+    auto_k_prompts: str | None = Field(
+        None, description="OOD prompts for k: auto (JSONL); default <data_dir>/ood/gpqa_test.jsonl"
+    )
+
+    def auto_k_source(self) -> str:
+        return self.auto_k_prompts or str(Path(self.data_dir) / "ood" / "gpqa_test.jsonl")
+
+
+class Objective(BaseModel):
+    """``phi``: maximize Phi = G_id - beta * F_ood at ``betas[0]``; ``pareto``: G_id up, F_ood down (NSGA-II)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["phi", "pareto"] = "phi"
+    metric: Literal["nll", "kl", "accuracy"] = "nll"
+    betas: list[float] = Field(default_factory=lambda: [1.0])
+
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _betas(cls, value: Any) -> Any:
+        return [value] if isinstance(value, (int, float)) else value
+
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, value: list[float]) -> list[float]:
+        if any(b < 0 for b in _non_empty(value, "betas")):
+            raise ValueError(f"beta must be >= 0, got {min(value)}")
+        return value
+
+    @property
+    def beta(self) -> float:
+        return self.betas[0]
+
+
+class Search(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["tpe", "nsga2", "random", "auto"] = "auto"
+    num_trials: int = Field(4, ge=0, description="searched trials (the references come on top)")
+    seed: int = 0
+
+
+class Scheduler(BaseModel):
+    """Early stopping. ``auto``: ASHA when there are intermediate evaluations and a scalar objective."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["auto", "asha", "fifo"] = "auto"
+    grace_steps: int = Field(1, ge=1, description="optimizer steps before ASHA may stop a trial")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class Resources(BaseModel):
+    """Per-trial resources; fractional GPUs share a device between trials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(0.0, ge=0)
+
+
+class Storage(BaseModel):
+    """Optuna study storage and MLflow tracking. ``None``: SQLite files under the sweep's directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    optuna: str | None = Field(None, description="sqlite:///..., postgresql://..., or journal:<file>")
+    mlflow: str | None = Field(None, description="sqlite:///..., postgresql://..., or http(s)://server")
+    experiment: str = "rpsft-sweeps"
+    ray_address: str | None = Field(None, description="None: a local Ray; 'auto' or host:port: a cluster")
+
+
+class SweepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: str = "smollm2-135m-instruct"
+    data: str = "demo-math:256"
+    train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared by all trials")
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    references: list[Reference] = Field(default_factory=lambda: [Reference(method="sft")])
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    objective: Objective = Field(default_factory=Objective)
+    search: Search = Field(default_factory=Search)
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    concurrency: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    storage: Storage = Field(default_factory=Storage)
+    seed: int = 0
+    output_dir: str = "runs/sweeps"
+    cache_dir: str | None = None
+
+    @field_validator("references", mode="before")
+    @classmethod
+    def _references(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [{"method": item} if isinstance(item, str) else item for item in value]
+
+    @field_validator("train")
+    @classmethod
+    def _check_train(cls, value: dict[str, Any]) -> dict[str, Any]:
+        own = sorted(set(value) & set(TRIAL_FIELDS))
+        if own:
+            raise ValueError(
+                f"{', '.join(own)} are set per trial. Fix: put model/data/seed at the top level and the "
+                "searched knobs under space:"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> SweepConfig:
+        if self.search.num_trials == 0 and not self.references:
+            raise ValueError("search.num_trials is 0 and there are no references: nothing to run")
+        if self.objective.mode == "pareto" and self.scheduler.type == "asha":
+            raise ValueError(
+                "scheduler.type: asha cannot stop multi-objective (pareto) trials (Optuna cannot prune them). "
+                "Fix: scheduler.type: fifo, or objective.mode: phi"
+            )
+        if self.scheduler.type == "asha" and self.objective.metric == "accuracy":
+            raise ValueError(
+                "scheduler.type: asha needs a loss-based objective (intermediate evaluations are loss-based). "
+                "Fix: objective.metric: nll or kl, or scheduler.type: fifo"
+            )
+        if self.scheduler.type == "asha" and self.evaluation.every == 0:
+            raise ValueError(
+                "scheduler.type: asha needs intermediate evaluations. Fix: evaluation.every: N optimizer steps"
+            )
+        if self.objective.metric == "accuracy" and self.evaluation.harness is None:
+            raise ValueError(
+                "objective.metric: accuracy needs the lm-eval harness. Fix: set evaluation.harness "
+                "(e.g. {suite: 'id,ood', limit: 8}) or objective.metric: nll"
+            )
+        if self.objective.metric == "kl" and not self.evaluation.loss.kl:
+            raise ValueError("objective.metric: kl needs evaluation.loss.kl: true")
+        if self.search.algorithm == "nsga2" and self.objective.mode != "pareto":
+            raise ValueError(
+                "search.algorithm: nsga2 is multi-objective. Fix: objective.mode: pareto, or tpe"
+            )
+        self._check_trial_configs()
+        return self
+
+    # ------------------------------------------------------------------ trial configs
+
+    @property
+    def scheduler_type(self) -> str:
+        if self.scheduler.type != "auto":
+            return self.scheduler.type
+        scalar = self.objective.mode == "phi" and self.objective.metric != "accuracy"
+        return "asha" if scalar and self.evaluation.every > 0 else "fifo"
+
+    @property
+    def algorithm(self) -> str:
+        if self.search.algorithm != "auto":
+            return self.search.algorithm
+        return "nsga2" if self.objective.mode == "pareto" else "tpe"
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
+
+    def sweep_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    def trial_train_config(self, params: dict[str, Any], output_dir: str | Path | None = None) -> TrainConfig:
+        """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period)."""
+        raw: dict[str, Any] = {
+            "model": self.model,
+            "data": self.data,
+            "seed": self.seed,
+            "cache_dir": self.cache_dir,
+            "save_model": False,
+            **self.train,
+        }
+        method = params.get("method", "rpsft")
+        raw["method"] = method
+        for key in ("k", "lambda", "period"):
+            if params.get(key) is not None:
+                raw[key] = params[key]
+        if params.get("layers") is not None:
+            layers = params["layers"]
+            if isinstance(layers, str) and layers in self.space.layer_labels():
+                layers = self.space.layers_for(layers)
+            elif isinstance(layers, str) and layers.startswith("{"):
+                layers = LayerSpec.model_validate_json(layers)
+            raw["layers"] = layers
+        if method == "l2-init" and "lambda" not in params:
+            raw["lambda"] = self.space.lam_choices()[-1]
+        raw["output_dir"] = str(output_dir or self.sweep_dir() / "trials" / "check")
+        return TrainConfig.model_validate(raw)
+
+    def reference_params(self) -> list[dict[str, Any]]:
+        out = []
+        for ref in self.references:
+            params: dict[str, Any] = {"method": ref.method, "reference": ref.label}
+            if ref.k is not None:
+                params["k"] = ref.k
+            if ref.lam is not None:
+                params["lambda"] = ref.lam
+            if ref.layers is not None:
+                params["layers"] = (
+                    layer_label(ref.layers) if isinstance(ref.layers, LayerSpec) else ref.layers
+                )
+            out.append(params)
+        return out
+
+    def _check_trial_configs(self) -> None:
+        for i, params in enumerate(self.reference_params()):
+            self._try(f"references[{i}] ({params['reference']})", params)
+        for k in self.space.k_choices():
+            if isinstance(k, str):  # auto / auto@x: resolved to a fraction before the trials
+                continue
+            self._try("space.k", {"k": k, "lambda": self.space.lam_choices()[0]})
+        for lam in self.space.lam_choices():
+            self._try("space.lambda", {"lambda": lam, "k": self._a_numeric_k()})
+        for label in self.space.layer_labels():
+            self._try(
+                "space.layers",
+                {"layers": label, "k": self._a_numeric_k(), "lambda": self.space.lam_choices()[0]},
+            )
+        for period in self.space.period:
+            self._try(
+                "space.period",
+                {"period": period, "k": self._a_numeric_k(), "lambda": self.space.lam_choices()[0]},
+            )
+
+    def _a_numeric_k(self) -> int | float:
+        numeric = [k for k in self.space.k_choices() if not isinstance(k, str)]
+        return numeric[0] if numeric else 0.05
+
+    def _try(self, where: str, params: dict[str, Any]) -> None:
+        try:
+            self.trial_train_config(params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else ""
+            if field and field not in TRIAL_FIELDS:
+                where = f"train.{field}"  # a shared training setting, not the searched value
+            message = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ")
+            raise ValueError(f"{where}: {message}") from None
+
+
+def format_sweep_error(exc: ValidationError, source: str) -> str:
+    """One line per field; a union's "Input should be a valid ..." noise is dropped when a real reason exists."""
+    found: dict[str, list[str]] = {}
+    for err in exc.errors():
+        names = ("NumberRange", "int", "float", "str", "LayerSpec", "Reference")
+        loc = [
+            str(p)
+            for p in err["loc"]
+            if not str(p).startswith(("list[", "function-")) and str(p) not in names
+        ]
+        message = err["msg"].removeprefix("Value error, ")
+        found.setdefault(".".join(loc), []).append(message)
+    lines = [f"{source}: invalid sweep configuration"]
+    for field, messages in found.items():
+        real = [m for m in messages if not m.startswith("Input should be a valid")] or messages
+        for message in dict.fromkeys(real):
+            lines.append(f"  - {field}: {message}" if field else f"  - {message}")
+    return "\n".join(lines)
+
+
+def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML (relative ``data_dir`` / ``output_dir`` stay relative to the cwd)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepConfigError(f"config: file {path} does not exist. Fix: pass an existing sweep YAML")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SweepConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SweepConfigError(f"config: {path} must hold a mapping of fields, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    return parse_sweep_config(raw, str(path))
+
+
+def parse_sweep_config(raw: dict[str, Any], source: str = "sweep config") -> SweepConfig:
+    try:
+        return SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise SweepConfigError(format_sweep_error(exc, source)) from None

@@ -1,0 +1,461 @@
+"""The sweep driver: validate, prepare shared state once, run the trials with Ray Tune, select, summarize.
+
+    from sweeps import load_sweep_config, run_sweep, resume_sweep
+    outcome = run_sweep(load_sweep_config("sweeps/configs/demo.yaml"))
+    outcome = resume_sweep("demo")          # after a crash or kill: finished trials are not rerun
+
+State lives under ``<output_dir>/<name>/``: ``sweep.json`` (config, MLflow ids, shared context), ``tune/``
+(Ray Tune's experiment, restored by :func:`resume_sweep`), ``optuna.db`` (default Optuna storage),
+``trials/<trial id>/`` (each trial's training output) and ``bases/`` (pretrained bases shared by all trials).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeps import preflight, tracking
+from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
+from sweeps.selection import Selection, select
+from sweeps.trial import SweepContext, run_trial
+
+STATE_FILE = "sweep.json"
+TUNE_DIR = "tune"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    trials: list[dict[str, Any]]  # one per trial: id, status, params, metrics
+    selection: Selection | None
+
+
+# ----------------------------------------------------------------------------------------------- paths
+
+
+def absolutize(config: SweepConfig) -> SweepConfig:
+    """Relative paths resolved against the current directory (Ray runs trials in their own directories)."""
+
+    def existing(value: str | None) -> str | None:
+        if value and not value.startswith(("hf:", "demo-math")) and Path(value).expanduser().exists():
+            return str(Path(value).expanduser().resolve())
+        return value
+
+    data = config.model_dump(mode="json", by_alias=True)
+    data["model"] = existing(config.model)
+    data["data"] = existing(config.data)
+    data["output_dir"] = str(Path(config.output_dir).expanduser().resolve())
+    if config.cache_dir:
+        data["cache_dir"] = str(Path(config.cache_dir).expanduser().resolve())
+    data["evaluation"]["data_dir"] = str(Path(config.evaluation.data_dir).expanduser().resolve())
+    if config.evaluation.auto_k_prompts:
+        data["evaluation"]["auto_k_prompts"] = existing(config.evaluation.auto_k_prompts)
+    return SweepConfig.model_validate(data)
+
+
+def storage_urls(config: SweepConfig) -> tuple[str, str]:
+    """``(optuna storage, mlflow tracking URI)`` with the SQLite defaults filled in."""
+    root = Path(config.output_dir)
+    optuna_url = config.storage.optuna or f"sqlite:///{config.sweep_dir() / 'optuna.db'}"
+    mlflow_uri = config.storage.mlflow or f"sqlite:///{root / 'mlflow.db'}"
+    return optuna_url, mlflow_uri
+
+
+def cache_root(config: SweepConfig) -> Path:
+    from rpsft_core.models import default_cache_dir
+
+    return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+
+def init_ray(address: str | None, config: SweepConfig) -> dict[str, float]:
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_"))}
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = dict(
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": env},
+            configure_logging=False,
+        )
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(**kwargs)
+    return dict(ray.cluster_resources())
+
+
+def optuna_space(space: dict[str, Any], trial: Any) -> None:
+    """Optuna define-by-run space (a module-level function, so the searcher pickles for resume)."""
+    for name in ("k", "lambda", "layers", "period"):
+        dim = space[name]
+        if isinstance(dim, dict):
+            if name == "k":
+                trial.suggest_int(name, int(dim["low"]), int(dim["high"]), log=dim["log"])
+            else:
+                trial.suggest_float(name, dim["low"], dim["high"], log=dim["log"])
+        else:
+            trial.suggest_categorical(name, dim)
+
+
+def build_searcher(config: SweepConfig, storage: Any) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.searcher import ReferencesFirst
+
+    space = config.space
+    dims = {
+        "k": space.k.model_dump() if hasattr(space.k, "model_dump") else list(space.k),
+        "lambda": space.lam.model_dump() if hasattr(space.lam, "model_dump") else list(space.lam),
+        "layers": space.layer_labels(),
+        "period": list(space.period),
+    }
+    seed = config.search.seed
+    sampler = {
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=max(2, config.search.num_trials // 3)
+        ),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+    }[config.algorithm]()
+    if config.objective.mode == "pareto":
+        metric, mode = ["g_id", "f_ood"], ["max", "min"]
+    else:
+        metric, mode = "objective", "max"
+    search = OptunaSearch(
+        space=functools.partial(optuna_space, dims),
+        metric=metric,
+        mode=mode,
+        sampler=sampler,
+        study_name=config.name,
+        storage=storage,
+    )
+    return ReferencesFirst(search, config.reference_params())
+
+
+def build_scheduler(config: SweepConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if config.scheduler_type == "asha":
+        return ASHAScheduler(
+            time_attr="step",
+            metric="objective",
+            mode="max",
+            max_t=config.max_steps,
+            grace_period=config.scheduler.grace_steps,
+            reduction_factor=config.scheduler.reduction_factor,
+        )
+    return FIFOScheduler()
+
+
+def trainable(config: SweepConfig, context: SweepContext) -> Any:
+    from ray import tune
+
+    resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
+    return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
+
+
+def _reporter(config: SweepConfig) -> Any:
+    from ray.tune import CLIReporter
+
+    columns = {
+        "step": "step",
+        "objective": "Phi",
+        "g_id": "G_id",
+        "f_ood": "F_ood",
+        "reference_objective": "ref Phi",
+    }
+    return CLIReporter(
+        parameter_columns={"method": "method", "k": "k", "lambda": "lambda", "layers": "layers"},
+        metric_columns=columns,
+        max_report_frequency=30,
+        max_column_length=14,
+    )
+
+
+def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore: bool) -> None:
+    from ray import tune
+
+    # reference trials report their Phi under another key, so ASHA and Optuna leave them alone
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter table
+    path = config.sweep_dir() / TUNE_DIR
+    if restore and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(
+            str(path), trainable=trainable(config, context), resume_unfinished=True, resume_errored=True
+        )
+    else:
+        tuner = tune.Tuner(
+            trainable(config, context),
+            tune_config=tune.TuneConfig(
+                search_alg=build_searcher(config, storage),
+                scheduler=build_scheduler(config),
+                num_samples=len(config.references) + config.search.num_trials,
+                max_concurrent_trials=config.concurrency,
+                reuse_actors=False,
+            ),
+            run_config=tune.RunConfig(
+                name=TUNE_DIR,
+                storage_path=str(config.sweep_dir()),
+                failure_config=tune.FailureConfig(max_failures=0),
+                progress_reporter=_reporter(config),
+                verbose=1,
+            ),
+        )
+    tuner.fit()
+
+
+# ----------------------------------------------------------------------------------------------- preparation
+
+
+def prepare_shared_state(
+    config: SweepConfig, scorer: Any, progress: bool = True
+) -> tuple[dict[str, float], Path]:
+    """Once per sweep: pretrained bases for every layer subset, ``k: auto`` resolution, base-model scores."""
+    import torch
+
+    from rpsft_core.bases import load_or_compute_bases, resolve_k
+    from rpsft_core.models import load_model, load_tokenizer
+    from rpsft_core.selection import select_matrices
+
+    cfg0 = config.trial_train_config({"k": 1, "lambda": 1.0})
+    tokenizer = load_tokenizer(config.model, config.cache_dir)
+    model, _ = load_model(config.model, dtype=cfg0.dtype, cache_dir=config.cache_dir)
+    model.eval()
+
+    auto_k: dict[str, float] = {}
+    auto_specs = [k for k in config.space.k_choices() if isinstance(k, str)]
+    if auto_specs:
+        from rpsft_core.diagnostics.energy import resolve_auto_k
+        from rpsft_core.diagnostics.prompts import load_prompt_examples
+
+        _, prompts = load_prompt_examples(config.evaluation.auto_k_source(), limit=16)
+        for spec in auto_specs:
+            auto_k[spec] = float(resolve_auto_k(model, tokenizer, spec, prompts))
+            model.zero_grad(set_to_none=True)
+
+    bases_dir = config.sweep_dir() / "bases"
+    numeric = [k for k in config.space.k_choices() if not isinstance(k, str)] + list(auto_k.values())
+    for ref in config.references:
+        if ref.method in ("rpsft", "rpsft-lora") and ref.k is not None:
+            numeric.append(ref.k)
+    if config.search.num_trials or numeric:
+        layer_options = [config.space.layers_for(label) for label in config.space.layer_labels()]
+        layer_options += [r.layers for r in config.references if r.layers is not None]
+        for layers in layer_options:
+            selection = select_matrices(model, layers)
+            if not selection or not numeric:
+                continue
+            ranks = [min(w.shape) for w in selection.values()]
+            # one k (a rank fraction when needed) that covers every k of the space on every matrix
+            need = max(resolve_k(k, (r, r)) / r for k in numeric for r in ranks)
+            ints = [k for k in numeric if isinstance(k, int)]
+            k_cover: int | float = (
+                max(ints) if ints and all(isinstance(k, int) for k in numeric) else min(1.0, need)
+            )
+            if all(resolve_k(k_cover, tuple(w.shape)) == min(w.shape) for w in selection.values()):
+                continue  # full rank: each trial copies W0, nothing to share
+            with torch.no_grad():
+                load_or_compute_bases(
+                    selection, k_cover, cache_dir=bases_dir, method=cfg0.basis_method, progress=progress
+                )
+    scorer.warm_base(model, tokenizer)
+    del model
+    return auto_k, bases_dir
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _state_path(config: SweepConfig) -> Path:
+    return config.sweep_dir() / STATE_FILE
+
+
+def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
+    path = _state_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"name": config.name, "status": status, "optuna_storage": optuna_url, "context": context.__dict__}
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)
+
+
+def read_state(name: str, root: str | Path = "runs/sweeps") -> dict[str, Any]:
+    path = Path(root).expanduser().resolve() / name / STATE_FILE
+    if not path.is_file():
+        raise SweepConfigError(
+            f"name: no sweep {name!r} under {Path(root).resolve()} ({path} is missing). "
+            "Fix: the name given to `rpsft sweep`, and --root if it used another output_dir"
+        )
+    return json.loads(path.read_text())
+
+
+def _base_key(config: SweepConfig) -> str:
+    from evaluation.scoring import name_fingerprint
+
+    return name_fingerprint(config.model)
+
+
+def run_sweep(
+    config: SweepConfig, *, address: str | None = None, progress: bool = True, echo=print
+) -> SweepOutcome:
+    """Validate everything, prepare shared state, run all trials, select and tag the operating point."""
+    config = absolutize(config)
+    if _state_path(config).exists():
+        raise SweepConfigError(
+            f"name: a sweep named {config.name!r} already exists in {config.sweep_dir()}. "
+            f"Fix: `rpsft sweep resume {config.name}` to finish it, or another name (--name)"
+        )
+    optuna_url, mlflow_uri = storage_urls(config)
+    preflight.check_storage_rules(config, optuna_url, mlflow_uri)
+    storage = preflight.check_optuna_storage(optuna_url)
+    preflight.check_mlflow(mlflow_uri)
+    from sweeps.scoring import TrialScorer
+
+    cache_dir = str(cache_root(config) / "eval")
+    scorer = TrialScorer(config, base_key="", cache_dir=cache_dir)
+    preflight.check_inputs(config, scorer)
+    preflight.check_resources(config, init_ray(address or config.storage.ray_address, config))
+
+    echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
+    from rpsft_core.models import resolve_model_dir
+
+    try:
+        resolve_model_dir(config.model, config.cache_dir)
+    except (OSError, ValueError) as exc:
+        raise SweepConfigError(f"model: {exc}") from None
+    scorer.base_key = _base_key(config)
+    auto_k, bases_dir = prepare_shared_state(config, scorer, progress=progress)
+    if auto_k:
+        echo(
+            "[rpsft] k: "
+            + ", ".join(f"{spec} -> {value:.4f} of each matrix's rank" for spec, value in auto_k.items())
+        )
+
+    client = tracking.client_for(mlflow_uri)
+    artifacts = None if mlflow_uri.startswith("http") else (Path(config.output_dir) / "mlartifacts").as_uri()
+    experiment_id = tracking.ensure_experiment(client, config.storage.experiment, artifacts)
+    parent = tracking.create_parent_run(
+        client,
+        experiment_id,
+        config.name,
+        {
+            "model": config.model,
+            "data": config.data,
+            "objective": f"{config.objective.mode}:{config.objective.metric}",
+            "betas": config.objective.betas,
+            "num_trials": config.search.num_trials,
+            "references": [r.label for r in config.references],
+            "algorithm": config.algorithm,
+            "scheduler": config.scheduler_type,
+            "optuna_storage": optuna_url,
+        },
+    )
+    tracking.log_json_artifact(
+        client, parent, "sweep_config.json", config.model_dump(mode="json", by_alias=True)
+    )
+    context = SweepContext(
+        config=config.model_dump(mode="json", by_alias=True),
+        tracking_uri=mlflow_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent,
+        base_key=scorer.base_key,
+        cache_dir=cache_dir,
+        bases_dir=str(bases_dir),
+        auto_k=auto_k,
+    )
+    write_state(config, context, "running", optuna_url)
+    echo(f"[rpsft] MLflow: {mlflow_uri}  experiment {config.storage.experiment!r}  parent run {parent}")
+    run_tuner(config, context, storage, restore=False)
+    return finish(config, context, optuna_url, echo=echo)
+
+
+def resume_sweep(
+    name: str, *, root: str | Path = "runs/sweeps", address: str | None = None, echo=print
+) -> SweepOutcome:
+    """Finish an interrupted sweep: Tune restores its trials (finished ones are kept, not rerun)."""
+    state = read_state(name, root)
+    context = SweepContext(**state["context"])
+    config = parse_sweep_config(context.config, f"{name}/{STATE_FILE}")
+    optuna_url = state["optuna_storage"]
+    storage = preflight.check_optuna_storage(optuna_url)
+    preflight.check_mlflow(context.tracking_uri)
+    preflight.check_resources(config, init_ray(address or config.storage.ray_address, config))
+    echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
+    tracking.client_for(context.tracking_uri).update_run(context.parent_run_id, status="RUNNING")
+    write_state(config, context, "running", optuna_url)
+    run_tuner(config, context, storage, restore=True)
+    return finish(config, context, optuna_url, echo=echo)
+
+
+def collect(config: SweepConfig, context: SweepContext) -> tuple[list[Any], list[dict[str, Any]]]:
+    client = tracking.client_for(context.tracking_uri)
+    runs = tracking.child_runs(client, context.experiment_id, context.parent_run_id)
+    rows = []
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        rows.append(
+            {
+                "trial_id": run.data.tags.get(tracking.TAG_TRIAL),
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "state": run.data.tags.get(tracking.TAG_STATE, ""),
+                "reference": run.data.tags.get(tracking.TAG_REFERENCE, ""),
+                "params": dict(run.data.params),
+                "metrics": dict(run.data.metrics),
+            }
+        )
+    return runs, rows
+
+
+def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
+    """Select the operating point from MLflow, tag it, log the selection on the parent run, mark done."""
+    client = tracking.client_for(context.tracking_uri)
+    runs, rows = collect(config, context)
+    points = tracking.trial_points(runs)
+    selection = None
+    if points:
+        selection = select(points, config.objective.beta)
+        tracking.tag_operating_point(client, runs, selection.best.run_id, config.objective.beta)
+        tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
+        tracking.set_tags(
+            client,
+            context.parent_run_id,
+            {
+                "rpsft.operating_point_trial": selection.best.trial_id,
+                "rpsft.operating_point_run": selection.best.run_id,
+            },
+        )
+        tracking.log_metrics(
+            client,
+            context.parent_run_id,
+            {
+                "best_phi": selection.best.phi(config.objective.beta),
+                "best_g_id": selection.best.g_id,
+                "best_f_ood": selection.best.f_ood,
+                "n_finished_trials": len(points),
+            },
+        )
+    tracking.finish_run(client, context.parent_run_id, "FINISHED")
+    write_state(config, context, "finished", optuna_url)
+    outcome = SweepOutcome(
+        config.name,
+        config.sweep_dir(),
+        context.tracking_uri,
+        context.experiment_id,
+        context.parent_run_id,
+        rows,
+        selection,
+    )
+    return outcome

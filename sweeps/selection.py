@@ -1,0 +1,131 @@
+"""Operating-point selection from stored trial results: max Phi, the Pareto front, and the beta path.
+
+Every trial is a point ``(G_id, F_ood)``; ``Phi(beta) = G_id - beta * F_ood`` is a line in beta, so the
+max-Phi trial as beta grows from 0 is the upper envelope of those lines: :func:`beta_path` walks it exactly
+(each breakpoint is where two lines cross), so the choice for *any* beta comes from the stored results alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One finished trial: its id, parameters and trade-off numbers."""
+
+    trial_id: str
+    g_id: float
+    f_ood: float
+    params: dict[str, Any] = field(default_factory=dict, compare=False)
+    run_id: str | None = field(default=None, compare=False)
+
+    def phi(self, beta: float) -> float:
+        return self.g_id - beta * self.f_ood
+
+
+def _usable(points: Sequence[TrialPoint]) -> list[TrialPoint]:
+    return [p for p in points if math.isfinite(p.g_id) and math.isfinite(p.f_ood)]
+
+
+def max_phi(points: Sequence[TrialPoint], beta: float) -> TrialPoint:
+    """The trial with the largest Phi(beta); ties go to the smaller forgetting, then the trial id."""
+    usable = _usable(points)
+    if not usable:
+        raise ValueError("selection: no finished trial with finite G_id and F_ood")
+    return max(usable, key=lambda p: (p.phi(beta), -p.f_ood, _reverse(p.trial_id)))
+
+
+def _reverse(text: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in text)
+
+
+def dominates(a: TrialPoint, b: TrialPoint) -> bool:
+    """``a`` is at least as good on both axes (gain up, forgetting down) and better on one."""
+    return a.g_id >= b.g_id and a.f_ood <= b.f_ood and (a.g_id > b.g_id or a.f_ood < b.f_ood)
+
+
+def pareto_front(points: Sequence[TrialPoint]) -> list[TrialPoint]:
+    """Trials no other trial dominates, sorted by forgetting (then gain, descending)."""
+    usable = _usable(points)
+    front = [p for p in usable if not any(dominates(q, p) for q in usable)]
+    return sorted(front, key=lambda p: (p.f_ood, -p.g_id, p.trial_id))
+
+
+@dataclass(frozen=True)
+class BetaInterval:
+    """``point`` maximizes Phi for every beta in ``[low, high)`` (``high`` may be ``inf``)."""
+
+    low: float
+    high: float
+    point: TrialPoint
+
+
+def beta_path(points: Sequence[TrialPoint], beta_min: float = 0.0) -> list[BetaInterval]:
+    """The exact sequence of max-Phi trials for beta from ``beta_min`` to infinity.
+
+    At a breakpoint beta*, the current winner (g1, f1) and a less-forgetting trial (g2 < g1, f2 < f1) tie:
+    beta* = (g1 - g2) / (f1 - f2); the next winner is the one with the smallest such beta* (then the
+    smallest forgetting). Larger beta can only move the choice toward less forgetting.
+    """
+    current = max_phi(points, beta_min)
+    usable = _usable(points)
+    low = beta_min
+    path: list[BetaInterval] = []
+    while True:
+        crossings = []
+        for p in usable:
+            if p.f_ood < current.f_ood:
+                beta = (current.g_id - p.g_id) / (current.f_ood - p.f_ood)
+                if beta >= low:
+                    crossings.append((beta, p.f_ood, p.trial_id, p))
+        if not crossings:
+            path.append(BetaInterval(low, math.inf, current))
+            return path
+        beta, *_, nxt = min(crossings, key=lambda c: (c[0], c[1], c[2]))
+        if beta > low:
+            path.append(BetaInterval(low, beta, current))
+        current, low = nxt, beta
+
+
+@dataclass
+class Selection:
+    beta: float
+    best: TrialPoint
+    front: list[TrialPoint]
+    path: list[BetaInterval]
+    ranking: list[TrialPoint]
+
+    def to_dict(self) -> dict[str, Any]:
+        def point(p: TrialPoint) -> dict[str, Any]:
+            return {
+                "trial_id": p.trial_id,
+                "run_id": p.run_id,
+                "g_id": p.g_id,
+                "f_ood": p.f_ood,
+                "phi": p.phi(self.beta),
+                "params": p.params,
+            }
+
+        return {
+            "beta": self.beta,
+            "best": point(self.best),
+            "pareto_front": [point(p) for p in self.front],
+            "beta_path": [
+                {"beta_low": i.low, "beta_high": None if math.isinf(i.high) else i.high, **point(i.point)}
+                for i in self.path
+            ],
+            "ranking": [point(p) for p in self.ranking],
+        }
+
+
+def select(points: Sequence[TrialPoint], beta: float) -> Selection:
+    """Max-Phi trial at ``beta``, the Pareto front, the beta path, and all trials ranked by Phi(beta)."""
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    best = max_phi(points, beta)
+    ranking = sorted(_usable(points), key=lambda p: (-p.phi(beta), p.f_ood, p.trial_id))
+    return Selection(beta, best, pareto_front(points), beta_path(points), ranking)

@@ -1,0 +1,179 @@
+"""MLflow bookkeeping of a sweep: a parent run per sweep, a child run per trial, and the chosen point's tag.
+
+Child runs are nested explicitly (the ``mlflow.parentRunId`` tag) and found again by the trial id tag, so a
+trial restarted after a crash writes into its own run instead of creating a duplicate, and a trial whose run
+already finished is not trained again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from sweeps.selection import TrialPoint
+
+TAG_SWEEP = "rpsft.sweep"
+TAG_ROLE = "rpsft.role"
+TAG_TRIAL = "rpsft.trial_id"
+TAG_REFERENCE = "rpsft.reference"
+TAG_STATE = "rpsft.state"
+TAG_OPERATING_POINT = "rpsft.operating_point"
+PARENT_TAG = "mlflow.parentRunId"
+MAX_BATCH = 500
+
+
+def client_for(tracking_uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, params: dict[str, Any]) -> str:
+    run = client.create_run(
+        experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", "mlflow.runName": sweep}
+    )
+    log_params(client, run.info.run_id, params)
+    return run.info.run_id
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
+    """All trial runs of one sweep (any status)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}'",
+            max_results=1000,
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_child_run(client: MlflowClient, experiment_id: str, parent_run_id: str, trial_id: str) -> Any | None:
+    page = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`{PARENT_TAG}` = '{_quote(parent_run_id)}' and tags.`{TAG_TRIAL}` = '{_quote(trial_id)}'"
+        ),
+        max_results=10,
+    )
+    return page[0] if page else None
+
+
+def start_child_run(
+    client: MlflowClient,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_id: str,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+) -> tuple[Any, bool]:
+    """``(run, resumed)``: the trial's existing run (status set back to RUNNING unless FINISHED) or a new one."""
+    existing = find_child_run(client, experiment_id, parent_run_id, trial_id)
+    if existing is not None:
+        if existing.info.status != "FINISHED":
+            client.update_run(existing.info.run_id, status="RUNNING")
+            client.set_tag(existing.info.run_id, TAG_STATE, "restarted")
+        return existing, True
+    all_tags = {PARENT_TAG: parent_run_id, TAG_TRIAL: trial_id, "mlflow.runName": run_name, **(tags or {})}
+    return client.create_run(experiment_id, run_name=run_name, tags=all_tags), False
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params once (a restarted trial's identical params are skipped; MLflow forbids changing them)."""
+    existing = client.get_run(run_id).data.params
+    items = [
+        Param(k, _param_value(v)[:6000]) for k, v in params.items() if v is not None and k not in existing
+    ]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
+    """Log the finite numeric values of ``metrics`` at ``step`` (names sanitized for MLflow)."""
+    import time
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(metric_name(k), float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(run_id, metrics=items[i : i + MAX_BATCH])
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows letters, digits and ``_ - . / space``; ``@`` (as in ``phi@0.5``) becomes ``_at_``."""
+    return name.replace("@", "_at_").replace(":", "_")
+
+
+def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(payload, indent=2, default=str))
+        client.log_artifact(run_id, str(path))
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str | None = None) -> None:
+    if state:
+        client.set_tag(run_id, TAG_STATE, state)
+    client.set_terminated(run_id, status=status)
+
+
+def trial_points(runs: list[Any]) -> list[TrialPoint]:
+    """The finished trial runs that carry ``g_id`` and ``f_ood``, as selection points."""
+    points = []
+    for run in runs:
+        metrics = run.data.metrics
+        if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
+            continue
+        if "g_id" not in metrics or "f_ood" not in metrics:
+            continue
+        params = dict(run.data.params)
+        points.append(
+            TrialPoint(
+                trial_id=run.data.tags.get(TAG_TRIAL, run.info.run_id),
+                g_id=float(metrics["g_id"]),
+                f_ood=float(metrics["f_ood"]),
+                params=params,
+                run_id=run.info.run_id,
+            )
+        )
+    return points
+
+
+def tag_operating_point(client: MlflowClient, runs: list[Any], chosen_run_id: str, beta: float) -> None:
+    """Mark ``chosen_run_id`` as the operating point (and clear the tag on the other trial runs)."""
+    for run in runs:
+        if run.data.tags.get(TAG_OPERATING_POINT) == "true" and run.info.run_id != chosen_run_id:
+            client.set_tag(run.info.run_id, TAG_OPERATING_POINT, "false")
+    set_tags(client, chosen_run_id, {TAG_OPERATING_POINT: "true", "rpsft.operating_point_beta": f"{beta:g}"})

@@ -1,0 +1,225 @@
+"""One sweep trial, as Ray Tune runs it: train with the trial's knobs, score, log to MLflow, report to Tune.
+
+:func:`run_trial` is the Tune trainable. Everything it needs comes in the :class:`SweepContext` (a plain,
+picklable record the driver builds once), so a restored sweep gets an identical trainable back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sweeps import tracking
+from sweeps.config import SweepConfig
+from sweeps.scoring import TrialScorer
+from sweeps.summary import trial_label
+
+PER_STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rpsft/penalty", "rpsft/drift_mean", "rpsft/drift_max")
+
+
+@dataclass
+class SweepContext:
+    """What every trial of a sweep shares (paths are absolute)."""
+
+    config: dict[str, Any]  # SweepConfig, JSON-ready
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    base_key: str
+    cache_dir: str
+    bases_dir: str
+    auto_k: dict[str, float] = field(default_factory=dict)  # "auto@x" -> resolved fraction
+
+
+def resolve_params(params: dict[str, Any], context: SweepContext) -> dict[str, Any]:
+    """Trial parameters with ``k: auto`` replaced by the fraction the driver resolved."""
+    out = dict(params)
+    k = out.get("k")
+    if isinstance(k, str):
+        if k not in context.auto_k:
+            raise ValueError(f"k: {k!r} was not resolved before the trials. Fix: rerun `rpsft sweep`")
+        out["k_spec"], out["k"] = k, context.auto_k[k]
+    return out
+
+
+class MlflowStepLogger(TrainerCallback):
+    """Per-step task loss, penalty and protected drift into the trial's MLflow run."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            values = {key: logs[key] for key in PER_STEP_KEYS if key in logs}
+            tracking.log_metrics(self.client, self.run_id, values, step=state.global_step)
+
+
+class IntermediateEvaluation(TrainerCallback):
+    """Every ``every`` optimizer steps: the loss-based trade-off, logged and reported to Tune (ASHA's rungs)."""
+
+    def __init__(self, scorer: TrialScorer, tokenizer: Any, every: int, report) -> None:
+        self.scorer, self.tokenizer, self.every, self.report = scorer, tokenizer, every, report
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            was_training = model.training
+            model.eval()
+            try:
+                metrics = self.scorer.loss_metrics(model, self.tokenizer)
+            finally:
+                model.train(was_training)
+            self.report(metrics, state.global_step)
+
+
+def _torch_threads(cpus: float) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def run_trial(params: dict[str, Any], context: SweepContext) -> None:
+    """The Tune trainable: one (method, k, lambda, layers, period) training run, scored and tracked."""
+    from ray import tune
+
+    config = SweepConfig.model_validate(context.config)
+    trial_id = tune.get_context().get_trial_id()
+    reference = bool(params.get("reference"))
+    client = tracking.client_for(context.tracking_uri)
+    tags = {tracking.TAG_SWEEP: config.name, tracking.TAG_ROLE: "trial"}
+    if reference:
+        tags[tracking.TAG_REFERENCE] = str(params["reference"])
+    run, _ = tracking.start_child_run(
+        client, context.experiment_id, context.parent_run_id, trial_id, trial_label(params), tags
+    )
+    run_id = run.info.run_id
+    objective_key = "reference_objective" if reference else "objective"  # ASHA and Optuna skip references
+    scorer = TrialScorer(config, context.base_key, context.cache_dir)
+
+    def report(metrics: dict[str, float], step: int, final: bool = False) -> None:
+        scored = {**metrics, **scorer.primary(metrics)}
+        if not final:
+            tracking.log_metrics(client, run_id, {f"eval/{k}": v for k, v in scored.items()}, step=step)
+        out = {k: v for k, v in scored.items() if k != "objective"}
+        if "objective" in scored:
+            out[objective_key] = scored["objective"]
+        tune.report({**out, "step": step, "final": final})
+
+    if run.info.status == "FINISHED":  # finished before a crash: report its stored results, do not retrain
+        tune.report({**_stored_result(run), "final": True})
+        return
+
+    try:
+        _torch_threads(config.resources.cpus)
+        resolved = resolve_params(params, context)
+        trial_dir = Path(config.sweep_dir()) / "trials" / trial_id
+        train_config = config.trial_train_config(resolved, output_dir=trial_dir)
+        tracking.log_params(
+            client,
+            run_id,
+            {
+                "method": train_config.method,
+                "k": resolved.get("k_spec", train_config.k) if train_config.method != "sft" else None,
+                "k_resolved": resolved.get("k") if "k_spec" in resolved else None,
+                "lambda": train_config.lam,
+                "layers": params.get("layers", "all")
+                if not isinstance(train_config.layers, str)
+                else train_config.layers,
+                "period": train_config.period,
+                "seed": train_config.seed,
+                "max_steps": train_config.max_steps,
+                "learning_rate": train_config.learning_rate,
+                "reference": params.get("reference"),
+                "trial_id": trial_id,
+            },
+        )
+        metrics = _train_and_score(config, context, train_config, scorer, client, run_id, report)
+        result = {**metrics, **scorer.primary(metrics)}
+        tracking.log_metrics(client, run_id, result, step=train_config.max_steps or 0)
+        tracking.log_json_artifact(
+            client, run_id, "trial_config.json", train_config.model_dump(mode="json", by_alias=True)
+        )
+        tracking.log_json_artifact(client, run_id, "result.json", result)
+        tracking.finish_run(client, run_id, "FINISHED", state="finished")
+    except SystemExit:  # Tune stops a trial (ASHA) by raising SystemExit in its report()
+        tracking.finish_run(client, run_id, "KILLED", state="early-stopped")
+        raise
+    except BaseException:
+        tracking.finish_run(client, run_id, "FAILED", state="failed")
+        raise
+    report(metrics, train_config.max_steps or 0, final=True)
+
+
+def _train_and_score(config, context, train_config, scorer, client, run_id, report) -> dict[str, float]:
+    import torch
+
+    from rpsft_core.bases import load_or_compute_bases
+    from rpsft_core.models import load_model, load_tokenizer
+    from rpsft_core.selection import select_matrices
+    from rpsft_core.train import train
+
+    tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
+    model, _ = load_model(train_config.model, dtype=train_config.dtype, cache_dir=train_config.cache_dir)
+    bases = None
+    if train_config.effective_k:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(device)
+        selection = select_matrices(model, train_config.layers)
+        bases = load_or_compute_bases(
+            selection, train_config.effective_k, cache_dir=context.bases_dir, method=train_config.basis_method
+        )
+    callbacks = [MlflowStepLogger(client, run_id)]
+    if config.evaluation.every:
+        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
+    result = train(
+        train_config, model=model, tokenizer=tokenizer, bases=bases, callbacks=callbacks, progress=False
+    )
+    trained = result.model.eval()
+    base_model = None
+    if config.evaluation.loss.kl:
+        base_model, _ = load_model(
+            train_config.model, dtype=train_config.dtype, cache_dir=train_config.cache_dir
+        )
+        base_model.to(next(trained.parameters()).device).eval()
+    with torch.no_grad():
+        metrics = scorer.loss_metrics(trained, tokenizer, base_model=base_model)
+    metrics.update(scorer.harness_metrics(trained, tokenizer))
+    drift = result.drift
+    metrics.update(
+        {
+            "train_loss": result.metrics["train_loss"],
+            "train_seconds": result.metrics["train_seconds"],
+            "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
+            "drift_max": max(drift.values()) if drift else 0.0,
+        }
+    )
+    tracking.log_json_artifact(
+        client,
+        run_id,
+        "train_metrics.json",
+        {k: v for k, v in result.metrics.items() if k not in ("config",)},
+    )
+    return metrics
+
+
+def _stored_result(run: Any) -> dict[str, float]:
+    metrics = dict(run.data.metrics)
+    if "objective" in metrics and run.data.tags.get(tracking.TAG_REFERENCE):
+        metrics["reference_objective"] = metrics.pop("objective")
+    metrics.setdefault("step", int(run.data.params.get("max_steps", 0) or 0))
+    return metrics
+
+
+def dump_context(context: SweepContext, path: Path) -> None:
+    path.write_text(json.dumps(context.__dict__, indent=2))
+
+
+def load_context(path: Path) -> SweepContext:
+    return SweepContext(**json.loads(path.read_text()))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

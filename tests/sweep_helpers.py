@@ -1,0 +1,100 @@
+"""Helpers for the sweep tests: a tiny model on disk, sweep configs around it, PostgreSQL schemas."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+from typing import Any
+
+from conftest import PAPER_DATA
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def pg_available() -> bool:
+    try:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+        with engine.connect():
+            pass
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+def pg_schema() -> tuple[str, str]:
+    """A fresh schema in the local PostgreSQL and a URL that uses it: ``(schema, url)``."""
+    import sqlalchemy as sa
+
+    schema = f"rpsft_test_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    engine.dispose()
+    return schema, f"{PG_URL}?options=-csearch_path%3D{schema}"
+
+
+def drop_pg_schema(schema: str) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
+    engine.dispose()
+
+
+def tiny_model_dir(root: Path, tokenizer) -> Path:
+    from rpsft_core.models import tiny_model
+
+    path = root / "tiny-llama"
+    if not (path / "config.json").exists():
+        model = tiny_model("llama", vocab_size=len(tokenizer), seed=0)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+BASE: dict[str, Any] = {
+    "data": "demo-math:16",
+    "train": {
+        "max_length": 96,
+        "batch_size": 2,
+        "max_steps": 2,
+        "learning_rate": 5.0e-3,
+        "lr_scheduler": "constant",
+    },
+    "space": {"k": [4, 0.25], "lambda": {"low": 0.1, "high": 10.0, "log": True}, "layers": ["all", "attn"]},
+    "references": ["sft", "l2-init"],
+    "evaluation": {
+        "data_dir": str(PAPER_DATA),
+        "loss": {
+            "n_id": 2,
+            "n_ood": 2,
+            "id_benchmarks": ["math500"],
+            "ood_benchmarks": ["gpqa", "truthfulqa_mc"],
+            "max_new_tokens": 6,
+            "max_length": 512,
+            "batch_size": 4,
+        },
+    },
+    "objective": {"mode": "phi", "metric": "nll", "betas": [1.0, 0.5]},
+    "search": {"num_trials": 3, "seed": 0},
+    "resources": {"cpus": 1},
+}
+
+
+def sweep_dict(name: str, model_dir: Path, root: Path, **overrides: Any) -> dict[str, Any]:
+    """A small sweep over the tiny model; ``overrides`` replace top-level sections (dicts are merged)."""
+    raw = copy.deepcopy(BASE)
+    raw.update(
+        name=name, model=str(model_dir), output_dir=str(root / "sweeps"), cache_dir=str(root / "cache")
+    )
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
