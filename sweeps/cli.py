@@ -57,8 +57,7 @@ def register(app: typer.Typer) -> None:
         except SweepConfigError as exc:
             _fail(str(exc))
 
-        beta = _beta_of(outcome)
-        _print_outcome(outcome, beta)
+        _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
 
     @app.command("select")
     def select_cmd(
@@ -86,7 +85,3 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             row["operating_point"] = row["run_id"] == selection.best.run_id
         typer.echo(trials_table(rows, selection.beta) + "\n\n" + selection_text(selection))
-
-
-def _beta_of(outcome) -> float:
-    return outcome.selection.beta if outcome.selection else 1.0

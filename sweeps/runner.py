@@ -78,7 +78,7 @@ def cache_root(config: SweepConfig) -> Path:
 # ----------------------------------------------------------------------------------------------- Ray
 
 
-def init_ray(address: str | None, config: SweepConfig) -> dict[str, float]:
+def init_ray(address: str | None) -> dict[str, float]:
     import ray
 
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_"))}
@@ -327,7 +327,7 @@ def run_sweep(
     cache_dir = str(cache_root(config) / "eval")
     scorer = TrialScorer(config, base_key="", cache_dir=cache_dir)
     preflight.check_inputs(config, scorer)
-    preflight.check_resources(config, init_ray(address or config.storage.ray_address, config))
+    preflight.check_resources(config, init_ray(address or config.storage.ray_address))
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
     from rpsft_core.models import resolve_model_dir
@@ -392,7 +392,7 @@ def resume_sweep(
     optuna_url = state["optuna_storage"]
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(context.tracking_uri)
-    preflight.check_resources(config, init_ray(address or config.storage.ray_address, config))
+    preflight.check_resources(config, init_ray(address or config.storage.ray_address))
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     tracking.client_for(context.tracking_uri).update_run(context.parent_run_id, status="RUNNING")
     write_state(config, context, "running", optuna_url)
@@ -449,7 +449,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         )
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     write_state(config, context, "finished", optuna_url)
-    outcome = SweepOutcome(
+    return SweepOutcome(
         config.name,
         config.sweep_dir(),
         context.tracking_uri,
@@ -458,4 +458,3 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         rows,
         selection,
     )
-    return outcome

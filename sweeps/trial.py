@@ -6,7 +6,6 @@ picklable record the driver builds once), so a restored sweep gets an identical 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,8 @@ from sweeps import tracking
 from sweeps.config import SweepConfig
 from sweeps.scoring import TrialScorer
 from sweeps.summary import trial_label
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PER_STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rpsft/penalty", "rpsft/drift_mean", "rpsft/drift_max")
 
@@ -212,14 +213,3 @@ def _stored_result(run: Any) -> dict[str, float]:
         metrics["reference_objective"] = metrics.pop("objective")
     metrics.setdefault("step", int(run.data.params.get("max_steps", 0) or 0))
     return metrics
-
-
-def dump_context(context: SweepContext, path: Path) -> None:
-    path.write_text(json.dumps(context.__dict__, indent=2))
-
-
-def load_context(path: Path) -> SweepContext:
-    return SweepContext(**json.loads(path.read_text()))
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
