@@ -81,7 +81,13 @@ def cache_root(config: SweepConfig) -> Path:
 def init_ray(address: str | None) -> dict[str, float]:
     import ray
 
-    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_"))}
+    # Trials run in Ray workers: hand them the model/cache settings and the MLflow credentials
+    # (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN for a server with basic auth).
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_", "MLFLOW_TRACKING_"))
+    }
     if not ray.is_initialized():
         kwargs: dict[str, Any] = dict(
             include_dashboard=False,
@@ -220,10 +226,18 @@ def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore:
 # ----------------------------------------------------------------------------------------------- preparation
 
 
+def rotation_base_path(config: SweepConfig) -> Path:
+    """The base model's top-K left subspaces, computed once for the trials' rotation diagnostic."""
+    return config.sweep_dir() / "rotation_base.pt"
+
+
 def prepare_shared_state(
     config: SweepConfig, scorer: Any, progress: bool = True
-) -> tuple[dict[str, float], Path]:
-    """Once per sweep: pretrained bases for every layer subset, ``k: auto`` resolution, base-model scores."""
+) -> tuple[dict[str, float], Path, dict[str, float]]:
+    """Once per sweep: pretrained bases for every layer subset, ``k: auto`` resolution, base-model scores.
+
+    Returns ``(auto_k, bases_dir, base_metrics)``; ``base_metrics`` are the base model's per-benchmark numbers.
+    """
     import torch
 
     from rpsft_core.bases import load_or_compute_bases, resolve_k
@@ -271,9 +285,15 @@ def prepare_shared_state(
                 load_or_compute_bases(
                     selection, k_cover, cache_dir=bases_dir, method=cfg0.basis_method, progress=progress
                 )
-    scorer.warm_base(model, tokenizer)
+    if config.evaluation.rotation:
+        from rpsft_core.diagnostics.rotation import left_subspaces
+
+        with torch.no_grad():
+            subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)
+        torch.save({name: u.float() for name, u in subspaces.items()}, rotation_base_path(config))
+    base_metrics = scorer.warm_base(model, tokenizer)
     del model
-    return auto_k, bases_dir
+    return auto_k, bases_dir, base_metrics
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -337,7 +357,7 @@ def run_sweep(
     except (OSError, ValueError) as exc:
         raise SweepConfigError(f"model: {exc}") from None
     scorer.base_key = _base_key(config)
-    auto_k, bases_dir = prepare_shared_state(config, scorer, progress=progress)
+    auto_k, bases_dir, base_metrics = prepare_shared_state(config, scorer, progress=progress)
     if auto_k:
         echo(
             "[rpsft] k: "
@@ -366,6 +386,8 @@ def run_sweep(
     tracking.log_json_artifact(
         client, parent, "sweep_config.json", config.model_dump(mode="json", by_alias=True)
     )
+    # the base model's per-benchmark numbers, named as in the trial runs with a ``base/`` prefix
+    tracking.log_metrics(client, parent, {f"{tracking.BASE_PREFIX}{k}": v for k, v in base_metrics.items()})
     context = SweepContext(
         config=config.model_dump(mode="json", by_alias=True),
         tracking_uri=mlflow_uri,

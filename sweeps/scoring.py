@@ -22,6 +22,18 @@ def _tradeoff_metrics(prefix: str, trade: Any, betas: list[float]) -> dict[str, 
     return out
 
 
+def benchmark_metrics(scores: Any) -> dict[str, float]:
+    """Per-benchmark NLLs of one model (a ``LossScores``): ``nll/id/<benchmark>``, ``nll/ood/<benchmark>``."""
+    out = {f"nll/id/{name}": value for name, value in (scores.id_nll or {}).items()}
+    out.update({f"nll/ood/{name}": value for name, value in (scores.ood_nll or {}).items()})
+    return out
+
+
+def harness_benchmark_metrics(result: Any) -> dict[str, float]:
+    """Per-benchmark lm-eval accuracies of one model (an ``EvalResult``): ``acc/<suite>/<benchmark>``."""
+    return {f"acc/{score.suite}/{name}": score.avg_at_k for name, score in result.benchmarks.items()}
+
+
 class TrialScorer:
     """Scores models for one sweep; ``base_key`` identifies the base model in the on-disk caches."""
 
@@ -68,15 +80,19 @@ class TrialScorer:
         if self.harness_settings is not None:
             plan_evaluation(self.harness_settings)
 
-    def warm_base(self, base_model: Any, tokenizer: Any) -> None:
-        """Generate and cache the base model's responses, NLLs and harness scores."""
+    def warm_base(self, base_model: Any, tokenizer: Any) -> dict[str, float]:
+        """Generate and cache the base model's responses, NLLs and harness scores; return its per-benchmark
+        numbers under the names trials use (``nll/id/<b>``, ``nll/ood/<b>``, ``acc/<suite>/<b>``)."""
         from evaluation.loss_metrics import loss_tradeoff
         from evaluation.scoring import base_scores
 
         settings = self.loss_settings.model_copy(update={"kl": False})
-        loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
+        trade = loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
+        out = benchmark_metrics(trade.base)
         if self.harness_settings is not None:
-            base_scores(base_model, tokenizer, self.harness_settings, key=self.base_key)
+            result, _ = base_scores(base_model, tokenizer, self.harness_settings, key=self.base_key)
+            out.update(harness_benchmark_metrics(result))
+        return out
 
     def loss_metrics(self, model: Any, tokenizer: Any, base_model: Any = None) -> dict[str, float]:
         from evaluation.loss_metrics import loss_tradeoff
@@ -88,10 +104,7 @@ class TrialScorer:
             model, tokenizer, settings, base_model=base_model, base_key=self.base_key, betas=self.betas
         )
         out = _tradeoff_metrics("nll", trade.nll, self.betas)
-        for name, value in trade.tuned.id_nll.items():
-            out[f"nll/id/{name}"] = value
-        for name, value in trade.tuned.ood_nll.items():
-            out[f"nll/ood/{name}"] = value
+        out.update(benchmark_metrics(trade.tuned))
         if trade.kl is not None:
             out.update(_tradeoff_metrics("kl", trade.kl, self.betas))
         return out
@@ -103,8 +116,7 @@ class TrialScorer:
             return {}
         tuned, _, trade = evaluate_tradeoff(model, tokenizer, self.harness_settings, base_key=self.base_key)
         out = _tradeoff_metrics("acc", trade, self.betas)
-        for name, score in tuned.benchmarks.items():
-            out[f"acc/{score.suite}/{name}"] = score.avg_at_k
+        out.update(harness_benchmark_metrics(tuned))
         return out
 
     def primary(self, metrics: dict[str, float]) -> dict[str, float]:

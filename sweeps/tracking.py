@@ -25,6 +25,7 @@ TAG_REFERENCE = "rpsft.reference"
 TAG_STATE = "rpsft.state"
 TAG_OPERATING_POINT = "rpsft.operating_point"
 PARENT_TAG = "mlflow.parentRunId"
+BASE_PREFIX = "base/"  # the parent run's metrics of the base model
 MAX_BATCH = 500
 
 

@@ -126,7 +126,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 "method": train_config.method,
                 "k": resolved.get("k_spec", train_config.k) if train_config.method != "sft" else None,
                 "k_resolved": resolved.get("k") if "k_spec" in resolved else None,
-                "lambda": train_config.lam,
+                "lambda": train_config.lam if train_config.method != "sft" else None,
                 "layers": params.get("layers", "all")
                 if not isinstance(train_config.layers, str)
                 else train_config.layers,
@@ -198,6 +198,8 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
             "drift_max": max(drift.values()) if drift else 0.0,
         }
     )
+    if config.evaluation.rotation:
+        metrics.update(_log_rotation(config, trained, client, run_id))
     tracking.log_json_artifact(
         client,
         run_id,
@@ -205,6 +207,27 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
         {k: v for k, v in result.metrics.items() if k not in ("config",)},
     )
     return metrics
+
+
+def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -> dict[str, float]:
+    """Rotation of the trained model against the base subspaces the driver cached; the summary as an artifact,
+    the flat ``rotation/*`` numbers returned for the run's metrics."""
+    import torch
+
+    from rpsft_core.diagnostics.rotation import rotation_metrics, rotation_summary
+    from sweeps.runner import rotation_base_path
+
+    base_subspaces = torch.load(rotation_base_path(config), map_location="cpu")
+    with torch.no_grad():
+        summary = rotation_summary(
+            None,
+            trained,
+            list(base_subspaces),
+            top_k=config.evaluation.rotation_top_k,
+            base_subspaces={name: u.double() for name, u in base_subspaces.items()},
+        )
+    tracking.log_json_artifact(client, run_id, "rotation.json", summary)
+    return rotation_metrics(summary)
 
 
 def _stored_result(run: Any) -> dict[str, float]:

@@ -31,3 +31,24 @@ def smol_model_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory, smol_tokenizer):
+    """One small finished sweep over a tiny Llama (SQLite MLflow + Optuna, intermediate evaluations),
+    shared by the report, MLflow UI and regression tests: ``(outcome, root)``."""
+    if not PAPER_DATA.is_dir():
+        pytest.skip("shared/paper-data is not present")
+    from sweep_helpers import run_quietly, sweep_dict, tiny_model_dir
+
+    root = tmp_path_factory.mktemp("finished-sweep")
+    model_dir = tiny_model_dir(root, smol_tokenizer)
+    raw = sweep_dict(
+        "tiny", model_dir, root, evaluation={"every": 1}, search={"num_trials": 2, "seed": 0}
+    )
+    outcome = run_quietly(raw)
+    yield outcome, root
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

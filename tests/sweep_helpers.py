@@ -98,3 +98,11 @@ def sweep_dict(name: str, model_dir: Path, root: Path, **overrides: Any) -> dict
         else:
             raw[key] = value
     return raw
+
+
+def run_quietly(raw: dict[str, Any]):
+    """Run a sweep from a raw config dict without console output; returns its SweepOutcome."""
+    from sweeps.config import parse_sweep_config
+    from sweeps.runner import run_sweep
+
+    return run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
