@@ -85,3 +85,39 @@ def register(app: typer.Typer) -> None:
         for row in rows:
             row["operating_point"] = row["run_id"] == selection.best.run_id
         typer.echo(trials_table(rows, selection.beta) + "\n\n" + selection_text(selection))
+
+    @app.command()
+    def regress(
+        config: Path = typer.Option(
+            ..., "--config", help="A regression YAML (see sweeps/configs/regress-*.yaml)."
+        ),
+        baseline: Path = typer.Option(..., "--baseline", help="The stored baseline (JSON)."),
+        update_baseline: bool = typer.Option(
+            False, "--update-baseline", help="Rewrite the baseline from this run instead of comparing."
+        ),
+        work_dir: Path | None = typer.Option(
+            None, help="Keep the sweep's runs here (default: a temporary directory, removed afterwards)."
+        ),
+    ) -> None:
+        """Run a fixed small sweep and compare its metrics with a baseline; exit 1 on a regression."""
+        from sweeps.config import SweepConfigError
+        from sweeps.regression import diff_table, regress
+
+        try:
+            outcome = regress(
+                config, baseline, update_baseline=update_baseline, work_dir=work_dir, echo=typer.echo
+            )
+        except SweepConfigError as exc:
+            _fail(str(exc))
+        typer.echo("\n" + diff_table(outcome.rows, outcome.baseline_point, outcome.current_point))
+        if outcome.updated:
+            typer.echo(f"\nbaseline written: {baseline}")
+            return
+        failed = [r for r in outcome.rows if r.failed]
+        if outcome.failed:
+            reasons = [f"{len(failed)} metric(s) regressed or missing"] if failed else []
+            if outcome.point_changed:
+                reasons.append("the operating point changed")
+            typer.secho("\nREGRESSION: " + "; ".join(reasons), fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1)
+        typer.secho(f"\nno regression ({len(outcome.rows)} metrics compared)", fg=typer.colors.GREEN)

@@ -35,8 +35,8 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def finished_sweep(tmp_path_factory, smol_tokenizer):
-    """One small finished sweep over a tiny Llama (SQLite MLflow + Optuna, intermediate evaluations),
-    shared by the report, MLflow UI and regression tests: ``(outcome, root)``."""
+    """One small finished sweep over a tiny Llama (SQLite MLflow + Optuna, intermediate evaluations, per-trial
+    rotation), shared by the report and MLflow UI tests: ``(outcome, root)``; the sweeps live in root/sweeps."""
     if not PAPER_DATA.is_dir():
         pytest.skip("shared/paper-data is not present")
     from sweep_helpers import run_quietly, sweep_dict, tiny_model_dir
@@ -44,7 +44,11 @@ def finished_sweep(tmp_path_factory, smol_tokenizer):
     root = tmp_path_factory.mktemp("finished-sweep")
     model_dir = tiny_model_dir(root, smol_tokenizer)
     raw = sweep_dict(
-        "tiny", model_dir, root, evaluation={"every": 1}, search={"num_trials": 2, "seed": 0}
+        "tiny",
+        model_dir,
+        root,
+        evaluation={"every": 1, "rotation": True, "rotation_top_k": 16},
+        search={"num_trials": 2, "seed": 0},
     )
     outcome = run_quietly(raw)
     yield outcome, root

@@ -1,0 +1,171 @@
+"""``rpsft report``: its numbers equal MLflow's, it is logged to the parent run, and it renders in Chromium;
+the per-trial rotation a sweep logs with ``evaluation.rotation``."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+from browser import artifacts_dir, browser_missing, check_png, open_page, screenshot
+from typer.testing import CliRunner
+
+
+class TableCells(HTMLParser):
+    """``{table id: {row data-id: {cell data-key: text}}}`` of the report's tables."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, dict[str, dict[str, str]]] = {}
+        self.table = self.row = self.key = None
+        self.text = ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.table = attrs.get("id")
+            self.tables[self.table] = {}
+        elif tag == "tr" and self.table and "data-id" in attrs:
+            self.row = attrs["data-id"]
+            self.tables[self.table][self.row] = {}
+        elif tag == "td" and self.row is not None:
+            self.key, self.text = attrs.get("data-key"), ""
+
+    def handle_data(self, data):
+        if self.key is not None:
+            self.text += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self.key is not None:
+            self.tables[self.table][self.row][self.key] = self.text
+            self.key = None
+        elif tag == "tr":
+            self.row = None
+        elif tag == "table":
+            self.table = None
+
+
+@pytest.fixture(scope="module")
+def report(finished_sweep):
+    """The CLI's report of the finished sweep: ``(outcome, report dir, CLI output)``."""
+    from rpsft_core.cli import app
+
+    outcome, root = finished_sweep
+    out = root / "report"
+    result = CliRunner().invoke(
+        app, ["report", outcome.name, "--root", str(root / "sweeps"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return outcome, out, result.output
+
+
+def mlflow_runs(outcome):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=outcome.tracking_uri)
+    runs = client.search_runs(
+        [outcome.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'"
+    )
+    return client, runs
+
+
+def test_report_numbers_equal_mlflow(report):
+    from dashboards.report import fmt
+
+    outcome, out, _ = report
+    client, runs = mlflow_runs(outcome)
+    text = (out / "report.html").read_text()
+    embedded = json.loads(re.search(r'id="rpsft-report-data">(.*?)</script>', text, re.S).group(1))
+    by_run = {t["run_id"]: t for t in embedded["trials"]}
+    assert set(by_run) == {r.info.run_id for r in runs} and len(runs) == 4
+
+    cells = TableCells()
+    cells.feed(text)
+    trials_table = cells.tables["trials"]
+    for run in runs:
+        metrics = run.data.metrics
+        assert by_run[run.info.run_id]["metrics"] == metrics  # the embedded numbers are MLflow's, exactly
+        row = trials_table[run.info.run_id]
+        assert row["g_id"] == fmt(metrics["g_id"]) and row["f_ood"] == fmt(metrics["f_ood"])
+        assert row["phi@0.5"] == fmt(metrics["g_id"] - 0.5 * metrics["f_ood"])
+        chosen = run.data.tags.get("rpsft.operating_point") == "true"
+        assert (row["operating_point"] == "yes") == chosen
+
+    # per benchmark: the base column is the parent run's base/ metric, the SFT column the sft run's
+    parent = client.get_run(outcome.parent_run_id).data.metrics
+    sft = next(r for r in runs if r.data.tags.get("rpsft.reference") == "sft").data.metrics
+    bench = cells.tables["benchmarks"]
+    assert set(bench) == {"nll/id/math500", "nll/ood/gpqa", "nll/ood/truthfulqa_mc"}
+    for name, row in bench.items():
+        assert row["base"] == fmt(parent[f"base/{name}"])
+        assert row["sft"] == fmt(sft[name])
+        assert row["sft_minus_base"] == fmt(sft[name] - parent[f"base/{name}"])
+
+
+def test_report_is_logged_to_the_parent_run_with_pngs(report):
+    outcome, out, output = report
+    client, _ = mlflow_runs(outcome)
+    logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "report")}
+    expected = {"report.html", "tradeoff.png", "phi_vs_k.png", "training_curves.png", "rotation.png"}
+    assert expected <= logged, output
+    for name in expected - {"report.html"}:
+        check_png(out / name, min_bytes=5_000)
+
+
+def test_report_renders_in_headless_chromium(report):
+    if reason := browser_missing():
+        pytest.skip(reason)
+    outcome, out, _ = report
+    shots = artifacts_dir(out)
+    with open_page(out / "report.html", height=1400) as driver:
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        rendered = (
+            "return Array.from(document.querySelectorAll('div.figure')).map("
+            "d => d.querySelectorAll('svg.main-svg .scatterlayer .trace').length)"
+        )
+        WebDriverWait(driver, 60).until(lambda d: (n := d.execute_script(rendered)) and all(n))
+        traces = driver.execute_script(rendered)
+        assert len(traces) == 4 and all(n > 0 for n in traces)  # trade-off, Phi(k), curves, rotation
+        title = driver.execute_script("return document.querySelector('h1').innerText")
+        assert outcome.name in title
+        screenshot(driver, shots / "report-top.png")
+        driver.execute_script("document.querySelector('[data-figure=\"training_curves\"]').scrollIntoView()")
+        screenshot(driver, shots / "report-curves.png")
+    check_png(shots / "report-top.png")
+    check_png(shots / "report-curves.png")
+
+
+def test_trials_log_their_rotation_against_cached_base_subspaces(finished_sweep):
+    """``evaluation.rotation``: every finished trial carries rotation metrics and a rotation.json whose
+    per-matrix angles average to the logged mean; the cached base subspaces span the same space as an
+    independent float64 SVD of the base weights."""
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    outcome, root = finished_sweep
+    client, runs = mlflow_runs(outcome)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert finished
+    for run in finished:
+        metrics = run.data.metrics
+        assert metrics["rotation/mean_deg"] > 0  # every trial trained all matrices
+        path = MlflowClient(outcome.tracking_uri).download_artifacts(
+            run.info.run_id, "rotation.json", str(root)
+        )
+        summary = json.loads(Path(path).read_text())
+        per_matrix = list(summary["per_matrix"].values())
+        assert summary["top_k"] == 16 and len(per_matrix) == summary["n_matrices"] > 0
+        assert metrics["rotation/mean_deg"] == pytest.approx(sum(per_matrix) / len(per_matrix), rel=1e-9)
+
+    cached = torch.load(Path(outcome.sweep_dir) / "rotation_base.pt")
+    model_dir = json.loads((Path(outcome.sweep_dir) / "sweep.json").read_text())["context"]["config"]["model"]
+    base = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
+    for name, u in cached.items():
+        w = base[name].detach().double()
+        u_ref = torch.linalg.svd(w, full_matrices=False).U[:, : u.shape[1]]
+        projector_gap = (u.double() @ u.double().T - u_ref @ u_ref.T).abs().max()
+        assert projector_gap < 1e-4, name
