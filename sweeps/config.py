@@ -215,7 +215,9 @@ class EvaluationConfig(BaseModel):
         description="log each trial's rotation (mean principal angle of the top-K left singular subspaces "
         "against the base, per layer and type) to MLflow; costs one SVD per matrix per trial",
     )
-    rotation_top_k: int = Field(512, ge=1, description="K of the rotation diagnostic (min(K, m, n) per matrix)")
+    rotation_top_k: int = Field(
+        512, ge=1, description="K of the rotation diagnostic (min(K, m, n) per matrix)"
+    )
 
     def auto_k_source(self) -> str:
         return self.auto_k_prompts or str(Path(self.data_dir) / "ood" / "gpqa_test.jsonl")

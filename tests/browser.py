@@ -131,4 +131,3 @@ def check_png(path: str | Path, min_bytes: int = 10_000) -> tuple[int, int]:
         colours = rgb.getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 8, f"{path} has only {len(colours)} colours"
         return rgb.size
-
