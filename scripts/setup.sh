@@ -4,11 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's Chromium + ChromeDriver: the report's PNG export (kaleido) and the browser tests drive them.
-# Installed when missing and this user may (root with apt-get); otherwise those tests are skipped.
+# Debian's Chromium + ChromeDriver (the report's PNG export through kaleido, and the browser tests) and
+# docker-compose (validates docker-compose.yml without a Docker engine). Installed when missing and this user
+# may (root with apt-get); otherwise the tests that need them are skipped.
 system_packages=()
 command -v chromium >/dev/null 2>&1 || system_packages+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || system_packages+=(chromium-driver)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || system_packages+=(docker-compose)
 if [ ${#system_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get install -y -q "${system_packages[@]}" >/dev/null ||
