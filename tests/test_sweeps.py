@@ -374,9 +374,14 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
 
 
 def test_shipped_sweep_configs_validate():
+    """Every shipped config validates: sweeps, and regression configs (a sweep plus tolerances)."""
     from sweeps.config import load_sweep_config
+    from sweeps.regression import load_regression_config
 
     configs = sorted((REPO / "sweeps" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        assert load_sweep_config(path).name
+        if "tolerances" in yaml.safe_load(path.read_text()):
+            assert load_regression_config(path).sweep_config().name
+        else:
+            assert load_sweep_config(path).name
