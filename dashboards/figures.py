@@ -212,9 +212,21 @@ def phi_vs_k_figure(data: SweepData) -> Any:
     )
 
 
+def _trial_line(trial: TrialRecord, points: list[tuple[float, float]], color: str, **kwargs: Any) -> Any:
+    """One trial's ``(x, y)`` series as a line, in the trial's legend group."""
+    return _go().Scatter(
+        x=[x for x, _ in points],
+        y=[y for _, y in points],
+        mode="lines+markers",
+        name=trial.label,
+        legendgroup=trial.run_id,
+        line={"color": color},
+        **kwargs,
+    )
+
+
 def training_curves_figure(data: SweepData) -> Any:
     """Per-step task loss, penalty, protected drift and intermediate Phi of every trial."""
-    go = _go()
     from plotly.subplots import make_subplots
 
     keys = [k for k in CURVES if any(t.history.get(k) for t in data.trials)]
@@ -227,19 +239,9 @@ def training_curves_figure(data: SweepData) -> Any:
             series = trial.history.get(key)
             if not series:
                 continue
+            first = not any(trial.history.get(k) for k in keys[: col - 1])  # one legend entry per trial
             fig.add_trace(
-                go.Scatter(
-                    x=[s for s, _ in series],
-                    y=[v for _, v in series],
-                    mode="lines+markers",
-                    name=trial.label,
-                    legendgroup=trial.run_id,
-                    showlegend=col == 1 or not any(trial.history.get(k) for k in keys[: col - 1]),
-                    line={"color": color},
-                    marker={"size": 4},
-                ),
-                row=1,
-                col=col,
+                _trial_line(trial, series, color, showlegend=first, marker={"size": 4}), row=1, col=col
             )
         fig.update_xaxes(title_text="step")
     return _layout(fig, "Training curves", "", "", height=520)
@@ -265,18 +267,7 @@ def rotation_figure(data: SweepData) -> Any:
             if key.startswith(ROTATION_LAYER_PREFIX)
             and (index := key[len(ROTATION_LAYER_PREFIX) :].split("_")[0]).isdigit()
         )
-        fig.add_trace(
-            go.Scatter(
-                x=[layer for layer, _ in layers],
-                y=[value for _, value in layers],
-                mode="lines+markers",
-                name=trial.label,
-                legendgroup=trial.run_id,
-                line={"color": PALETTE[i % len(PALETTE)]},
-            ),
-            row=1,
-            col=1,
-        )
+        fig.add_trace(_trial_line(trial, layers, PALETTE[i % len(PALETTE)]), row=1, col=1)
     with_f = [t for t in rotated if "f_ood" in t.metrics]
     fig.add_trace(
         go.Scatter(

@@ -477,17 +477,24 @@ def format_sweep_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
-    """Read and validate a sweep YAML (relative ``data_dir`` / ``output_dir`` stay relative to the cwd)."""
+def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "sweep YAML") -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping fails naming ``field``."""
     path = Path(path)
     if not path.is_file():
-        raise SweepConfigError(f"config: file {path} does not exist. Fix: pass an existing sweep YAML")
+        raise SweepConfigError(f"{field}: file {path} does not exist. Fix: pass an existing {what}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SweepConfigError(f"config: {path} is not valid YAML: {exc}") from None
+        raise SweepConfigError(f"{field}: {path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise SweepConfigError(f"config: {path} must hold a mapping of fields, got {type(raw).__name__}")
+        raise SweepConfigError(f"{field}: {path} must hold a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """Read and validate a sweep YAML (relative ``data_dir`` / ``output_dir`` stay relative to the cwd)."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
     raw.setdefault("name", path.stem)
     raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
     return parse_sweep_config(raw, str(path))

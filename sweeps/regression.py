@@ -26,10 +26,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
+from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_yaml_mapping
 from sweeps.summary import trial_label
 
 BASELINE_VERSION = 1
@@ -72,18 +71,10 @@ class RegressionConfig(BaseModel):
 
 def load_regression_config(path: str | Path) -> RegressionConfig:
     path = Path(path)
-    if not path.is_file():
-        raise SweepConfigError(f"--config: file {path} does not exist. Fix: pass a regression YAML")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepConfigError(f"--config: {path} is not valid YAML: {exc}") from None
-    sweep = raw.get("sweep") if isinstance(raw, dict) else None
-    if isinstance(sweep, str):
-        sweep_path = (path.parent / sweep).resolve()
-        if not sweep_path.is_file():
-            raise SweepConfigError(f"sweep: {sweep_path} does not exist. Fix: a path relative to {path}")
-        raw["sweep"] = yaml.safe_load(sweep_path.read_text()) or {}
+    raw = read_yaml_mapping(path, "--config", "regression YAML")
+    if isinstance(raw.get("sweep"), str):
+        sweep_path = (path.parent / raw["sweep"]).resolve()
+        raw["sweep"] = read_yaml_mapping(sweep_path, "sweep", f"sweep YAML (a path relative to {path})")
         raw["sweep"].setdefault("name", sweep_path.stem)
     try:
         config = RegressionConfig.model_validate(raw)
