@@ -169,7 +169,8 @@ def report_data_json(data: SweepData) -> dict[str, Any]:
     }
 
 
-def render_html(data: SweepData, figures: dict[str, Any], diagnostics_dir: Path | None = None) -> str:
+def render_html(data: SweepData, figures: dict[str, Any], diagnostics: str = "") -> str:
+    """The report page; ``diagnostics`` is an HTML section (from :func:`_diagnostics_html`) appended at the end."""
     from plotly.offline import get_plotlyjs
 
     config = data.config
@@ -177,7 +178,6 @@ def render_html(data: SweepData, figures: dict[str, Any], diagnostics_dir: Path 
     for name, fig in figures.items():
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
         sections.append(f'<h2>{FIGURE_TITLES[name]}</h2><div class="figure" data-figure="{name}">{div}</div>')
-    diagnostics, _ = _diagnostics_html(diagnostics_dir)
     chosen = data.operating_point
     finished = sum(t.finished for t in data.trials)
     payload = json.dumps(report_data_json(data), default=str).replace("</", "<\\/")
@@ -237,13 +237,13 @@ def build_report(
             f"--diagnostics: {diagnostics} has no diagnostics.json. Fix: the --out directory of `rpsft diagnose`"
         )
     figures = report_figures(data)
+    diagnostics_section, diagnostics_pngs = _diagnostics_html(diagnostics)
     path = out / REPORT_HTML
-    path.write_text(render_html(data, figures, diagnostics), encoding="utf-8")
+    path.write_text(render_html(data, figures, diagnostics_section), encoding="utf-8")
     files = ReportFiles(path)
     if png:
         files.pngs, files.png_error = write_pngs(figures, out)
-    if diagnostics is not None:
-        files.pngs += _diagnostics_html(diagnostics)[1]
+    files.pngs += diagnostics_pngs
     return files
 
 

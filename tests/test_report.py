@@ -3,6 +3,7 @@ the per-trial rotation a sweep logs with ``evaluation.rotation``."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from html.parser import HTMLParser
@@ -169,3 +170,28 @@ def test_trials_log_their_rotation_against_cached_base_subspaces(finished_sweep)
         u_ref = torch.linalg.svd(w, full_matrices=False).U[:, : u.shape[1]]
         projector_gap = (u.double() @ u.double().T - u_ref @ u_ref.T).abs().max()
         assert projector_gap < 1e-4, name
+
+
+def test_report_embeds_rpsft_diagnose_figures(finished_sweep, tmp_path):
+    from rpsft_core.cli import app
+    from rpsft_core.diagnostics.run import diagnose
+
+    outcome, root = finished_sweep
+    model = str(root / "tiny-llama")
+    diagnostics = tmp_path / "diagnostics"
+    diagnose(model, [model], what="rotation", top_k=16, out_dir=diagnostics, names=["same"])
+    figures = json.loads((diagnostics / "diagnostics.json").read_text())["figures"]
+    assert figures
+
+    args = ["report", outcome.name, "--root", str(root / "sweeps"), "--no-png", "--no-log"]
+    result = CliRunner().invoke(
+        app, [*args, "--out", str(tmp_path / "out"), "--diagnostics", str(diagnostics)]
+    )
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "out" / "report.html").read_text()
+    for name in figures:
+        encoded = base64.b64encode((diagnostics / name).read_bytes()).decode()
+        assert f'alt="{Path(name).stem}" src="data:image/png;base64,{encoded}"' in text
+
+    missing = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o2"), "--diagnostics", str(tmp_path)])
+    assert missing.exit_code == 2 and "diagnostics.json" in missing.output
