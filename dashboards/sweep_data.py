@@ -138,9 +138,9 @@ def load_sweep_data(name: str, root: str | Path = "runs/sweeps", histories: bool
     runs = {run.info.run_id: run for run in stored.runs}
     trials = []
     for row in stored.rows:
-        params = {k: v for k, v in row["params"].items() if v not in ("None", "")}
-        if row["reference"]:
-            params["reference"] = row["reference"]
+        params = {
+            k: v for k, v in row["params"].items() if v not in ("None", "")
+        }  # references log their name
         trials.append(
             TrialRecord(
                 trial_id=row["trial_id"] or row["run_id"],

@@ -21,7 +21,7 @@ from typing import Any
 from sweeps import preflight, tracking
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
 from sweeps.selection import Selection, select
-from sweeps.trial import SweepContext, run_trial
+from sweeps.trial import SweepContext, rotation_base_path, run_trial
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -224,11 +224,6 @@ def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore:
 
 
 # ----------------------------------------------------------------------------------------------- preparation
-
-
-def rotation_base_path(config: SweepConfig) -> Path:
-    """The base model's top-K left subspaces, computed once for the trials' rotation diagnostic."""
-    return config.sweep_dir() / "rotation_base.pt"
 
 
 def prepare_shared_state(

@@ -209,13 +209,17 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
     return metrics
 
 
+def rotation_base_path(config: SweepConfig) -> Path:
+    """The base model's top-K left subspaces, computed once by the driver for the trials' rotation diagnostic."""
+    return config.sweep_dir() / "rotation_base.pt"
+
+
 def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -> dict[str, float]:
     """Rotation of the trained model against the base subspaces the driver cached; the summary as an artifact,
     the flat ``rotation/*`` numbers returned for the run's metrics."""
     import torch
 
     from rpsft_core.diagnostics.rotation import rotation_metrics, rotation_summary
-    from sweeps.runner import rotation_base_path
 
     base_subspaces = torch.load(rotation_base_path(config), map_location="cpu")
     with torch.no_grad():

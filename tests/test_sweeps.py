@@ -16,6 +16,7 @@ import pytest
 import yaml
 from conftest import PAPER_DATA
 from sweep_helpers import drop_pg_schema, pg_available, pg_schema, sweep_dict, tiny_model_dir
+from sweep_helpers import run_quietly as run
 
 pytestmark = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
 needs_pg = pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")
@@ -34,17 +35,6 @@ def _ray_shutdown():
 
     if ray.is_initialized():
         ray.shutdown()
-
-
-def quiet(*_args, **_kwargs):
-    pass
-
-
-def run(raw):
-    from sweeps.config import parse_sweep_config
-    from sweeps.runner import run_sweep
-
-    return run_sweep(parse_sweep_config(raw), echo=quiet, progress=False)
 
 
 def trial_runs(outcome):
