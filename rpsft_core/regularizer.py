@@ -104,10 +104,7 @@ class RPSFTRegularizer:
         """Follow the parameters when the model was moved (e.g. to CUDA by the Trainer) after the bases were built."""
         if not self.bases.entries:
             return
-        if self.lora is not None:
-            device = next(iter(self.lora.values())).a.device
-        else:
-            device = next(iter(self.bases.params.values())).device
+        device = self._device()
         entry = next(iter(self.bases.entries.values()))
         if (entry.w0 if entry.full else entry.u).device != device:
             self.bases.to(device)
@@ -131,8 +128,24 @@ class RPSFTRegularizer:
             return weight - entry.w0
         return project_block(weight, entry.u, entry.v) - entry.sref
 
+    def _full_precision(self):
+        """Autocast off: the projections run in the bases' dtype, as ``Sref`` was built, so the penalty is
+        exactly 0 at the pretrained weights also inside a bf16/fp16 autocast region."""
+        return torch.autocast(device_type=self._device().type, enabled=False)
+
+    def _device(self) -> torch.device:
+        if self.lora is not None and self.lora:
+            return next(iter(self.lora.values())).a.device
+        if self.bases.params:
+            return next(iter(self.bases.params.values())).device
+        return torch.device("cpu")
+
     def penalty(self) -> Tensor:
         """``lambda * sum_l R_k(W_l)`` as a differentiable scalar (reference path, builds an autograd graph)."""
+        with self._full_precision():
+            return self._penalty()
+
+    def _penalty(self) -> Tensor:
         self._sync_device()
         total = None
         for name, entry in self.bases.entries.items():
@@ -154,6 +167,10 @@ class RPSFTRegularizer:
             return None
         if self.lam == 0 or len(self.bases) == 0:
             return 0.0
+        with self._full_precision():
+            return self._add_grad(step)
+
+    def _add_grad(self, step: int | None) -> float:
         self._sync_device()
         scale = 2.0 * self.lam
         norms = []
@@ -205,9 +222,10 @@ class RPSFTRegularizer:
     def drift(self) -> dict[str, float]:
         """Protected-block drift ``||Uk^T (W - W0) Vk||_F`` per matrix (``||W - W0||_F`` in full mode)."""
         self._sync_device()
-        norms = torch.stack(
-            [_squared_norm(self._residual(n, e)).sqrt() for n, e in self.bases.entries.items()]
-        )
+        with self._full_precision():
+            norms = torch.stack(
+                [_squared_norm(self._residual(n, e)).sqrt() for n, e in self.bases.entries.items()]
+            )
         return dict(zip(self.names, norms.tolist()))
 
     def last_drift(self) -> dict[str, float]:
