@@ -6,6 +6,9 @@ Accepted row formats (JSONL lines or dataset rows), checked in this order:
 * ``{"prompt": str | [messages], "response": str}``  (the paper data's ``prompt`` is a message list)
 * ``{"problem": str, "solution": str}``  (OpenR1-Math style)
 
+Sources (:func:`load_examples`): JSONL files, ``demo-math[:N]``, ``champ[:split[:N]]`` (CHAMP competition
+problems with human-written solutions, offline; see :mod:`rpsft_core.math_data`), ``hf:<id>[:split]``.
+
 Labels are ``-100`` everywhere except the assistant turns: their content and the turn-closing token(s)
 the chat template emits after it (e.g. ``<|im_end|>``), never the ``<|im_start|>assistant\\n`` header.
 """
@@ -38,6 +41,8 @@ MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer with
 _SOURCE_FORMS = (
     "'path/to/file.jsonl' (one JSON object per line), "
     "'demo-math' or 'demo-math:N' (N offline generated math problems, default 512), "
+    "'champ', 'champ:<split>' or 'champ:<split>:<N>' (CHAMP competition problems with worked solutions, "
+    "offline; split train, heldout or all, default train; the first N), "
     "'hf:<dataset_id>[:<split>]' (a Hugging Face hub dataset, split defaults to 'train')"
 )
 _ROW_FORMS = (
@@ -323,7 +328,7 @@ def _load_hf(spec: str, limit: int | None) -> list[Messages]:
 
 
 def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> list[Messages]:
-    """Load SFT examples from a JSONL path, ``demo-math[:N]`` or ``hf:<id>[:<split>]``.
+    """Load SFT examples from a JSONL path, ``demo-math[:N]``, ``champ[:split[:N]]`` or ``hf:<id>[:<split>]``.
 
     ``limit`` keeps the first ``limit`` examples; ``seed`` only affects ``demo-math``.
     """
@@ -342,6 +347,10 @@ def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> li
         if limit is not None:
             n = min(n, limit)
         return demo_math_examples(n, seed)
+    if source == "champ" or source.startswith("champ:"):
+        from rpsft_core.math_data import load_champ
+
+        return load_champ(source, limit)
     if source.lower().endswith(".jsonl") or Path(source).is_file():
         examples = read_jsonl_examples(source)
         return examples if limit is None else examples[:limit]
