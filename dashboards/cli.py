@@ -43,3 +43,30 @@ def register(app: typer.Typer) -> None:
             typer.secho(files.png_error, fg=typer.colors.YELLOW, err=True)
         if log:
             typer.echo(f"MLflow: {log_report(data, files)}")
+
+    @app.command()
+    def study(
+        config: Path = typer.Argument(..., help="A study YAML (see sweeps/configs/study-*.yaml)."),
+        docs: Path = typer.Option(Path("docs"), help="Where reproduction.md is regenerated."),
+        address: str | None = typer.Option(None, help="Ray cluster address; default local."),
+        png: bool = typer.Option(True, help="Write the study's figures as PNG (needs Chrome/Chromium)."),
+    ) -> None:
+        """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
+        from dashboards.reproduction import write_reproduction_page, write_study_figures
+        from sweeps.config import SweepConfigError
+        from sweeps.study import load_study_config, run_study, write_result
+
+        try:
+            spec = load_study_config(config)
+        except SweepConfigError as exc:
+            _fail(str(exc))
+        result, _ = run_study(spec, address=address, echo=typer.echo)
+        path = write_result(result, spec.results_dir)
+        typer.echo(f"results: {path}")
+        if png:
+            for figure in write_study_figures(result.to_dict(), spec.results_dir):
+                typer.echo(f"figure: {figure}")
+        typer.echo(f"page: {write_reproduction_page(docs)}")
+        for claim in result.claims:
+            typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
+

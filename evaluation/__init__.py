@@ -40,6 +40,14 @@ _EXPORTS = {
     "avg_at_k": "evaluation.metrics",
     "LossSettings": "evaluation.loss_metrics",
     "loss_tradeoff": "evaluation.loss_metrics",
+    "MCDoc": "evaluation.multiple_choice",
+    "MCScore": "evaluation.multiple_choice",
+    "MCSettings": "evaluation.multiple_choice",
+    "mc_docs": "evaluation.multiple_choice",
+    "mc_task_config": "evaluation.multiple_choice",
+    "write_mc_task_dir": "evaluation.multiple_choice",
+    "mc_item_scores": "evaluation.multiple_choice",
+    "mc_scores_by_benchmark": "evaluation.multiple_choice",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -279,12 +279,28 @@ def _finite(scores: dict[str, float] | None) -> dict[str, float] | None:
     return None if scores is None else {k: v for k, v in scores.items() if math.isfinite(v)}
 
 
+ItemPairs = list[tuple[float, int]]  # per item: (sum over its scored tokens, number of tokens)
+
+
 class LossScores(BaseModel):
-    """Mean per-token NLL (and KL) per benchmark of one model."""
+    """Mean per-token NLL (and KL) per benchmark of one model, and the per-item sums behind them."""
 
     id_nll: dict[str, float]
     ood_nll: dict[str, float]
     ood_kl: dict[str, float] | None = None
+    id_nll_items: dict[str, ItemPairs] = Field(default_factory=dict)
+    ood_nll_items: dict[str, ItemPairs] = Field(default_factory=dict)
+    ood_kl_items: dict[str, ItemPairs] | None = None
+
+    def item_scores(self, ood: str = "nll") -> dict[str, dict[str, list[tuple[float, int]]]]:
+        """Per-item ``(value, weight)`` for :mod:`evaluation.intervals`: value = minus the summed NLL (or KL),
+        weight = tokens, so a benchmark's weighted mean is its score (higher is better)."""
+        ood_items = self.ood_kl_items if ood == "kl" else self.ood_nll_items
+
+        def neg(items: dict[str, ItemPairs] | None) -> dict[str, list[tuple[float, int]]]:
+            return {name: [(-s, n) for s, n in pairs] for name, pairs in (items or {}).items() if pairs}
+
+        return {"id": neg(self.id_nll_items), "ood": neg(ood_items)}
 
 
 def _ood_conversations(items: LossItems, responses: dict[str, list[str]]) -> dict[str, list[Messages]]:
@@ -305,22 +321,29 @@ def loss_scores(
 ) -> LossScores:
     """NLL of ID reference solutions and of the base responses to OOD prompts (and KL if a base is given)."""
     kw = dict(batch_size=settings.batch_size, max_length=settings.max_length)
-    id_nll = {
-        name: _mean(token_nll(model, tokenizer, conv, **kw)) for name, conv in items.id_conversations.items()
+    id_items = {
+        name: token_nll(model, tokenizer, conv, **kw) for name, conv in items.id_conversations.items()
     }
     ood_conv = _ood_conversations(items, responses)
-    ood_nll = {
-        name: _mean(token_nll(model, tokenizer, conv, **kw)) for name, conv in ood_conv.items() if conv
-    }
-    ood_kl = None
+    ood_items = {name: token_nll(model, tokenizer, conv, **kw) for name, conv in ood_conv.items() if conv}
+    kl_items = None
     if base_model is not None and settings.kl:
-        ood_kl = {
-            name: _mean(token_kl(base_model, model, tokenizer, conv, **kw))
-            for name, conv in ood_conv.items()
-            if conv
+        kl_items = {
+            name: token_kl(base_model, model, tokenizer, conv, **kw) for name, conv in ood_conv.items() if conv
         }
+
+    def means(per_item: dict[str, ItemPairs] | None) -> dict[str, float] | None:
+        return None if per_item is None else {name: _mean(pairs) for name, pairs in per_item.items()}
+
     # a benchmark whose items all lost their response to truncation (max_length) has no score
-    return LossScores(id_nll=_finite(id_nll), ood_nll=_finite(ood_nll), ood_kl=_finite(ood_kl))
+    return LossScores(
+        id_nll=_finite(means(id_items)),
+        ood_nll=_finite(means(ood_items)),
+        ood_kl=_finite(means(kl_items)),
+        id_nll_items=id_items,
+        ood_nll_items=ood_items,
+        ood_kl_items=kl_items,
+    )
 
 
 class LossTradeOff(BaseModel):
@@ -360,7 +383,7 @@ def loss_tradeoff(
     base_path = (
         settings.resolved_cache_dir()
         / "loss"
-        / f"base-nll-{key[:24]}-{items.digest()[:16]}-{settings.max_length}.json"
+        / f"base-nll-v2-{key[:24]}-{items.digest()[:16]}-{settings.max_length}.json"
     )
 
     def compute_base() -> dict[str, Any]:
@@ -374,6 +397,7 @@ def loss_tradeoff(
     base = LossScores.model_validate(_json_cache(base_path, compute_base))
     if settings.kl:
         base.ood_kl = {name: 0.0 for name in base.ood_nll}
+        base.ood_kl_items = {name: [(0.0, n) for _, n in pairs] for name, pairs in base.ood_nll_items.items()}
     tuned = loss_scores(tuned_model, tokenizer, items, responses, settings, base_model=base_model)
 
     def neg(d: dict[str, float] | None) -> dict[str, float]:

@@ -52,6 +52,11 @@ class TrainConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no",
+        description="autocast the forward/backward (weights and optimizer stay in dtype): bf16 runs on CPUs with "
+        "AMX/AVX512-BF16 and on GPUs; the penalty is computed outside autocast",
+    )
     seed: int = 0
 
     output_dir: str = "runs/train"

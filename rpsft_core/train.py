@@ -54,7 +54,9 @@ def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=config.dtype == "bfloat16" and torch.cuda.is_available(),
+        bf16=config.mixed_precision == "bf16" or (config.dtype == "bfloat16" and torch.cuda.is_available()),
+        fp16=config.mixed_precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
     )
 
 

@@ -13,13 +13,20 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _chosen_runs(selection) -> set[str]:
+    """The runs of the operating point (every seed of its configuration)."""
+    if selection is None:
+        return set()
+    return set(selection.best.run_ids or (selection.best.run_id,))
+
+
 def _print_outcome(outcome, beta: float) -> None:
     from sweeps.summary import selection_text, trials_table
 
-    chosen = outcome.selection.best.run_id if outcome.selection else None
+    chosen = _chosen_runs(outcome.selection)
     for row in outcome.trials:
-        row["operating_point"] = row["run_id"] == chosen
-    typer.echo("\n" + trials_table(outcome.trials, beta))
+        row["operating_point"] = row["run_id"] in chosen
+    typer.echo("\n" + trials_table(outcome.trials, beta, outcome.selection))
     if outcome.selection:
         typer.echo("\n" + selection_text(outcome.selection))
     else:
@@ -82,9 +89,10 @@ def register(app: typer.Typer) -> None:
             return
         from sweeps.summary import selection_text, trials_table
 
+        chosen = _chosen_runs(selection)
         for row in rows:
-            row["operating_point"] = row["run_id"] == selection.best.run_id
-        typer.echo(trials_table(rows, selection.beta) + "\n\n" + selection_text(selection))
+            row["operating_point"] = row["run_id"] in chosen
+        typer.echo(trials_table(rows, selection.beta, selection) + "\n\n" + selection_text(selection))
 
     @app.command()
     def regress(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evaluation.multiple_choice import MCSettings
 from rpsft_core.config import ConfigError, TrainConfig
 from rpsft_core.selection import LayerSpec, resolve_spec
 
@@ -144,8 +145,10 @@ class SearchSpace(BaseModel):
         raise KeyError(f"layers: {label!r} is not in the search space")
 
     def k_choices(self) -> list[int | float | str]:
+        """The k values of the space (a range gives its bounds: whole ranks, or rank fractions when below 1)."""
         if isinstance(self.k, NumberRange):
-            return [int(self.k.low), int(self.k.high)]
+            whole = self.k.low.is_integer() and self.k.high.is_integer() and self.k.high > 1
+            return [int(self.k.low), int(self.k.high)] if whole else [float(self.k.low), float(self.k.high)]
         return list(self.k)
 
     def lam_choices(self) -> list[float]:
@@ -164,9 +167,32 @@ class Reference(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     method: Literal["sft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf", "rpsft"]
-    k: int | float | None = None
+    k: int | float | str | None = None
     lam: float | None = Field(None, alias="lambda")
     layers: str | LayerSpec | None = None
+    seeds: list[int] | None = Field(
+        None, description="run this trial once per seed (seed variance enters the intervals); default: the sweep's seed"
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _check_k(cls, value: int | float | str | None) -> int | float | str | None:
+        if value is None:
+            return None
+        from rpsft_core.diagnostics.energy import parse_k_spec
+
+        parsed = parse_k_spec(value)
+        auto = isinstance(value, str) and not isinstance(parsed, (int, float))
+        return value.strip().lower() if auto else parsed
+
+    @field_validator("seeds")
+    @classmethod
+    def _check_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            _non_empty(value, "seeds")
+            if len(set(value)) != len(value):
+                raise ValueError(f"seeds {value} repeat a seed. Fix: distinct seeds, e.g. [0, 1, 2]")
+        return value
 
     @property
     def label(self) -> str:
@@ -180,6 +206,16 @@ class Reference(BaseModel):
         return " ".join(parts)
 
 
+class Intervals(BaseModel):
+    """Paired bootstrap intervals of G_id, F_ood and Phi (see :mod:`evaluation.intervals`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    draws: int = Field(2000, ge=100)
+    level: float = Field(0.95, gt=0, lt=1)
+    seed: int = 0
+
+
 class LossEval(BaseModel):
     """Loss-based trade-off (see :mod:`evaluation.loss_metrics`): forward passes, cheap, moves on small models."""
 
@@ -188,7 +224,9 @@ class LossEval(BaseModel):
     n_id: int = Field(8, ge=1, description="ID items per benchmark (reference solutions scored by NLL)")
     n_ood: int = Field(8, ge=1, description="OOD prompts per benchmark (base greedy responses scored)")
     id_benchmarks: list[str] | None = None
-    ood_benchmarks: list[str] | None = None
+    ood_benchmarks: list[str] | None = Field(
+        None, description="OOD benchmarks of the NLL/KL forgetting; [] turns them off (no base generations)"
+    )
     max_new_tokens: int = Field(64, ge=1)
     max_length: int = Field(512, ge=16)
     batch_size: int = Field(8, ge=1)
@@ -203,6 +241,12 @@ class EvaluationConfig(BaseModel):
     data_dir: str = "../shared/paper-data"
     subset: Literal["full", "test"] = "full"
     loss: LossEval = Field(default_factory=LossEval)
+    mc: MCSettings | None = Field(
+        None,
+        description="log-likelihood multiple-choice scoring of OOD items (needed by objective.metric: mc); "
+        "data_dir and subset come from this section",
+    )
+    intervals: Intervals = Field(default_factory=Intervals)
     harness: dict[str, Any] | None = Field(
         None, description="lm-eval settings (as `rpsft eval` / EvalSettings) scored at the end of each trial"
     )
@@ -229,7 +273,11 @@ class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: Literal["phi", "pareto"] = "phi"
-    metric: Literal["nll", "kl", "accuracy"] = "nll"
+    metric: Literal["nll", "kl", "mc", "accuracy"] = Field(
+        "nll",
+        description="nll: G_id and F_ood by token NLL; kl: F_ood by KL(base || tuned); mc: G_id by NLL and F_ood "
+        "by the multiple-choice accuracy drop; accuracy: lm-eval harness avg@k",
+    )
     betas: list[float] = Field(default_factory=lambda: [1.0])
 
     @field_validator("betas", mode="before")
@@ -252,7 +300,11 @@ class Objective(BaseModel):
 class Search(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    algorithm: Literal["tpe", "nsga2", "random", "auto"] = "auto"
+    algorithm: Literal["tpe", "nsga2", "random", "grid", "qmc", "auto"] = Field(
+        "auto",
+        description="grid: every combination of the listed choices once (Optuna GridSampler); qmc: a scrambled "
+        "Sobol sequence (QMCSampler), which spreads a small budget evenly; auto: tpe, or nsga2 for pareto",
+    )
     num_trials: int = Field(4, ge=0, description="searched trials (the references come on top)")
     seed: int = 0
 
@@ -350,6 +402,28 @@ class SweepConfig(BaseModel):
             )
         if self.objective.metric == "kl" and not self.evaluation.loss.kl:
             raise ValueError("objective.metric: kl needs evaluation.loss.kl: true")
+        if self.objective.metric in ("nll", "kl") and self.evaluation.loss.ood_benchmarks == []:
+            raise ValueError(
+                f"objective.metric: {self.objective.metric} scores OOD forgetting on evaluation.loss.ood_benchmarks, "
+                "which is empty. Fix: name OOD benchmarks there, or objective.metric: mc with evaluation.mc"
+            )
+        if self.objective.metric == "mc" and self.evaluation.mc is None:
+            raise ValueError(
+                "objective.metric: mc needs the multiple-choice scoring. Fix: set evaluation.mc "
+                "(e.g. {n: 50}) or objective.metric: nll"
+            )
+        if self.search.algorithm == "grid":
+            for name, dim in (("k", self.space.k), ("lambda", self.space.lam)):
+                if isinstance(dim, NumberRange):
+                    raise ValueError(
+                        f"search.algorithm: grid needs a list of choices for space.{name}, got a range. "
+                        f"Fix: space.{name}: [v1, v2, ...], or search.algorithm: qmc"
+                    )
+            if self.search.num_trials > self.grid_size():
+                raise ValueError(
+                    f"search.num_trials ({self.search.num_trials}) exceeds the grid's {self.grid_size()} points. "
+                    f"Fix: search.num_trials <= {self.grid_size()}"
+                )
         if self.search.algorithm == "nsga2" and self.objective.mode != "pareto":
             raise ValueError(
                 "search.algorithm: nsga2 is multi-objective. Fix: objective.mode: pareto, or tpe"
@@ -372,6 +446,15 @@ class SweepConfig(BaseModel):
             return self.search.algorithm
         return "nsga2" if self.objective.mode == "pareto" else "tpe"
 
+    def grid_size(self) -> int:
+        lam = self.space.lam_choices() if not isinstance(self.space.lam, NumberRange) else [0, 0]
+        k = self.space.k_choices() if not isinstance(self.space.k, NumberRange) else [0, 0]
+        return len(k) * len(lam) * len(self.space.layers) * len(self.space.period)
+
+    @property
+    def num_reference_trials(self) -> int:
+        return len(self.reference_params())
+
     @property
     def max_steps(self) -> int:
         return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
@@ -391,6 +474,8 @@ class SweepConfig(BaseModel):
         }
         method = params.get("method", "rpsft")
         raw["method"] = method
+        if params.get("seed") is not None:
+            raw["seed"] = params["seed"]
         for key in ("k", "lambda", "period"):
             if params.get(key) is not None:
                 raw[key] = params[key]
@@ -407,6 +492,7 @@ class SweepConfig(BaseModel):
         return TrainConfig.model_validate(raw)
 
     def reference_params(self) -> list[dict[str, Any]]:
+        """One parameter set per reference trial (a reference with ``seeds`` runs once per seed)."""
         out = []
         for ref in self.references:
             params: dict[str, Any] = {"method": ref.method, "reference": ref.label}
@@ -418,11 +504,23 @@ class SweepConfig(BaseModel):
                 params["layers"] = (
                     layer_label(ref.layers) if isinstance(ref.layers, LayerSpec) else ref.layers
                 )
-            out.append(params)
+            for seed in ref.seeds or [None]:
+                if seed is None:
+                    out.append(params)
+                else:
+                    out.append({**params, "seed": seed, "reference": f"{ref.label} seed={seed}"})
         return out
+
+    def auto_k_specs(self) -> list[str]:
+        """The ``auto`` / ``auto@x`` k specs of the space and of the references (resolved once per sweep)."""
+        specs = [k for k in self.space.k_choices() if isinstance(k, str)]
+        specs += [r.k for r in self.references if isinstance(r.k, str)]
+        return list(dict.fromkeys(specs))
 
     def _check_trial_configs(self) -> None:
         for i, params in enumerate(self.reference_params()):
+            if isinstance(params.get("k"), str):  # auto: resolved to a fraction before the trials
+                params = {**params, "k": 0.05}
             self._try(f"references[{i}] ({params['reference']})", params)
         for k in self.space.k_choices():
             if isinstance(k, str):  # auto / auto@x: resolved to a fraction before the trials

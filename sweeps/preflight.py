@@ -114,16 +114,31 @@ def check_inputs(config: SweepConfig, scorer: Any) -> None:
     if not examples:
         raise SweepConfigError(f"data: {config.data} holds no examples. Fix: a non-empty dataset")
     try:
-        scorer.check()
+        prompts = scorer.check()
     except (EvalConfigError, EvalDataError, OSError, ValueError) as exc:
         raise SweepConfigError(f"evaluation: {exc}") from None
-    if any(isinstance(k, str) for k in config.space.k_choices()):
+    check_no_overlap(config.data, examples, prompts)
+    if config.auto_k_specs():
         source = config.evaluation.auto_k_source()
         if not Path(source).is_file():
             raise SweepConfigError(
                 f"evaluation.auto_k_prompts: {source} does not exist; k: auto needs OOD prompts. "
                 "Fix: point it at a JSONL of prompts, or drop 'auto' from space.k"
             )
+
+
+def check_no_overlap(source: str, examples: list[Any], prompts: list[str]) -> None:
+    """No training example repeats a scored item (exact or near-duplicate user text)."""
+    from rpsft_core.math_data import find_overlap
+
+    pairs = find_overlap(examples, prompts)
+    if pairs:
+        train_index, eval_index = pairs[0]
+        raise SweepConfigError(
+            f"data: {len(pairs)} training example(s) of {source} overlap the items the sweep scores "
+            f"(first: example #{train_index} and the scored prompt {prompts[eval_index][:80]!r}). "
+            "Fix: remove them from the training data, or score other items"
+        )
 
 
 def check_resources(config: SweepConfig, cluster: dict[str, float]) -> None:

@@ -11,6 +11,7 @@ from sweeps.config import SweepConfig, parse_sweep_config
 from sweeps.runner import STATE_FILE, collect, read_state
 from sweeps.selection import Selection, TrialPoint, select
 from sweeps.trial import SweepContext
+from sweeps.uncertainty import SweepAnalysis, analyze_sweep
 
 
 @dataclass
@@ -21,14 +22,19 @@ class StoredSweep:
     context: SweepContext
     runs: list[Any]  # MLflow trial runs
     rows: list[dict[str, Any]]  # one plain dict per trial run (see runner.collect)
-    points: list[TrialPoint]  # the finished trials with G_id and F_ood
+    analysis: SweepAnalysis  # the finished trials grouped by configuration (seeds pooled), with intervals
+
+    @property
+    def points(self) -> list[TrialPoint]:
+        """One point per configuration with G_id and F_ood (the mean over its seeds)."""
+        return self.analysis.points
 
     def selection(self, beta: float | None = None) -> Selection:
         if not self.points:
             raise ValueError(
                 f"select: sweep {self.config.name!r} has no finished trial with G_id and F_ood yet"
             )
-        return select(self.points, self.config.objective.beta if beta is None else beta)
+        return select(self.points, self.config.objective.beta if beta is None else beta).attach(self.analysis)
 
 
 def load_stored_sweep(name: str, root: str | Path = "runs/sweeps") -> StoredSweep:
@@ -36,7 +42,9 @@ def load_stored_sweep(name: str, root: str | Path = "runs/sweeps") -> StoredSwee
     context = SweepContext(**state["context"])
     config = parse_sweep_config(context.config, f"{name}/{STATE_FILE}")
     runs, rows = collect(config, context)
-    return StoredSweep(config, context, runs, rows, tracking.trial_points(runs))
+    client = tracking.client_for(context.tracking_uri)
+    analysis = analyze_sweep(config, client, context.parent_run_id, tracking.trial_points(runs))
+    return StoredSweep(config, context, runs, rows, analysis)
 
 
 def load_selection(

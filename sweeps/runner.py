@@ -22,6 +22,7 @@ from sweeps import preflight, tracking
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
 from sweeps.selection import Selection, select
 from sweeps.trial import SweepContext, rotation_base_path, run_trial
+from sweeps.uncertainty import BASE_ITEM_SCORES, INTERVALS
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -102,12 +103,17 @@ def init_ray(address: str | None) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+def _integer_ranks(dim: dict[str, Any]) -> bool:
+    """A k range of whole ranks (``{low: 8, high: 256}``); otherwise it is a range of rank fractions."""
+    return float(dim["low"]).is_integer() and float(dim["high"]).is_integer() and dim["high"] > 1
+
+
 def optuna_space(space: dict[str, Any], trial: Any) -> None:
     """Optuna define-by-run space (a module-level function, so the searcher pickles for resume)."""
     for name in ("k", "lambda", "layers", "period"):
         dim = space[name]
         if isinstance(dim, dict):
-            if name == "k":
+            if name == "k" and _integer_ranks(dim):
                 trial.suggest_int(name, int(dim["low"]), int(dim["high"]), log=dim["log"])
             else:
                 trial.suggest_float(name, dim["low"], dim["high"], log=dim["log"])
@@ -135,6 +141,10 @@ def build_searcher(config: SweepConfig, storage: Any) -> Any:
         ),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "grid": lambda: optuna.samplers.GridSampler(
+            {name: dims[name] for name in ("k", "lambda", "layers", "period")}, seed=seed
+        ),
+        "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed),
     }[config.algorithm]()
     if config.objective.mode == "pareto":
         metric, mode = ["g_id", "f_ood"], ["max", "min"]
@@ -208,7 +218,7 @@ def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore:
             tune_config=tune.TuneConfig(
                 search_alg=build_searcher(config, storage),
                 scheduler=build_scheduler(config),
-                num_samples=len(config.references) + config.search.num_trials,
+                num_samples=config.num_reference_trials + config.search.num_trials,
                 max_concurrent_trials=config.concurrency,
                 reuse_actors=False,
             ),
@@ -232,6 +242,7 @@ def prepare_shared_state(
     """Once per sweep: pretrained bases for every layer subset, ``k: auto`` resolution, base-model scores.
 
     Returns ``(auto_k, bases_dir, base_metrics)``; ``base_metrics`` are the base model's per-benchmark numbers.
+    The base model's per-item scores (for the intervals) go to ``<sweep>/base_item_scores.json``.
     """
     import torch
 
@@ -245,7 +256,7 @@ def prepare_shared_state(
     model.eval()
 
     auto_k: dict[str, float] = {}
-    auto_specs = [k for k in config.space.k_choices() if isinstance(k, str)]
+    auto_specs = config.auto_k_specs()
     if auto_specs:
         from rpsft_core.diagnostics.energy import resolve_auto_k
         from rpsft_core.diagnostics.prompts import load_prompt_examples
@@ -259,7 +270,7 @@ def prepare_shared_state(
     numeric = [k for k in config.space.k_choices() if not isinstance(k, str)] + list(auto_k.values())
     for ref in config.references:
         if ref.method in ("rpsft", "rpsft-lora") and ref.k is not None:
-            numeric.append(ref.k)
+            numeric.append(auto_k[ref.k] if isinstance(ref.k, str) else ref.k)
     if config.search.num_trials or numeric:
         layer_options = [config.space.layers_for(label) for label in config.space.layer_labels()]
         layer_options += [r.layers for r in config.references if r.layers is not None]
@@ -287,11 +298,21 @@ def prepare_shared_state(
             subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)
         torch.save({name: u.float() for name, u in subspaces.items()}, rotation_base_path(config))
     base_metrics = scorer.warm_base(model, tokenizer)
+    with torch.no_grad():
+        base_items = scorer.base_item_scores(model, tokenizer)
+    _write_json(config.sweep_dir() / BASE_ITEM_SCORES, base_items)
     del model
     return auto_k, bases_dir, base_metrics
 
 
 # ----------------------------------------------------------------------------------------------- driver
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
 
 
 def _state_path(config: SweepConfig) -> Path:
@@ -383,6 +404,7 @@ def run_sweep(
     )
     # the base model's per-benchmark numbers, named as in the trial runs with a ``base/`` prefix
     tracking.log_metrics(client, parent, {f"{tracking.BASE_PREFIX}{k}": v for k, v in base_metrics.items()})
+    client.log_artifact(parent, str(config.sweep_dir() / BASE_ITEM_SCORES))
     context = SweepContext(
         config=config.model_dump(mode="json", by_alias=True),
         tracking_uri=mlflow_uri,
@@ -437,15 +459,24 @@ def collect(config: SweepConfig, context: SweepContext) -> tuple[list[Any], list
 
 
 def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
-    """Select the operating point from MLflow, tag it, log the selection on the parent run, mark done."""
+    """Select the operating point from MLflow, tag it, log the selection and the intervals on the parent run,
+    mark done. Trials that differ only in their seed are one configuration (their mean)."""
+    from sweeps.uncertainty import analyze_sweep
+
     client = tracking.client_for(context.tracking_uri)
     runs, rows = collect(config, context)
-    points = tracking.trial_points(runs)
+    analysis = analyze_sweep(config, client, context.parent_run_id, tracking.trial_points(runs))
     selection = None
-    if points:
-        selection = select(points, config.objective.beta)
-        tracking.tag_operating_point(client, runs, selection.best.run_id, config.objective.beta)
+    if analysis.points:
+        beta = config.objective.beta
+        selection = select(analysis.points, beta)
+        selection.attach(analysis)
+        tracking.tag_operating_point(client, runs, selection.best.run_id, beta)
         tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
+        if analysis.intervals is not None:
+            intervals = analysis.intervals.to_dict(analysis.points)
+            _write_json(config.sweep_dir() / INTERVALS, intervals)
+            tracking.log_json_artifact(client, context.parent_run_id, INTERVALS, intervals)
         tracking.set_tags(
             client,
             context.parent_run_id,
@@ -454,16 +485,18 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
                 "rpsft.operating_point_run": selection.best.run_id,
             },
         )
-        tracking.log_metrics(
-            client,
-            context.parent_run_id,
-            {
-                "best_phi": selection.best.phi(config.objective.beta),
-                "best_g_id": selection.best.g_id,
-                "best_f_ood": selection.best.f_ood,
-                "n_finished_trials": len(points),
-            },
-        )
+        best_metrics = {
+            "best_phi": selection.best.phi(beta),
+            "best_g_id": selection.best.g_id,
+            "best_f_ood": selection.best.f_ood,
+            "n_finished_trials": sum(p.n_seeds for p in analysis.points),
+        }
+        best_intervals = analysis.intervals.of(selection.best) if analysis.intervals else None
+        if best_intervals:
+            for name, key in (("g_id", "g_id"), ("f_ood", "f_ood"), ("phi", f"phi@{beta:g}")):
+                best_metrics[f"best_{name}_lo"] = best_intervals[key].low
+                best_metrics[f"best_{name}_hi"] = best_intervals[key].high
+        tracking.log_metrics(client, context.parent_run_id, best_metrics)
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     write_state(config, context, "finished", optuna_url)
     return SweepOutcome(

@@ -22,6 +22,18 @@ def _tradeoff_metrics(prefix: str, trade: Any, betas: list[float]) -> dict[str, 
     return out
 
 
+def _user_text(conversation: list[dict[str, str]]) -> str:
+    return next((m["content"] for m in conversation if m["role"] == "user"), "")
+
+
+def _loss_item_scores(scores: Any) -> dict[str, Any]:
+    """A ``LossScores``' per-item scores as stored (``id_nll``, ``ood_nll``, ``ood_kl``; higher is better)."""
+    out = {"id_nll": scores.item_scores()["id"], "ood_nll": scores.item_scores()["ood"]}
+    if scores.ood_kl_items is not None:
+        out["ood_kl"] = scores.item_scores("kl")["ood"]
+    return out
+
+
 def benchmark_metrics(scores: Any) -> dict[str, float]:
     """Per-benchmark NLLs of one model (a ``LossScores``): ``nll/id/<benchmark>``, ``nll/ood/<benchmark>``."""
     out = {f"nll/id/{name}": value for name, value in (scores.id_nll or {}).items()}
@@ -42,6 +54,7 @@ class TrialScorer:
 
         self.config = config
         self.base_key = base_key
+        self.cache_dir = cache_dir
         ev = config.evaluation
         loss_kwargs: dict[str, Any] = dict(
             data_dir=ev.data_dir,
@@ -59,6 +72,9 @@ class TrialScorer:
         if ev.loss.ood_benchmarks is not None:
             loss_kwargs["ood_benchmarks"] = ev.loss.ood_benchmarks
         self.loss_settings = LossSettings(**loss_kwargs)
+        self.mc_settings = (
+            ev.mc.model_copy(update={"data_dir": ev.data_dir, "subset": ev.subset}) if ev.mc is not None else None
+        )
         self.harness_settings = None
         if ev.harness is not None:
             from evaluation.settings import load_eval_settings
@@ -71,14 +87,23 @@ class TrialScorer:
     def betas(self) -> list[float]:
         return self.config.objective.betas
 
-    def check(self) -> None:
-        """Load and validate every evaluation item (no model needed); raises with the field named."""
+    def check(self) -> list[str]:
+        """Load and validate every evaluation item (no model needed); raises with the field named. Returns the
+        user text of every scored item (for the training-data overlap check)."""
         from evaluation.loss_metrics import loss_items
         from evaluation.settings import plan_evaluation
 
-        loss_items(self.loss_settings)
+        items = loss_items(self.loss_settings)
+        prompts = [_user_text(conv) for convs in items.id_conversations.values() for conv in convs]
+        prompts += [_user_text(conv) for convs in items.ood_prompts.values() for conv in convs]
+        if self.mc_settings is not None:
+            from evaluation.multiple_choice import mc_benchmark_docs
+
+            docs = mc_benchmark_docs(self.mc_settings)
+            prompts += [doc.stem for rows in docs.values() for doc in rows]
         if self.harness_settings is not None:
             plan_evaluation(self.harness_settings)
+        return prompts
 
     def warm_base(self, base_model: Any, tokenizer: Any) -> dict[str, float]:
         """Generate and cache the base model's responses, NLLs and harness scores; return its per-benchmark
@@ -89,12 +114,18 @@ class TrialScorer:
         settings = self.loss_settings.model_copy(update={"kl": False})
         trade = loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
         out = benchmark_metrics(trade.base)
+        if self.mc_settings is not None:
+            base_mc = self._mc_items(self._base_mc(base_model, tokenizer))
+            out.update({f"mc/ood/{b}": sum(v for v, _ in rows) / len(rows) for b, rows in base_mc.items()})
         if self.harness_settings is not None:
             result, _ = base_scores(base_model, tokenizer, self.harness_settings, key=self.base_key)
             out.update(harness_benchmark_metrics(result))
         return out
 
     def loss_metrics(self, model: Any, tokenizer: Any, base_model: Any = None) -> dict[str, float]:
+        return self._loss(model, tokenizer, base_model)[0]
+
+    def _loss(self, model: Any, tokenizer: Any, base_model: Any = None) -> tuple[dict[str, float], Any]:
         from evaluation.loss_metrics import loss_tradeoff
 
         settings = self.loss_settings
@@ -107,7 +138,112 @@ class TrialScorer:
         out.update(benchmark_metrics(trade.tuned))
         if trade.kl is not None:
             out.update(_tradeoff_metrics("kl", trade.kl, self.betas))
-        return out
+        return out, trade
+
+    def final_scores(
+        self, model: Any, tokenizer: Any, base_model: Any = None
+    ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+        """``(metrics, item scores, base item scores)`` of a trained model: the loss metrics, the
+        multiple-choice scores when configured, the harness when configured, and the intervals of the
+        objective (``g_id_lo``, ``g_id_hi``, ``phi@<beta>_lo``, ...)."""
+        metrics, trade = self._loss(model, tokenizer, base_model)
+        items = _loss_item_scores(trade.tuned)
+        base_items = _loss_item_scores(trade.base)
+        if self.mc_settings is not None:
+            mc_metrics, mc_items, mc_base_items = self.mc_metrics(model, tokenizer, metrics)
+            metrics.update(mc_metrics)
+            items["ood_mc"], base_items["ood_mc"] = mc_items, mc_base_items
+        metrics.update(self.harness_metrics(model, tokenizer))
+        metrics.update(self.interval_metrics(items, base_items))
+        return metrics, items, base_items
+
+    def interval_metrics(self, items: dict[str, Any], base_items: dict[str, Any]) -> dict[str, float]:
+        """This trial's paired bootstrap intervals of the objective's G_id, F_ood and Phi at each beta."""
+        from evaluation.intervals import bootstrap_tradeoff, interval_metrics
+        from sweeps.uncertainty import METRIC_ITEMS, objective_items
+
+        metric = self.config.objective.metric
+        if metric not in METRIC_ITEMS:
+            return {}
+        ev = self.config.evaluation.intervals
+        draws = bootstrap_tradeoff(
+            objective_items(base_items, metric),
+            {"trial": [objective_items(items, metric)]},
+            draws=ev.draws,
+            level=ev.level,
+            seed=ev.seed,
+        )
+        return interval_metrics(draws.summary("trial", self.betas))
+
+    def base_item_scores(self, base_model: Any, tokenizer: Any) -> dict[str, Any]:
+        """The base model's per-item scores (from the caches that :meth:`warm_base` filled)."""
+        from evaluation.loss_metrics import loss_tradeoff
+
+        settings = self.loss_settings.model_copy(update={"kl": False})
+        trade = loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
+        items = _loss_item_scores(trade.base)
+        if self.loss_settings.kl:
+            items["ood_kl"] = {b: [(0.0, n) for _, n in pairs] for b, pairs in items["ood_nll"].items()}
+        if self.mc_settings is not None:
+            items["ood_mc"] = self._mc_items(self._base_mc(base_model, tokenizer))
+        return items
+
+    # ------------------------------------------------------------------ multiple choice
+
+    def _mc_items(self, scores: dict[str, list[Any]]) -> dict[str, list[tuple[float, int]]]:
+        field = self.mc_settings.score
+        return {bench: [(float(getattr(s, field)), 1) for s in rows] for bench, rows in scores.items()}
+
+    def _mc_scores(self, model: Any, tokenizer: Any) -> dict[str, list[Any]]:
+        from evaluation.multiple_choice import mc_scores_by_benchmark
+
+        return mc_scores_by_benchmark(model, tokenizer, self.mc_settings)
+
+    def _base_mc(self, base_model: Any, tokenizer: Any) -> dict[str, list[Any]]:
+        """The base model's multiple-choice scores, computed once and cached on disk."""
+        import hashlib
+        import json
+        from dataclasses import asdict
+        from pathlib import Path
+
+        from evaluation.multiple_choice import MCScore
+
+        spec = hashlib.sha256(self.mc_settings.model_dump_json().encode()).hexdigest()
+        path = Path(self.cache_dir) / "mc" / f"base-{self.base_key[:24]}-{spec[:16]}.json"
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            return {bench: [MCScore(**row) for row in rows] for bench, rows in raw.items()}
+        if base_model is None:
+            from evaluation.benchmarks import EvalConfigError
+
+            raise EvalConfigError("mc: the base model's scores are not cached yet. Fix: pass the base model")
+        scores = self._mc_scores(base_model, tokenizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps({b: [asdict(s) for s in rows] for b, rows in scores.items()}))
+        tmp.replace(path)
+        return scores
+
+    def mc_metrics(
+        self, model: Any, tokenizer: Any, loss_metrics: dict[str, float]
+    ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+        """``mc/ood/<b>`` (the tuned model's mean score per benchmark), ``mc/f_ood`` (base minus tuned,
+        macro-averaged), ``mc/g_id`` (the loss-based ID gain) and ``mc/phi@<beta>``; plus the item scores."""
+        tuned = self._mc_items(self._mc_scores(model, tokenizer))
+        base = self._mc_items(self._base_mc(None, tokenizer))
+
+        def mean(rows: list[tuple[float, int]]) -> float:
+            return sum(v for v, _ in rows) / len(rows)
+
+        out = {f"mc/ood/{bench}": mean(rows) for bench, rows in tuned.items()}
+        drops = [mean(base[bench]) - mean(rows) for bench, rows in tuned.items()]
+        f_ood = sum(drops) / len(drops)
+        out["mc/f_ood"] = f_ood
+        if "nll/g_id" in loss_metrics:
+            out["mc/g_id"] = loss_metrics["nll/g_id"]
+            for beta in self.betas:
+                out[f"mc/phi@{beta:g}"] = loss_metrics["nll/g_id"] - beta * f_ood
+        return out, tuned, base
 
     def harness_metrics(self, model: Any, tokenizer: Any) -> dict[str, float]:
         from evaluation.scoring import evaluate_tradeoff
@@ -121,7 +257,7 @@ class TrialScorer:
 
     def primary(self, metrics: dict[str, float]) -> dict[str, float]:
         """``g_id``, ``f_ood``, ``phi@beta`` and ``objective`` (Phi at the first beta) of the objective metric."""
-        prefix = {"nll": "nll", "kl": "kl", "accuracy": "acc"}[self.config.objective.metric]
+        prefix = {"nll": "nll", "kl": "kl", "mc": "mc", "accuracy": "acc"}[self.config.objective.metric]
         out: dict[str, float] = {}
         if f"{prefix}/g_id" in metrics:
             out["g_id"] = metrics[f"{prefix}/g_id"]

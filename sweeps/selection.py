@@ -22,6 +22,8 @@ class TrialPoint:
     f_ood: float
     params: dict[str, Any] = field(default_factory=dict, compare=False)
     run_id: str | None = field(default=None, compare=False)
+    n_seeds: int = field(default=1, compare=False)  # > 1: the mean of that many seeds of one configuration
+    run_ids: tuple[str, ...] = field(default=(), compare=False)  # every seed's run
 
     def phi(self, beta: float) -> float:
         return self.g_id - beta * self.f_ood
@@ -98,6 +100,22 @@ class Selection:
     front: list[TrialPoint]
     path: list[BetaInterval]
     ranking: list[TrialPoint]
+    analysis: Any = None  # sweeps.uncertainty.SweepAnalysis: intervals and comparisons, when known
+
+    def attach(self, analysis: Any) -> Selection:
+        self.analysis = analysis
+        return self
+
+    def comparisons(self) -> list[Any]:
+        """The operating point against the runner-up and the sft reference (``sweeps.uncertainty.Comparison``)."""
+        if self.analysis is None:
+            return []
+        return self.analysis.comparisons(self.best, self.ranking, self.beta)
+
+    def intervals(self, point: TrialPoint) -> dict[str, Any] | None:
+        if self.analysis is None or self.analysis.intervals is None:
+            return None
+        return self.analysis.intervals.of(point)
 
     def to_dict(self) -> dict[str, Any]:
         def point(p: TrialPoint) -> dict[str, Any]:
@@ -107,10 +125,12 @@ class Selection:
                 "g_id": p.g_id,
                 "f_ood": p.f_ood,
                 "phi": p.phi(self.beta),
+                "n_seeds": p.n_seeds,
+                "run_ids": list(p.run_ids or (p.run_id,)),
                 "params": p.params,
             }
 
-        return {
+        out = {
             "beta": self.beta,
             "best": point(self.best),
             "pareto_front": [point(p) for p in self.front],
@@ -120,6 +140,11 @@ class Selection:
             ],
             "ranking": [point(p) for p in self.ranking],
         }
+        best = self.intervals(self.best)
+        if best is not None:
+            out["best_intervals"] = {name: interval.to_dict() for name, interval in best.items()}
+            out["comparisons"] = [c.to_dict() for c in self.comparisons()]
+        return out
 
 
 def select(points: Sequence[TrialPoint], beta: float) -> Selection:

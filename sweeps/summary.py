@@ -30,9 +30,21 @@ def trial_label(params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def trials_table(rows: list[dict[str, Any]], beta: float) -> str:
-    """One line per trial: id, knobs, status, G_id, F_ood, Phi(beta), training loss; the best Phi starred."""
-    header = f"{'trial':14s} {'knobs':44s} {'status':14s} {'G_id':>9s} {'F_ood':>9s} {'Phi':>9s} {'loss':>7s}"
+def _ci(interval: Any) -> str:
+    if interval is None or not math.isfinite(interval.low):
+        return "-"
+    return f"[{interval.low:+.4f}, {interval.high:+.4f}]"
+
+
+def trials_table(rows: list[dict[str, Any]], beta: float, selection: Selection | None = None) -> str:
+    """One line per trial: id, knobs, status, G_id, F_ood, Phi(beta) with the configuration's interval (seeds
+    pooled, when the selection carries intervals), training loss; the operating point starred."""
+    intervals = selection.analysis.intervals if selection is not None and selection.analysis else None
+    header = (
+        f"{'trial':14s} {'knobs':44s} {'status':14s} {'G_id':>9s} {'F_ood':>9s} {'Phi':>9s} "
+        f"{'Phi ' + format(selection.analysis.intervals.draws.level if intervals else 0.95, '.0%') + ' CI':>21s} "
+        f"{'loss':>7s}"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         m = row["metrics"]
@@ -42,23 +54,55 @@ def trials_table(rows: list[dict[str, Any]], beta: float) -> str:
         if row.get("state") == "early-stopped":
             status = "early-stopped"
         star = " *" if row.get("operating_point") else ""
+        ci = None
+        if intervals is not None and row.get("run_id") in intervals.keys:
+            ci = intervals.draws.phi(intervals.keys[row["run_id"]], beta)
         lines.append(
             f"{(row['trial_id'] or '?')[-14:]:14s} {trial_label(row['params'])[:44]:44s} {status:14s} "
-            f"{_num(g):>9s} {_num(f):>9s} {_num(phi):>9s} {_num(m.get('train_loss'), '{:.3f}'):>7s}{star}"
+            f"{_num(g):>9s} {_num(f):>9s} {_num(phi):>9s} {_ci(ci):>21s} "
+            f"{_num(m.get('train_loss'), '{:.3f}'):>7s}{star}"
         )
     return "\n".join(lines)
 
 
+def _seeds(point: Any) -> str:
+    return f" (mean of {point.n_seeds} seeds)" if point.n_seeds > 1 else ""
+
+
 def selection_text(selection: Selection) -> str:
     best = selection.best
+    beta = selection.beta
     lines = [
-        f"operating point (max Phi at beta={selection.beta:g}): trial {best.trial_id}  {trial_label(best.params)}",
-        f"  G_id {best.g_id:+.4f}  F_ood {best.f_ood:+.4f}  Phi {best.phi(selection.beta):+.4f}",
-        "Pareto front (G_id up, F_ood down):",
+        f"operating point (max Phi at beta={beta:g}): trial {best.trial_id}  {trial_label(best.params)}"
+        + _seeds(best),
     ]
+    intervals = selection.intervals(best)
+    if intervals is not None:
+        level = intervals["g_id"].level
+        lines.append(
+            f"  G_id {intervals['g_id'].text()}  F_ood {intervals['f_ood'].text()}  "
+            f"Phi {intervals[f'phi@{beta:g}'].text()}   ({level:.0%} paired bootstrap intervals)"
+        )
+        for comparison in selection.comparisons():
+            verdict = {True: "distinguishable", False: "NOT distinguishable", None: "no interval"}[
+                comparison.distinguishable
+            ]
+            diff = comparison.difference.text() if comparison.difference is not None else "-"
+            lines.append(
+                f"  vs {comparison.role} ({trial_label(comparison.other.params)}): "
+                f"Phi difference {diff}: {verdict}"
+            )
+    else:
+        lines.append(f"  G_id {best.g_id:+.4f}  F_ood {best.f_ood:+.4f}  Phi {best.phi(beta):+.4f}")
+    if best.g_id <= 0:
+        lines.append(
+            "  note: the operating point does not raise the ID score (G_id <= 0): at this scale no trained trial "
+            "beats the base model on ID at this beta"
+        )
+    lines.append("Pareto front (G_id up, F_ood down):")
     for p in selection.front:
         lines.append(
-            f"  {p.trial_id[-14:]:14s} G_id {p.g_id:+.4f}  F_ood {p.f_ood:+.4f}  {trial_label(p.params)}"
+            f"  {p.trial_id[-14:]:14s} G_id {p.g_id:+.4f}  F_ood {p.f_ood:+.4f}  {trial_label(p.params)}{_seeds(p)}"
         )
     lines.append("choice as beta varies:")
     for interval in selection.path:

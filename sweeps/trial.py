@@ -17,6 +17,7 @@ from sweeps import tracking
 from sweeps.config import SweepConfig
 from sweeps.scoring import TrialScorer
 from sweeps.summary import trial_label
+from sweeps.uncertainty import ITEM_SCORES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -187,8 +188,8 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
         )
         base_model.to(next(trained.parameters()).device).eval()
     with torch.no_grad():
-        metrics = scorer.loss_metrics(trained, tokenizer, base_model=base_model)
-    metrics.update(scorer.harness_metrics(trained, tokenizer))
+        metrics, items, _ = scorer.final_scores(trained, tokenizer, base_model=base_model)
+    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
     drift = result.drift
     metrics.update(
         {

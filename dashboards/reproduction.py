@@ -1,0 +1,236 @@
+"""The reproduction study's outputs: figures (PNG) per study and ``docs/reproduction.md`` from the committed
+``claims.json`` files, so one command regenerates the whole page from the stored results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dashboards.figures import _go, _layout
+
+METHOD_COLORS = {
+    "sft": "#d62728",
+    "l2-init": "#9467bd",
+    "lora": "#8c564b",
+    "dft": "#e377c2",
+    "iw": "#7f7f7f",
+    "rpsft": "#1f77b4",
+}
+
+
+def _error(interval: dict[str, float], estimate: float) -> tuple[float, float]:
+    return interval["high"] - estimate, estimate - interval["low"]
+
+
+def tradeoff_figure(result: dict[str, Any]) -> Any:
+    """G_id against F_ood with the paired bootstrap intervals as error bars, one colour per method."""
+    go = _go()
+    fig = go.Figure()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for config in result["configurations"]:
+        by_method.setdefault(config["params"].get("method", "?"), []).append(config)
+    for method, configs in by_method.items():
+        g = [c["g_id"] for c in configs]
+        f = [c["f_ood"] for c in configs]
+        gp, gm = zip(*(_error(c["intervals"]["g_id"], c["g_id"]) for c in configs))
+        fp, fm = zip(*(_error(c["intervals"]["f_ood"], c["f_ood"]) for c in configs))
+        fig.add_trace(
+            go.Scatter(
+                x=f,
+                y=g,
+                mode="markers",
+                name=method,
+                marker={"size": 9, "color": METHOD_COLORS.get(method)},
+                error_x={"type": "data", "array": list(fp), "arrayminus": list(fm), "thickness": 1},
+                error_y={"type": "data", "array": list(gp), "arrayminus": list(gm), "thickness": 1},
+                text=[c["label"] for c in configs],
+                hovertemplate="%{text}<br>F_ood %{x:.4f}<br>G_id %{y:.4f}<extra></extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(x=[0], y=[0], mode="markers", name="base", marker={"symbol": "x", "size": 10, "color": "black"})
+    )
+    return _layout(fig, f"{result['model']}: ID gain vs OOD forgetting (95% intervals)", "F_ood", "G_id")
+
+
+def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
+    """Phi(k) on the k slice (C4): k = 0 is SFT, the last point is full rank (L2-init)."""
+    go = _go()
+    rows = claim["numbers"].get("phi_by_k", [])
+    fig = go.Figure()
+    if rows:
+        finite = [r["k"] for r in rows if math.isfinite(r["k"]) and r["k"] > 0]
+        top = max(finite) * 2 if finite else 1.0
+        xs = [top if not math.isfinite(r["k"]) else r["k"] for r in rows]
+        ys = [r["phi"]["estimate"] for r in rows]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines+markers",
+                name=f"Phi at beta={claim['numbers'].get('beta', 1):g}",
+                error_y={
+                    "type": "data",
+                    "array": [r["phi"]["high"] - r["phi"]["estimate"] for r in rows],
+                    "arrayminus": [r["phi"]["estimate"] - r["phi"]["low"] for r in rows],
+                },
+                text=[r["label"] for r in rows],
+                hovertemplate="%{text}<br>Phi %{y:.4f}<extra></extra>",
+            )
+        )
+    return _layout(fig, f"{result['model']}: Phi(k) (k = 0: SFT; rightmost: full rank)", "k", "Phi")
+
+
+def drift_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
+    """Protected drift against lambda on log-log axes (C5), with a 1/lambda guide."""
+    go = _go()
+    lam = claim["numbers"].get("lambda", [])
+    drift = claim["numbers"].get("drift_mean", [])
+    fig = go.Figure()
+    if lam:
+        fig.add_trace(go.Scatter(x=lam, y=drift, mode="lines+markers", name="drift (mean over matrices)"))
+        fig.add_trace(
+            go.Scatter(
+                x=lam,
+                y=[drift[-1] * lam[-1] / x for x in lam],
+                mode="lines",
+                name="1/lambda",
+                line={"dash": "dot", "color": "gray"},
+            )
+        )
+    fig.update_xaxes(type="log")
+    fig.update_yaxes(type="log")
+    return _layout(fig, f"{result['model']}: protected drift vs lambda", "lambda", "||Uk^T (W - W0) Vk||_F")
+
+
+def rotation_figure(result: dict[str, Any]) -> Any:
+    """Mean rotation of the top singular subspaces against the ID gain (C3)."""
+    go = _go()
+    fig = go.Figure()
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for config in result["configurations"]:
+        if "rotation/mean_deg" in config["metrics"]:
+            by_method.setdefault(config["params"].get("method", "?"), []).append(config)
+    for method, configs in by_method.items():
+        fig.add_trace(
+            go.Scatter(
+                x=[c["g_id"] for c in configs],
+                y=[c["metrics"]["rotation/mean_deg"] for c in configs],
+                mode="markers",
+                name=method,
+                marker={"size": 9, "color": METHOD_COLORS.get(method)},
+                text=[c["label"] for c in configs],
+                hovertemplate="%{text}<br>G_id %{x:.4f}<br>rotation %{y:.4g} deg<extra></extra>",
+            )
+        )
+    return _layout(fig, f"{result['model']}: rotation vs ID gain", "G_id", "mean principal angle (deg)")
+
+
+def study_figures(result: dict[str, Any]) -> dict[str, Any]:
+    claims = {c["id"]: c for c in result["claims"]}
+    return {
+        "tradeoff": tradeoff_figure(result),
+        "phi_k": phi_k_figure(result, claims["C4"]),
+        "drift_lambda": drift_figure(result, claims["C5"]),
+        "rotation": rotation_figure(result),
+    }
+
+
+def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> list[Path]:
+    from dashboards.report import write_pngs
+
+    paths, error = write_pngs(study_figures(result), Path(results_dir))
+    if error:
+        raise RuntimeError(f"study figures: {error}")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+def _fmt(interval: dict[str, float] | None) -> str:
+    if not interval:
+        return "-"
+    return f"{interval['estimate']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+
+
+def _configuration_table(result: dict[str, Any]) -> list[str]:
+    beta = result["beta"]
+    lines = [
+        f"| configuration | seeds | G_id | F_ood | Phi (beta={beta:g}) | drift | rotation (deg) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    key = f"phi@{beta:g}"
+    rows = sorted(result["configurations"], key=lambda c: -c["intervals"][key]["estimate"])
+    for c in rows:
+        m = c["metrics"]
+        rot = f"{m['rotation/mean_deg']:.4g}" if "rotation/mean_deg" in m else "-"
+        drift = f"{m['drift_mean']:.4g}" if "drift_mean" in m else "-"
+        lines.append(
+            f"| {c['label']} | {c['n_seeds']} | {_fmt(c['intervals']['g_id'])} | {_fmt(c['intervals']['f_ood'])} "
+            f"| {_fmt(c['intervals'][key])} | {drift} | {rot} |"
+        )
+    return lines
+
+
+def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: str = "") -> str:
+    lines = [
+        "# Reproduction of the RPSFT paper's claims",
+        "",
+        "This page is generated by `rpsft study` from the committed result files "
+        + ", ".join(f"`{Path(r['_path']).relative_to(docs_dir.parent)}`" for r in results)
+        + ". Each claim has our numbers with 95% paired bootstrap intervals (items resampled jointly for the base "
+        "and every configuration, seeds resampled within a configuration) and a verdict: **reproduced**, "
+        "**not reproduced** (the intervals exclude the claimed direction) or **inconclusive** (they allow both).",
+        "",
+    ]
+    if intro:
+        lines += [intro, ""]
+    lines += ["## Claims", "", "| claim | " + " | ".join(r["model"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
+    claim_ids = [c["id"] for c in results[0]["claims"]]
+    texts = {c["id"]: c["claim"] for c in results[0]["claims"]}
+    for cid in claim_ids:
+        cells = []
+        for r in results:
+            claim = next((c for c in r["claims"] if c["id"] == cid), None)
+            cells.append(f"**{claim['verdict']}**" if claim else "-")
+        lines.append(f"| {cid}: {texts[cid]} | " + " | ".join(cells) + " |")
+    for r in results:
+        rel = Path(r["_path"]).parent.relative_to(docs_dir)
+        lines += [
+            "",
+            f"## {r['model']}",
+            "",
+            f"Sweep `{r['sweep']}`: data `{r['data']}`; " + ", ".join(f"{k} {v}" for k, v in r["setup"].items()) + ".",
+            "",
+        ]
+        for claim in r["claims"]:
+            lines += [f"- **{claim['id']} ({claim['verdict']}).** {claim['claim']}. {claim['evidence']}."]
+        lines += ["", *(_configuration_table(r)), ""]
+        for name, title in (
+            ("tradeoff", "trade-off"),
+            ("phi_k", "Phi(k)"),
+            ("drift_lambda", "drift vs lambda"),
+            ("rotation", "rotation vs ID gain"),
+        ):
+            if (Path(r["_path"]).parent / f"{name}.png").is_file():
+                lines.append(f"![{r['model']} {title}]({rel}/{name}.png)")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_reproduction_page(docs_dir: str | Path = "docs", intro: str = "") -> Path:
+    """``docs/reproduction.md`` from every ``docs/results/*/claims.json``."""
+    docs_dir = Path(docs_dir)
+    results = []
+    for path in sorted((docs_dir / "results").glob("*/claims.json")):
+        result = json.loads(path.read_text())
+        result["_path"] = str(path)
+        results.append(result)
+    if not results:
+        raise FileNotFoundError(f"no study results under {docs_dir / 'results'}")
+    page = docs_dir / "reproduction.md"
+    page.write_text(reproduction_markdown(results, docs_dir, intro))
+    return page
