@@ -40,6 +40,20 @@ def _hover(trial: TrialRecord, beta: float) -> str:
     )
 
 
+def _error_bars(trials: list[TrialRecord], name: str) -> dict[str, Any] | None:
+    """Asymmetric error bars from each trial's logged 95% interval (``<name>_lo`` / ``<name>_hi``)."""
+    if not trials or not all(f"{name}_lo" in t.metrics and f"{name}_hi" in t.metrics for t in trials):
+        return None
+    return {
+        "type": "data",
+        "symmetric": False,
+        "array": [t.metrics[f"{name}_hi"] - t.metrics[name] for t in trials],
+        "arrayminus": [t.metrics[name] - t.metrics[f"{name}_lo"] for t in trials],
+        "thickness": 1,
+        "width": 3,
+    }
+
+
 def tradeoff_figure(data: SweepData) -> Any:
     """G_id (up) against F_ood (left): every finished trial, the Pareto front, the operating point per beta,
     and the line of equal Phi through the operating point at the sweep's beta."""
@@ -56,6 +70,8 @@ def tradeoff_figure(data: SweepData) -> Any:
                 y=[t.metrics["g_id"] for t in searched],
                 mode="markers",
                 name="searched trials",
+                error_x=_error_bars(searched, "f_ood"),
+                error_y=_error_bars(searched, "g_id"),
                 text=[_hover(t, beta) for t in searched],
                 hoverinfo="text",
                 marker={
@@ -74,6 +90,8 @@ def tradeoff_figure(data: SweepData) -> Any:
                 y=[trial.metrics["g_id"]],
                 mode="markers",
                 name=f"[ref] {trial.reference}",
+                error_x=_error_bars([trial], "f_ood"),
+                error_y=_error_bars([trial], "g_id"),
                 text=[_hover(trial, beta)],
                 hoverinfo="text",
                 marker={"size": 13, "symbol": REFERENCE_SYMBOLS[i % len(REFERENCE_SYMBOLS)], "color": "#555"},
@@ -132,7 +150,7 @@ def tradeoff_figure(data: SweepData) -> Any:
         )
     return _layout(
         fig,
-        f"ID gain vs OOD forgetting ({data.config.objective.metric})",
+        f"ID gain vs OOD forgetting ({data.config.objective.metric}; bars: 95% paired bootstrap intervals)",
         "F_ood (forgetting, lower is better)",
         "G_id (in-domain gain, higher is better)",
     )

@@ -19,6 +19,7 @@ from typing import Any
 from dashboards.figures import report_figures
 from dashboards.sweep_data import SweepData
 from dashboards.tables import benchmark_rows, trial_rows
+from sweeps.summary import trial_label
 
 REPORT_HTML = "report.html"
 ARTIFACT_DIR = "report"
@@ -106,9 +107,23 @@ def _selection_html(data: SweepData) -> str:
         best = selection.best
         trial = data.by_run_id(best.run_id)
         label = trial.label if trial else best.trial_id
+        intervals = selection.intervals(best)
+        if intervals is not None:
+            numbers = (
+                f"G_id {html.escape(intervals['g_id'].text())}, F_ood {html.escape(intervals['f_ood'].text())}, "
+                f"Phi {html.escape(selection.analysis.intervals.phi(best, beta).text())} (95% intervals)"
+            )
+        else:
+            numbers = f"G_id {fmt(best.g_id)}, F_ood {fmt(best.f_ood)}, Phi {fmt(best.phi(beta))}"
+        comparisons = "".join(
+            f"<li>vs {html.escape(c.role)} ({html.escape(trial_label(c.other.params))}): Phi difference "
+            f"{html.escape(c.difference.text()) if c.difference else '-'}: "
+            f"<b>{'distinguishable' if c.distinguishable else 'not distinguishable'}</b></li>"
+            for c in selection.comparisons()
+        )
         items.append(
             f"<li>beta = {beta:g}: <b>{html.escape(label)}</b> (trial {html.escape(best.trial_id)}): "
-            f"G_id {fmt(best.g_id)}, F_ood {fmt(best.f_ood)}, Phi {fmt(best.phi(beta))}</li>"
+            f"{numbers}<ul>{comparisons}</ul></li>"
         )
     path_items = []
     for interval in data.selections[data.beta].path:

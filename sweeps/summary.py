@@ -96,8 +96,13 @@ def selection_text(selection: Selection) -> str:
         lines.append(f"  G_id {best.g_id:+.4f}  F_ood {best.f_ood:+.4f}  Phi {best.phi(beta):+.4f}")
     if best.g_id <= 0:
         lines.append(
-            "  note: the operating point does not raise the ID score (G_id <= 0): at this scale no trained trial "
-            "beats the base model on ID at this beta"
+            "  note: the operating point does not raise the ID score (G_id <= 0): no trained trial gains on ID "
+            "at this scale"
+        )
+    if best.phi(beta) <= 0:
+        lines.append(
+            f"  note: the best Phi at beta={beta:g} is <= 0: at this scale no trained trial beats the base model "
+            "(Phi = 0) at this beta; see the choice as beta varies below"
         )
     lines.append("Pareto front (G_id up, F_ood down):")
     for p in selection.front:

@@ -135,3 +135,32 @@ def test_seeds_group_into_one_configuration():
     mean = groups[0].point
     assert mean.n_seeds == 2 and mean.g_id == pytest.approx(0.3) and mean.run_ids == ("r1", "r2")
     assert isinstance(SweepIntervals, type)
+
+
+def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
+    import json
+
+    from dashboards.reproduction import study_figures, write_reproduction_page
+    from sweeps.study import StudyResult, write_result
+
+    configs, intervals = _study(paper_like())
+    claims = evaluate_claims(configs, intervals, CLAIMS, beta0=1.0)
+    result = StudyResult("s", "s", "tiny-model", "champ:train", 1.0, claims, configs, {}, {"steps": 8})
+    path = write_result(result, tmp_path / "docs" / "results" / "tiny")
+    stored = json.loads(path.read_text())
+    assert [c["verdict"] for c in stored["claims"]] == [c.verdict for c in claims]
+    page = write_reproduction_page(tmp_path / "docs").read_text()
+    for claim in claims:
+        assert f"**{claim.id} ({claim.verdict}).**" in page
+    # one table row per configuration, with its Phi interval as stored
+    rows = [line for line in page.splitlines() if line.startswith("| [ref]")]
+    assert len(rows) == len(configs)
+    best = max(configs, key=lambda c: c.intervals["phi@1"].estimate)
+    phi = best.intervals["phi@1"]
+    assert f"{phi.estimate:+.4f} [{phi.low:+.4f}, {phi.high:+.4f}]" in rows[0]
+    figures = study_figures(stored)
+    assert set(figures) == {"tradeoff", "phi_k", "drift_lambda", "rotation"}
+    # the Phi(k) figure plots the k slice in k order: SFT (k = 0) first, full rank last
+    ys = list(figures["phi_k"].data[0].y)
+    assert ys[0] == pytest.approx(next(c for c in configs if c.method == "sft").intervals["phi@1"].estimate)
+    assert len(ys) == 5  # sft, k=8, k=64, k=256, l2-init (k: auto is not a grid point)

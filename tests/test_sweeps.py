@@ -364,14 +364,26 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
 
 
 def test_shipped_sweep_configs_validate():
-    """Every shipped config validates: sweeps, and regression configs (a sweep plus tolerances)."""
+    """Every shipped config validates: sweeps, regression configs (a sweep plus tolerances) and study configs
+    (a sweep plus the claims' slices)."""
     from sweeps.config import load_sweep_config
     from sweeps.regression import load_regression_config
+    from sweeps.study import load_study_config
 
     configs = sorted((REPO / "sweeps" / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
-        if "tolerances" in yaml.safe_load(path.read_text()):
+        raw = yaml.safe_load(path.read_text())
+        if "tolerances" in raw:
             assert load_regression_config(path).sweep_config().name
+        elif "claims" in raw:
+            study = load_study_config(path)
+            sweep = study.sweep_config()
+            # the claims' slices name configurations the study runs
+            lams = {r.lam for r in sweep.references if r.method == "rpsft"}
+            assert study.claims.k_slice.lam in lams
+            assert any(r.k == study.claims.drift_slice.k for r in sweep.references)
+            assert {"sft", "l2-init", "lora", "dft", "iw", "rpsft"} <= {r.method for r in sweep.references}
+            assert any(r.k == "auto" for r in sweep.references)
         else:
             assert load_sweep_config(path).name
