@@ -353,6 +353,38 @@ class LossTradeOff(BaseModel):
     kl: TradeOff | None = None  # F_ood = mean KL(base || tuned) on the base OOD responses
 
 
+def base_loss_scores(
+    base_model: Any,
+    tokenizer: Any,
+    settings: LossSettings,
+    *,
+    base_key: str | None = None,
+    items: LossItems | None = None,
+) -> tuple[LossScores, dict[str, list[str]]]:
+    """The base model's NLLs (per benchmark and per item) and its OOD responses, computed once and cached on
+    disk; ``base_model`` may be ``None`` when both are cached under ``base_key``."""
+    from evaluation.scoring import model_fingerprint
+
+    items = items or loss_items(settings)
+    key = base_key or model_fingerprint(base_model)
+    responses = base_greedy_responses(base_model, tokenizer, items, settings, base_key=key)
+    base_path = (
+        settings.resolved_cache_dir()
+        / "loss"
+        / f"base-nll-v2-{key[:24]}-{items.digest()[:16]}-{settings.max_length}.json"
+    )
+
+    def compute_base() -> dict[str, Any]:
+        if base_model is None:
+            raise EvalConfigError("loss: the base NLLs are not cached yet. Fix: pass the base model")
+        scores = loss_scores(
+            base_model, tokenizer, items, responses, settings.model_copy(update={"kl": False})
+        )
+        return json.loads(scores.model_dump_json())
+
+    return LossScores.model_validate(_json_cache(base_path, compute_base)), responses
+
+
 def loss_tradeoff(
     tuned_model: Any,
     tokenizer: Any,
@@ -379,22 +411,7 @@ def loss_tradeoff(
             "loss: KL(base || tuned) needs the base model in memory. Fix: pass base_model or kl=False"
         )
     key = base_key or model_fingerprint(base_model)
-    responses = base_greedy_responses(base_model, tokenizer, items, settings, base_key=key)
-    base_path = (
-        settings.resolved_cache_dir()
-        / "loss"
-        / f"base-nll-v2-{key[:24]}-{items.digest()[:16]}-{settings.max_length}.json"
-    )
-
-    def compute_base() -> dict[str, Any]:
-        if base_model is None:
-            raise EvalConfigError("loss: the base NLLs are not cached yet. Fix: pass the base model")
-        scores = loss_scores(
-            base_model, tokenizer, items, responses, settings.model_copy(update={"kl": False})
-        )
-        return json.loads(scores.model_dump_json())
-
-    base = LossScores.model_validate(_json_cache(base_path, compute_base))
+    base, responses = base_loss_scores(base_model, tokenizer, settings, base_key=key, items=items)
     if settings.kl:
         base.ood_kl = {name: 0.0 for name in base.ood_nll}
         base.ood_kl_items = {name: [(0.0, n) for _, n in pairs] for name, pairs in base.ood_nll_items.items()}

@@ -589,6 +589,18 @@ def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "swee
     return raw
 
 
+def read_config_with_sweep(path: str | Path, field: str, what: str) -> dict[str, Any]:
+    """A config that holds a sweep (regression, study): its mapping, with ``sweep:`` given as a path (relative
+    to the file) read in place; the inlined sweep is named after its file unless it names itself."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, field, what)
+    if isinstance(raw.get("sweep"), str):
+        sweep_path = (path.parent / raw["sweep"]).resolve()
+        raw["sweep"] = read_yaml_mapping(sweep_path, "sweep", f"sweep YAML (a path relative to {path})")
+        raw["sweep"].setdefault("name", sweep_path.stem)
+    return raw
+
+
 def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and validate a sweep YAML (relative ``data_dir`` / ``output_dir`` stay relative to the cwd)."""
     path = Path(path)

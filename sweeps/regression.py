@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_yaml_mapping
+from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.summary import trial_label
 
 BASELINE_VERSION = 1
@@ -71,11 +71,7 @@ class RegressionConfig(BaseModel):
 
 def load_regression_config(path: str | Path) -> RegressionConfig:
     path = Path(path)
-    raw = read_yaml_mapping(path, "--config", "regression YAML")
-    if isinstance(raw.get("sweep"), str):
-        sweep_path = (path.parent / raw["sweep"]).resolve()
-        raw["sweep"] = read_yaml_mapping(sweep_path, "sweep", f"sweep YAML (a path relative to {path})")
-        raw["sweep"].setdefault("name", sweep_path.stem)
+    raw = read_config_with_sweep(path, "--config", "regression YAML")
     try:
         config = RegressionConfig.model_validate(raw)
     except ValidationError as exc:

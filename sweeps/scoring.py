@@ -108,12 +108,11 @@ class TrialScorer:
     def warm_base(self, base_model: Any, tokenizer: Any) -> dict[str, float]:
         """Generate and cache the base model's responses, NLLs and harness scores; return its per-benchmark
         numbers under the names trials use (``nll/id/<b>``, ``nll/ood/<b>``, ``acc/<suite>/<b>``)."""
-        from evaluation.loss_metrics import loss_tradeoff
+        from evaluation.loss_metrics import base_loss_scores
         from evaluation.scoring import base_scores
 
-        settings = self.loss_settings.model_copy(update={"kl": False})
-        trade = loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
-        out = benchmark_metrics(trade.base)
+        base, _ = base_loss_scores(base_model, tokenizer, self.loss_settings, base_key=self.base_key)
+        out = benchmark_metrics(base)
         if self.mc_settings is not None:
             base_mc = self._mc_items(self._base_mc(base_model, tokenizer))
             out.update({f"mc/ood/{b}": sum(v for v, _ in rows) / len(rows) for b, rows in base_mc.items()})
@@ -177,11 +176,10 @@ class TrialScorer:
 
     def base_item_scores(self, base_model: Any, tokenizer: Any) -> dict[str, Any]:
         """The base model's per-item scores (from the caches that :meth:`warm_base` filled)."""
-        from evaluation.loss_metrics import loss_tradeoff
+        from evaluation.loss_metrics import base_loss_scores
 
-        settings = self.loss_settings.model_copy(update={"kl": False})
-        trade = loss_tradeoff(base_model, tokenizer, settings, base_model=base_model, base_key=self.base_key)
-        items = _loss_item_scores(trade.base)
+        base, _ = base_loss_scores(base_model, tokenizer, self.loss_settings, base_key=self.base_key)
+        items = _loss_item_scores(base)
         if self.loss_settings.kl:
             items["ood_kl"] = {b: [(0.0, n) for _, n in pairs] for b, pairs in items["ood_nll"].items()}
         if self.mc_settings is not None:

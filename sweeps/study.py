@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from evaluation.intervals import Interval
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_yaml_mapping
+from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.selection import TrialPoint
 from sweeps.summary import trial_label
 
@@ -76,12 +76,8 @@ class StudyConfig(BaseModel):
 
 def load_study_config(path: str | Path) -> StudyConfig:
     path = Path(path)
-    raw = read_yaml_mapping(path, "study", "study YAML")
+    raw = read_config_with_sweep(path, "study", "study YAML")
     raw.setdefault("name", path.stem)
-    if isinstance(raw.get("sweep"), str):
-        sweep_path = (path.parent / raw["sweep"]).resolve()
-        raw["sweep"] = read_yaml_mapping(sweep_path, "sweep", f"sweep YAML (a path relative to {path})")
-        raw["sweep"].setdefault("name", sweep_path.stem)
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
@@ -159,13 +155,7 @@ class ClaimResult:
     numbers: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "claim": self.claim,
-            "verdict": self.verdict,
-            "evidence": self.evidence,
-            "numbers": self.numbers,
-        }
+        return asdict(self)
 
 
 def _mean_metrics(runs: dict[str, Any], point: TrialPoint) -> dict[str, float]:

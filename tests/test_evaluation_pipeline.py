@@ -469,6 +469,14 @@ def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_p
     )
     assert out.kl.f_ood == pytest.approx(out.tuned.ood_kl["truthfulqa_mc"]) and out.kl.f_ood > 0
     assert out.nll.phi["1.0"] == pytest.approx(out.nll.g_id - out.nll.f_ood)
+    # the per-item sums behind each benchmark's token-weighted mean, for base and tuned alike
+    for scores in (out.base, out.tuned):
+        for means, per_item in ((scores.id_nll, scores.id_nll_items), (scores.ood_nll, scores.ood_nll_items)):
+            for name, pairs in per_item.items():
+                assert len(pairs) == {"math500": 4, "truthfulqa_mc": 3}[name]
+                assert means[name] == pytest.approx(sum(s for s, _ in pairs) / sum(n for _, n in pairs))
+    kl_pairs = out.tuned.ood_kl_items["truthfulqa_mc"]
+    assert out.tuned.ood_kl["truthfulqa_mc"] == pytest.approx(sum(s for s, _ in kl_pairs) / sum(n for _, n in kl_pairs))
     # base responses and base NLLs are cached: a second call needs no generation and no base forward pass
     monkey = pytest.MonkeyPatch()
     monkey.setattr(
