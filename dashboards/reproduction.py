@@ -186,6 +186,19 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
         "**not reproduced** (the intervals exclude the claimed direction) or **inconclusive** (they allow both).",
         "",
     ]
+    lines += [
+        "**Scale.** These studies run the paper's comparison at the scale a 2-core CPU affords: the embedded "
+        "135M / 270M models, a few optimizer steps on CHAMP competition-math solutions (`champ:train`, never the "
+        "scored items), and the loss-based trade-off: `G_id` is the drop in per-token NLL of the reference "
+        "solutions of MATH-500, Minerva and OlympiadBench items, `F_ood` the rise in NLL of the base model's own "
+        "greedy answers to GPQA, IFEval, MMLU-Pro, Safety and TruthfulQA-MC prompts (see "
+        "`evaluation/loss_metrics.py`). The paper reports accuracies of 7-8B models after 12-20 epochs; a verdict "
+        "here is about this scale, not a replication of the paper's tables.",
+        "",
+        "**Regenerate.** `rpsft study sweeps/configs/study-<model>.yaml` reruns a study (or resumes it, or reuses "
+        "a finished one) and rewrites its `claims.json`, its figures and this page.",
+        "",
+    ]
     if intro:
         lines += [intro, ""]
     lines += ["## Claims", "", "| claim | " + " | ".join(r["model"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]

@@ -96,10 +96,8 @@ def init_ray(address: str | None) -> dict[str, float]:
             runtime_env={"env_vars": env},
             configure_logging=False,
         )
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            ray.init(**kwargs)
+        # without an address: a new local instance, never another driver's cluster on this machine
+        ray.init(address=address or "local", **kwargs)
     return dict(ray.cluster_resources())
 
 
@@ -498,7 +496,15 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
                 best_metrics[f"best_{name}_hi"] = best_intervals[key].high
         tracking.log_metrics(client, context.parent_run_id, best_metrics)
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
-    write_state(config, context, "finished", optuna_url)
+    # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
+    done = sum(1 for row in rows if row["status"] == "FINISHED" or row["state"] == "early-stopped")
+    expected = config.num_reference_trials + config.search.num_trials
+    write_state(config, context, "finished" if done >= expected else "incomplete", optuna_url)
+    if done < expected:
+        echo(
+            f"[rpsft] sweep {config.name}: {done} of {expected} trials done; "
+            f"`rpsft sweep resume {config.name}` runs the rest"
+        )
     return SweepOutcome(
         config.name,
         config.sweep_dir(),

@@ -504,7 +504,7 @@ def run_study(study: StudyConfig, *, address: str | None = None, echo=print) -> 
     state_path = config.sweep_dir() / STATE_FILE
     if not state_path.is_file():
         run_sweep(config, address=address, echo=echo)
-    elif json.loads(state_path.read_text()).get("status") != "finished":
+    elif json.loads(state_path.read_text()).get("status") != "finished":  # running, incomplete
         echo(f"[rpsft] study {study.name}: resuming sweep {config.name}")
         resume_sweep(config.name, root=config.output_dir, address=address, echo=echo)
     else:
