@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         docs: Path = typer.Option(Path("docs"), help="Where reproduction.md is regenerated."),
         address: str | None = typer.Option(None, help="Ray cluster address; default local."),
         png: bool = typer.Option(True, help="Write the study's figures as PNG (needs Chrome/Chromium)."),
+        run: bool = typer.Option(True, help="--no-run: only check the claims on the trials stored so far."),
     ) -> None:
         """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
         from dashboards.reproduction import write_reproduction_page, write_study_figures
@@ -58,9 +59,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             spec = load_study_config(config)
+            result, _ = run_study(spec, address=address, run=run, echo=typer.echo)
         except SweepConfigError as exc:
             _fail(str(exc))
-        result, _ = run_study(spec, address=address, echo=typer.echo)
         path = write_result(result, spec.results_dir)
         typer.echo(f"results: {path}")
         if png:

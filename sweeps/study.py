@@ -495,14 +495,20 @@ def write_result(result: StudyResult, results_dir: str | Path) -> Path:
     return path
 
 
-def run_study(study: StudyConfig, *, address: str | None = None, echo=print) -> tuple[StudyResult, Any]:
-    """Run the study's sweep (or resume it, or reuse it when finished) and evaluate the claims."""
+def run_study(
+    study: StudyConfig, *, address: str | None = None, run: bool = True, echo=print
+) -> tuple[StudyResult, Any]:
+    """Run the study's sweep (or resume it, or reuse it when finished) and evaluate the claims; with
+    ``run=False`` only the claims, on the trials stored so far."""
     from sweeps.report import load_stored_sweep
     from sweeps.runner import STATE_FILE, absolutize, resume_sweep, run_sweep
 
     config = absolutize(study.sweep_config())
     state_path = config.sweep_dir() / STATE_FILE
-    if not state_path.is_file():
+    if not run:
+        if not state_path.is_file():
+            raise SweepConfigError(f"study: sweep {config.name!r} has not run yet. Fix: rpsft study without --no-run")
+    elif not state_path.is_file():
         run_sweep(config, address=address, echo=echo)
     elif json.loads(state_path.read_text()).get("status") != "finished":  # running, incomplete
         echo(f"[rpsft] study {study.name}: resuming sweep {config.name}")
@@ -527,7 +533,8 @@ def run_study(study: StudyConfig, *, address: str | None = None, echo=print) -> 
         "objective": f"{config.objective.metric} (beta {config.objective.beta:g})",
         "ID items per benchmark": ev.loss.n_id,
         "OOD items per benchmark": ev.mc.n if (ev.mc and config.objective.metric == "mc") else ev.loss.n_ood,
-        "trials": sum(p.n_seeds for p in stored.points),
+        "trials finished": f"{sum(p.n_seeds for p in stored.points)} of "
+        f"{config.num_reference_trials + config.search.num_trials}",
         "training time (s, all trials)": round(
             sum(run.data.metrics.get("train_seconds", 0.0) for run in stored.runs)
         ),
