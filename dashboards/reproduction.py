@@ -209,7 +209,7 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
         for r in results:
             claim = next((c for c in r["claims"] if c["id"] == cid), None)
             cells.append(f"**{claim['verdict']}**" if claim else "-")
-        lines.append(f"| {cid}: {texts[cid]} | " + " | ".join(cells) + " |")
+        lines.append(f"| {cid}: {texts[cid].replace('|', chr(92) + '|')} | " + " | ".join(cells) + " |")
     for r in results:
         rel = Path(r["_path"]).parent.relative_to(docs_dir)
         lines += [

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evaluation.intervals import Interval
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.selection import TrialPoint
-from sweeps.summary import trial_label
+from sweeps.summary import configuration_label
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
 ROTATION = "rotation/mean_deg"
@@ -105,7 +105,7 @@ class Configuration:
 
     @property
     def label(self) -> str:
-        return trial_label(self.point.params)
+        return configuration_label(self.point)
 
     def param(self, name: str) -> str | None:
         value = self.point.params.get(name)

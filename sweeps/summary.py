@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from sweeps.selection import Selection
@@ -65,16 +66,19 @@ def trials_table(rows: list[dict[str, Any]], beta: float, selection: Selection |
     return "\n".join(lines)
 
 
-def _seeds(point: Any) -> str:
-    return f" (mean of {point.n_seeds} seeds)" if point.n_seeds > 1 else ""
+def configuration_label(point: Any) -> str:
+    """A configuration's name: its trial label without a seed when its seeds are pooled."""
+    label = trial_label(point.params)
+    if point.n_seeds > 1:
+        label = re.sub(r" seed=-?\d+$", "", label) + f" ({point.n_seeds} seeds)"
+    return label
 
 
 def selection_text(selection: Selection) -> str:
     best = selection.best
     beta = selection.beta
     lines = [
-        f"operating point (max Phi at beta={beta:g}): trial {best.trial_id}  {trial_label(best.params)}"
-        + _seeds(best),
+        f"operating point (max Phi at beta={beta:g}): trial {best.trial_id}  {configuration_label(best)}",
     ]
     intervals = selection.intervals(best)
     if intervals is not None:
@@ -89,7 +93,7 @@ def selection_text(selection: Selection) -> str:
             ]
             diff = comparison.difference.text() if comparison.difference is not None else "-"
             lines.append(
-                f"  vs {comparison.role} ({trial_label(comparison.other.params)}): "
+                f"  vs {comparison.role} ({configuration_label(comparison.other)}): "
                 f"Phi difference {diff}: {verdict}"
             )
     else:
@@ -107,7 +111,7 @@ def selection_text(selection: Selection) -> str:
     lines.append("Pareto front (G_id up, F_ood down):")
     for p in selection.front:
         lines.append(
-            f"  {p.trial_id[-14:]:14s} G_id {p.g_id:+.4f}  F_ood {p.f_ood:+.4f}  {trial_label(p.params)}{_seeds(p)}"
+            f"  {p.trial_id[-14:]:14s} G_id {p.g_id:+.4f}  F_ood {p.f_ood:+.4f}  {configuration_label(p)}"
         )
     lines.append("choice as beta varies:")
     for interval in selection.path:
