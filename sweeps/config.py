@@ -447,9 +447,11 @@ class SweepConfig(BaseModel):
         return "nsga2" if self.objective.mode == "pareto" else "tpe"
 
     def grid_size(self) -> int:
-        lam = self.space.lam_choices() if not isinstance(self.space.lam, NumberRange) else [0, 0]
-        k = self.space.k_choices() if not isinstance(self.space.k, NumberRange) else [0, 0]
-        return len(k) * len(lam) * len(self.space.layers) * len(self.space.period)
+        """Points of the grid over the listed choices (a range counts as its two bounds)."""
+        space = self.space
+        return (
+            len(space.k_choices()) * len(space.lam_choices()) * len(space.layers) * len(space.period)
+        )
 
     @property
     def num_reference_trials(self) -> int:

@@ -28,7 +28,8 @@ def _user_text(conversation: list[dict[str, str]]) -> str:
 
 def _loss_item_scores(scores: Any) -> dict[str, Any]:
     """A ``LossScores``' per-item scores as stored (``id_nll``, ``ood_nll``, ``ood_kl``; higher is better)."""
-    out = {"id_nll": scores.item_scores()["id"], "ood_nll": scores.item_scores()["ood"]}
+    nll = scores.item_scores()
+    out = {"id_nll": nll["id"], "ood_nll": nll["ood"]}
     if scores.ood_kl_items is not None:
         out["ood_kl"] = scores.item_scores("kl")["ood"]
     return out
@@ -179,9 +180,11 @@ class TrialScorer:
         from evaluation.loss_metrics import base_loss_scores
 
         base, _ = base_loss_scores(base_model, tokenizer, self.loss_settings, base_key=self.base_key)
+        if self.loss_settings.kl:  # KL(base || base) = 0 on every token, as loss_tradeoff scores the base
+            base = base.model_copy(
+                update={"ood_kl_items": {b: [(0.0, n) for _, n in p] for b, p in base.ood_nll_items.items()}}
+            )
         items = _loss_item_scores(base)
-        if self.loss_settings.kl:
-            items["ood_kl"] = {b: [(0.0, n) for _, n in pairs] for b, pairs in items["ood_nll"].items()}
         if self.mc_settings is not None:
             items["ood_mc"] = self._mc_items(self._base_mc(base_model, tokenizer))
         return items
