@@ -120,7 +120,8 @@ def _batches(seq: Sequence[Any], size: int):
 def _scoring_batches(
     models: Sequence[Any], tokenizer: Any, conversations: Sequence[Messages], batch_size: int, max_length: int
 ):
-    """Collated (CPU) batches of the tokenized conversations, with ``models`` in eval mode and no grad.
+    """``(indices, batch)``: collated (CPU) batches of the tokenized conversations, longest first so that a
+    batch pads little, with ``models`` in eval mode and no grad; ``indices`` are the conversations' positions.
 
     Each model's train/eval mode is restored afterwards.
     """
@@ -129,24 +130,26 @@ def _scoring_batches(
     from rpsft_core.data import SFTCollator, tokenize_example
 
     encoded = [tokenize_example(list(c), tokenizer, max_length) for c in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
     collate = SFTCollator(tokenizer.pad_token_id)
     modes = [model.training for model in models]
     for model in models:
         model.eval()
     try:
         with torch.no_grad():
-            for chunk in _batches(encoded, batch_size):
-                yield collate(chunk)
+            for chunk in _batches(order, batch_size):
+                yield chunk, collate([encoded[i] for i in chunk])
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
 
 
-def _logits(model: Any, batch: dict[str, Any]):
-    device = _device(model)
-    return model(
-        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-    ).logits
+def _in_order(pieces: list[tuple[list[int], list[tuple[float, int]]]], n: int) -> list[tuple[float, int]]:
+    out: list[tuple[float, int] | None] = [None] * n
+    for indices, values in pieces:
+        for i, value in zip(indices, values):
+            out[i] = value
+    return out  # type: ignore[return-value]
 
 
 def token_nll(
@@ -158,13 +161,15 @@ def token_nll(
     max_length: int = 1024,
 ) -> list[tuple[float, int]]:
     """``(sum of NLL, number of scored tokens)`` of the assistant turns of each conversation."""
-    from rpsft_core.losses import token_logprobs
+    from rpsft_core.losses import causal_lm_logits, token_logprobs
 
-    out: list[tuple[float, int]] = []
-    for batch in _scoring_batches([model], tokenizer, conversations, batch_size, max_length):
-        logp, mask = token_logprobs(_logits(model, batch).cpu(), batch["labels"])  # logp is zero where masked
-        out += [(float(s), int(n)) for s, n in zip((-logp.sum(dim=1)).tolist(), mask.sum(dim=1).tolist())]
-    return out
+    pieces = []
+    for indices, batch in _scoring_batches([model], tokenizer, conversations, batch_size, max_length):
+        logits, labels = causal_lm_logits(model, batch)
+        logp, mask = token_logprobs(logits.cpu(), labels.cpu())  # logp is zero where masked
+        sums = zip((-logp.sum(dim=1)).tolist(), mask.sum(dim=1).tolist())
+        pieces.append((indices, [(float(s), int(n)) for s, n in sums]))
+    return _in_order(pieces, len(conversations))
 
 
 def token_kl(
@@ -179,17 +184,20 @@ def token_kl(
     """``(sum over response tokens of KL(base || tuned), number of tokens)`` per conversation."""
     import torch
 
-    out: list[tuple[float, int]] = []
+    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits
+
+    pieces = []
     models = [base_model, tuned_model]
-    for batch in _scoring_batches(models, tokenizer, conversations, batch_size, max_length):
-        mask = batch["labels"][:, 1:] != -100
+    for indices, batch in _scoring_batches(models, tokenizer, conversations, batch_size, max_length):
+        (base_logits, labels), (tuned_logits, _) = (causal_lm_logits(model, batch) for model in models)
+        mask = labels[:, 1:].cpu() != IGNORE_INDEX
         base_logp, tuned_logp = (
-            torch.log_softmax(_logits(model, batch)[:, :-1].float(), dim=-1).cpu() for model in models
+            torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu() for logits in (base_logits, tuned_logits)
         )
         kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
         kl_sum = (kl * mask).sum(dim=1)
-        out += [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())]
-    return out
+        pieces.append((indices, [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())]))
+    return _in_order(pieces, len(conversations))
 
 
 def greedy_responses(

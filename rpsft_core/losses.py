@@ -14,12 +14,16 @@ update as one large batch.
 
 from __future__ import annotations
 
+import inspect
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
-LOSS_TYPES = ("sft", "dft", "iw")
+LossType = Literal["sft", "dft", "iw"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,6 +34,41 @@ def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     safe_labels = shift_labels.masked_fill(~mask, 0)
     logp = torch.gather(F.log_softmax(shift_logits, dim=-1), -1, safe_labels.unsqueeze(-1)).squeeze(-1)
     return logp * mask, mask
+
+
+def label_window(labels: Tensor) -> int:
+    """How many trailing positions' logits the next-token loss of ``labels`` needs: from the position that
+    predicts the earliest scored label of any row to the end. Prompt positions before it never enter a loss."""
+    scored = labels[:, 1:] != IGNORE_INDEX
+    rows = scored.any(dim=1)
+    if not bool(rows.any()):
+        return labels.shape[1]
+    first = int(scored.int().argmax(dim=1)[rows].min())  # index into labels[:, 1:]: label first + 1
+    return labels.shape[1] - first
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = getattr(model, "module", model)  # DDP / accelerate wrappers
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(logits, labels)`` over the label window only (:func:`label_window`): the output head and the
+    softmax skip the prompt positions, which carry no loss; :func:`token_logprobs` of the pair equals that
+    of the full sequence. Models whose forward has no ``logits_to_keep`` get the full sequence."""
+    labels = batch["labels"]
+    device = next(model.parameters()).device
+    kwargs = {}
+    keep = label_window(labels)
+    if keep < labels.shape[1] and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    else:
+        keep = labels.shape[1]
+    logits = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), **kwargs
+    ).logits
+    return logits, labels[:, labels.shape[1] - keep :].to(logits.device)
 
 
 def _denominator(mask: Tensor, num_items: int | Tensor | None) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from rpsft_core.losses import dft_loss, iw_loss, sft_loss, token_logprobs
+from rpsft_core.losses import LOSS_TYPES, causal_lm_logits, dft_loss, iw_loss, sft_loss, token_logprobs
 from rpsft_core.regularizer import RPSFTRegularizer
 
 
@@ -57,6 +57,17 @@ class RPSFTCallback(TrainerCallback):
                 self.history.append(entry)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite: training stops at that step (the trial fails, naming it)."""
+
+    def __init__(self, value: float, step: int) -> None:
+        self.value, self.step = value, step
+        super().__init__(
+            f"loss: {value} at optimizer step {step}: training stopped. Fix: a lower learning_rate, "
+            "max_grad_norm > 0, or float32 instead of fp16"
+        )
+
+
 class RPSFTTrainer(Trainer):
     """``Trainer`` with the RPSFT penalty applied before clipping and a choice of token loss."""
 
@@ -70,8 +81,8 @@ class RPSFTTrainer(Trainer):
         iw_clamp: float = 16.0,
         **kwargs: Any,
     ) -> None:
-        if loss_type not in ("sft", "dft", "iw"):
-            raise ValueError(f"loss_type: unknown {loss_type!r}. Fix: 'sft', 'dft' or 'iw'")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type: unknown {loss_type!r}. Fix: one of {', '.join(LOSS_TYPES)}")
         if loss_type == "iw" and ref_model is None:
             raise ValueError("ref_model: IW-SFT needs the frozen base model as reference")
         self.rpsft_callback = RPSFTCallback(regularizer) if regularizer is not None else None
@@ -92,24 +103,23 @@ class RPSFTTrainer(Trainer):
         return super()._clip_grad_norm(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        logp, mask = token_logprobs(outputs.logits, labels)
+        logits, labels = causal_lm_logits(model, inputs)  # the prompt positions carry no loss
+        logp, mask = token_logprobs(logits, labels)
         if self.loss_type == "sft":
             loss = sft_loss(logp, mask, num_items_in_batch)
         elif self.loss_type == "dft":
             loss = dft_loss(logp, mask, num_items_in_batch)
         else:
             with torch.no_grad():
-                ref_logits = self.ref_model(
-                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-                )
-                ref_logp, _ = token_logprobs(ref_logits.logits, labels)
+                ref_logits, _ = causal_lm_logits(self.ref_model, inputs)
+                ref_logp, _ = token_logprobs(ref_logits, labels)
             loss = iw_loss(logp, ref_logp, mask, num_items_in_batch, tau=self.iw_tau, clamp=self.iw_clamp)
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteLossError(float(loss.detach()), self.state.global_step + 1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every rank's tokens and DDP averages gradients (as Trainer.compute_loss)
             loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self.rpsft_callback is not None and "loss" in logs:
