@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+from rpsft_core.cli_errors import fail
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +32,7 @@ def register(app: typer.Typer) -> None:
                 data, out or Path(root) / name / "report", png=png, diagnostics_dir=diagnostics
             )
         except (SweepConfigError, FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         typer.echo(f"report: {files.html}")
         for path in files.pngs:
             typer.echo(f"figure: {path}")
@@ -54,6 +51,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
         from dashboards.reproduction import write_reproduction_page, write_study_figures
+        from rpsft_core.errors import InputError
         from sweeps.config import SweepConfigError
         from sweeps.study import load_study_config, run_study, write_result
 
@@ -61,13 +59,16 @@ def register(app: typer.Typer) -> None:
             spec = load_study_config(config)
             result, _ = run_study(spec, address=address, run=run, echo=typer.echo)
         except SweepConfigError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         path = write_result(result, spec.results_dir)
         typer.echo(f"results: {path}")
         if png:
             for figure in write_study_figures(result.to_dict(), spec.results_dir):
                 typer.echo(f"figure: {figure}")
-        typer.echo(f"page: {write_reproduction_page(docs)}")
+        try:
+            typer.echo(f"page: {write_reproduction_page(docs)}")
+        except InputError as exc:
+            fail(str(exc))
         for claim in result.claims:
             typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
 

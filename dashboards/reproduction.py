@@ -243,7 +243,12 @@ def write_reproduction_page(docs_dir: str | Path = "docs", intro: str = "") -> P
         result["_path"] = str(path)
         results.append(result)
     if not results:
-        raise FileNotFoundError(f"no study results under {docs_dir / 'results'}")
+        from rpsft_core.errors import ConfigError
+
+        raise ConfigError(
+            f"docs: no study results (results/<model>/claims.json) under {docs_dir}. Fix: --docs the folder that "
+            "holds the studies' results_dir (default: docs)"
+        )
     page = docs_dir / "reproduction.md"
     page.write_text(reproduction_markdown(results, docs_dir, intro))
     return page

@@ -38,7 +38,7 @@ class HubSource(BaseModel):
     ``shuffle_choices``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str
     name: str | None = None
@@ -58,7 +58,7 @@ class HubSource(BaseModel):
 class Benchmark(BaseModel):
     """One benchmark. ``file``/``test_file`` are relative to the data dir (or absolute)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     title: str = ""

@@ -11,10 +11,7 @@ from pathlib import Path
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+from rpsft_core.cli_errors import fail
 
 
 def _label(model: str) -> str:
@@ -89,7 +86,7 @@ def eval_command(
         settings = load_eval_settings(config, overrides)
         plan = plan_evaluation(settings)
     except EvalConfigError as exc:
-        _fail(f"error: {exc}")
+        fail(f"error: {exc}")
     if write_tasks is not None:
         from evaluation.lm_eval_tasks import write_task_dir
 
@@ -97,11 +94,11 @@ def eval_command(
         typer.echo(f"wrote {len(plan.tasks)} task(s) to {write_tasks}: {', '.join(plan.task_names)}")
         return
     if model is None:
-        _fail("error: --model is required. Fix: e.g. --model smollm2-135m-instruct")
+        fail("error: --model is required. Fix: e.g. --model smollm2-135m-instruct")
     loss_settings = None
     if loss:
         if base is None:
-            _fail("error: --loss compares against a base model. Fix: add --base MODEL")
+            fail("error: --loss compares against a base model. Fix: add --base MODEL")
         from evaluation.loss_metrics import LossSettings, loss_items
 
         try:
@@ -115,7 +112,7 @@ def eval_command(
             )
             loss_items(loss_settings)
         except EvalConfigError as exc:
-            _fail(f"error: {exc}")
+            fail(f"error: {exc}")
 
     from evaluation.runner import evaluate
     from rpsft_core.models import load_model
@@ -132,7 +129,7 @@ def eval_command(
             verbose=verbose,
         )
     except EvalConfigError as exc:
-        _fail(f"error: {exc}")
+        fail(f"error: {exc}")
     typer.echo(f"model: {model}   ({result.seconds:.1f} s)")
     typer.echo(result.table())
     payload: dict = {"result": json.loads(result.model_dump_json())}

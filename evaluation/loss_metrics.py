@@ -39,7 +39,7 @@ DEFAULT_OOD_LOSS_BENCHMARKS = ("gpqa", "ifeval", "mmlu_pro", "safety", "truthful
 class LossSettings(BaseModel):
     """Which items the loss metrics use and how. ``n_*`` items per benchmark are taken from the start."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data_dir: str | None = None
     subset: str = "full"
@@ -231,14 +231,9 @@ def greedy_responses(
 
 
 def _json_cache(path: Path, compute):
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
-    return value
+    from rpsft_core.json_cache import cached_json
+
+    return cached_json(path, compute)
 
 
 def base_greedy_responses(

@@ -517,7 +517,7 @@ def mc_item_scores(
 class MCSettings(BaseModel):
     """Which MC items :func:`mc_scores_by_benchmark` scores: the first ``n`` of each benchmark."""
 
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, arbitrary_types_allowed=True)
 
     data_dir: str | None = None
     subset: str = "full"

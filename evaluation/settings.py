@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evaluation.benchmarks import (
@@ -24,6 +23,7 @@ from evaluation.benchmarks import (
     resolve_benchmarks,
 )
 from evaluation.items import Item, load_items, source_digest
+from rpsft_core.config import format_validation_error, read_yaml_mapping
 
 TASK_FORMAT_VERSION = 1
 
@@ -33,13 +33,15 @@ def _split_names(value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         value = value.split(",")
-    return [str(v).strip() for v in value if str(v).strip()]
+    if not isinstance(value, (list, tuple)):
+        return value  # pydantic names the field: "Input should be a valid list"
+    return [v.strip() if isinstance(v, str) else v for v in value if not isinstance(v, str) or v.strip()]
 
 
 class EvalSettings(BaseModel):
     """What to evaluate and how. ``None`` for ``k`` / ``temperature`` means the per-benchmark paper default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     suite: list[str] = Field(default_factory=lambda: ["id", "ood"])
     exclude: list[str] = Field(default_factory=list)
@@ -70,9 +72,9 @@ class EvalSettings(BaseModel):
     def _betas(cls, value: Any) -> list[float]:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
-        return [float(v) for v in value]
+        return value  # pydantic checks the items are numbers
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
@@ -95,9 +97,7 @@ class EvalSettings(BaseModel):
 
 
 def _pydantic_message(exc: ValidationError, where: str) -> str:
-    err = exc.errors()[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "settings"
-    return f"{where}: {field}: {err['msg']}. Fix: see `rpsft eval --help` for the accepted values"
+    return format_validation_error(exc, where, "eval settings") + "\nFix: see `rpsft eval --help` for the accepted values"
 
 
 def load_eval_settings(
@@ -108,14 +108,7 @@ def load_eval_settings(
     where = "eval settings"
     if config is not None:
         path = Path(config)
-        if not path.is_file():
-            raise EvalConfigError(f"config: {path} does not exist. Fix: pass an existing YAML file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise EvalConfigError(
-                f"config: {path} must hold a mapping of settings. Fix: e.g. 'suite: id,ood'"
-            )
-        data.update(loaded)
+        data.update(read_yaml_mapping(path, what="eval settings YAML (e.g. 'suite: id,ood')", error=EvalConfigError))
         where = str(path)
         # relative paths in a config file are relative to the file
         for key in ("data_dir", "benchmarks_file"):

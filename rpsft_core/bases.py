@@ -285,9 +285,12 @@ def load_bases(path: str | os.PathLike, expected_fingerprint: str | None = None)
     """Read bases written by :func:`save_bases`; verify the content hash (and the fingerprint if given)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    tensors = load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # truncated or overwritten: safetensors raises its own error types
+        raise BasisCacheError(f"bases: {path} cannot be read ({type(exc).__name__}: {exc})") from None
     if metadata.get("content_sha256") != _content_hash(tensors):
         raise BasisCacheError(f"bases: {path} fails its integrity check (content hash mismatch)")
     if expected_fingerprint is not None and metadata.get("fingerprint") != expected_fingerprint:

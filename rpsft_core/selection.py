@@ -13,6 +13,8 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from rpsft_core.errors import ConfigError
+
 MatrixType = Literal["q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head"]
 BLOCK_TYPES: tuple[MatrixType, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 ATTN_TYPES: tuple[MatrixType, ...] = ("q", "k", "v", "o")
@@ -168,7 +170,7 @@ def select_matrices(model: nn.Module, spec: SelectionSpec = "all") -> dict[str, 
         selected[name] = param
         seen.add(id(param))
     if not selected:
-        raise ValueError(
+        raise ConfigError(
             f"layers: the selection {layer_spec.model_dump(exclude_none=True)} matches no weight matrix of "
             f"{type(model).__name__} ({num_layers} decoder layers). Fix: widen types/layers/regex or use a preset "
             f"({', '.join(PRESETS)})"

@@ -46,7 +46,9 @@ def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments
         num_train_epochs=config.epochs,
         max_grad_norm=config.max_grad_norm,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=config.checkpoint_every or 500,
+        save_total_limit=1 if config.checkpoint_every else None,
         report_to=[],
         seed=config.seed,
         data_seed=config.seed,
@@ -58,6 +60,20 @@ def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments
         fp16=config.mixed_precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("checkpoint-"))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` the Trainer wrote under ``output_dir`` (None if none)."""
+    done = [
+        path
+        for path in Path(output_dir).glob("checkpoint-*")
+        if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    return max(done, key=checkpoint_step, default=None)
 
 
 def train(
@@ -97,8 +113,9 @@ def train(
         iw_clamp=config.iw_clamp,
         callbacks=callbacks,
     )
+    resume_from = latest_checkpoint(config.output_dir) if config.checkpoint_every else None
     started = time.perf_counter()
-    output = trainer.train()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
 
     trained = prepared.model
@@ -110,6 +127,7 @@ def train(
         "train_loss": output.training_loss,
         "global_steps": output.global_step,
         "train_seconds": train_seconds,
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else 0,
         "bases_seconds": bases_seconds,
         "n_examples": len(dataset),
         "n_dropped_examples": dataset.n_dropped,

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import typer
 
-
-def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+from rpsft_core.cli_errors import fail
 
 
 def _chosen_runs(selection) -> set[str]:
@@ -56,13 +53,13 @@ def register(app: typer.Typer) -> None:
         try:
             if target == "resume":
                 if not name:
-                    _fail("resume: give the sweep's name. Fix: rpsft sweep resume NAME")
+                    fail("resume: give the sweep's name. Fix: rpsft sweep resume NAME")
                 outcome = resume_sweep(name, root=root, address=address, echo=typer.echo)
             else:
                 config = load_sweep_config(target, {"name": rename})
                 outcome = run_sweep(config, address=address, echo=typer.echo)
         except SweepConfigError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
         _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
 
@@ -83,7 +80,7 @@ def register(app: typer.Typer) -> None:
         try:
             selection, rows, context = load_selection(name, root=root, beta=beta, retag=tag)
         except (SweepConfigError, ValueError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         if as_json:
             typer.echo(json.dumps(selection.to_dict(), indent=2))
             return
@@ -116,7 +113,7 @@ def register(app: typer.Typer) -> None:
                 config, baseline, update_baseline=update_baseline, work_dir=work_dir, echo=typer.echo
             )
         except SweepConfigError as exc:
-            _fail(str(exc))
+            fail(str(exc))
         typer.echo("\n" + diff_table(outcome.rows, outcome.baseline_point, outcome.current_point))
         if outcome.updated:
             typer.echo(f"\nbaseline written: {baseline}")

@@ -16,11 +16,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evaluation.multiple_choice import MCSettings
-from rpsft_core.config import ConfigError, TrainConfig
+from rpsft_core.config import ConfigError, TrainConfig, format_validation_error
+from rpsft_core.config import read_yaml_mapping as read_config_mapping
+from rpsft_core.method_table import Method, method_spec
 from rpsft_core.selection import LayerSpec, resolve_spec
 
 # TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
@@ -34,7 +35,7 @@ class SweepConfigError(ConfigError):
 class NumberRange(BaseModel):
     """A continuous (or integer) range ``[low, high]``, sampled uniformly or log-uniformly."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     low: float
     high: float
@@ -63,7 +64,7 @@ def _non_empty(values: list[Any], what: str) -> list[Any]:
 class SearchSpace(BaseModel):
     """The RPSFT knobs searched: each is a list of choices or a ``{low, high, log}`` range."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     k: list[int | float | str] | NumberRange = Field(default_factory=lambda: [16, 64])
     lam: list[float] | NumberRange = Field(
@@ -164,9 +165,9 @@ def layer_label(item: str | LayerSpec) -> str:
 class Reference(BaseModel):
     """A baseline trial run once: a method, with optional k / lambda / layers for the penalized ones."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
-    method: Literal["sft", "l2-init", "dft", "iw", "lora", "rpsft-lora", "osf", "rpsft"]
+    method: Method
     k: int | float | str | None = None
     lam: float | None = Field(None, alias="lambda")
     layers: str | LayerSpec | None = None
@@ -209,7 +210,7 @@ class Reference(BaseModel):
 class Intervals(BaseModel):
     """Paired bootstrap intervals of G_id, F_ood and Phi (see :mod:`evaluation.intervals`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     draws: int = Field(2000, ge=100)
     level: float = Field(0.95, gt=0, lt=1)
@@ -219,7 +220,7 @@ class Intervals(BaseModel):
 class LossEval(BaseModel):
     """Loss-based trade-off (see :mod:`evaluation.loss_metrics`): forward passes, cheap, moves on small models."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     n_id: int = Field(8, ge=1, description="ID items per benchmark (reference solutions scored by NLL)")
     n_ood: int = Field(8, ge=1, description="OOD prompts per benchmark (base greedy responses scored)")
@@ -236,7 +237,7 @@ class LossEval(BaseModel):
 class EvaluationConfig(BaseModel):
     """How trials are scored. ``every`` > 0 adds intermediate loss evaluations (the rungs of ASHA)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data_dir: str = "../shared/paper-data"
     subset: Literal["full", "test"] = "full"
@@ -270,7 +271,7 @@ class EvaluationConfig(BaseModel):
 class Objective(BaseModel):
     """``phi``: maximize Phi = G_id - beta * F_ood at ``betas[0]``; ``pareto``: G_id up, F_ood down (NSGA-II)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     mode: Literal["phi", "pareto"] = "phi"
     metric: Literal["nll", "kl", "mc", "accuracy"] = Field(
@@ -298,7 +299,7 @@ class Objective(BaseModel):
 
 
 class Search(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     algorithm: Literal["tpe", "nsga2", "random", "grid", "qmc", "auto"] = Field(
         "auto",
@@ -312,7 +313,7 @@ class Search(BaseModel):
 class Scheduler(BaseModel):
     """Early stopping. ``auto``: ASHA when there are intermediate evaluations and a scalar objective."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["auto", "asha", "fifo"] = "auto"
     grace_steps: int = Field(1, ge=1, description="optimizer steps before ASHA may stop a trial")
@@ -322,16 +323,26 @@ class Scheduler(BaseModel):
 class Resources(BaseModel):
     """Per-trial resources; fractional GPUs share a device between trials."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(0.0, ge=0)
 
 
+class Failure(BaseModel):
+    """What the sweep does when a trial raises (an error, a non-finite loss, a lost worker)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    max_retries: int = Field(
+        0, ge=0, description="rerun a failed trial up to this many times (same trial id and MLflow run)"
+    )
+
+
 class Storage(BaseModel):
     """Optuna study storage and MLflow tracking. ``None``: SQLite files under the sweep's directory."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     optuna: str | None = Field(None, description="sqlite:///..., postgresql://..., or journal:<file>")
     mlflow: str | None = Field(None, description="sqlite:///..., postgresql://..., or http(s)://server")
@@ -340,7 +351,7 @@ class Storage(BaseModel):
 
 
 class SweepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: str = "smollm2-135m-instruct"
@@ -354,6 +365,7 @@ class SweepConfig(BaseModel):
     scheduler: Scheduler = Field(default_factory=Scheduler)
     concurrency: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
+    failure: Failure = Field(default_factory=Failure)
     storage: Storage = Field(default_factory=Storage)
     seed: int = 0
     output_dir: str = "runs/sweeps"
@@ -364,6 +376,8 @@ class SweepConfig(BaseModel):
     def _references(cls, value: Any) -> Any:
         if value is None:
             return []
+        if not isinstance(value, list):
+            return value  # pydantic names the field: "Input should be a valid list"
         return [{"method": item} if isinstance(item, str) else item for item in value]
 
     @field_validator("train")
@@ -488,7 +502,7 @@ class SweepConfig(BaseModel):
             elif isinstance(layers, str) and layers.startswith("{"):
                 layers = LayerSpec.model_validate_json(layers)
             raw["layers"] = layers
-        if method == "l2-init" and "lambda" not in params:
+        if method_spec(method).uses_lambda and "lambda" not in params:  # a penalized reference without lambda
             raw["lambda"] = self.space.lam_choices()[-1]
         raw["output_dir"] = str(output_dir or self.sweep_dir() / "trials" / "check")
         return TrainConfig.model_validate(raw)
@@ -557,38 +571,9 @@ class SweepConfig(BaseModel):
             raise ValueError(f"{where}: {message}") from None
 
 
-def format_sweep_error(exc: ValidationError, source: str) -> str:
-    """One line per field; a union's "Input should be a valid ..." noise is dropped when a real reason exists."""
-    found: dict[str, list[str]] = {}
-    for err in exc.errors():
-        names = ("NumberRange", "int", "float", "str", "LayerSpec", "Reference")
-        loc = [
-            str(p)
-            for p in err["loc"]
-            if not str(p).startswith(("list[", "function-")) and str(p) not in names
-        ]
-        message = err["msg"].removeprefix("Value error, ")
-        found.setdefault(".".join(loc), []).append(message)
-    lines = [f"{source}: invalid sweep configuration"]
-    for field, messages in found.items():
-        real = [m for m in messages if not m.startswith("Input should be a valid")] or messages
-        for message in dict.fromkeys(real):
-            lines.append(f"  - {field}: {message}" if field else f"  - {message}")
-    return "\n".join(lines)
-
-
 def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "sweep YAML") -> dict[str, Any]:
-    """The mapping a YAML file holds; a missing file, bad YAML or a non-mapping fails naming ``field``."""
-    path = Path(path)
-    if not path.is_file():
-        raise SweepConfigError(f"{field}: file {path} does not exist. Fix: pass an existing {what}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise SweepConfigError(f"{field}: {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SweepConfigError(f"{field}: {path} must hold a mapping of fields, got {type(raw).__name__}")
-    return raw
+    """The mapping a sweep-side YAML file holds (:func:`rpsft_core.config.read_yaml_mapping`)."""
+    return read_config_mapping(path, field, what, error=SweepConfigError)
 
 
 def read_config_with_sweep(path: str | Path, field: str, what: str) -> dict[str, Any]:
@@ -616,4 +601,4 @@ def parse_sweep_config(raw: dict[str, Any], source: str = "sweep config") -> Swe
     try:
         return SweepConfig.model_validate(raw)
     except ValidationError as exc:
-        raise SweepConfigError(format_sweep_error(exc, source)) from None
+        raise SweepConfigError(format_validation_error(exc, source, "sweep configuration")) from None

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rpsft_core.config import format_validation_error
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.summary import trial_label
 
@@ -35,7 +36,7 @@ BASELINE_VERSION = 1
 
 
 class Tolerance(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     metric: str = Field(description="metric name or glob, e.g. g_id, phi_at_0.5, nll/ood/*")
     direction: Literal["higher", "lower", "both"] = "both"
@@ -47,7 +48,7 @@ class Tolerance(BaseModel):
 
 
 class RegressionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sweep: dict[str, Any] = Field(description="the sweep config (inline, or loaded from the path given)")
     tolerances: list[Tolerance]
@@ -75,11 +76,7 @@ def load_regression_config(path: str | Path) -> RegressionConfig:
     try:
         config = RegressionConfig.model_validate(raw)
     except ValidationError as exc:
-        fields = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        raise SweepConfigError(f"{path}: invalid regression configuration: {fields}") from None
+        raise SweepConfigError(format_validation_error(exc, str(path), "regression configuration")) from None
     config.sweep_config()  # the sweep itself must be valid before anything runs
     return config
 

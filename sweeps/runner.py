@@ -11,6 +11,7 @@ State lives under ``<output_dir>/<name>/``: ``sweep.json`` (config, MLflow ids, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rpsft_core.method_table import method_spec
 from sweeps import preflight, tracking
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
 from sweeps.selection import Selection, select
@@ -26,6 +28,7 @@ from sweeps.uncertainty import BASE_ITEM_SCORES, INTERVALS
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
+LOCK_FILE = "driver.lock"
 
 
 @dataclass
@@ -223,7 +226,7 @@ def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore:
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
                 storage_path=str(config.sweep_dir()),
-                failure_config=tune.FailureConfig(max_failures=0),
+                failure_config=tune.FailureConfig(max_failures=config.failure.max_retries),
                 progress_reporter=_reporter(config),
                 verbose=1,
             ),
@@ -267,7 +270,7 @@ def prepare_shared_state(
     bases_dir = config.sweep_dir() / "bases"
     numeric = [k for k in config.space.k_choices() if not isinstance(k, str)] + list(auto_k.values())
     for ref in config.references:
-        if ref.method in ("rpsft", "rpsft-lora") and ref.k is not None:
+        if method_spec(ref.method).sweeps_k and ref.k is not None:
             numeric.append(auto_k[ref.k] if isinstance(ref.k, str) else ref.k)
     if config.search.num_trials or numeric:
         layer_options = [config.space.layers_for(label) for label in config.space.layer_labels()]
@@ -342,11 +345,49 @@ def _base_key(config: SweepConfig) -> str:
     return name_fingerprint(config.model)
 
 
+@contextlib.contextmanager
+def driver_lock(sweep_dir: Path, name: str):
+    """Hold ``<sweep dir>/driver.lock`` for the life of a driver: a second driver on the same sweep (a second
+    `rpsft sweep`, a `resume` while it runs) is refused. The operating system drops the lock when the process
+    dies, so a killed driver never leaves it stale."""
+    import datetime
+    import fcntl
+    import socket
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(sweep_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SweepConfigError(
+            f"name: sweep {name!r} is being run by another driver ({holder}). Fix: wait for it to finish, or stop "
+            f"it and run `rpsft sweep resume {name}`, or give this sweep another name (--name)"
+        ) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        since = datetime.datetime.now().isoformat(timespec="seconds")
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since {since}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def run_sweep(
     config: SweepConfig, *, address: str | None = None, progress: bool = True, echo=print
 ) -> SweepOutcome:
     """Validate everything, prepare shared state, run all trials, select and tag the operating point."""
     config = absolutize(config)
+    with driver_lock(config.sweep_dir(), config.name):
+        return _run_sweep(config, address=address, progress=progress, echo=echo)
+
+
+def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo) -> SweepOutcome:
     if _state_path(config).exists():
         raise SweepConfigError(
             f"name: a sweep named {config.name!r} already exists in {config.sweep_dir()}. "
@@ -423,6 +464,12 @@ def resume_sweep(
     name: str, *, root: str | Path = "runs/sweeps", address: str | None = None, echo=print
 ) -> SweepOutcome:
     """Finish an interrupted sweep: Tune restores its trials (finished ones are kept, not rerun)."""
+    read_state(name, root)  # a missing sweep fails naming it, before a lock file is made
+    with driver_lock(Path(root).expanduser().resolve() / name, name):
+        return _resume_sweep(name, root=root, address=address, echo=echo)
+
+
+def _resume_sweep(name: str, *, root: str | Path, address: str | None, echo) -> SweepOutcome:
     state = read_state(name, root)
     context = SweepContext(**state["context"])
     config = parse_sweep_config(context.config, f"{name}/{STATE_FILE}")
@@ -449,11 +496,29 @@ def collect(config: SweepConfig, context: SweepContext) -> tuple[list[Any], list
                 "status": run.info.status,
                 "state": run.data.tags.get(tracking.TAG_STATE, ""),
                 "reference": run.data.tags.get(tracking.TAG_REFERENCE, ""),
+                "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
                 "params": dict(run.data.params),
                 "metrics": dict(run.data.metrics),
             }
         )
     return runs, rows
+
+
+def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
+    """Mark FAIL the Optuna trials still RUNNING once every Tune trial has ended (a driver killed between
+    Optuna's ask and Tune's next experiment checkpoint leaves one that nothing will ever tell). Returns how
+    many were closed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    except KeyError:  # no searched trial was ever asked (a sweep of references only)
+        return 0
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in running:
+        study.tell(trial.number, state=TrialState.FAIL)
+    return len(running)
 
 
 def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
@@ -499,8 +564,15 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
     done = sum(1 for row in rows if row["status"] == "FINISHED" or row["state"] == "early-stopped")
     expected = config.num_reference_trials + config.search.num_trials
+    if done >= expected:
+        closed = close_orphaned_optuna_trials(optuna_url, config.name)
+        if closed:
+            echo(f"[rpsft] sweep {config.name}: {closed} Optuna trial(s) asked before a crash and never run: FAIL")
     write_state(config, context, "finished" if done >= expected else "incomplete", optuna_url)
     if done < expected:
+        for row in rows:
+            if row["status"] == "FAILED":
+                echo(f"[rpsft] trial {row['trial_id']} FAILED: {row['failure'] or 'no reason recorded'}")
         echo(
             f"[rpsft] sweep {config.name}: {done} of {expected} trials done; "
             f"`rpsft sweep resume {config.name}` runs the rest"

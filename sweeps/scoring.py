@@ -203,26 +203,23 @@ class TrialScorer:
     def _base_mc(self, base_model: Any, tokenizer: Any) -> dict[str, list[Any]]:
         """The base model's multiple-choice scores, computed once and cached on disk."""
         import hashlib
-        import json
         from dataclasses import asdict
         from pathlib import Path
 
         from evaluation.multiple_choice import MCScore
+        from rpsft_core.json_cache import read_cached_json, write_cached_json
 
         spec = hashlib.sha256(self.mc_settings.model_dump_json().encode()).hexdigest()
         path = Path(self.cache_dir) / "mc" / f"base-{self.base_key[:24]}-{spec[:16]}.json"
-        if path.is_file():
-            raw = json.loads(path.read_text())
+        raw = read_cached_json(path)
+        if raw is not None:
             return {bench: [MCScore(**row) for row in rows] for bench, rows in raw.items()}
         if base_model is None:
             from evaluation.benchmarks import EvalConfigError
 
             raise EvalConfigError("mc: the base model's scores are not cached yet. Fix: pass the base model")
         scores = self._mc_scores(base_model, tokenizer)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        tmp.write_text(json.dumps({b: [asdict(s) for s in rows] for b, rows in scores.items()}))
-        tmp.replace(path)
+        write_cached_json(path, {b: [asdict(s) for s in rows] for b, rows in scores.items()})
         return scores
 
     def mc_metrics(

@@ -41,21 +41,21 @@ EQUAL_GAIN = 0.25  # C3: an ID gain within 25% of SFT's counts as equal
 
 
 class KSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
     lam: float = Field(alias="lambda")
     layers: str = "all"
 
 
 class DriftSlice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     k: int | float
     layers: str = "all"
 
 
 class Claims(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     betas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
     k_slice: KSlice
@@ -63,7 +63,7 @@ class Claims(BaseModel):
 
 
 class StudyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str
     results_dir: str
@@ -81,9 +81,9 @@ def load_study_config(path: str | Path) -> StudyConfig:
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        from sweeps.config import format_sweep_error
+        from rpsft_core.config import format_validation_error
 
-        raise SweepConfigError(format_sweep_error(exc, str(path))) from None
+        raise SweepConfigError(format_validation_error(exc, str(path), "study configuration")) from None
     study.sweep_config()  # the sweep is validated before anything runs
     return study
 

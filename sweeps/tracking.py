@@ -24,6 +24,8 @@ TAG_TRIAL = "rpsft.trial_id"
 TAG_REFERENCE = "rpsft.reference"
 TAG_STATE = "rpsft.state"
 TAG_OPERATING_POINT = "rpsft.operating_point"
+TAG_FAILURE = "rpsft.failure"
+TAG_FAILURE_STEP = "rpsft.failure_step"
 PARENT_TAG = "mlflow.parentRunId"
 BASE_PREFIX = "base/"  # the parent run's metrics of the base model
 MAX_BATCH = 500
@@ -142,6 +144,15 @@ def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def record_failure(client: MlflowClient, run_id: str, exc: BaseException) -> None:
+    """Why a trial failed, on its run: ``rpsft.failure`` (exception type and message) and, for a non-finite
+    loss, ``rpsft.failure_step``."""
+    tags = {TAG_FAILURE: f"{type(exc).__name__}: {exc}"[:5000]}
+    if getattr(exc, "step", None) is not None:
+        tags[TAG_FAILURE_STEP] = str(exc.step)
+    set_tags(client, run_id, tags)
 
 
 def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED", state: str | None = None) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from sweeps import tracking
+from sweeps import faults, tracking
 from sweeps.config import SweepConfig
 from sweeps.scoring import TrialScorer
 from sweeps.summary import trial_label
@@ -78,6 +78,15 @@ class IntermediateEvaluation(TrainerCallback):
             self.report(metrics, state.global_step)
 
 
+def trial_knobs(train_config: Any, resolved: dict[str, Any]) -> dict[str, Any]:
+    """The knobs the trial's method reads (the method table's ``knobs``), as logged to MLflow: a method never
+    logs a k or lambda it does not use; ``k: auto`` logs its spec and, as ``k_resolved``, the fraction."""
+    knobs = train_config.knob_values()
+    if "k" in knobs and "k_spec" in resolved:
+        knobs["k"], knobs["k_resolved"] = resolved["k_spec"], resolved["k"]
+    return knobs
+
+
 def _torch_threads(cpus: float) -> None:
     import torch
 
@@ -116,6 +125,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         return
 
     try:
+        fault_callbacks = faults.maybe_inject(config.sweep_dir(), trial_id, trial_label(params))
         _torch_threads(config.resources.cpus)
         resolved = resolve_params(params, context)
         trial_dir = Path(config.sweep_dir()) / "trials" / trial_id
@@ -125,13 +135,10 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
             run_id,
             {
                 "method": train_config.method,
-                "k": resolved.get("k_spec", train_config.k) if train_config.method != "sft" else None,
-                "k_resolved": resolved.get("k") if "k_spec" in resolved else None,
-                "lambda": train_config.lam if train_config.method != "sft" else None,
+                **trial_knobs(train_config, resolved),
                 "layers": params.get("layers", "all")
                 if not isinstance(train_config.layers, str)
                 else train_config.layers,
-                "period": train_config.period,
                 "seed": train_config.seed,
                 "max_steps": train_config.max_steps,
                 "learning_rate": train_config.learning_rate,
@@ -139,7 +146,9 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 "trial_id": trial_id,
             },
         )
-        metrics = _train_and_score(config, context, train_config, scorer, client, run_id, report)
+        metrics = _train_and_score(
+            config, context, train_config, scorer, client, run_id, report, extra_callbacks=fault_callbacks
+        )
         result = {**metrics, **scorer.primary(metrics)}
         tracking.log_metrics(client, run_id, result, step=train_config.max_steps or 0)
         tracking.log_json_artifact(
@@ -150,13 +159,16 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     except SystemExit:  # Tune stops a trial (ASHA) by raising SystemExit in its report()
         tracking.finish_run(client, run_id, "KILLED", state="early-stopped")
         raise
-    except BaseException:
+    except BaseException as exc:
+        tracking.record_failure(client, run_id, exc)
         tracking.finish_run(client, run_id, "FAILED", state="failed")
         raise
     report(metrics, train_config.max_steps or 0, final=True)
 
 
-def _train_and_score(config, context, train_config, scorer, client, run_id, report) -> dict[str, float]:
+def _train_and_score(
+    config, context, train_config, scorer, client, run_id, report, extra_callbacks=()
+) -> dict[str, float]:
     import torch
 
     from rpsft_core.bases import load_or_compute_bases
@@ -174,7 +186,7 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
         bases = load_or_compute_bases(
             selection, train_config.effective_k, cache_dir=context.bases_dir, method=train_config.basis_method
         )
-    callbacks = [MlflowStepLogger(client, run_id)]
+    callbacks = [MlflowStepLogger(client, run_id), *extra_callbacks]
     if config.evaluation.every:
         callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
     result = train(
@@ -195,6 +207,7 @@ def _train_and_score(config, context, train_config, scorer, client, run_id, repo
         {
             "train_loss": result.metrics["train_loss"],
             "train_seconds": result.metrics["train_seconds"],
+            "resumed_from_step": result.metrics["resumed_from_step"],
             "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
             "drift_max": max(drift.values()) if drift else 0.0,
         }

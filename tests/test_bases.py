@@ -131,3 +131,26 @@ def test_cache_recomputes_a_corrupt_file(tmp_path, monkeypatch):
     bases = load_or_compute_bases(selection, 4, cache_dir=tmp_path)
     assert counter.calls == 2
     assert bases.params is not None
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_damaged_cache_file_is_recomputed_never_used(tmp_path, monkeypatch, damage):
+    selection = _selection()
+    good = load_or_compute_bases(selection, 8, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[-5] ^= 0xFF
+    elif damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw = bytearray(b"not a safetensors file")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BasisCacheError):
+        load_bases(path)
+    counter = _CountingCompute(monkeypatch)
+    again = load_or_compute_bases(selection, 8, cache_dir=tmp_path)
+    assert counter.calls == 1  # recomputed
+    for name, entry in good.entries.items():
+        assert torch.equal(entry.u, again.entries[name].u)
+    load_bases(path)  # and the rewritten file passes its check

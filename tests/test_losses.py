@@ -64,3 +64,53 @@ def test_num_items_normalizes_across_microbatches():
     assert sft_loss(logp, mask, num_items=4).item() == pytest.approx(
         sft_loss(logp, mask).item() / 2, rel=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- the label window of the loss
+
+
+def test_label_window_starts_at_the_position_that_predicts_the_first_label():
+    from rpsft_core.losses import label_window
+
+    labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, 7, 8, -100]])
+    assert label_window(labels) == 4  # row 1 scores position 2, predicted by position 1: keep 1..4
+    assert label_window(torch.full((2, 5), -100)) == 5  # nothing scored: the whole sequence
+    assert label_window(torch.tensor([[-100, 3, 4]])) == 3  # the first label predicted by position 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_windowed_logits_give_the_full_sequence_loss_and_gradient(arch):
+    from rpsft_core.losses import causal_lm_logits
+    from rpsft_core.models import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(arch, vocab_size=97, seed=1)
+    input_ids = torch.randint(0, 97, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 9:] = 0  # a right-padded row
+    labels = input_ids.clone()
+    labels[0, :7] = -100
+    labels[1, :5] = -100  # the earliest label: position 5, predicted by position 4
+    labels[2, :8] = -100
+    labels[2, 9:] = -100
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def loss_and_grad(windowed):
+        model.zero_grad()
+        if windowed:
+            logits, window_labels = causal_lm_logits(model, batch)
+            assert logits.shape[1] == window_labels.shape[1] == 12 - 4
+        else:
+            logits, window_labels = model(input_ids=input_ids, attention_mask=attention_mask).logits, labels
+        logp, mask = token_logprobs(logits, window_labels)
+        per_row = logp.sum(dim=1).detach().double()
+        loss = sft_loss(logp, mask)
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return per_row, int(mask.sum()), loss.item(), grads
+
+    full, windowed = loss_and_grad(False), loss_and_grad(True)
+    assert full[1] == windowed[1] == 5 + 7 + 1  # the same scored tokens
+    assert torch.allclose(full[0], windowed[0], atol=1e-5)
+    assert windowed[2] == pytest.approx(full[2], rel=1e-5)
+    assert torch.allclose(full[3], windowed[3], atol=1e-6, rtol=1e-4)

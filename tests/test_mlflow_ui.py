@@ -27,7 +27,7 @@ import pytest
 from browser import artifacts_dir, browser_missing, check_png, open_page, page_text, screenshot, wait_for_text
 
 MISSING = browser_missing()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 TIMEOUT = 90  # seconds for anything the UI loads (a large JS bundle, on a busy 2-core machine)
 PARENT_TAG = "mlflow.parentRunId"

@@ -81,6 +81,8 @@ def cli(*args: str):
     return CliRunner().invoke(app, ["regress", *args])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_regress_passes_unchanged_and_fails_degraded(regression_config):
     root, write = regression_config
     config = write("regress-tiny")

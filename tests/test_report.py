@@ -14,6 +14,8 @@ import torch
 from browser import artifacts_dir, browser_missing, check_png, open_page, screenshot
 from typer.testing import CliRunner
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # a finished Ray sweep
+
 
 class TableCells(HTMLParser):
     """``{table id: {row data-id: {cell data-key: text}}}`` of the report's tables."""

@@ -264,6 +264,7 @@ def test_mlflow_server_uses_postgres_basic_auth_and_served_artifacts(compose):
     assert is_allowed_host_header(allowed, f"localhost:{port}")
 
 
+@pytest.mark.integration
 def test_auth_ini_is_read_by_mlflow_with_a_postgres_store(compose, monkeypatch):
     from mlflow.server.auth.config import DEFAULT_AUTHORIZATION_FUNCTION, read_auth_config
 
@@ -494,6 +495,7 @@ def compose_cli() -> list[str] | None:
     compose_cli() is None, reason="neither `docker compose` nor `docker-compose` is installed"
 )
 @pytest.mark.parametrize("env_file", [None, ENV_EXAMPLE])
+@pytest.mark.integration
 def test_compose_cli_validates_the_file(tmp_path, env_file):
     cli = compose_cli()
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
@@ -718,6 +720,8 @@ def native_stack(tmp_path, compose) -> Iterator[NativeStack]:
 
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
 @pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")
+@pytest.mark.slow
+@pytest.mark.integration
 def test_sweep_on_the_native_stack(tmp_path, smol_tokenizer, native_stack, monkeypatch):
     stack = native_stack
     api = stack.mlflow_url + "/api/2.0/mlflow/experiments/search?max_results=1"

@@ -164,3 +164,11 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     ys = list(figures["phi_k"].data[0].y)
     assert ys[0] == pytest.approx(next(c for c in configs if c.method == "sft").intervals["phi@1"].estimate)
     assert len(ys) == 5  # sft, k=8, k=64, k=256, l2-init (k: auto is not a grid point)
+
+
+def test_a_docs_folder_without_results_is_bad_input(tmp_path):
+    from dashboards.reproduction import write_reproduction_page
+    from rpsft_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"docs: no study results .* Fix: --docs"):
+        write_reproduction_page(tmp_path / "empty")

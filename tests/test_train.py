@@ -203,3 +203,32 @@ def test_data_and_selection_errors_fail_before_training(tmp_path, smol_tokenizer
             progress=False,
         )
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_tokenizer):
+    """`checkpoint_every`: a run killed after step 3 of 4 restarts from checkpoint-2 (weights, AdamW state,
+    scheduler, data order) and ends where an uninterrupted run ends."""
+    from transformers import TrainerCallback
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Killed
+
+    common = dict(method="rpsft", max_steps=4, checkpoint_every=2, save_model=False, lr_scheduler="cosine")
+    whole = train(
+        _config(tmp_path / "whole", **common), model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False
+    )
+    assert whole.metrics["resumed_from_step"] == 0
+    cfg = _config(tmp_path / "killed", **common)
+    with pytest.raises(Killed):
+        train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, callbacks=[KillAfter()], progress=False)
+    assert sorted(p.name for p in (tmp_path / "killed" / "out").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
+    assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_steps"] == 4
+    assert [e["step"] for e in resumed.metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
+    for name, value in _weights(whole.model).items():
+        assert torch.allclose(value, _weights(resumed.model)[name], atol=1e-6), name

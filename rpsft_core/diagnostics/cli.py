@@ -6,14 +6,11 @@ from pathlib import Path
 
 import typer
 
+from rpsft_core.cli_errors import fail
+
 
 def _split(values: list[str] | None) -> list[str]:
     return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def _fail(message: str) -> None:
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
 
 
 def _parse_layers(text: str):
@@ -24,7 +21,7 @@ def _parse_layers(text: str):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            _fail(
+            fail(
                 f"--layers: {text!r} is not a valid spec ({exc}). Fix: e.g. \"{{types: [q, o], layers: '0:4'}}\""
             )
     return text
@@ -73,14 +70,14 @@ def register(app: typer.Typer) -> None:
         extra = list(ctx.args)
         bad = [a for a in extra if a.startswith("-") or a.endswith(".jsonl")]
         if bad:
-            _fail(
+            fail(
                 f"unexpected argument(s) {bad}: bare arguments after the options are read as tuned models. "
                 "Fix: give several data files as --data A.jsonl --data B.jsonl or --data A.jsonl,B.jsonl"
             )
         tuned_paths = _split(tuned) + extra
-        from rpsft_core.data import DataError
         from rpsft_core.diagnostics.run import diagnose as run_diagnose
         from rpsft_core.diagnostics.run import format_table
+        from rpsft_core.errors import InputError
 
         try:
             results = run_diagnose(
@@ -104,8 +101,8 @@ def register(app: typer.Typer) -> None:
                 figures=figures,
                 log=lambda message: typer.echo(message, err=True),
             )
-        except (DataError, ValueError, KeyError, FileNotFoundError, TypeError, OSError) as exc:
-            _fail(f"error: {exc}")
+        except (InputError, ValueError) as exc:  # bad input; a bug or an out-of-memory error keeps its traceback
+            fail(f"error: {exc}")
         typer.echo(format_table(results))
         typer.echo(f"results: {out / 'diagnostics.json'}")
         if results.get("figures"):

@@ -1,0 +1,24 @@
+"""The errors that mean "bad input": each message names the field and the fix.
+
+Every ``rpsft`` command turns an :class:`InputError` into a red message and exit status 2
+(:func:`rpsft_core.cli_errors.fail`); any other exception is a bug or a resource failure (an out-of-memory
+error, a dead service) and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Input the user can fix: a config field, a path, a data row, a model source."""
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration that cannot run; the message names the field and the fix."""
+
+
+class DataError(InputError, ValueError):
+    """A data source or row that cannot be read as chat examples."""
+
+
+class ModelSourceError(InputError, FileNotFoundError):
+    """A model that cannot be found or loaded from what was given (path, embedded name, hub id)."""

@@ -1,0 +1,63 @@
+"""Fault injection for the fault-tolerance tests: make chosen trials raise on their first attempts.
+
+``RPSFT_INJECT_FAULT`` holds a substring of the trial labels to hit (``[ref] lora``, ``k=8``);
+``RPSFT_INJECT_FAULT_TIMES`` (default 1) is how many attempts of each such trial raise before one runs
+normally; ``RPSFT_INJECT_FAULT_AT_STEP`` (default: before training) raises after that optimizer step instead,
+like a worker lost mid-training. Attempts are counted in ``<sweep dir>/faults/<trial id>``, so a retried trial
+(``failure.max_retries``) or a resumed sweep sees the count. Unset, nothing is injected.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+ENV_MATCH = "RPSFT_INJECT_FAULT"
+ENV_TIMES = "RPSFT_INJECT_FAULT_TIMES"
+ENV_AT_STEP = "RPSFT_INJECT_FAULT_AT_STEP"
+
+
+class InjectedFault(RuntimeError):
+    """The fault this module raises."""
+
+
+class _Fault:
+    def __init__(self, sweep_dir: Path, trial_id: str, label: str) -> None:
+        self.counter = Path(sweep_dir) / "faults" / trial_id
+        self.trial_id, self.label = trial_id, label
+        self.times = int(os.environ.get(ENV_TIMES, "1"))
+
+    def fire(self, where: str) -> None:
+        raised = int(self.counter.read_text()) if self.counter.exists() else 0
+        if raised < self.times:
+            self.counter.parent.mkdir(parents=True, exist_ok=True)
+            self.counter.write_text(str(raised + 1))
+            raise InjectedFault(
+                f"injected fault {raised + 1} of {self.times} in trial {self.trial_id} ({self.label}) {where}"
+            )
+
+
+class _StepFault(TrainerCallback):
+    def __init__(self, fault: _Fault, step: int) -> None:
+        self.fault, self.step = fault, step
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            self.fault.fire(f"after step {self.step}")
+
+
+def maybe_inject(sweep_dir: Path, trial_id: str, label: str) -> list[TrainerCallback]:
+    """Raise :class:`InjectedFault` now when ``label`` matches and no step is set; with
+    ``RPSFT_INJECT_FAULT_AT_STEP``, the Trainer callback that raises after that step. Unmatched: nothing."""
+    match = os.environ.get(ENV_MATCH)
+    if not match or match not in label:
+        return []
+    fault = _Fault(sweep_dir, trial_id, label)
+    step = os.environ.get(ENV_AT_STEP)
+    if step:
+        return [_StepFault(fault, int(step))]
+    fault.fire("before training")
+    return []
