@@ -14,6 +14,7 @@ update as one large batch.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Literal, get_args
 
@@ -47,10 +48,16 @@ def label_window(labels: Tensor) -> int:
     return labels.shape[1] - first
 
 
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can skip positions (once per model class, not per micro-batch)."""
     base = getattr(model, "module", model)  # DDP / accelerate wrappers
     base = base.get_base_model() if hasattr(base, "get_base_model") else base  # PEFT
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
 
 
 def causal_lm_logits(model: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
