@@ -309,10 +309,10 @@ def prepare_shared_state(
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _write_json(path: Path, payload: Any) -> None:
+def _write_json(path: Path, payload: Any, indent: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload))
+    tmp.write_text(json.dumps(payload, indent=indent))
     tmp.replace(path)
 
 
@@ -321,12 +321,8 @@ def _state_path(config: SweepConfig) -> Path:
 
 
 def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
-    path = _state_path(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"name": config.name, "status": status, "optuna_storage": optuna_url, "context": context.__dict__}
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)
+    _write_json(_state_path(config), state, indent=2)
 
 
 def read_state(name: str, root: str | Path = "runs/sweeps") -> dict[str, Any]:
