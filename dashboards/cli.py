@@ -20,16 +20,26 @@ def register(app: typer.Typer) -> None:
         ),
         png: bool = typer.Option(True, help="Also write each figure as PNG (needs Chrome/Chromium)."),
         log: bool = typer.Option(True, help="Log the report as artifacts of the sweep's MLflow parent run."),
+        importance: str = typer.Option(
+            "ped-anova", help="Optuna's importance evaluator for the knobs: ped-anova or fanova."
+        ),
     ) -> None:
-        """HTML report of a sweep (trade-off, Phi(k), per-benchmark table, training curves, rotation) + PNGs."""
+        """HTML report of a sweep (trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours,
+        per-benchmark table, training curves, rotation) + PNGs."""
         from dashboards.report import build_report, log_report
         from dashboards.sweep_data import load_sweep_data
         from sweeps.config import SweepConfigError
 
+        if importance not in ("ped-anova", "fanova"):
+            fail(f"--importance: {importance!r} is not an evaluator. Fix: ped-anova or fanova")
         try:
             data = load_sweep_data(name, root)
             files = build_report(
-                data, out or Path(root) / name / "report", png=png, diagnostics_dir=diagnostics
+                data,
+                out or Path(root) / name / "report",
+                png=png,
+                diagnostics_dir=diagnostics,
+                importance=importance,
             )
         except (SweepConfigError, FileNotFoundError, ValueError) as exc:
             fail(str(exc))
@@ -71,4 +81,3 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         for claim in result.claims:
             typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
-

@@ -308,11 +308,17 @@ def rotation_figure(data: SweepData) -> Any:
     return _layout(fig, "Rotation of the top-K left singular subspaces", "", "", height=520)
 
 
-def report_figures(data: SweepData) -> dict[str, Any]:
-    """``{file stem: figure}`` of every figure that has data, in report order."""
+def report_figures(data: SweepData, importances: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+    """``{file stem: figure}`` of every figure that has data, in report order; ``importances`` (from
+    :func:`dashboards.importance.param_importances`) adds their bar chart."""
+    from dashboards import importance
+
     figures = {
         "tradeoff": tradeoff_figure(data) if data.selections else None,
         "phi_vs_k": phi_vs_k_figure(data) if data.selections else None,
+        "importance": importance.importance_figure(data, importances) if importances else None,
+        "parallel": importance.parallel_figure(data),
+        **{f"contour_{layers}": fig for layers, fig in importance.contour_figures(data).items()},
         "training_curves": training_curves_figure(data),
         "rotation": rotation_figure(data),
     }

@@ -26,6 +26,8 @@ ARTIFACT_DIR = "report"
 FIGURE_TITLES = {
     "tradeoff": "ID gain vs OOD forgetting",
     "phi_vs_k": "Phi against k",
+    "importance": "Parameter importance",
+    "parallel": "Parallel coordinates of the searched trials",
     "training_curves": "Training curves",
     "rotation": "Rotation",
 }
@@ -44,6 +46,33 @@ class ReportFiles:
     html: Path
     pngs: list[Path] = field(default_factory=list)
     png_error: str | None = None
+    importances: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def figure_title(name: str) -> str:
+    if name.startswith("contour_"):
+        return f"Phi over (k, lambda), layers {name.removeprefix('contour_')}"
+    return FIGURE_TITLES[name]
+
+
+def _importance_table(importances: dict[str, dict[str, float]], evaluator: str) -> str:
+    if not importances:
+        return ""
+    from dashboards.importance import KNOBS
+
+    knobs = sorted({k for scores in importances.values() for k in scores}, key=KNOBS.index)
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in importances)
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>"
+        + "".join(f'<td class="num">{importances[t].get(k, 0.0):.2f}</td>' for t in importances)
+        + "</tr>"
+        for k in knobs
+    )
+    return (
+        '<p class="meta">Share of each target\'s variation over the searched trials that each knob explains '
+        f"(Optuna's {'fANOVA' if evaluator == 'fanova' else 'PED-ANOVA'}; references excluded).</p>"
+        f'<table id="importance"><tr><th>knob</th>{head}</tr>{rows}</table>'
+    )
 
 
 def fmt(value: Any, spec: str = "+.4f") -> str:
@@ -160,9 +189,12 @@ def _diagnostics_html(diagnostics_dir: Path | None) -> tuple[str, list[Path]]:
     )
 
 
-def report_data_json(data: SweepData) -> dict[str, Any]:
+def report_data_json(
+    data: SweepData, importances: dict[str, dict[str, float]] | None = None
+) -> dict[str, Any]:
     """The numbers the report shows, as embedded JSON."""
     return {
+        "importance": importances or {},
         "sweep": data.name,
         "tracking_uri": data.tracking_uri,
         "experiment_id": data.experiment_id,
@@ -184,7 +216,13 @@ def report_data_json(data: SweepData) -> dict[str, Any]:
     }
 
 
-def render_html(data: SweepData, figures: dict[str, Any], diagnostics: str = "") -> str:
+def render_html(
+    data: SweepData,
+    figures: dict[str, Any],
+    diagnostics: str = "",
+    importances: dict[str, dict[str, float]] | None = None,
+    evaluator: str = "ped-anova",
+) -> str:
     """The report page; ``diagnostics`` is an HTML section (from :func:`_diagnostics_html`) appended at the end."""
     from plotly.offline import get_plotlyjs
 
@@ -192,10 +230,13 @@ def render_html(data: SweepData, figures: dict[str, Any], diagnostics: str = "")
     sections = []
     for name, fig in figures.items():
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
-        sections.append(f'<h2>{FIGURE_TITLES[name]}</h2><div class="figure" data-figure="{name}">{div}</div>')
+        extra = _importance_table(importances or {}, evaluator) if name == "importance" else ""
+        sections.append(
+            f'<h2>{figure_title(name)}</h2>{extra}<div class="figure" data-figure="{name}">{div}</div>'
+        )
     chosen = data.operating_point
     finished = sum(t.finished for t in data.trials)
-    payload = json.dumps(report_data_json(data), default=str).replace("</", "<\\/")
+    payload = json.dumps(report_data_json(data, importances), default=str).replace("</", "<\\/")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>rpsft sweep {html.escape(data.name)}</title>
 <style>{STYLE}</style><script>{get_plotlyjs()}</script></head>
@@ -242,7 +283,12 @@ def write_pngs(figures: dict[str, Any], out_dir: Path) -> tuple[list[Path], str 
 
 
 def build_report(
-    data: SweepData, out_dir: str | Path, *, png: bool = True, diagnostics_dir: str | Path | None = None
+    data: SweepData,
+    out_dir: str | Path,
+    *,
+    png: bool = True,
+    diagnostics_dir: str | Path | None = None,
+    importance: str = "ped-anova",
 ) -> ReportFiles:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -251,11 +297,16 @@ def build_report(
         raise FileNotFoundError(
             f"--diagnostics: {diagnostics} has no diagnostics.json. Fix: the --out directory of `rpsft diagnose`"
         )
-    figures = report_figures(data)
+    from dashboards.importance import param_importances
+
+    importances = param_importances(data, evaluator=importance)
+    figures = report_figures(data, importances)
     diagnostics_section, diagnostics_pngs = _diagnostics_html(diagnostics)
     path = out / REPORT_HTML
-    path.write_text(render_html(data, figures, diagnostics_section), encoding="utf-8")
-    files = ReportFiles(path)
+    path.write_text(
+        render_html(data, figures, diagnostics_section, importances, importance), encoding="utf-8"
+    )
+    files = ReportFiles(path, importances=importances)
     if png:
         files.pngs, files.png_error = write_pngs(figures, out)
     files.pngs += diagnostics_pngs
@@ -263,10 +314,13 @@ def build_report(
 
 
 def log_report(data: SweepData, files: ReportFiles) -> str:
-    """Log the report (HTML + PNGs) as artifacts of the sweep's MLflow parent run, under ``report/``."""
+    """Log the report (HTML + PNGs) as artifacts of the sweep's MLflow parent run, under ``report/``, and the
+    parameter importances as its metrics (``importance/<target>/<knob>``)."""
+    from dashboards.importance import importance_metrics
     from sweeps import tracking
 
     client = tracking.client_for(data.tracking_uri)
+    tracking.log_metrics(client, data.parent_run_id, importance_metrics(files.importances))
     client.log_artifact(data.parent_run_id, str(files.html), ARTIFACT_DIR)
     for png in files.pngs:
         client.log_artifact(data.parent_run_id, str(png), ARTIFACT_DIR)

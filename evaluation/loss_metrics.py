@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from evaluation.benchmarks import EvalConfigError, build_registry
 from evaluation.items import load_items
 from evaluation.metrics import TradeOff, tradeoff
+from evaluation.progress import advance
 
 Messages = list[dict[str, str]]
 
@@ -139,6 +140,7 @@ def _scoring_batches(
         with torch.no_grad():
             for chunk in _batches(order, batch_size):
                 yield chunk, collate([encoded[i] for i in chunk])
+                advance(len(chunk))
     finally:
         for model, mode in zip(models, modes):
             model.train(mode)
@@ -196,7 +198,9 @@ def token_kl(
         )
         kl = (base_logp.exp() * (base_logp - tuned_logp)).sum(-1)
         kl_sum = (kl * mask).sum(dim=1)
-        pieces.append((indices, [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())]))
+        pieces.append(
+            (indices, [(float(s), int(n)) for s, n in zip(kl_sum.tolist(), mask.sum(dim=1).tolist())])
+        )
     return _in_order(pieces, len(conversations))
 
 
@@ -224,6 +228,7 @@ def greedy_responses(
                 )
                 for row in gen[:, enc["input_ids"].shape[1] :]:
                     out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+                advance(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -332,7 +337,9 @@ def loss_scores(
     kl_items = None
     if base_model is not None and settings.kl:
         kl_items = {
-            name: token_kl(base_model, model, tokenizer, conv, **kw) for name, conv in ood_conv.items() if conv
+            name: token_kl(base_model, model, tokenizer, conv, **kw)
+            for name, conv in ood_conv.items()
+            if conv
         }
 
     def means(per_item: dict[str, ItemPairs] | None) -> dict[str, float] | None:

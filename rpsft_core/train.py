@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, set_seed
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from rpsft_core.bases import Bases
 from rpsft_core.config import TrainConfig
@@ -84,8 +90,11 @@ def train(
     bases: Bases | None = None,
     callbacks: list | None = None,
     progress: bool = True,
+    print_logs: bool = True,
 ) -> TrainResult:
-    """Train one model as ``config`` says. Pass ``model``/``tokenizer``/``bases`` to reuse loaded ones."""
+    """Train one model as ``config`` says. Pass ``model``/``tokenizer``/``bases`` to reuse loaded ones.
+    ``progress``: the Trainer's bar; without it the Trainer prints each log dict, unless ``print_logs`` is
+    False (for a caller that shows progress its own way)."""
     set_seed(config.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, config.cache_dir)
@@ -113,6 +122,8 @@ def train(
         iw_clamp=config.iw_clamp,
         callbacks=callbacks,
     )
+    if not progress and not print_logs:
+        trainer.remove_callback(PrinterCallback)
     resume_from = latest_checkpoint(config.output_dir) if config.checkpoint_every else None
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -14,9 +14,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evaluation.multiple_choice import MCSettings
 from rpsft_core.config import ConfigError, TrainConfig, format_validation_error
@@ -172,7 +180,8 @@ class Reference(BaseModel):
     lam: float | None = Field(None, alias="lambda")
     layers: str | LayerSpec | None = None
     seeds: list[int] | None = Field(
-        None, description="run this trial once per seed (seed variance enters the intervals); default: the sweep's seed"
+        None,
+        description="run this trial once per seed (seed variance enters the intervals); default: the sweep's seed",
     )
 
     @field_validator("k")
@@ -304,10 +313,16 @@ class Search(BaseModel):
     algorithm: Literal["tpe", "nsga2", "random", "grid", "qmc", "auto"] = Field(
         "auto",
         description="grid: every combination of the listed choices once (Optuna GridSampler); qmc: a scrambled "
-        "Sobol sequence (QMCSampler), which spreads a small budget evenly; auto: tpe, or nsga2 for pareto",
+        "Sobol sequence (QMCSampler), which spreads a small budget evenly; auto: tpe (nsga2 for pareto) after a "
+        "space-filling start that shows every k choice (sweeps/initial_design.py)",
     )
     num_trials: int = Field(4, ge=0, description="searched trials (the references come on top)")
     seed: int = 0
+    warm_start: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]] = Field(
+        default_factory=list,
+        description="earlier sweeps (same output_dir, model, data and objective.metric) whose finished searched "
+        "trials start this sweep's Optuna study (sweeps/warm_start.py)",
+    )
 
 
 class Scheduler(BaseModel):
@@ -463,9 +478,7 @@ class SweepConfig(BaseModel):
     def grid_size(self) -> int:
         """Points of the grid over the listed choices (a range counts as its two bounds)."""
         space = self.space
-        return (
-            len(space.k_choices()) * len(space.lam_choices()) * len(space.layers) * len(space.period)
-        )
+        return len(space.k_choices()) * len(space.lam_choices()) * len(space.layers) * len(space.period)
 
     @property
     def num_reference_trials(self) -> int:

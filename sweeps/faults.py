@@ -5,11 +5,17 @@
 normally; ``RPSFT_INJECT_FAULT_AT_STEP`` (default: before training) raises after that optimizer step instead,
 like a worker lost mid-training. Attempts are counted in ``<sweep dir>/faults/<trial id>``, so a retried trial
 (``failure.max_retries``) or a resumed sweep sees the count. Unset, nothing is injected.
+
+An outage of a service is injected the same way: with ``RPSFT_INJECT_COMMAND`` set, a matching trial runs that
+shell command once instead of raising, after optimizer step ``RPSFT_INJECT_FAULT_AT_STEP`` or, unset, at its
+end (after its MLflow writes, before it reports its result to the driver). The command can stop a server and
+start it again later in the background.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from transformers import TrainerCallback
 ENV_MATCH = "RPSFT_INJECT_FAULT"
 ENV_TIMES = "RPSFT_INJECT_FAULT_TIMES"
 ENV_AT_STEP = "RPSFT_INJECT_FAULT_AT_STEP"
+ENV_COMMAND = "RPSFT_INJECT_COMMAND"
 
 
 class InjectedFault(RuntimeError):
@@ -35,6 +42,10 @@ class _Fault:
         if raised < self.times:
             self.counter.parent.mkdir(parents=True, exist_ok=True)
             self.counter.write_text(str(raised + 1))
+            command = os.environ.get(ENV_COMMAND)
+            if command:
+                subprocess.run(command, shell=True, check=True, timeout=120)
+                return
             raise InjectedFault(
                 f"injected fault {raised + 1} of {self.times} in trial {self.trial_id} ({self.label}) {where}"
             )
@@ -59,5 +70,13 @@ def maybe_inject(sweep_dir: Path, trial_id: str, label: str) -> list[TrainerCall
     step = os.environ.get(ENV_AT_STEP)
     if step:
         return [_StepFault(fault, int(step))]
-    fault.fire("before training")
+    if not os.environ.get(ENV_COMMAND):
+        fault.fire("before training")
     return []
+
+
+def at_trial_end(sweep_dir: Path, trial_id: str, label: str) -> None:
+    """Run ``RPSFT_INJECT_COMMAND`` when ``label`` matches and no step is set (a trial's last act)."""
+    match = os.environ.get(ENV_MATCH)
+    if match and match in label and os.environ.get(ENV_COMMAND) and not os.environ.get(ENV_AT_STEP):
+        _Fault(sweep_dir, trial_id, label).fire("at the end")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.config import SweepConfig, SweepConfigError
+from sweeps.optuna_storage import optuna_storage
 
 
 def _first_line(exc: BaseException) -> str:
@@ -41,22 +42,6 @@ def check_storage_rules(config: SweepConfig, optuna_url: str, mlflow_uri: str) -
             f"storage: Optuna and MLflow both point at {optuna_url}; both keep an 'alembic_version' table. "
             "Fix: separate databases (or PostgreSQL schemas, e.g. ?options=-csearch_path%3Dmlflow)"
         )
-
-
-def optuna_storage(url: str) -> Any:
-    """An Optuna storage for ``sqlite:``/``postgresql:``/... URLs or ``journal:<file>``."""
-    import optuna
-
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(url.removeprefix("journal:")).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if _is_sqlite(url):
-        Path(url.split(":///", 1)[-1]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"connect_args": {"connect_timeout": 5}} if url.startswith("postgresql") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
 
 
 def check_optuna_storage(url: str) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,20 @@ def cache_root(config: SweepConfig) -> Path:
 # ----------------------------------------------------------------------------------------------- Ray
 
 
+class _DropTokenAuthBanner(logging.Filter):
+    """Ray's notice that it turned token authentication on (as it does for a new local instance): the local
+    default keeps the authentication and drops the notice; every other Ray message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_token_auth_banner() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthBanner) for f in logger.filters):
+        logger.addFilter(_DropTokenAuthBanner())
+
+
 def init_ray(address: str | None) -> dict[str, float]:
     import ray
 
@@ -93,6 +108,7 @@ def init_ray(address: str | None) -> dict[str, float]:
         if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_", "MLFLOW_TRACKING_"))
     }
     if not ray.is_initialized():
+        _quiet_token_auth_banner()
         kwargs: dict[str, Any] = dict(
             include_dashboard=False,
             log_to_driver=True,
@@ -122,23 +138,37 @@ def optuna_space(space: dict[str, Any], trial: Any) -> None:
             trial.suggest_categorical(name, dim)
 
 
-def build_searcher(config: SweepConfig, storage: Any) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from sweeps.searcher import ReferencesFirst
-
+def search_dims(config: SweepConfig) -> dict[str, Any]:
+    """The searched knobs as :func:`optuna_space` reads them: a list of choices or a ``{low, high, log}``."""
     space = config.space
-    dims = {
+    return {
         "k": space.k.model_dump() if hasattr(space.k, "model_dump") else list(space.k),
         "lambda": space.lam.model_dump() if hasattr(space.lam, "model_dump") else list(space.lam),
         "layers": space.layer_labels(),
         "period": list(space.period),
     }
+
+
+def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False) -> Any:
+    """Tune's Optuna searcher behind the references. The default algorithm starts from a space-filling
+    design, unless earlier sweeps' trials already inform it (``warm_started``)."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from sweeps.initial_design import initial_design
+    from sweeps.searcher import ReferencesFirst
+
+    dims = search_dims(config)
     seed = config.search.seed
+    design = None
+    if config.search.algorithm == "auto" and config.search.num_trials > 0 and not warm_started:
+        design_dims = dict(dims)
+        if isinstance(dims["k"], dict) and _integer_ranks(dims["k"]):
+            design_dims["k"] = {**dims["k"], "integer": True}
+        design = initial_design(design_dims, config.search.num_trials, seed)
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=max(2, config.search.num_trials // 3)
+            seed=seed, n_startup_trials=len(design) if design else max(2, config.search.num_trials // 3)
         ),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
@@ -158,6 +188,7 @@ def build_searcher(config: SweepConfig, storage: Any) -> Any:
         sampler=sampler,
         study_name=config.name,
         storage=storage,
+        points_to_evaluate=design,
     )
     return ReferencesFirst(search, config.reference_params())
 
@@ -188,7 +219,8 @@ def _reporter(config: SweepConfig) -> Any:
     from ray.tune import CLIReporter
 
     columns = {
-        "step": "step",
+        "progress": "step",
+        "eta": "ETA",
         "objective": "Phi",
         "g_id": "G_id",
         "f_ood": "F_ood",
@@ -202,7 +234,9 @@ def _reporter(config: SweepConfig) -> Any:
     )
 
 
-def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore: bool) -> None:
+def run_tuner(
+    config: SweepConfig, context: SweepContext, storage: Any, restore: bool, warm_started: bool = False
+) -> None:
     from ray import tune
 
     # reference trials report their Phi under another key, so ASHA and Optuna leave them alone
@@ -217,7 +251,7 @@ def run_tuner(config: SweepConfig, context: SweepContext, storage: Any, restore:
         tuner = tune.Tuner(
             trainable(config, context),
             tune_config=tune.TuneConfig(
-                search_alg=build_searcher(config, storage),
+                search_alg=build_searcher(config, storage, warm_started=warm_started),
                 scheduler=build_scheduler(config),
                 num_samples=config.num_reference_trials + config.search.num_trials,
                 max_concurrent_trials=config.concurrency,
@@ -298,7 +332,10 @@ def prepare_shared_state(
         with torch.no_grad():
             subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)
         torch.save({name: u.float() for name, u in subspaces.items()}, rotation_base_path(config))
-    base_metrics = scorer.warm_base(model, tokenizer)
+    from evaluation.progress import progress_bar
+
+    with progress_bar("base model: OOD responses and NLLs", scorer.base_work(), enabled=progress):
+        base_metrics = scorer.warm_base(model, tokenizer)
     with torch.no_grad():
         base_items = scorer.base_item_scores(model, tokenizer)
     _write_json(config.sweep_dir() / BASE_ITEM_SCORES, base_items)
@@ -398,6 +435,9 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     cache_dir = str(cache_root(config) / "eval")
     scorer = TrialScorer(config, base_key="", cache_dir=cache_dir)
     preflight.check_inputs(config, scorer)
+    from sweeps.warm_start import carry_over, check_warm_start
+
+    earlier_sweeps = check_warm_start(config)
     preflight.check_resources(config, init_ray(address or config.storage.ray_address))
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
@@ -432,6 +472,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
             "algorithm": config.algorithm,
             "scheduler": config.scheduler_type,
             "optuna_storage": optuna_url,
+            "warm_start": config.search.warm_start or None,
         },
     )
     tracking.log_json_artifact(
@@ -450,9 +491,21 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
         bases_dir=str(bases_dir),
         auto_k=auto_k,
     )
+    warm = carry_over(
+        config, storage, search_dims(config), earlier_sweeps if config.search.num_trials else []
+    )
+    for earlier, n in warm.carried.items():
+        skipped = (
+            f", {warm.skipped[earlier]} outside this search space left out" if warm.skipped[earlier] else ""
+        )
+        echo(
+            f"[rpsft] warm start: {n} finished trial(s) of sweep {earlier!r} carried into the Optuna study{skipped}"
+        )
+    if warm.carried:
+        tracking.log_metrics(client, parent, {f"warm_start/{k}": v for k, v in warm.carried.items()})
     write_state(config, context, "running", optuna_url)
     echo(f"[rpsft] MLflow: {mlflow_uri}  experiment {config.storage.experiment!r}  parent run {parent}")
-    run_tuner(config, context, storage, restore=False)
+    run_tuner(config, context, storage, restore=False, warm_started=sum(warm.carried.values()) > 0)
     return finish(config, context, optuna_url, echo=echo)
 
 
@@ -507,8 +560,10 @@ def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
     import optuna
     from optuna.trial import TrialState
 
+    from sweeps.optuna_storage import optuna_storage
+
     try:
-        study = optuna.load_study(study_name=study_name, storage=optuna_url)
+        study = optuna.load_study(study_name=study_name, storage=optuna_storage(optuna_url))
     except KeyError:  # no searched trial was ever asked (a sweep of references only)
         return 0
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -563,7 +618,9 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     if done >= expected:
         closed = close_orphaned_optuna_trials(optuna_url, config.name)
         if closed:
-            echo(f"[rpsft] sweep {config.name}: {closed} Optuna trial(s) asked before a crash and never run: FAIL")
+            echo(
+                f"[rpsft] sweep {config.name}: {closed} Optuna trial(s) asked before a crash and never run: FAIL"
+            )
     write_state(config, context, "finished" if done >= expected else "incomplete", optuna_url)
     if done < expected:
         for row in rows:

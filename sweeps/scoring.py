@@ -74,7 +74,9 @@ class TrialScorer:
             loss_kwargs["ood_benchmarks"] = ev.loss.ood_benchmarks
         self.loss_settings = LossSettings(**loss_kwargs)
         self.mc_settings = (
-            ev.mc.model_copy(update={"data_dir": ev.data_dir, "subset": ev.subset}) if ev.mc is not None else None
+            ev.mc.model_copy(update={"data_dir": ev.data_dir, "subset": ev.subset})
+            if ev.mc is not None
+            else None
         )
         self.harness_settings = None
         if ev.harness is not None:
@@ -105,6 +107,14 @@ class TrialScorer:
         if self.harness_settings is not None:
             plan_evaluation(self.harness_settings)
         return prompts
+
+    def base_work(self) -> int:
+        """Items the base model generates for or is scored on in :meth:`warm_base` (a progress bar's total)."""
+        from evaluation.loss_metrics import loss_items
+
+        items = loss_items(self.loss_settings)
+        prompts = sum(len(p) for p in items.ood_prompts.values())
+        return 2 * prompts + sum(len(c) for c in items.id_conversations.values())
 
     def warm_base(self, base_model: Any, tokenizer: Any) -> dict[str, float]:
         """Generate and cache the base model's responses, NLLs and harness scores; return its per-benchmark

@@ -99,10 +99,13 @@ def selection_text(selection: Selection) -> str:
     else:
         lines.append(f"  G_id {best.g_id:+.4f}  F_ood {best.f_ood:+.4f}  Phi {best.phi(beta):+.4f}")
     if best.g_id <= 0:
-        lines.append(
-            "  note: the operating point does not raise the ID score (G_id <= 0): no trained trial gains on ID "
-            "at this scale"
+        gainers = [p for p in selection.ranking if p.g_id > 0]
+        why = (
+            f"the {len(gainers)} configuration(s) that gain on ID forget more than they gain at this beta"
+            if gainers
+            else "no trained trial gains on ID at this scale"
         )
+        lines.append(f"  note: the operating point does not raise the ID score (G_id <= 0): {why}")
     if best.phi(beta) <= 0:
         lines.append(
             f"  note: the best Phi at beta={beta:g} is <= 0: at this scale no trained trial beats the base model "

@@ -116,8 +116,12 @@ def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> Non
         client.log_batch(run_id, params=items[i : i + 100])
 
 
-def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0) -> None:
-    """Log the finite numeric values of ``metrics`` at ``step`` (names sanitized for MLflow)."""
+def log_metrics(
+    client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0, synchronous: bool = True
+) -> list[Any]:
+    """Log the finite numeric values of ``metrics`` at ``step`` (names sanitized for MLflow). With
+    ``synchronous=False`` MLflow queues the writes in the background (retrying them through an outage of the
+    tracking server) and this returns their ``RunOperations``: ``wait()`` on them before the run ends."""
     import time
 
     now = int(time.time() * 1000)
@@ -126,8 +130,12 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
     ]
+    pending = []
     for i in range(0, len(items), MAX_BATCH):
-        client.log_batch(run_id, metrics=items[i : i + MAX_BATCH])
+        operation = client.log_batch(run_id, metrics=items[i : i + MAX_BATCH], synchronous=synchronous)
+        if operation is not None:
+            pending.append(operation)
+    return pending
 
 
 def metric_name(name: str) -> str:

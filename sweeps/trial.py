@@ -6,6 +6,7 @@ picklable record the driver builds once), so a restored sweep gets an identical 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,15 +51,63 @@ def resolve_params(params: dict[str, Any], context: SweepContext) -> dict[str, A
 
 
 class MlflowStepLogger(TrainerCallback):
-    """Per-step task loss, penalty and protected drift into the trial's MLflow run."""
+    """Per-step task loss, penalty and protected drift into the trial's MLflow run. The writes are queued
+    (MLflow's asynchronous logging), so training does not wait on the tracking server, nor stop while it is
+    down; the end of training waits until every queued write has landed."""
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client, self.run_id = client, run_id
+        self.pending: list[Any] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             values = {key: logs[key] for key in PER_STEP_KEYS if key in logs}
-            tracking.log_metrics(self.client, self.run_id, values, step=state.global_step)
+            self.pending += tracking.log_metrics(
+                self.client, self.run_id, values, step=state.global_step, synchronous=False
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for operation in pending:
+            operation.wait()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class TuneProgress(TrainerCallback):
+    """Each optimizer step, the trial's ``progress`` (step / max_steps) and ``eta`` (the remaining steps at the
+    mean step time so far) to Tune, for the driver's table. These interim results carry no objective, so ASHA
+    and Optuna ignore them."""
+
+    def __init__(self, report) -> None:
+        self.report = report
+        self.started: float | None = None
+        self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import time
+
+        self.started, self.first_step = time.monotonic(), state.global_step  # a resumed trial's first step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        done = state.global_step - self.first_step
+        per_step = (time.monotonic() - self.started) / max(done, 1)
+        left = max(state.max_steps - state.global_step, 0) * per_step
+        self.report(
+            {
+                "progress": f"{state.global_step}/{state.max_steps}",
+                "eta": _duration(left),
+                "step": state.global_step,
+            }
+        )
 
 
 class IntermediateEvaluation(TrainerCallback):
@@ -118,7 +167,8 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         out = {k: v for k, v in scored.items() if k != "objective"}
         if "objective" in scored:
             out[objective_key] = scored["objective"]
-        tune.report({**out, "step": step, "final": final})
+        shown = {"progress": f"{step}/{config.max_steps}", "eta": "done" if final else ""}
+        tune.report({**out, **shown, "step": step, "final": final})
 
     if run.info.status == "FINISHED":  # finished before a crash: report its stored results, do not retrain
         tune.report({**_stored_result(run), "final": True})
@@ -156,6 +206,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         )
         tracking.log_json_artifact(client, run_id, "result.json", result)
         tracking.finish_run(client, run_id, "FINISHED", state="finished")
+        faults.at_trial_end(config.sweep_dir(), trial_id, trial_label(params))
     except SystemExit:  # Tune stops a trial (ASHA) by raising SystemExit in its report()
         tracking.finish_run(client, run_id, "KILLED", state="early-stopped")
         raise
@@ -186,12 +237,30 @@ def _train_and_score(
         bases = load_or_compute_bases(
             selection, train_config.effective_k, cache_dir=context.bases_dir, method=train_config.basis_method
         )
-    callbacks = [MlflowStepLogger(client, run_id), *extra_callbacks]
+    from ray import tune
+
+    step_logger = MlflowStepLogger(client, run_id)
+    callbacks = [
+        step_logger,
+        TuneProgress(lambda values: tune.report({**values, "final": False})),
+        *extra_callbacks,
+    ]
     if config.evaluation.every:
         callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
-    result = train(
-        train_config, model=model, tokenizer=tokenizer, bases=bases, callbacks=callbacks, progress=False
-    )
+    try:
+        result = train(
+            train_config,
+            model=model,
+            tokenizer=tokenizer,
+            bases=bases,
+            callbacks=callbacks,
+            progress=False,
+            print_logs=False,
+        )
+    except BaseException:
+        with contextlib.suppress(Exception):  # the steps before a failure stay on record; its cause is raised
+            step_logger.flush()
+        raise
     trained = result.model.eval()
     base_model = None
     if config.evaluation.loss.kl:

@@ -33,6 +33,26 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, smol_tokenizer):
+    """A tiny random-init Llama saved with the SmolLM2 tokenizer, one per test module."""
+    from sweep_helpers import tiny_model_dir
+
+    return tiny_model_dir(tmp_path_factory.mktemp("model"), smol_tokenizer)
+
+
+@pytest.fixture
+def fresh_ray():
+    """The test starts its own Ray (so the workers see the test's environment, e.g. injection variables)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def finished_sweep(tmp_path_factory, smol_tokenizer):
     """One small finished sweep over a tiny Llama (SQLite MLflow + Optuna, intermediate evaluations, per-trial

@@ -6,30 +6,14 @@ from __future__ import annotations
 
 import pytest
 from conftest import PAPER_DATA
-from sweep_helpers import run_quietly, sweep_dict, tiny_model_dir
+from sweep_helpers import run_quietly, sweep_dict
 
 pytestmark = [
     pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present"),
     pytest.mark.slow,
     pytest.mark.integration,
+    pytest.mark.usefixtures("fresh_ray"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"), smol_tokenizer)
-
-
-@pytest.fixture(autouse=True)
-def _fresh_ray():
-    """Each test starts its own Ray, so the workers see the test's injection variables."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 def _runs_by_reference(outcome):
@@ -56,7 +40,9 @@ def _sweep(name, tiny_dir, tmp_path, **overrides):
     )
 
 
-def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(tmp_path, tiny_dir, monkeypatch):
+def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(
+    tmp_path, tiny_dir, monkeypatch
+):
     import json
 
     from sweeps.runner import resume_sweep
@@ -81,7 +67,11 @@ def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(
     ray.shutdown()
     resumed = resume_sweep("faulty", root=tmp_path / "sweeps", echo=lambda *a, **k: None)
     _, after = _runs_by_reference(resumed)
-    assert {label: len(runs) for label, runs in after.items()} == {"sft": 1, "lora": 1, "": 1}  # no duplicates
+    assert {label: len(runs) for label, runs in after.items()} == {
+        "sft": 1,
+        "lora": 1,
+        "": 1,
+    }  # no duplicates
     assert after["lora"][0].info.run_id == lora.info.run_id and after["lora"][0].info.status == "FINISHED"
     for runs in after.values():  # finished before: not trained again
         for run in runs:
@@ -106,7 +96,11 @@ def test_max_retries_reruns_a_failed_trial_in_the_same_run(tmp_path, tiny_dir, m
 def test_a_nan_loss_fails_the_trial_at_that_step_and_never_becomes_the_operating_point(tmp_path, tiny_dir):
     raw = _sweep("diverges", tiny_dir, tmp_path)
     raw["references"] = ["sft", "lora"]
-    raw["train"] = {**raw["train"], "learning_rate": 1.0e30, "max_steps": 6}  # AdamW: weights ~1e30 after a step
+    raw["train"] = {
+        **raw["train"],
+        "learning_rate": 1.0e30,
+        "max_steps": 6,
+    }  # AdamW: weights ~1e30 after a step
     outcome = run_quietly(raw)
     _, by_label = _runs_by_reference(outcome)
     failed = [r for runs in by_label.values() for r in runs if r.info.status == "FAILED"]
@@ -149,7 +143,9 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SweepConfigError, match=r"name: sweep 'locked' is being run by another driver \(pid"):
+        with pytest.raises(
+            SweepConfigError, match=r"name: sweep 'locked' is being run by another driver \(pid"
+        ):
             run_sweep(config, echo=lambda *a, **k: None, progress=False)
         assert not (sweep_dir / "sweep.json").exists()  # refused before any work
         from sweeps.runner import resume_sweep

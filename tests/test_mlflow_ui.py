@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -25,9 +22,14 @@ from urllib.request import url2pathname
 
 import pytest
 from browser import artifacts_dir, browser_missing, check_png, open_page, page_text, screenshot, wait_for_text
+from services import free_port, healthy, stop_process_group
 
 MISSING = browser_missing()
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(MISSING is not None, reason=MISSING or ""),
+]
 
 TIMEOUT = 90  # seconds for anything the UI loads (a large JS bundle, on a busy 2-core machine)
 PARENT_TAG = "mlflow.parentRunId"
@@ -36,34 +38,10 @@ PARENT_TAG = "mlflow.parentRunId"
 # ----------------------------------------------------------------------------------------------- server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (uvicorn and its worker), SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    if proc.poll() is None:
+        stop_process_group(proc.pid)
+        proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +60,7 @@ def mlflow_ui(finished_sweep, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mlflow-server")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
     for _attempt in range(3):  # another process may take the free port first
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
         log = workdir / f"server-{port}.log"
         command = [
@@ -97,9 +75,9 @@ def mlflow_ui(finished_sweep, tmp_path_factory):
                 command, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not _healthy(url):
+        while proc.poll() is None and time.monotonic() < deadline and not healthy(url):
             time.sleep(0.5)
-        if proc.poll() is None and _healthy(url):
+        if proc.poll() is None and healthy(url):
             break
         _stop(proc)
         if "address already in use" not in log.read_text(errors="replace").lower():

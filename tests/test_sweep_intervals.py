@@ -17,13 +17,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer):
-    from sweep_helpers import tiny_model_dir
-
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny"), smol_tokenizer)
-
-
 def _weighted(rows):
     return sum(v for v, _ in rows) / sum(w for _, w in rows)
 

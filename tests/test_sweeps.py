@@ -15,17 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PAPER_DATA
-from sweep_helpers import drop_pg_schema, pg_available, pg_schema, sweep_dict, tiny_model_dir
+from sweep_helpers import drop_pg_schema, pg_available, pg_schema, sweep_dict
 from sweep_helpers import run_quietly as run
 
 pytestmark = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
 needs_pg = pytest.mark.skipif(not pg_available(), reason="no PostgreSQL on 127.0.0.1:5432")
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, smol_tokenizer):
-    return tiny_model_dir(tmp_path_factory.mktemp("model"), smol_tokenizer)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -78,3 +78,16 @@ def test_select_ranks_and_rejects_empty():
     assert sel.to_dict()["best"]["phi"] == pytest.approx(0.15)
     with pytest.raises(ValueError, match="no finished trial"):
         select([P("x", float("nan"), 0.1)], 1.0)
+
+
+def test_the_summary_says_why_a_point_without_id_gain_is_chosen():
+    from sweeps.summary import selection_text
+
+    others_gain = select([TrialPoint("l2", -0.001, -0.004, {}), TrialPoint("sft", 0.04, 0.06, {})], 1.0)
+    assert others_gain.best.trial_id == "l2"
+    text = selection_text(others_gain)
+    assert "the 1 configuration(s) that gain on ID forget more than they gain at this beta" in text
+    none_gain = select([TrialPoint("a", -0.001, -0.004, {}), TrialPoint("b", -0.01, 0.02, {})], 1.0)
+    assert "no trained trial gains on ID at this scale" in selection_text(none_gain)
+    gains = select([TrialPoint("c", 0.03, 0.01, {})], 1.0)
+    assert "does not raise the ID score" not in selection_text(gains)
