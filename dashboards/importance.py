@@ -71,11 +71,17 @@ def targets(data: SweepData) -> dict[str, tuple[Callable[[TrialRecord], float | 
     }
 
 
-def study_of(trials: list[TrialRecord], value: Callable[[TrialRecord], float | None], direction: str) -> Any:
-    """An in-memory Optuna study holding ``trials`` with ``value`` as their objective."""
+def study_of(
+    trials: list[TrialRecord],
+    value: Callable[[TrialRecord], float | None],
+    direction: str,
+    distributions: dict[str, Any] | None = None,
+) -> Any:
+    """An in-memory Optuna study holding ``trials`` with ``value`` as their objective (``distributions``:
+    those of :func:`_distributions`, when the caller has them already)."""
     import optuna
 
-    distributions = _distributions(trials)
+    distributions = _distributions(trials) if distributions is None else distributions
     study = optuna.create_study(direction=direction)
     for trial in trials:
         objective = value(trial)
@@ -111,11 +117,12 @@ def param_importances(data: SweepData, evaluator: Evaluator = "ped-anova") -> di
     import optuna
 
     trials = searched_trials(data)
-    if len(trials) < MIN_TRIALS or not _distributions(trials):
+    distributions = _distributions(trials)
+    if len(trials) < MIN_TRIALS or not distributions:
         return {}
     out = {}
     for name, (value, direction, _) in targets(data).items():
-        study = study_of(trials, value, direction)
+        study = study_of(trials, value, direction, distributions)
         if len(study.trials) < MIN_TRIALS:
             continue
         with warnings.catch_warnings():
@@ -127,12 +134,17 @@ def param_importances(data: SweepData, evaluator: Evaluator = "ped-anova") -> di
     return out
 
 
+def knobs_of(importances: dict[str, dict[str, float]]) -> list[str]:
+    """The knobs that have an importance for some target, in :data:`KNOBS` order."""
+    return sorted({k for scores in importances.values() for k in scores}, key=KNOBS.index)
+
+
 def importance_figure(data: SweepData, importances: dict[str, dict[str, float]]) -> Any:
     """Grouped bars: one group per knob, one bar per target."""
     import plotly.graph_objects as go
 
     names = {key: display for key, (_, _, display) in targets(data).items()}
-    knobs = sorted({k for scores in importances.values() for k in scores}, key=KNOBS.index)
+    knobs = knobs_of(importances)
     fig = go.Figure()
     for target, scores in importances.items():
         fig.add_trace(go.Bar(name=names[target], x=knobs, y=[scores.get(k, 0.0) for k in knobs]))
@@ -153,9 +165,10 @@ def parallel_figure(data: SweepData) -> Any | None:
 
     trials = searched_trials(data)
     value, direction, name = targets(data)["phi"]
-    if len(trials) < MIN_TRIALS or not _distributions(trials):
+    distributions = _distributions(trials)
+    if len(trials) < MIN_TRIALS or not distributions:
         return None
-    study = study_of(trials, value, direction)
+    study = study_of(trials, value, direction, distributions)
     fig = optuna.visualization.plot_parallel_coordinate(study, target_name=name)
     fig.update_layout(template="plotly_white", height=480)
     return fig
@@ -172,9 +185,10 @@ def contour_figures(data: SweepData) -> dict[str, Any]:
         by_layers.setdefault(trial.params.get("layers", "all"), []).append(trial)
     out = {}
     for layers, trials in sorted(by_layers.items()):
-        if len(trials) < 3 or not {"k", "lambda"} <= set(_distributions(trials)):
+        distributions = _distributions(trials)
+        if len(trials) < 3 or not {"k", "lambda"} <= set(distributions):
             continue
-        study = study_of(trials, value, direction)
+        study = study_of(trials, value, direction, distributions)
         fig = optuna.visualization.plot_contour(study, params=["k", "lambda"], target_name=name)
         fig.update_layout(
             title=f"{name} over (k, lambda), layers {layers}", template="plotly_white", height=520

@@ -58,9 +58,9 @@ def figure_title(name: str) -> str:
 def _importance_table(importances: dict[str, dict[str, float]], evaluator: str) -> str:
     if not importances:
         return ""
-    from dashboards.importance import KNOBS
+    from dashboards.importance import knobs_of
 
-    knobs = sorted({k for scores in importances.values() for k in scores}, key=KNOBS.index)
+    knobs = knobs_of(importances)
     head = "".join(f"<th>{html.escape(t)}</th>" for t in importances)
     rows = "".join(
         f"<tr><td>{html.escape(k)}</td>"

@@ -60,11 +60,15 @@ class _StepFault(TrainerCallback):
             self.fault.fire(f"after step {self.step}")
 
 
+def _matches(label: str) -> bool:
+    match = os.environ.get(ENV_MATCH)
+    return bool(match) and match in label
+
+
 def maybe_inject(sweep_dir: Path, trial_id: str, label: str) -> list[TrainerCallback]:
     """Raise :class:`InjectedFault` now when ``label`` matches and no step is set; with
     ``RPSFT_INJECT_FAULT_AT_STEP``, the Trainer callback that raises after that step. Unmatched: nothing."""
-    match = os.environ.get(ENV_MATCH)
-    if not match or match not in label:
+    if not _matches(label):
         return []
     fault = _Fault(sweep_dir, trial_id, label)
     step = os.environ.get(ENV_AT_STEP)
@@ -77,6 +81,5 @@ def maybe_inject(sweep_dir: Path, trial_id: str, label: str) -> list[TrainerCall
 
 def at_trial_end(sweep_dir: Path, trial_id: str, label: str) -> None:
     """Run ``RPSFT_INJECT_COMMAND`` when ``label`` matches and no step is set (a trial's last act)."""
-    match = os.environ.get(ENV_MATCH)
-    if match and match in label and os.environ.get(ENV_COMMAND) and not os.environ.get(ENV_AT_STEP):
+    if _matches(label) and os.environ.get(ENV_COMMAND) and not os.environ.get(ENV_AT_STEP):
         _Fault(sweep_dir, trial_id, label).fire("at the end")

@@ -16,36 +16,42 @@ from typing import Any
 KNOBS = ("k", "lambda", "layers", "period")
 
 
-def design_size(dims: dict[str, Any], num_trials: int) -> int:
+def design_size(distributions: dict[str, Any], num_trials: int) -> int:
     """How many of ``num_trials`` the design takes: enough to show every listed choice of every knob, and at
     least the third of the budget that TPE would have drawn at random."""
-    widest = max((len(dim) for dim in dims.values() if isinstance(dim, list)), default=1)
+    from optuna.distributions import CategoricalDistribution
+
+    widest = max(
+        (len(d.choices) for d in distributions.values() if isinstance(d, CategoricalDistribution)), default=1
+    )
     return min(num_trials, max(2, num_trials // 3, widest))
 
 
-def _column(dim: Any, n: int, rng: random.Random) -> list[Any]:
-    if isinstance(dim, list):
-        order = list(dim)
+def _column(distribution: Any, n: int, rng: random.Random) -> list[Any]:
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        order = list(distribution.choices)
         rng.shuffle(order)
         column = [order[i % len(order)] for i in range(n)]
     else:
-        low, high, log = float(dim["low"]), float(dim["high"]), bool(dim["log"])
+        low, high, log = float(distribution.low), float(distribution.high), distribution.log
         lo, hi = (math.log(low), math.log(high)) if log else (low, high)
         column = []
         for i in range(n):
             x = lo + (i + rng.random()) / n * (hi - lo)
             column.append(math.exp(x) if log else x)
-        if dim.get("integer"):
+        if isinstance(distribution, IntDistribution):
             column = [min(int(high), max(int(low), round(v))) for v in column]
     rng.shuffle(column)
     return column
 
 
-def initial_design(dims: dict[str, Any], num_trials: int, seed: int) -> list[dict[str, Any]]:
-    """``design_size`` points of ``dims`` (``{knob: [choices] | {low, high, log[, integer]}}``)."""
-    n = design_size(dims, num_trials)
+def initial_design(distributions: dict[str, Any], num_trials: int, seed: int) -> list[dict[str, Any]]:
+    """``design_size`` points of the knobs' Optuna ``distributions`` (``sweeps.runner.search_distributions``)."""
+    n = design_size(distributions, num_trials)
     if n <= 0:
         return []
     rng = random.Random(seed)
-    columns = {knob: _column(dims[knob], n, rng) for knob in KNOBS if knob in dims}
+    columns = {knob: _column(distributions[knob], n, rng) for knob in KNOBS if knob in distributions}
     return [{knob: column[i] for knob, column in columns.items()} for i in range(n)]

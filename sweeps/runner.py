@@ -125,17 +125,34 @@ def _integer_ranks(dim: dict[str, Any]) -> bool:
     return float(dim["low"]).is_integer() and float(dim["high"]).is_integer() and dim["high"] > 1
 
 
+def search_distributions(dims: dict[str, Any]) -> dict[str, Any]:
+    """The Optuna distribution of each searched knob of ``dims`` (see :func:`search_dims`): a list is
+    categorical, a k range of whole ranks integer, any other range float (log-scaled when asked)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for name in (n for n in ("k", "lambda", "layers", "period") if n in dims):
+        dim = dims[name]
+        if not isinstance(dim, dict):
+            out[name] = CategoricalDistribution(dim)
+        elif name == "k" and _integer_ranks(dim):
+            out[name] = IntDistribution(int(dim["low"]), int(dim["high"]), log=dim["log"])
+        else:
+            out[name] = FloatDistribution(dim["low"], dim["high"], log=dim["log"])
+    return out
+
+
 def optuna_space(space: dict[str, Any], trial: Any) -> None:
     """Optuna define-by-run space (a module-level function, so the searcher pickles for resume)."""
-    for name in ("k", "lambda", "layers", "period"):
-        dim = space[name]
-        if isinstance(dim, dict):
-            if name == "k" and _integer_ranks(dim):
-                trial.suggest_int(name, int(dim["low"]), int(dim["high"]), log=dim["log"])
-            else:
-                trial.suggest_float(name, dim["low"], dim["high"], log=dim["log"])
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    for name, dist in search_distributions(space).items():
+        if isinstance(dist, CategoricalDistribution):
+            trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, IntDistribution):
+            trial.suggest_int(name, dist.low, dist.high, log=dist.log)
         else:
-            trial.suggest_categorical(name, dim)
+            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
 
 
 def search_dims(config: SweepConfig) -> dict[str, Any]:
@@ -162,10 +179,7 @@ def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False
     seed = config.search.seed
     design = None
     if config.search.algorithm == "auto" and config.search.num_trials > 0 and not warm_started:
-        design_dims = dict(dims)
-        if isinstance(dims["k"], dict) and _integer_ranks(dims["k"]):
-            design_dims["k"] = {**dims["k"], "integer": True}
-        design = initial_design(design_dims, config.search.num_trials, seed)
+        design = initial_design(search_distributions(dims), config.search.num_trials, seed)
     sampler = {
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=len(design) if design else max(2, config.search.num_trials // 3)
@@ -492,7 +506,10 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
         auto_k=auto_k,
     )
     warm = carry_over(
-        config, storage, search_dims(config), earlier_sweeps if config.search.num_trials else []
+        config,
+        storage,
+        search_distributions(search_dims(config)),
+        earlier_sweeps if config.search.num_trials else [],
     )
     for earlier, n in warm.carried.items():
         skipped = (

@@ -18,32 +18,12 @@ from sweeps.config import SweepConfig, SweepConfigError
 
 CARRIED_ATTR = "rpsft.carried_over_from"
 TRIAL_ATTR = "rpsft.trial_id"
-KNOBS = ("k", "lambda", "layers", "period")
 
 
 @dataclass
 class WarmStart:
     carried: dict[str, int] = field(default_factory=dict)  # earlier sweep -> trials added
     skipped: dict[str, int] = field(default_factory=dict)  # earlier sweep -> trials outside the space
-
-
-def distributions(dims: dict[str, Any]) -> dict[str, Any]:
-    """The Optuna distributions that ``runner.optuna_space`` suggests from ``dims``."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    from sweeps.runner import _integer_ranks
-
-    out = {}
-    for name in KNOBS:
-        dim = dims[name]
-        if isinstance(dim, dict):
-            if name == "k" and _integer_ranks(dim):
-                out[name] = IntDistribution(int(dim["low"]), int(dim["high"]), log=dim["log"])
-            else:
-                out[name] = FloatDistribution(dim["low"], dim["high"], log=dim["log"])
-        else:
-            out[name] = CategoricalDistribution(dim)
-    return out
 
 
 def _param(value: str | None, distribution: Any) -> Any:
@@ -116,9 +96,9 @@ def _values(config: SweepConfig, metrics: dict[str, float]) -> float | list[floa
     return g_id - config.objective.beta * f_ood
 
 
-def carry_over(config: SweepConfig, storage: Any, dims: dict[str, Any], stored: list[Any]) -> WarmStart:
+def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored: list[Any]) -> WarmStart:
     """Add the finished searched trials of ``stored`` sweeps to this sweep's Optuna study (created here, with
-    the directions the Tune searcher uses)."""
+    the directions the Tune searcher uses); ``dists`` are the space's (``runner.search_distributions``)."""
     import optuna
 
     if not stored:
@@ -130,7 +110,6 @@ def carry_over(config: SweepConfig, storage: Any, dims: dict[str, Any], stored: 
     )
     study = optuna.create_study(study_name=config.name, storage=storage, load_if_exists=True, **kwargs)
     already = {t.user_attrs.get(TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
-    dists = distributions(dims)
     result = WarmStart()
     for earlier in stored:
         name = earlier.config.name

@@ -7,7 +7,13 @@ import math
 import pytest
 from sweep_helpers import sweep_dict
 
-from sweeps.initial_design import design_size, initial_design
+from sweeps.initial_design import design_size
+from sweeps.initial_design import initial_design as design_of_distributions
+from sweeps.runner import search_distributions
+
+
+def initial_design(dims, num_trials, seed):
+    return design_of_distributions(search_distributions(dims), num_trials, seed)
 
 
 def test_every_listed_choice_appears_before_any_repeats():
@@ -25,7 +31,7 @@ def test_a_range_gets_one_draw_in_each_equal_stratum():
     for log in (True, False):
         dims = {"k": [16], "lambda": {"low": 0.01, "high": 100.0, "log": log}}
         points = initial_design(dims, num_trials=12, seed=3)
-        n = design_size(dims, 12)
+        n = design_size(search_distributions(dims), 12)
         assert n == 4 and len(points) == n  # a third of the budget; the sampler takes the rest
         scale = math.log if log else (lambda v: v)
         lo, hi = scale(0.01), scale(100.0)
@@ -34,7 +40,7 @@ def test_a_range_gets_one_draw_in_each_equal_stratum():
 
 
 def test_integer_ranks_stay_integers_and_in_bounds():
-    points = initial_design({"k": {"low": 8, "high": 256, "log": True, "integer": True}}, 9, seed=0)
+    points = initial_design({"k": {"low": 8, "high": 256, "log": True}}, 9, seed=0)
     assert all(isinstance(p["k"], int) and 8 <= p["k"] <= 256 for p in points)
     assert len({p["k"] for p in points}) == len(points)
 
