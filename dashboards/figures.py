@@ -308,6 +308,61 @@ def rotation_figure(data: SweepData) -> Any:
     return _layout(fig, "Rotation of the top-K left singular subspaces", "", "", height=520)
 
 
+def rl_figure(data: SweepData) -> Any:
+    """The trade-off before and after RL: each RL run's initial checkpoint and its RL checkpoint (G_id against
+    F_ood), joined by an arrow; the base model is the origin."""
+    from dashboards.tables import rl_rows
+
+    rows = [r for r in rl_rows(data) if None not in (r["id_init"], r["ood_init"], r["id_rl"], r["ood_rl"])]
+    if not rows:
+        return None
+    go = _go()
+    fig = go.Figure()
+    for i, row in enumerate(rows):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(
+            go.Scatter(
+                x=[row["ood_init"], row["ood_rl"]],
+                y=[row["id_init"], row["id_rl"]],
+                mode="lines+markers",
+                name=f"{row['init']}: init -> RL",
+                line={"color": color},
+                marker={"size": [10, 14], "symbol": ["circle-open", "circle"], "color": color},
+                hovertext=[f"{row['init']} (init)", f"{row['init']} + RL (step {row['chosen_step']})"],
+                hoverinfo="text+x+y",
+            )
+        )
+        fig.add_annotation(
+            x=row["ood_rl"],
+            y=row["id_rl"],
+            ax=row["ood_init"],
+            ay=row["id_init"],
+            xref="x",
+            yref="y",
+            axref="x",
+            ayref="y",
+            showarrow=True,
+            arrowhead=3,
+            arrowcolor=color,
+            text="",
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[0],
+            y=[0],
+            mode="markers",
+            name="base model",
+            marker={"symbol": "x", "size": 10, "color": "#444"},
+        )
+    )
+    return _layout(
+        fig,
+        "Trade-off before and after RL (open: initial checkpoint)",
+        "F_ood (forgetting, lower is better)",
+        "G_id (gain, higher is better)",
+    )
+
+
 def report_figures(data: SweepData, importances: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """``{file stem: figure}`` of every figure that has data, in report order; ``importances`` (from
     :func:`dashboards.importance.param_importances`) adds their bar chart."""
@@ -321,5 +376,6 @@ def report_figures(data: SweepData, importances: dict[str, dict[str, float]] | N
         **{f"contour_{layers}": fig for layers, fig in importance.contour_figures(data).items()},
         "training_curves": training_curves_figure(data),
         "rotation": rotation_figure(data),
+        "rl_tradeoff": rl_figure(data),
     }
     return {name: fig for name, fig in figures.items() if fig is not None}

@@ -18,7 +18,7 @@ from typing import Any
 
 from dashboards.figures import report_figures
 from dashboards.sweep_data import SweepData
-from dashboards.tables import benchmark_rows, trial_rows
+from dashboards.tables import benchmark_rows, rl_rows, trial_rows
 from sweeps.summary import trial_label
 
 REPORT_HTML = "report.html"
@@ -30,6 +30,7 @@ FIGURE_TITLES = {
     "parallel": "Parallel coordinates of the searched trials",
     "training_curves": "Training curves",
     "rotation": "Rotation",
+    "rl_tradeoff": "Trade-off before and after RL",
 }
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1280px;color:#222}
@@ -128,6 +129,32 @@ def _benchmark_table(data: SweepData) -> str:
     return _table(benchmark_rows(data), columns, "benchmarks")
 
 
+def _rl_html(data: SweepData) -> str:
+    """The init -> RL section, when the sweep has finished RL runs."""
+    if not data.rl:
+        return ""
+    columns = {
+        "init": "initial checkpoint",
+        "id_init": "ID G_id: init",
+        "id_rl": "+RL",
+        "id_delta": "change",
+        "ood_init": "OOD F_ood: init",
+        "ood_rl": "+RL",
+        "ood_delta": "change",
+        "phi_init": f"Phi (beta={data.beta:g}): init",
+        "phi_rl": "+RL",
+        "chosen_step": "RL step chosen",
+        "reward_first": "reward: first step",
+        "reward_last": "last step",
+    }
+    return (
+        "<h2>Init &rarr; RL (DAPO)</h2>"
+        '<p class="meta">Each RL run starts from a kept checkpoint of this sweep; its checkpoint is the one with the '
+        "best ID score (G_id), as in the paper. G_id and F_ood are the sweep's loss-based numbers against the base "
+        "model (G_id up is better, F_ood down is better).</p>" + _table(rl_rows(data), columns, "rl")
+    )
+
+
 def _selection_html(data: SweepData) -> str:
     if not data.selections:
         return '<p class="muted">No finished trial carries G_id and F_ood yet: nothing to select.</p>'
@@ -213,6 +240,7 @@ def report_data_json(
         ],
         "selections": {f"{b:g}": s.to_dict() for b, s in data.selections.items()},
         "benchmarks": benchmark_rows(data),
+        "rl": rl_rows(data),
     }
 
 
@@ -258,6 +286,7 @@ model, on {config.objective.metric}).</p>
 {_trial_table(data)}
 <h2>Per benchmark: base, SFT and the operating point</h2>
 {_benchmark_table(data)}
+{_rl_html(data)}
 {"".join(sections[1:])}
 {diagnostics}
 <script type="application/json" id="rpsft-report-data">{payload}</script>

@@ -219,6 +219,7 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
             f"Sweep `{r['sweep']}`: data `{r['data']}`; " + ", ".join(f"{k} {v}" for k, v in r["setup"].items()) + ".",
             "",
         ]
+        lines += [line for caveat in r.get("caveats", []) for line in (f"> **Caveat.** {caveat}", "")]
         for claim in r["claims"]:
             lines += [f"- **{claim['id']} ({claim['verdict']}).** {claim['claim']}. {claim['evidence']}."]
         lines += ["", *(_configuration_table(r)), ""]

@@ -65,6 +65,20 @@ class TrialRecord:
 
 
 @dataclass
+class RLRecord:
+    """One finished RL run of the sweep (``rpsft rl``): its init trial and its ``rl/init|chosen|final/*``."""
+
+    run_id: str
+    init_trial: str
+    label: str
+    metrics: dict[str, float]
+
+    def scores(self, stage: str) -> dict[str, float]:
+        prefix = f"rl/{stage}/"
+        return {k.removeprefix(prefix): v for k, v in self.metrics.items() if k.startswith(prefix)}
+
+
+@dataclass
 class SweepData:
     name: str
     config: Any  # SweepConfig
@@ -74,6 +88,7 @@ class SweepData:
     base_metrics: dict[str, float]  # the base model's per-benchmark numbers (trial metric names)
     trials: list[TrialRecord]
     selections: dict[float, Selection]  # one per beta of the objective
+    rl: list[RLRecord] = field(default_factory=list)  # finished RL runs from this sweep's checkpoints
 
     @property
     def betas(self) -> list[float]:
@@ -154,6 +169,16 @@ def load_sweep_data(name: str, root: str | Path = "runs/sweeps", histories: bool
                 history=_histories(client, runs[row["run_id"]]) if histories else {},
             )
         )
+    rl = [
+        RLRecord(
+            run.info.run_id,
+            run.data.tags.get("rpsft.init_trial", ""),
+            run.data.tags.get("mlflow.runName", run.info.run_id).removeprefix("rl from "),
+            dict(run.data.metrics),
+        )
+        for run in tracking.child_runs(client, context.experiment_id, context.parent_run_id, role="rl")
+        if run.info.status == "FINISHED"
+    ]
     selections = {}
     if stored.points:
         selections = {beta: stored.selection(beta) for beta in stored.config.objective.betas}
@@ -166,4 +191,5 @@ def load_sweep_data(name: str, root: str | Path = "runs/sweeps", histories: bool
         base_metrics=base,
         trials=trials,
         selections=selections,
+        rl=rl,
     )

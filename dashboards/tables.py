@@ -64,3 +64,28 @@ def trial_rows(data: SweepData) -> list[dict[str, Any]]:
             row["rotation_deg"] = trial.metrics.get(ROTATION_MEAN)
         rows.append(row)
     return rows
+
+
+def rl_rows(data: SweepData) -> list[dict[str, Any]]:
+    """The init -> RL table (the layout of the paper's Tables 3 and 4, on the sweep's loss-based numbers):
+    per RL run, G_id (ID) and F_ood (OOD) of the initial checkpoint and of the RL checkpoint chosen by its ID
+    score, the change, Phi at the sweep's beta before and after, and the reward's first and last step."""
+    beta = data.beta
+    rows = []
+    for record in data.rl:
+        init, chosen = record.scores("init"), record.scores("chosen")
+        row: dict[str, Any] = {"run_id": record.run_id, "init": record.label, "init_trial": record.init_trial}
+        for name, key in (("id", "g_id"), ("ood", "f_ood")):
+            row[f"{name}_init"], row[f"{name}_rl"] = init.get(key), chosen.get(key)
+            row[f"{name}_delta"] = _delta(chosen.get(key), init.get(key))
+        phi = [
+            None if s.get("g_id") is None or s.get("f_ood") is None else s["g_id"] - beta * s["f_ood"]
+            for s in (init, chosen)
+        ]
+        row["phi_init"], row["phi_rl"] = phi
+        row["steps"] = record.metrics.get("rl/steps")
+        row["chosen_step"] = record.metrics.get("rl/chosen_step")
+        row["reward_first"] = record.metrics.get("rl/reward_first")
+        row["reward_last"] = record.metrics.get("rl/reward_last")
+        rows.append(row)
+    return rows

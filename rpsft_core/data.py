@@ -298,7 +298,8 @@ def demo_math_examples(n: int, seed: int = 0) -> list[Messages]:
 # --------------------------------------------------------------------------------------------- sources
 
 
-def _load_hf(spec: str, limit: int | None) -> list[Messages]:
+def hf_rows(spec: str) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` for each row of the hub dataset ``<dataset_id>[:<split>]`` (default split train)."""
     dataset_id, _, split = spec.partition(":")
     split = split or "train"
     if not dataset_id:
@@ -317,11 +318,16 @@ def _load_hf(spec: str, limit: int | None) -> list[Messages]:
             "Fix: check the dataset id and split, your network / HF_HUB_OFFLINE setting and hub login, "
             "or export the data to a local .jsonl file."
         ) from err
-    examples: list[Messages] = []
     for i, row in enumerate(rows):
+        yield f"hf:{dataset_id}[{split}] row {i}", row
+
+
+def _load_hf(spec: str, limit: int | None) -> list[Messages]:
+    examples: list[Messages] = []
+    for where, row in hf_rows(spec):
         if limit is not None and len(examples) >= limit:
             break
-        examples.append(row_to_messages(row, f"hf:{dataset_id}[{split}] row {i}"))
+        examples.append(row_to_messages(row, where))
     return examples
 
 

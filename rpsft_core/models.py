@@ -292,3 +292,36 @@ def tiny_model(arch: str = "llama", *, vocab_size: int = 512, seed: int = 0) -> 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model
+
+
+def _autocast_forward(model: torch.nn.Module) -> Callable | None:
+    """The model's own forward when a mixed-precision ``Trainer`` (accelerate) wrapped it in autocast."""
+    return model.__dict__.get("_original_forward")
+
+
+def drop_autocast_wrapper(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo the autocast wrapper a ``bf16`` / ``fp16`` ``Trainer`` puts on ``model.forward``, so the trained
+    model computes in its own dtype, as it does once saved and loaded again (and as the base model is scored)."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        model.forward = original
+    return model
+
+
+class full_precision_forward:
+    """``with full_precision_forward(model):`` the model's forward without a Trainer's autocast wrapper, for
+    scoring in the middle of mixed-precision training; the wrapper is back afterwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.wrapped = model, None
+
+    def __enter__(self) -> torch.nn.Module:
+        original = _autocast_forward(self.model)
+        if original is not None:
+            self.wrapped = self.model.__dict__.get("forward")
+            self.model.forward = original
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        if self.wrapped is not None:
+            self.model.forward = self.wrapped

@@ -24,7 +24,7 @@ from rpsft_core.bases import Bases
 from rpsft_core.config import TrainConfig
 from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
 from rpsft_core.methods import prepare_method
-from rpsft_core.models import load_model, load_tokenizer
+from rpsft_core.models import drop_autocast_wrapper, load_model, load_tokenizer
 from rpsft_core.selection import select_matrices
 from rpsft_core.trainer import RPSFTTrainer
 
@@ -129,7 +129,7 @@ def train(
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
 
-    trained = prepared.model
+    trained = drop_autocast_wrapper(prepared.model)  # score and save in the weights' own dtype
     if hasattr(trained, "merge_and_unload"):
         trained = trained.merge_and_unload()
     drift = prepared.regularizer.drift() if prepared.regularizer is not None else {}

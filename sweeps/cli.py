@@ -91,6 +91,83 @@ def register(app: typer.Typer) -> None:
             row["operating_point"] = row["run_id"] in chosen
         typer.echo(trials_table(rows, selection.beta, selection) + "\n\n" + selection_text(selection))
 
+    @app.command("export")
+    def export_cmd(
+        name: str = typer.Argument(..., help="The sweep's name."),
+        trial: str | None = typer.Option(
+            None, help="op (the operating point, default), a reference such as sft, or a trial id."
+        ),
+        out: Path | None = typer.Option(
+            None,
+            help="Where the checkpoint goes (default <sweep dir>/exports/<trial id>, where `rpsft rl` looks).",
+        ),
+        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
+        tolerance: float | None = typer.Option(
+            None, help="Largest |retrained - stored| of G_id and F_ood accepted (default 1e-4)."
+        ),
+    ) -> None:
+        """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
+        stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
+        from sweeps.checkpoints import DEFAULT_TOLERANCE, ExportMismatch, export_trial, find_trial_run
+        from sweeps.config import SweepConfigError
+        from sweeps.report import load_stored_sweep
+
+        try:
+            stored = load_stored_sweep(name, root)
+            if out is None:
+                run = find_trial_run(stored, trial)
+                out = (
+                    stored.config.sweep_dir()
+                    / "exports"
+                    / run.data.tags.get("rpsft.trial_id", run.info.run_id)
+                )
+            export = export_trial(
+                stored, trial, out, tolerance if tolerance is not None else DEFAULT_TOLERANCE, echo=typer.echo
+            )
+        except ExportMismatch as exc:
+            typer.secho(f"EXPORT MISMATCH: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+        except (SweepConfigError, ValueError) as exc:
+            fail(str(exc))
+        typer.echo(json.dumps(export.to_dict(), indent=2))
+        typer.echo(f"checkpoint: {export.path}")
+
+    @app.command("rl")
+    def rl_cmd(
+        sweep: str | None = typer.Option(
+            None, "--from", help="The sweep whose checkpoints start RL (and score it)."
+        ),
+        trials: str = typer.Option("op", help="Comma-separated: op, a reference such as sft, or trial ids."),
+        model: Path | None = typer.Option(
+            None, help="Start from this checkpoint instead of the sweep's trials."
+        ),
+        config: Path | None = typer.Option(
+            None, "--config", help="An RL YAML (see sweeps/configs/rl-*.yaml)."
+        ),
+        steps: int | None = typer.Option(None, help="Override max_steps."),
+        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
+    ) -> None:
+        """DAPO (TRL GRPOTrainer, loss_type dapo) from kept or exported sweep checkpoints, tracked as MLflow
+        child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
+        from sweeps.config import SweepConfigError
+        from sweeps.rl import load_rl_settings, run_rl
+
+        try:
+            settings = load_rl_settings(config, {"max_steps": steps})
+            outcomes = run_rl(
+                settings,
+                sweep=sweep,
+                trials=[t.strip() for t in trials.split(",") if t.strip()],
+                model=str(model) if model else None,
+                root=root,
+                echo=typer.echo,
+            )
+        except (SweepConfigError, ValueError) as exc:
+            fail(str(exc))
+        from sweeps.summary import rl_table
+
+        typer.echo("\n" + rl_table(outcomes))
+
     @app.command()
     def regress(
         config: Path = typer.Option(

@@ -354,6 +354,22 @@ class Failure(BaseModel):
     )
 
 
+class Keep(BaseModel):
+    """Which trials keep their weights (safetensors + tokenizer): logged to the trial's MLflow run and
+    registered as versions of the model ``rpsft-<sweep>``. Every other trial's weights are deleted as soon as
+    they can no longer be kept, so a sweep holds at most the kept checkpoints plus the running trials'."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    operating_point: bool = Field(False, description="the chosen trial (max Phi at the sweep's beta)")
+    top: int = Field(0, ge=0, description="the N best configurations by Phi at the sweep's beta")
+    references: bool = Field(False, description="every reference configuration (sft, l2-init, ...)")
+
+    @property
+    def any(self) -> bool:
+        return self.operating_point or self.top > 0 or self.references
+
+
 class Storage(BaseModel):
     """Optuna study storage and MLflow tracking. ``None``: SQLite files under the sweep's directory."""
 
@@ -381,6 +397,7 @@ class SweepConfig(BaseModel):
     concurrency: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
     failure: Failure = Field(default_factory=Failure)
+    keep: Keep = Field(default_factory=Keep)
     storage: Storage = Field(default_factory=Storage)
     seed: int = 0
     output_dir: str = "runs/sweeps"
@@ -498,7 +515,7 @@ class SweepConfig(BaseModel):
             "data": self.data,
             "seed": self.seed,
             "cache_dir": self.cache_dir,
-            "save_model": False,
+            "save_model": self.keep.any,  # <trial dir>/model, kept or deleted (sweeps/checkpoints.py)
             **self.train,
         }
         method = params.get("method", "rpsft")

@@ -6,7 +6,9 @@
 
 State lives under ``<output_dir>/<name>/``: ``sweep.json`` (config, MLflow ids, shared context), ``tune/``
 (Ray Tune's experiment, restored by :func:`resume_sweep`), ``optuna.db`` (default Optuna storage),
-``trials/<trial id>/`` (each trial's training output) and ``bases/`` (pretrained bases shared by all trials).
+``trials/<trial id>/`` (each trial's training output; ``model/`` while its weights may still be kept, see
+:mod:`sweeps.checkpoints`), ``bases/`` (pretrained bases shared by all trials), ``exports/<trial id>/``
+(``rpsft export``) and ``rl/`` (``rpsft rl``: initial checkpoints and each run's chosen RL checkpoint).
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.initial_design import initial_design
-    from sweeps.searcher import ReferencesFirst
+    from sweeps.searcher import PicklableNSGAIISampler, ReferencesFirst
 
     dims = search_dims(config)
     seed = config.search.seed
@@ -184,7 +186,7 @@ def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False
         "tpe": lambda: optuna.samplers.TPESampler(
             seed=seed, n_startup_trials=len(design) if design else max(2, config.search.num_trials // 3)
         ),
-        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
+        "nsga2": lambda: PicklableNSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "grid": lambda: optuna.samplers.GridSampler(
             {name: dims[name] for name in ("k", "lambda", "layers", "period")}, seed=seed
@@ -257,6 +259,9 @@ def run_tuner(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter table
     path = config.sweep_dir() / TUNE_DIR
+    from sweeps.pruning import CheckpointPruner
+
+    callbacks = [CheckpointPruner(config, context)] if config.keep.any else []
     if restore and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(
             str(path), trainable=trainable(config, context), resume_unfinished=True, resume_errored=True
@@ -277,6 +282,7 @@ def run_tuner(
                 failure_config=tune.FailureConfig(max_failures=config.failure.max_retries),
                 progress_reporter=_reporter(config),
                 verbose=1,
+                callbacks=callbacks,
             ),
         )
     tuner.fit()
@@ -628,6 +634,10 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
                 best_metrics[f"best_{name}_lo"] = best_intervals[key].low
                 best_metrics[f"best_{name}_hi"] = best_intervals[key].high
         tracking.log_metrics(client, context.parent_run_id, best_metrics)
+    if config.keep.any:
+        from sweeps.checkpoints import keep_checkpoints
+
+        keep_checkpoints(config, client, collect(config, context)[0], selection, echo=echo)
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
     done = sum(1 for row in rows if row["status"] == "FINISHED" or row["state"] == "early-stopped")

@@ -6,8 +6,10 @@ and report their objective under another key, so ASHA does not stop them either.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+import optuna
 from ray.tune.search import Searcher
 
 
@@ -50,3 +52,17 @@ class ReferencesFirst(Searcher):
     def set_state(self, state: dict[str, Any]) -> None:
         self.pending = state["pending"]
         self.reference_trials = state["reference_trials"]
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, able to pickle (Tune pickles the searcher into its experiment state; Optuna's
+    genetic samplers hold a thread lock since 5.1): the lock is left out and made anew when restored."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()

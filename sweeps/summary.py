@@ -123,3 +123,23 @@ def selection_text(selection: Selection) -> str:
             f"  beta in [{interval.low:.4g}, {high}): {interval.point.trial_id}  {trial_label(interval.point.params)}"
         )
     return "\n".join(lines)
+
+
+def rl_table(outcomes: list[Any]) -> str:
+    """The init -> RL table of ``rpsft rl`` (:class:`sweeps.rl.RLOutcome`): G_id and F_ood of the initial and
+    the chosen RL checkpoint, and the reward of the first and last step."""
+    header = (
+        f"{'initial checkpoint':40s} {'G_id init':>10s} {'+RL':>9s} {'F_ood init':>11s} {'+RL':>9s} "
+        f"{'step':>5s} {'reward 1st':>10s} {'last':>7s}"
+    )
+    lines = [header, "-" * len(header)]
+    for outcome in outcomes:
+        init, chosen = outcome.init_scores or {}, outcome.chosen_scores or {}
+        rewards = outcome.rewards
+        lines.append(
+            f"{outcome.label[:40]:40s} {_num(init.get('g_id')):>10s} {_num(chosen.get('g_id')):>9s} "
+            f"{_num(init.get('f_ood')):>11s} {_num(chosen.get('f_ood')):>9s} "
+            f"{_num(chosen.get('step'), '{:.0f}'):>5s} "
+            f"{_num(rewards[0] if rewards else None, '{:.3f}'):>10s} {_num(rewards[-1] if rewards else None, '{:.3f}'):>7s}"
+        )
+    return "\n".join(lines)

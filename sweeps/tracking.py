@@ -54,8 +54,11 @@ def _quote(value: str) -> str:
     return value.replace("'", "\\'")
 
 
-def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[Any]:
-    """All trial runs of one sweep (any status)."""
+def child_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, role: str = "trial"
+) -> list[Any]:
+    """The child runs of one sweep (any status) with ``role``: ``trial`` (also runs that carry no role) or
+    ``rl`` (the RL stage's runs)."""
     runs, token = [], None
     while True:
         page = client.search_runs(
@@ -64,7 +67,7 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
             max_results=1000,
             page_token=token,
         )
-        runs.extend(page)
+        runs.extend(r for r in page if r.data.tags.get(TAG_ROLE, "trial") == role)
         token = page.token
         if not token:
             return runs

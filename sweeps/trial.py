@@ -55,13 +55,14 @@ class MlflowStepLogger(TrainerCallback):
     (MLflow's asynchronous logging), so training does not wait on the tracking server, nor stop while it is
     down; the end of training waits until every queued write has landed."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: Any, run_id: str, keys: dict[str, str] | None = None) -> None:
         self.client, self.run_id = client, run_id
+        self.keys = keys or {key: key for key in PER_STEP_KEYS}  # the Trainer's log key -> the metric's name
         self.pending: list[Any] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            values = {key: logs[key] for key in PER_STEP_KEYS if key in logs}
+            values = {name: logs[key] for key, name in self.keys.items() if key in logs}
             self.pending += tracking.log_metrics(
                 self.client, self.run_id, values, step=state.global_step, synchronous=False
             )
@@ -118,10 +119,13 @@ class IntermediateEvaluation(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            from rpsft_core.models import full_precision_forward
+
             was_training = model.training
             model.eval()
             try:
-                metrics = self.scorer.loss_metrics(model, self.tokenizer)
+                with full_precision_forward(model):  # as the base model and the final scores
+                    metrics = self.scorer.loss_metrics(model, self.tokenizer)
             finally:
                 model.train(was_training)
             self.report(metrics, state.global_step)
@@ -217,9 +221,11 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     report(metrics, train_config.max_steps or 0, final=True)
 
 
-def _train_and_score(
-    config, context, train_config, scorer, client, run_id, report, extra_callbacks=()
-) -> dict[str, float]:
+def train_and_score(
+    config: SweepConfig, context: SweepContext, train_config: Any, scorer: TrialScorer, callbacks=()
+) -> tuple[Any, dict[str, float], dict[str, Any]]:
+    """Train one trial and score it: ``(train result, metrics, per-item scores)``. Nothing is logged here, so
+    a trial retrained outside the sweep (``rpsft export``) runs the very same code."""
     import torch
 
     from rpsft_core.bases import load_or_compute_bases
@@ -237,30 +243,15 @@ def _train_and_score(
         bases = load_or_compute_bases(
             selection, train_config.effective_k, cache_dir=context.bases_dir, method=train_config.basis_method
         )
-    from ray import tune
-
-    step_logger = MlflowStepLogger(client, run_id)
-    callbacks = [
-        step_logger,
-        TuneProgress(lambda values: tune.report({**values, "final": False})),
-        *extra_callbacks,
-    ]
-    if config.evaluation.every:
-        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
-    try:
-        result = train(
-            train_config,
-            model=model,
-            tokenizer=tokenizer,
-            bases=bases,
-            callbacks=callbacks,
-            progress=False,
-            print_logs=False,
-        )
-    except BaseException:
-        with contextlib.suppress(Exception):  # the steps before a failure stay on record; its cause is raised
-            step_logger.flush()
-        raise
+    result = train(
+        train_config,
+        model=model,
+        tokenizer=tokenizer,
+        bases=bases,
+        callbacks=list(callbacks),
+        progress=False,
+        print_logs=False,
+    )
     trained = result.model.eval()
     base_model = None
     if config.evaluation.loss.kl:
@@ -270,7 +261,6 @@ def _train_and_score(
         base_model.to(next(trained.parameters()).device).eval()
     with torch.no_grad():
         metrics, items, _ = scorer.final_scores(trained, tokenizer, base_model=base_model)
-    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
     drift = result.drift
     metrics.update(
         {
@@ -281,8 +271,36 @@ def _train_and_score(
             "drift_max": max(drift.values()) if drift else 0.0,
         }
     )
+    return result, metrics, items
+
+
+def _train_and_score(
+    config, context, train_config, scorer, client, run_id, report, extra_callbacks=()
+) -> dict[str, float]:
+    """:func:`train_and_score` inside a Tune trial: per-step MLflow logging, the driver's progress table,
+    intermediate evaluations; the item scores, rotation and training record go to the trial's run."""
+    from ray import tune
+
+    step_logger = MlflowStepLogger(client, run_id)
+    callbacks = [
+        step_logger,
+        TuneProgress(lambda values: tune.report({**values, "final": False})),
+        *extra_callbacks,
+    ]
+    if config.evaluation.every:
+        from rpsft_core.models import load_tokenizer
+
+        tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
+        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
+    try:
+        result, metrics, items = train_and_score(config, context, train_config, scorer, callbacks)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the steps before a failure stay on record; its cause is raised
+            step_logger.flush()
+        raise
+    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
     if config.evaluation.rotation:
-        metrics.update(_log_rotation(config, trained, client, run_id))
+        metrics.update(_log_rotation(config, result.model, client, run_id))
     tracking.log_json_artifact(
         client,
         run_id,

@@ -27,36 +27,37 @@ def test_extract_boxed_nested_several_and_unbraced():
     assert extract_boxed("no box here") == []
 
 
-@pytest.mark.parametrize(
-    "gold, response, expected",
-    [
-        # fractions
-        (r"\frac{14}{3}", r"so \boxed{\dfrac{14}{3}}", True),
-        (r"\frac{14}{3}", r"so \boxed{14/3}", True),
-        (r"\frac{14}{3}", r"so \boxed{4.67}", False),
-        (r"\frac{1}{2}", r"\boxed{0.5}", True),
-        # \left( ... \right) tuples
-        (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{(3, \frac{\pi}{2})}", True),
-        (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{\left(3,\pi/2\right)}", True),
-        (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{(3, \pi)}", False),
-        # \text{}
-        (r"\text{Evelyn}", r"\boxed{\text{Evelyn}}", True),
-        (r"\text{Evelyn}", r"\boxed{\text{Bob}}", False),
-        # units
-        ("1.6", r"\boxed{1.6 \mathrm{~cm}}", True),
-        ("1.6", r"\boxed{1.6 cm}", True),
-        ("1.6", r"\boxed{1.7 \text{ cm}}", False),
-        (r"90^\circ", r"\boxed{90^{\circ}}", True),
-        # scientific notation in the gold (math-verify alone reads the e as Euler's number)
-        ("4.5e33", r"\boxed{4.5 \times 10^{33}}", True),
-        ("4.5e33", r"\boxed{4.6 \times 10^{33}}", False),
-        # several boxed answers: the last one counts for a single-answer gold
-        (27, r"first \boxed{28}, corrected: \boxed{27}", True),
-        (27, r"first \boxed{27}, then \boxed{28}", False),
-        # no box, no credit
-        (27, "The answer is 27.", False),
-    ],
-)
+# (gold, response, is it correct?): shared with the RL reward's tests (tests/test_rl.py)
+HARD_MATH_CASES = [
+    # fractions
+    (r"\frac{14}{3}", r"so \boxed{\dfrac{14}{3}}", True),
+    (r"\frac{14}{3}", r"so \boxed{14/3}", True),
+    (r"\frac{14}{3}", r"so \boxed{4.67}", False),
+    (r"\frac{1}{2}", r"\boxed{0.5}", True),
+    # \left( ... \right) tuples
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{(3, \frac{\pi}{2})}", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{\left(3,\pi/2\right)}", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\boxed{(3, \pi)}", False),
+    # \text{}
+    (r"\text{Evelyn}", r"\boxed{\text{Evelyn}}", True),
+    (r"\text{Evelyn}", r"\boxed{\text{Bob}}", False),
+    # units
+    ("1.6", r"\boxed{1.6 \mathrm{~cm}}", True),
+    ("1.6", r"\boxed{1.6 cm}", True),
+    ("1.6", r"\boxed{1.7 \text{ cm}}", False),
+    (r"90^\circ", r"\boxed{90^{\circ}}", True),
+    # scientific notation in the gold (math-verify alone reads the e as Euler's number)
+    ("4.5e33", r"\boxed{4.5 \times 10^{33}}", True),
+    ("4.5e33", r"\boxed{4.6 \times 10^{33}}", False),
+    # several boxed answers: the last one counts for a single-answer gold
+    (27, r"first \boxed{28}, corrected: \boxed{27}", True),
+    (27, r"first \boxed{27}, then \boxed{28}", False),
+    # no box, no credit
+    (27, "The answer is 27.", False),
+]
+
+
+@pytest.mark.parametrize("gold, response, expected", HARD_MATH_CASES)
 def test_score_math_hard_cases(gold, response, expected):
     assert score_math(response, gold) is expected
 

@@ -158,6 +158,10 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     best = max(configs, key=lambda c: c.intervals["phi@1"].estimate)
     phi = best.intervals["phi@1"]
     assert f"{phi.estimate:+.4f} [{phi.low:+.4f}, {phi.high:+.4f}]" in rows[0]
+    assert "Caveat" not in page
+    stored_caveat = {**stored, "caveats": ["measured before the scoring fix"]}
+    path.write_text(json.dumps(stored_caveat))
+    assert "> **Caveat.** measured before the scoring fix" in write_reproduction_page(tmp_path / "docs").read_text()
     figures = study_figures(stored)
     assert set(figures) == {"tradeoff", "phi_k", "drift_lambda", "rotation"}
     # the Phi(k) figure plots the k slice in k order: SFT (k = 0) first, full rank last

@@ -374,8 +374,8 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
 
 
 def test_shipped_sweep_configs_validate():
-    """Every shipped config validates: sweeps, regression configs (a sweep plus tolerances) and study configs
-    (a sweep plus the claims' slices)."""
+    """Every shipped config validates: sweeps, regression configs (a sweep plus tolerances), study configs
+    (a sweep plus the claims' slices) and RL configs."""
     from sweeps.config import load_sweep_config
     from sweeps.regression import load_regression_config
     from sweeps.study import load_study_config
@@ -395,5 +395,10 @@ def test_shipped_sweep_configs_validate():
             assert any(r.k == study.claims.drift_slice.k for r in sweep.references)
             assert {"sft", "l2-init", "lora", "dft", "iw", "rpsft"} <= {r.method for r in sweep.references}
             assert any(r.k == "auto" for r in sweep.references)
+        elif "rl" in raw:  # an RL config (rpsft rl --config)
+            from sweeps.rl import load_rl_settings
+
+            settings = load_rl_settings(path)
+            assert settings.grad_accum() >= 1 and settings.max_steps >= 1
         else:
             assert load_sweep_config(path).name

@@ -232,3 +232,25 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
     assert [e["step"] for e in resumed.metrics["log_history"] if "loss" in e] == [1, 2, 3, 4]
     for name, value in _weights(whole.model).items():
         assert torch.allclose(value, _weights(resumed.model)[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("method", ["sft", "lora"])
+def test_a_mixed_precision_run_returns_the_model_it_saves(tmp_path, smol_tokenizer, method):
+    """bf16 mixed precision autocasts the forward pass during training only: the returned model computes in
+    float32, exactly as its checkpoint does once loaded (so it is scored like the float32 base model)."""
+    from rpsft_core.models import full_precision_forward
+
+    cfg = _config(tmp_path, method=method, mixed_precision="bf16", max_steps=2, save_model=True)
+    result = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
+    reloaded, _ = load_model(tmp_path / "out" / "model")
+    ids = torch.randint(0, len(smol_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        trained_logits = result.model.eval()(ids).logits
+        fresh_logits = reloaded.eval()(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast_logits = reloaded(ids).logits.float()
+    assert trained_logits.dtype == torch.float32
+    assert torch.equal(trained_logits, fresh_logits)
+    assert not torch.equal(autocast_logits, fresh_logits)  # the check can tell the two apart
+    with full_precision_forward(reloaded):  # no wrapper: a no-op
+        assert torch.equal(reloaded(ids).logits, fresh_logits)

@@ -1,0 +1,364 @@
+"""Kept checkpoints: which trials keep their weights, their MLflow Model Registry entries, and export.
+
+With ``keep:`` set (see :class:`sweeps.config.Keep`), every trial writes ``<sweep>/trials/<id>/model/`` (HF
+safetensors + tokenizer). After each finished trial the driver deletes the weights of every trial that can no
+longer be kept (:func:`prune`); at the end of the sweep the kept ones are logged to their trial's MLflow run
+(artifact ``model/``), registered as versions of ``rpsft-<sweep>`` (tagged with the trial id, its knobs, Phi
+and why it was kept), and their local copies removed: the artifact store holds them.
+
+:func:`export_trial` writes any stored trial's weights to a directory: a kept trial's are downloaded; any other
+trial is retrained from its stored config and seed (the sweep's own training and scoring code,
+:func:`sweeps.trial.train_and_score`) and its metrics are checked against the stored ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweeps import tracking
+from sweeps.config import SweepConfig, SweepConfigError
+from sweeps.selection import Selection, select
+from sweeps.uncertainty import _SEED_SUFFIX, TrialGroup, group_points
+
+MODEL_DIR = "model"  # a trial's weights under its directory, and the artifact path in its MLflow run
+TAG_KEPT = "rpsft.kept"  # why a trial's weights were kept: operating_point, top-<n>, reference
+TAG_MODEL_VERSION = "rpsft.model_version"
+EXPORT_RECORD = "rpsft_export.json"
+COMPARED_METRICS = ("g_id", "f_ood")
+DEFAULT_TOLERANCE = 1e-4  # absolute, on G_id and F_ood (mean token NLL differences)
+OPERATING_POINT = ("op", "operating_point")
+
+
+class ExportMismatch(SweepConfigError):
+    """A retrained trial whose metrics differ from the stored ones by more than the tolerance."""
+
+
+def registered_model_name(sweep: str) -> str:
+    return f"rpsft-{sweep}"
+
+
+def trial_model_dir(config: SweepConfig, trial_id: str) -> Path:
+    return config.sweep_dir() / "trials" / trial_id / MODEL_DIR
+
+
+# ----------------------------------------------------------------------------------------------- which
+
+
+def expected_seeds(config: SweepConfig) -> dict[str, int]:
+    """How many runs each reference configuration has when complete (``seeds:`` runs it once per seed)."""
+    counts: dict[str, int] = {}
+    for params in config.reference_params():
+        label = _SEED_SUFFIX.sub("", params["reference"])
+        counts[label] = counts.get(label, 0) + 1
+    return counts
+
+
+def _complete(group: TrialGroup, expected: dict[str, int]) -> bool:
+    reference = _SEED_SUFFIX.sub("", str(group.members[0].params.get("reference") or ""))
+    return len(group.members) >= expected.get(reference, 1) if reference else True
+
+
+def kept_roles(
+    config: SweepConfig, selection: Selection | None, groups: list[TrialGroup]
+) -> dict[str, list[str]]:
+    """``{run id: [why it is kept, ...]}``. A configuration of several seeds keeps its first seed's run."""
+    keep = config.keep
+    roles: dict[str, list[str]] = {}
+
+    def add(run_id: str | None, role: str) -> None:
+        if run_id:
+            roles.setdefault(run_id, []).append(role)
+
+    if selection is not None:
+        if keep.operating_point:
+            add(selection.best.run_id, "operating_point")
+        for rank, point in enumerate(selection.ranking[: keep.top], start=1):
+            add(point.run_id, f"top-{rank}")
+    if keep.references:
+        for group in groups:
+            if group.members[0].params.get("reference"):
+                add(group.members[0].run_id, "reference")
+    return roles
+
+
+def _selection(config: SweepConfig, groups: list[TrialGroup]) -> Selection | None:
+    points = [g.point for g in groups]
+    usable = [p for p in points if math.isfinite(p.g_id) and math.isfinite(p.f_ood)]
+    return select(usable, config.objective.beta) if usable else None
+
+
+def prune(
+    config: SweepConfig, runs: list[Any], final: bool, selection: Selection | None = None
+) -> dict[str, list[str]]:
+    """Delete the weights of every ended trial that is not kept; returns the kept ``{run id: roles}``.
+
+    During the sweep (``final`` False) a configuration whose seeds have not all finished keeps its weights,
+    since its mean may still rise; a running trial's directory is never touched."""
+    finished = tracking.trial_points(runs)
+    groups = group_points(finished)
+    selection = selection if selection is not None else _selection(config, groups)
+    kept = kept_roles(config, selection, groups)
+    protected = set(kept)
+    if not final:
+        expected = expected_seeds(config)
+        for group in groups:
+            if not _complete(group, expected):
+                protected.update(p.run_id for p in group.members if p.run_id)
+    for run in runs:
+        if run.info.status == "RUNNING" or run.info.run_id in protected:
+            continue
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
+        if trial_id:
+            shutil.rmtree(trial_model_dir(config, trial_id), ignore_errors=True)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def _ensure_registered_model(client: Any, name: str, sweep: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name,
+            tags={tracking.TAG_SWEEP: sweep},
+            description=f"Kept checkpoints of the rpsft sweep {sweep!r}",
+        )
+
+
+def _version_tags(config: SweepConfig, run: Any, roles: list[str], beta: float) -> dict[str, str]:
+    metrics, params = run.data.metrics, run.data.params
+    knobs = {
+        key: params[key] for key in ("method", "k", "lambda", "layers", "period", "seed") if key in params
+    }
+    tags = {
+        tracking.TAG_SWEEP: config.name,
+        tracking.TAG_TRIAL: run.data.tags.get(tracking.TAG_TRIAL, ""),
+        TAG_KEPT: ",".join(roles),
+        "rpsft.beta": f"{beta:g}",
+        **{f"rpsft.{key}": str(value) for key, value in knobs.items()},
+    }
+    if "g_id" in metrics and "f_ood" in metrics:
+        tags["rpsft.g_id"] = f"{metrics['g_id']:.6g}"
+        tags["rpsft.f_ood"] = f"{metrics['f_ood']:.6g}"
+        tags["rpsft.phi"] = f"{metrics['g_id'] - beta * metrics['f_ood']:.6g}"
+    if run.data.tags.get(tracking.TAG_REFERENCE):
+        tags[tracking.TAG_REFERENCE] = run.data.tags[tracking.TAG_REFERENCE]
+    return tags
+
+
+def keep_checkpoints(
+    config: SweepConfig, client: Any, runs: list[Any], selection: Selection | None, echo=print
+) -> dict[str, str]:
+    """At the end of a sweep: prune, then log and register the kept trials' weights. Returns ``{trial id:
+    model version}`` of the versions registered now; a trial registered before (a resumed sweep) is skipped."""
+    if not config.keep.any:
+        return {}
+    kept = prune(config, runs, final=True, selection=selection)
+    by_id = {run.info.run_id: run for run in runs}
+    name = registered_model_name(config.name)
+    registered: dict[str, str] = {}
+    for run_id, roles in kept.items():
+        run = by_id[run_id]
+        trial_id = run.data.tags.get(tracking.TAG_TRIAL, run_id)
+        if run.data.tags.get(TAG_MODEL_VERSION):
+            continue
+        local = trial_model_dir(config, trial_id)
+        if not (local / "config.json").is_file():
+            echo(
+                f"[rpsft] keep: trial {trial_id} has no weights on disk (it ran without keep:); not registered"
+            )
+            continue
+        client.log_artifacts(run_id, str(local), MODEL_DIR)
+        _ensure_registered_model(client, name, config.name)
+        version = client.create_model_version(
+            name,
+            source=f"runs:/{run_id}/{MODEL_DIR}",
+            run_id=run_id,
+            tags=_version_tags(config, run, roles, config.objective.beta),
+            description=f"trial {trial_id} ({', '.join(roles)})",
+        )
+        tracking.set_tags(
+            client, run_id, {TAG_KEPT: ",".join(roles), TAG_MODEL_VERSION: str(version.version)}
+        )
+        shutil.rmtree(local, ignore_errors=True)
+        registered[trial_id] = str(version.version)
+        echo(f"[rpsft] keep: trial {trial_id} ({', '.join(roles)}) -> model {name} version {version.version}")
+    return registered
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def find_trial_run(stored: Any, selector: str | None) -> Any:
+    """The trial run a selector names: ``op`` (the operating point, the default), ``best:<method>`` (that
+    method's best configuration by Phi), a trial id, a reference label (``sft``, ``rpsft k=32 lambda=100
+    layers=all``; its first seed), or a method's first reference."""
+    runs = [r for r in stored.runs if r.info.status == "FINISHED"]
+    if selector is None or selector in OPERATING_POINT:
+        chosen = stored.selection().best.run_id
+        return next(r for r in runs if r.info.run_id == chosen)
+    if selector.startswith("best:"):  # the best configuration of one method, by Phi at the sweep's beta
+        method = selector.removeprefix("best:")
+        ranked = [p for p in stored.selection().ranking if p.params.get("method") == method]
+        if ranked:
+            return next(r for r in runs if r.info.run_id == ranked[0].run_id)
+    for run in runs:
+        if run.data.tags.get(tracking.TAG_TRIAL) == selector:
+            return run
+    for key in ("reference", "method"):
+        for run in runs:
+            value = (
+                run.data.tags.get(tracking.TAG_REFERENCE, "")
+                if key == "reference"
+                else run.data.params.get("method")
+            )
+            if key == "reference":
+                value = _SEED_SUFFIX.sub("", value)
+            if value == selector and (key == "reference" or run.data.tags.get(tracking.TAG_REFERENCE)):
+                return run
+    known = sorted({r.data.tags.get(tracking.TAG_TRIAL, "") for r in runs})
+    raise SweepConfigError(
+        f"trial: no finished trial {selector!r} in sweep {stored.config.name!r}. Fix: 'op' (the operating "
+        f"point), 'best:rpsft', a reference name such as 'sft', or a trial id: {', '.join(known)}"
+    )
+
+
+@dataclass
+class Export:
+    trial_id: str
+    run_id: str
+    path: Path
+    source: str  # "kept" (downloaded) or "retrained"
+    stored: dict[str, float]
+    retrained: dict[str, float]
+    tolerance: float
+
+    @property
+    def differences(self) -> dict[str, float]:
+        return {k: abs(self.retrained[k] - self.stored[k]) for k in self.retrained if k in self.stored}
+
+    @property
+    def matches(self) -> bool:
+        return all(d <= self.tolerance for d in self.differences.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "trial_id": self.trial_id,
+            "run_id": self.run_id,
+            "source": self.source,
+            "stored": self.stored,
+            "retrained": self.retrained,
+            "differences": self.differences,
+            "tolerance": self.tolerance,
+            "matches": self.matches,
+        }
+
+
+def _move_contents(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        shutil.move(str(item), target)
+
+
+def _stored_trial_config(client: Any, run_id: str) -> dict[str, Any]:
+    from sweeps.uncertainty import download_json
+
+    raw = download_json(client, run_id, "trial_config.json")
+    if raw is None:
+        raise SweepConfigError(
+            f"trial: run {run_id} has no trial_config.json artifact, so it cannot be retrained"
+        )
+    return raw
+
+
+def export_trial(
+    stored: Any, selector: str | None, out: str | Path, tolerance: float = DEFAULT_TOLERANCE, echo=print
+) -> Export:
+    """Write a stored trial's weights (safetensors + tokenizer) to ``out``: downloaded when kept, otherwise
+    retrained deterministically and checked against the stored G_id and F_ood (raises
+    :class:`ExportMismatch` past ``tolerance``, after writing the weights and ``rpsft_export.json``)."""
+    client = tracking.client_for(stored.context.tracking_uri)
+    run = find_trial_run(stored, selector)
+    run_id = run.info.run_id
+    trial_id = run.data.tags.get(tracking.TAG_TRIAL, run_id)
+    out = Path(out).expanduser().resolve()
+    stored_metrics = {k: float(run.data.metrics[k]) for k in COMPARED_METRICS if k in run.data.metrics}
+    if run.data.tags.get(TAG_MODEL_VERSION):
+        with tempfile.TemporaryDirectory() as tmp:
+            _move_contents(Path(client.download_artifacts(run_id, MODEL_DIR, tmp)), out)
+        export = Export(trial_id, run_id, out, "kept", stored_metrics, {}, tolerance)
+    else:
+        echo(
+            f"[rpsft] export: trial {trial_id} kept no weights; retraining it from its stored config and seed"
+        )
+        retrained = retrain_trial(stored, run, out)
+        export = Export(trial_id, run_id, out, "retrained", stored_metrics, retrained, tolerance)
+    (out / EXPORT_RECORD).write_text(json.dumps(export.to_dict(), indent=2))
+    if not export.matches:
+        raise ExportMismatch(
+            f"trial {trial_id}: the retrained metrics differ from the stored ones by "
+            + ", ".join(f"{k} {d:.2e}" for k, d in export.differences.items())
+            + f" (tolerance {tolerance:g}); the weights are in {out}. Fix: retrain on the sweep's hardware and "
+            "thread count, or a larger --tolerance if the difference is expected"
+        )
+    return export
+
+
+def retrain_trial(stored: Any, run: Any, out: Path) -> dict[str, float]:
+    """Retrain one trial as the sweep did (its stored TrainConfig, seed and thread count); save the weights to
+    ``out`` and return its G_id and F_ood."""
+    from rpsft_core.config import TrainConfig
+    from sweeps.scoring import TrialScorer
+    from sweeps.trial import _torch_threads, train_and_score
+
+    config, context = stored.config, stored.context
+    client = tracking.client_for(context.tracking_uri)
+    raw = _stored_trial_config(client, run.info.run_id)
+    _torch_threads(config.resources.cpus)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_config = TrainConfig.model_validate(
+            {**raw, "output_dir": tmp, "save_model": False, "checkpoint_every": None}
+        )
+        scorer = TrialScorer(config, context.base_key, context.cache_dir)
+        result, metrics, _ = train_and_score(config, context, train_config, scorer)
+        scored = {**metrics, **scorer.primary(metrics)}
+    out.mkdir(parents=True, exist_ok=True)
+    result.model.save_pretrained(out, safe_serialization=True)
+    result.tokenizer.save_pretrained(out)
+    return {k: float(scored[k]) for k in COMPARED_METRICS if k in scored}
+
+
+def local_checkpoint(stored: Any, selector: str | None, work_dir: Path) -> tuple[Any, Path]:
+    """``(run, directory)`` of a trial's weights for a later stage (RL): a kept trial's, downloaded into
+    ``work_dir``, or an earlier ``rpsft export`` into ``<sweep>/exports/<trial id>``."""
+    run = find_trial_run(stored, selector)
+    trial_id = run.data.tags.get(tracking.TAG_TRIAL, run.info.run_id)
+    exported = stored.config.sweep_dir() / "exports" / trial_id
+    if (exported / "config.json").is_file():
+        return run, exported
+    if run.data.tags.get(TAG_MODEL_VERSION):
+        target = work_dir / trial_id
+        if not (target / "config.json").is_file():
+            client = tracking.client_for(stored.context.tracking_uri)
+            with tempfile.TemporaryDirectory() as tmp:
+                _move_contents(Path(client.download_artifacts(run.info.run_id, MODEL_DIR, tmp)), target)
+        return run, target
+    raise SweepConfigError(
+        f"trial: {selector or 'op'} (trial {trial_id}) kept no weights. Fix: `rpsft export {stored.config.name} "
+        f"--trial {trial_id}` (retrains it into {exported}), or rerun the sweep with keep: set"
+    )
