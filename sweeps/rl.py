@@ -541,7 +541,8 @@ def run_rl(
         scorer = TrialScorer(stored.config, stored.context.base_key, stored.context.cache_dir)
     outcomes = []
     for init, label, path, tags in inits:
-        key = hashlib.sha256(f"{init}|{settings.key()}".encode()).hexdigest()[:16]
+        origin = stored.config.name if stored is not None else ""
+        key = hashlib.sha256(f"{origin}|{init}|{settings.key()}".encode()).hexdigest()[:16]
         work_dir = base_dir / key
         run = _rl_run(client, experiment_id, parent, f"rl from {label}", {**sweep_tags, **tags}, key)
         if run.info.status == "FINISHED":
