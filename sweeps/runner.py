@@ -637,7 +637,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     if config.keep.any:
         from sweeps.checkpoints import keep_checkpoints
 
-        keep_checkpoints(config, client, collect(config, context)[0], selection, echo=echo)
+        keep_checkpoints(config, client, runs, selection, echo=echo)  # the runs read above
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
     done = sum(1 for row in rows if row["status"] == "FINISHED" or row["state"] == "early-stopped")
