@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_eval_settings": "evaluation.settings",
     "plan_evaluation": "evaluation.settings",
     "write_task_dir": "evaluation.lm_eval_tasks",
+    "plan_config_hash": "evaluation.lm_eval_tasks",
     "evaluate": "evaluation.runner",
     "EvalResult": "evaluation.runner",
     "BenchmarkScore": "evaluation.runner",

@@ -18,17 +18,17 @@ Every benchmark becomes one lm-eval YAML task, ``rpsft_<name>`` (tags ``rpsft``,
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from evaluation.benchmarks import Benchmark
+from evaluation.settings import EvalPlan, EvalSettings, PlannedTask
 
-if TYPE_CHECKING:
-    from evaluation.settings import EvalPlan, EvalSettings, PlannedTask
-
+TASK_FORMAT_VERSION = 1
 FILTER_NAME = "all_repeats"
 METRIC_AVG = "avg@k"
 METRIC_PASS = "pass@k"
@@ -89,6 +89,26 @@ def task_config(planned: PlannedTask, settings: EvalSettings, *, data_dir_key: b
         "metric_list": metrics,
         "metadata": {"version": 1, "rpsft_suite": bench.suite, "rpsft_scorer": bench.scorer, "rpsft_k": n},
     }
+
+
+def plan_config_hash(plan: EvalPlan) -> str:
+    """Identifies everything that determines a plan's scores except the model (for the base-score cache): the
+    task configs, the data sources, the limit, the batch size, the backend, the seed and the lm-eval version."""
+    import lm_eval
+
+    settings = plan.settings
+    payload = {
+        "format": TASK_FORMAT_VERSION,
+        "lm_eval": getattr(lm_eval, "__version__", "?"),
+        "limit": settings.limit,
+        "batch_size": settings.batch_size,
+        "backend": settings.backend,
+        "seed": settings.seed,
+        "tasks": [
+            {"config": task_config(t, settings, data_dir_key=False), "source": t.source} for t in plan.tasks
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def task_yaml(planned: PlannedTask, settings: EvalSettings) -> str:

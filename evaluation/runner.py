@@ -21,7 +21,14 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from evaluation.benchmarks import EvalConfigError
-from evaluation.lm_eval_tasks import FILTER_NAME, METRIC_AVG, METRIC_INST, METRIC_PASS, write_task_dir
+from evaluation.lm_eval_tasks import (
+    FILTER_NAME,
+    METRIC_AVG,
+    METRIC_INST,
+    METRIC_PASS,
+    plan_config_hash,
+    write_task_dir,
+)
 from evaluation.metrics import macro_average
 from evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
 
@@ -260,7 +267,7 @@ def build_result(
         benchmarks=scores,
         suites=suites,
         suites_pass=suites_pass,
-        config_hash=plan.config_hash(),
+        config_hash=plan_config_hash(plan),
         settings=json.loads(plan.settings.model_dump_json()),
         seconds=seconds,
     )

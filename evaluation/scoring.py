@@ -3,9 +3,9 @@
 A sweep evaluates its base model once: :func:`base_scores` stores the base's :class:`EvalResult` under
 ``<cache_dir>/base/<model key>-<task config hash>.json``. The model key is a sha256 of the weights
 (:func:`model_fingerprint`) for an in-memory model, or of the path and file sizes/mtimes for a model named by
-path (:func:`name_fingerprint`); the task config hash (:meth:`EvalPlan.config_hash`) covers the generated
-lm-eval task configs (k, generation settings, scorer), the data files' sha256, the limit, the batch size and
-the lm-eval version. Anything that changes the numbers changes the key.
+path (:func:`name_fingerprint`); the task config hash (:func:`evaluation.lm_eval_tasks.plan_config_hash`)
+covers the generated lm-eval task configs (k, generation settings, scorer), the data files' sha256, the limit,
+the batch size and the lm-eval version. Anything that changes the numbers changes the key.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.benchmarks import EvalConfigError
+from evaluation.lm_eval_tasks import plan_config_hash
 from evaluation.metrics import TradeOff, tradeoff
 from evaluation.runner import EvalResult, evaluate
 from evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
@@ -24,22 +25,19 @@ from evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
 
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model class, its config and the bytes of every parameter and buffer."""
-    import torch
+    from rpsft_core.fingerprint import tensors_sha256
 
-    digest = hashlib.sha256()
-    digest.update(type(model).__name__.encode())
+    header = type(model).__name__
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "to_dict"):
         cfg = {
             k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
         }
-        digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, tensor in list(model.state_dict().items()):
-            t = tensor.detach()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        header += json.dumps(cfg, sort_keys=True, default=str)
+    return tensors_sha256(
+        ((f"{name}:{t.dtype}:{tuple(t.shape)}", t) for name, t in list(model.state_dict().items())),
+        header=header,
+    )
 
 
 def name_fingerprint(name_or_path: str | Path) -> str:
@@ -105,7 +103,7 @@ def base_scores(
     plan = plan or plan_evaluation(settings)
     cache = BaseScoreCache(cache_dir or settings.resolved_cache_dir())
     key = key or model_key(base_model)
-    config_hash = plan.config_hash()
+    config_hash = plan_config_hash(plan)
     cached = cache.get(key, config_hash)
     if cached is not None:
         return cached, True
@@ -146,7 +144,7 @@ def evaluate_tradeoff(
     if base_model is None:
         if base_key is None:
             raise EvalConfigError("base: give base_model, or base_key of a cached base result")
-        base = cache.get(base_key, plan.config_hash())
+        base = cache.get(base_key, plan_config_hash(plan))
         if base is None:
             raise EvalConfigError(
                 f"base: no cached base result for key {base_key[:12]} and this task config. Fix: pass base_model"

@@ -7,7 +7,6 @@ second with a message that names the field and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ from evaluation.benchmarks import (
 )
 from evaluation.items import Item, load_items, source_digest
 from rpsft_core.config import format_validation_error, read_yaml_mapping
-
-TASK_FORMAT_VERSION = 1
 
 
 def _split_names(value: Any) -> list[str]:
@@ -97,7 +94,10 @@ class EvalSettings(BaseModel):
 
 
 def _pydantic_message(exc: ValidationError, where: str) -> str:
-    return format_validation_error(exc, where, "eval settings") + "\nFix: see `rpsft eval --help` for the accepted values"
+    return (
+        format_validation_error(exc, where, "eval settings")
+        + "\nFix: see `rpsft eval --help` for the accepted values"
+    )
 
 
 def load_eval_settings(
@@ -108,7 +108,9 @@ def load_eval_settings(
     where = "eval settings"
     if config is not None:
         path = Path(config)
-        data.update(read_yaml_mapping(path, what="eval settings YAML (e.g. 'suite: id,ood')", error=EvalConfigError))
+        data.update(
+            read_yaml_mapping(path, what="eval settings YAML (e.g. 'suite: id,ood')", error=EvalConfigError)
+        )
         where = str(path)
         # relative paths in a config file are relative to the file
         for key in ("data_dir", "benchmarks_file"):
@@ -151,26 +153,6 @@ class EvalPlan:
             if t.bench.name == name or t.bench.task_name == name:
                 return t
         raise KeyError(name)
-
-    def config_hash(self) -> str:
-        """Identifies everything that determines the scores except the model (for the base-score cache)."""
-        import lm_eval
-
-        from evaluation.lm_eval_tasks import task_config
-
-        payload = {
-            "format": TASK_FORMAT_VERSION,
-            "lm_eval": getattr(lm_eval, "__version__", "?"),
-            "limit": self.settings.limit,
-            "batch_size": self.settings.batch_size,
-            "backend": self.settings.backend,
-            "seed": self.settings.seed,
-            "tasks": [
-                {"config": task_config(t, self.settings, data_dir_key=False), "source": t.source}
-                for t in self.tasks
-            ],
-        }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def registry_for(settings: EvalSettings) -> dict[str, Benchmark]:

@@ -13,7 +13,6 @@ checked on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Literal
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from rpsft_core.fingerprint import tensors_sha256
 
 BasisMethod = Literal["exact", "gram", "randomized"]
 BASIS_METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
@@ -234,22 +235,14 @@ def compute_bases(
 
 def weights_fingerprint(selection: dict[str, nn.Parameter], method: str, extra: str = "") -> str:
     """sha256 over names, shapes, dtypes and bytes of the selected matrices, plus the basis method."""
-    digest = hashlib.sha256()
-    digest.update(f"method={method};{extra}".encode())
-    for name, param in selection.items():
-        tensor = param.detach().contiguous().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256(
+        ((f"{name}:{tuple(param.shape)}:{param.dtype}", param) for name, param in selection.items()),
+        header=f"method={method};{extra}",
+    )
 
 
 def _content_hash(tensors: dict[str, Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        tensor = tensors[key].contiguous().cpu()
-        digest.update(key.encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    return tensors_sha256((key, tensors[key]) for key in sorted(tensors))
 
 
 def save_bases(bases: Bases, path: str | os.PathLike, k: KSpec) -> None:

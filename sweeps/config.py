@@ -13,6 +13,7 @@ with the sweep field named (``space.lambda``, ``references[1]``, ...).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,13 +21,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializationInfo,
     StringConstraints,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
+from evaluation.loss_metrics import LossSettings
 from evaluation.multiple_choice import MCSettings
+from evaluation.settings import EvalSettings
 from rpsft_core.config import ConfigError, TrainConfig, format_validation_error
 from rpsft_core.config import read_yaml_mapping as read_config_mapping
 from rpsft_core.method_table import Method, method_spec
@@ -226,39 +231,71 @@ class Intervals(BaseModel):
     seed: int = 0
 
 
-class LossEval(BaseModel):
-    """Loss-based trade-off (see :mod:`evaluation.loss_metrics`): forward passes, cheap, moves on small models."""
+# evaluation.loss of a sweep: cheaper than `rpsft eval --loss` (LossSettings' own defaults), since every trial
+# is scored with it
+SWEEP_LOSS_DEFAULTS: dict[str, Any] = {
+    "n_id": 8,
+    "n_ood": 8,
+    "max_new_tokens": 64,
+    "max_length": 512,
+    "kl": False,
+}
+# LossSettings fields a sweep sets itself: evaluation.data_dir / evaluation.subset, and the sweep's cache
+SECTION_LOSS_FIELDS = ("data_dir", "subset", "cache_dir")
+# EvalSettings fields a sweep sets itself (objective.betas, the sweep's cache)
+SWEEP_HARNESS_FIELDS = ("betas", "cache_dir")
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    n_id: int = Field(8, ge=1, description="ID items per benchmark (reference solutions scored by NLL)")
-    n_ood: int = Field(8, ge=1, description="OOD prompts per benchmark (base greedy responses scored)")
-    id_benchmarks: list[str] | None = None
-    ood_benchmarks: list[str] | None = Field(
-        None, description="OOD benchmarks of the NLL/KL forgetting; [] turns them off (no base generations)"
-    )
-    max_new_tokens: int = Field(64, ge=1)
-    max_length: int = Field(512, ge=16)
-    batch_size: int = Field(8, ge=1)
-    kl: bool = False
+def _sweep_loss_fields(value: Any) -> Any:
+    """The given ``evaluation.loss`` fields over :data:`SWEEP_LOSS_DEFAULTS`, for pydantic to validate."""
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        return value  # a LossSettings is kept; pydantic names anything else
+    own = [key for key in SECTION_LOSS_FIELDS if key in value]
+    if own:
+        raise ValueError(
+            f"{', '.join(own)} cannot be set for the loss metrics alone. Fix: evaluation.data_dir / "
+            "evaluation.subset (cache_dir: the sweep's top-level cache_dir)"
+        )
+    # id_benchmarks / ood_benchmarks: null means the default benchmarks
+    given = {k: v for k, v in value.items() if not (k in ("id_benchmarks", "ood_benchmarks") and v is None)}
+    return {**SWEEP_LOSS_DEFAULTS, **given}
+
+
+def sweep_loss_settings(fields: dict[str, Any] | None = None) -> LossSettings:
+    """``evaluation.loss`` as :class:`LossSettings`: the given fields over :data:`SWEEP_LOSS_DEFAULTS`."""
+    return LossSettings.model_validate(_sweep_loss_fields(fields))
 
 
 class EvaluationConfig(BaseModel):
-    """How trials are scored. ``every`` > 0 adds intermediate loss evaluations (the rungs of ASHA)."""
+    """How trials are scored. ``every`` > 0 adds intermediate loss evaluations (the rungs of ASHA).
+
+    ``loss``, ``mc`` and ``harness`` are the evaluation's own settings (:class:`LossSettings`,
+    :class:`MCSettings`, :class:`EvalSettings`); ``data_dir`` and ``subset`` of this section apply to all of
+    them (the harness may set its own). :meth:`loss_settings`, :meth:`mc_settings` and
+    :meth:`harness_settings` give the settings a trial is scored with.
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data_dir: str = "../shared/paper-data"
     subset: Literal["full", "test"] = "full"
-    loss: LossEval = Field(default_factory=LossEval)
+    loss: LossSettings = Field(
+        default_factory=sweep_loss_settings,
+        description="loss-based trade-off (evaluation.loss_metrics): forward passes, cheap, moves on small "
+        "models; defaults SWEEP_LOSS_DEFAULTS; data_dir and subset come from this section",
+    )
     mc: MCSettings | None = Field(
         None,
         description="log-likelihood multiple-choice scoring of OOD items (needed by objective.metric: mc); "
         "data_dir and subset come from this section",
     )
     intervals: Intervals = Field(default_factory=Intervals)
-    harness: dict[str, Any] | None = Field(
-        None, description="lm-eval settings (as `rpsft eval` / EvalSettings) scored at the end of each trial"
+    harness: EvalSettings | None = Field(
+        None,
+        description="lm-eval settings (as `rpsft eval`) scored at the end of each trial; data_dir and subset "
+        "default to this section's, betas are objective.betas",
     )
     every: int = Field(0, ge=0, description="intermediate evaluation every N optimizer steps (0: at the end)")
     auto_k_prompts: str | None = Field(
@@ -273,8 +310,72 @@ class EvaluationConfig(BaseModel):
         512, ge=1, description="K of the rotation diagnostic (min(K, m, n) per matrix)"
     )
 
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _loss(cls, value: Any) -> Any:
+        return _sweep_loss_fields(value)
+
+    @field_validator("harness", mode="before")
+    @classmethod
+    def _harness(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in SWEEP_HARNESS_FIELDS:
+                if key in value:
+                    warnings.warn(
+                        f"evaluation.harness.{key} is ignored: the harness scores at objective.betas and caches "
+                        "under the sweep's cache_dir. Fix: remove it",
+                        DeprecationWarning,
+                        stacklevel=2,
+                    )
+            value = {k: v for k, v in value.items() if k not in SWEEP_HARNESS_FIELDS}
+        return value
+
+    @field_serializer("loss")
+    def _dump_loss(self, value: LossSettings, info: SerializationInfo) -> dict[str, Any]:
+        return value.model_dump(mode=info.mode, exclude=set(SECTION_LOSS_FIELDS))
+
+    @field_serializer("harness")
+    def _dump_harness(self, value: EvalSettings | None, info: SerializationInfo) -> dict[str, Any] | None:
+        # the fields given, so that data_dir / subset left out keep following this section's
+        return None if value is None else value.model_dump(mode=info.mode, exclude_unset=True)
+
     def auto_k_source(self) -> str:
         return self.auto_k_prompts or str(Path(self.data_dir) / "ood" / "gpqa_test.jsonl")
+
+    def loss_settings(self, cache_dir: str | None = None) -> LossSettings:
+        """The loss metrics' settings: ``loss`` reading this section's data."""
+        return self.loss.model_copy(
+            update={"data_dir": self.data_dir, "subset": self.subset, "cache_dir": cache_dir}
+        )
+
+    def mc_settings(self) -> MCSettings | None:
+        """The multiple-choice settings: ``mc`` reading this section's data (``None`` without ``mc``)."""
+        if self.mc is None:
+            return None
+        return self.mc.model_copy(update={"data_dir": self.data_dir, "subset": self.subset})
+
+    def harness_settings(self, betas: list[float], cache_dir: str | None = None) -> EvalSettings | None:
+        """The lm-eval settings: ``harness`` with this section's data unless it names its own, the objective's
+        betas and the sweep's cache (``None`` without ``harness``)."""
+        if self.harness is None:
+            return None
+        update: dict[str, Any] = {"betas": list(betas), "cache_dir": cache_dir}
+        for key in ("data_dir", "subset"):
+            if key not in self.harness.model_fields_set:
+                update[key] = getattr(self, key)
+        return self.harness.model_copy(update=update)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LossEval":
+        warnings.warn(
+            "sweeps.config.LossEval is deprecated: evaluation.loss is an evaluation.loss_metrics.LossSettings; "
+            "use sweeps.config.sweep_loss_settings(fields) for one with the sweep's defaults",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return lambda **fields: sweep_loss_settings(fields)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Objective(BaseModel):

@@ -51,40 +51,13 @@ class TrialScorer:
     """Scores models for one sweep; ``base_key`` identifies the base model in the on-disk caches."""
 
     def __init__(self, config: SweepConfig, base_key: str, cache_dir: str) -> None:
-        from evaluation.loss_metrics import LossSettings
-
         self.config = config
         self.base_key = base_key
         self.cache_dir = cache_dir
         ev = config.evaluation
-        loss_kwargs: dict[str, Any] = dict(
-            data_dir=ev.data_dir,
-            subset=ev.subset,
-            n_id=ev.loss.n_id,
-            n_ood=ev.loss.n_ood,
-            max_new_tokens=ev.loss.max_new_tokens,
-            max_length=ev.loss.max_length,
-            batch_size=ev.loss.batch_size,
-            kl=ev.loss.kl,
-            cache_dir=cache_dir,
-        )
-        if ev.loss.id_benchmarks is not None:
-            loss_kwargs["id_benchmarks"] = ev.loss.id_benchmarks
-        if ev.loss.ood_benchmarks is not None:
-            loss_kwargs["ood_benchmarks"] = ev.loss.ood_benchmarks
-        self.loss_settings = LossSettings(**loss_kwargs)
-        self.mc_settings = (
-            ev.mc.model_copy(update={"data_dir": ev.data_dir, "subset": ev.subset})
-            if ev.mc is not None
-            else None
-        )
-        self.harness_settings = None
-        if ev.harness is not None:
-            from evaluation.settings import load_eval_settings
-
-            harness = {"data_dir": ev.data_dir, "subset": ev.subset, **ev.harness}
-            harness.update(betas=config.objective.betas, cache_dir=cache_dir)
-            self.harness_settings = load_eval_settings(None, harness)
+        self.loss_settings = ev.loss_settings(cache_dir)
+        self.mc_settings = ev.mc_settings()
+        self.harness_settings = ev.harness_settings(config.objective.betas, cache_dir)
 
     @property
     def betas(self) -> list[float]:

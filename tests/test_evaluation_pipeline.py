@@ -192,6 +192,32 @@ def test_k_override_and_generation_settings(synth_dir, tmp_path):
     )
 
 
+def test_plan_hash_covers_what_changes_the_scores_and_not_where_the_data_lives(synth_dir, tmp_path):
+    import ast
+    import shutil
+
+    from evaluation.lm_eval_tasks import plan_config_hash
+
+    plan = plan_evaluation(_only_extras(synth_dir))
+    assert plan_config_hash(plan) == plan_config_hash(plan_evaluation(_only_extras(synth_dir)))
+    for change in ({"limit": 1}, {"k": 1}, {"max_new_tokens": 9}, {"seed": 7}):
+        assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, **change))) != plan_config_hash(plan)
+    moved = tmp_path / "moved"
+    shutil.copytree(synth_dir.parent / "data", moved)
+    assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, data_dir=str(moved)))) == plan_config_hash(plan)
+    (moved / "extra" / "arith.jsonl").write_text((moved / "extra" / "arith.jsonl").read_text().replace("7*6", "6*7"))
+    assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, data_dir=str(moved)))) != plan_config_hash(plan)
+    # the settings and the plan know nothing of lm-eval tasks (the task definitions build on the plan)
+    source = Path(__file__).resolve().parents[1] / "evaluation" / "settings.py"
+    imported = {
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(ast.parse(source.read_text()))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names
+    }
+    assert "evaluation.lm_eval_tasks" not in imported and "lm_eval" not in imported
+
+
 @needs_paper_data
 def test_paper_k_defaults_and_subsets():
     plan = plan_evaluation(
