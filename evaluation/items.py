@@ -24,7 +24,9 @@ from typing import Any
 
 from evaluation.answers import normalize_gold, parse_choices
 from evaluation.benchmarks import MC_INSTRUCTION, Benchmark, EvalConfigError
-from rpsft_core.data import iter_jsonl
+from rpsft_core.data import iter_jsonl, parse_messages
+
+_PROMPT_FORMS = 'the question text, or "prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]'
 
 
 class EvalDataError(EvalConfigError):
@@ -97,25 +99,13 @@ def resolve_file(bench: Benchmark, data_dir: str | Path | None, subset: str = "f
 
 
 def _split_prompt(prompt: Any, where: str) -> tuple[str, str]:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise EvalDataError(f"{where}: 'prompt' is empty. Fix: give the question text or chat messages")
-        return "", prompt
-    if not isinstance(prompt, list) or not prompt:
-        raise EvalDataError(
-            f"{where}: 'prompt' must be a string or a non-empty list of {{role, content}} messages, got "
-            f"{type(prompt).__name__}. Fix: "
-            '"prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]'
-        )
+    """``(system, user)`` of a row's ``prompt`` (read by :func:`rpsft_core.data.parse_messages`): optional
+    system messages, then one user message."""
+    messages = parse_messages(prompt, where, "prompt", text=True, error=EvalDataError, formats=_PROMPT_FORMS)
     system_parts: list[str] = []
     user: str | None = None
-    for k, message in enumerate(prompt):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise EvalDataError(
-                f"{where}: prompt[{k}] must be an object with string 'role' and 'content'. "
-                'Fix: {"role": "user", "content": "..."}'
-            )
-        role = message.get("role")
+    for k, message in enumerate(messages):
+        role = message["role"]
         if role == "system" and user is None:
             system_parts.append(message["content"])
         elif role == "user" and user is None:

@@ -426,6 +426,8 @@ def pair_loglikelihoods(
     """
     import torch
 
+    from rpsft_core.data import collate_features
+
     if batch_size < 1 or max_length < 1:
         raise ValueError("batch_size and max_length must be >= 1")
     encoded = []
@@ -453,14 +455,11 @@ def pair_loglikelihoods(
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
-                width = max(len(encoded[i][0]) for i in chunk)
-                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attention = torch.zeros((len(chunk), width), dtype=torch.long)
-                for row, i in enumerate(chunk):
-                    inp = encoded[i][0]
-                    input_ids[row, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-                    attention[row, : len(inp)] = 1
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+                batch = collate_features(
+                    [{"input_ids": encoded[i][0], "attention_mask": [1] * len(encoded[i][0])} for i in chunk],
+                    pad_id,
+                )
+                logits = model(**{key: value.to(device) for key, value in batch.items()}).logits
                 for row, i in enumerate(chunk):
                     inp, cont = encoded[i]
                     scored = logits[row, len(inp) - len(cont) : len(inp)].float().log_softmax(dim=-1)

@@ -31,6 +31,7 @@ from rpsft_core.data import (
     hf_rows,
     iter_jsonl,
     load_examples,
+    parse_messages,
     row_to_messages,
 )
 
@@ -84,9 +85,14 @@ def row_to_rl_prompt(row: Any, where: str) -> RLPrompt:
         raise DataError(
             f"{where}: no final answer ('answer' or 'reward_model.ground_truth'). Fix: {_ROW_FORMS}."
         )
-    prompt = next((row[key] for key in ("problem", "question", "prompt") if row.get(key) is not None), None)
-    if isinstance(prompt, list):  # chat messages: the last user turn is the problem
-        users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    key = next((key for key in ("problem", "question", "prompt") if row.get(key) is not None), None)
+    prompt = row[key] if key else None
+    if prompt is not None and not isinstance(prompt, str):  # chat messages: the last user turn is the problem
+        users = [
+            m["content"]
+            for m in parse_messages(prompt, where, key, formats=_ROW_FORMS)
+            if m["role"] == "user"
+        ]
         prompt = users[-1] if users else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: no problem text ('problem', 'question' or 'prompt'). Fix: {_ROW_FORMS}.")

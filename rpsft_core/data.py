@@ -56,27 +56,43 @@ _ROW_FORMS = (
 # --------------------------------------------------------------------------------------------- reading
 
 
-def _check_messages(messages: Any, where: str, field: str) -> Messages:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(
-            f"{where}: {field!r} must be a non-empty list of {{'role', 'content'}} objects, got "
-            f"{type(messages).__name__}. Fix: {_ROW_FORMS}."
+def parse_messages(
+    value: Any,
+    where: str,
+    field: str,
+    *,
+    text: bool = False,
+    error: type[Exception] = DataError,
+    formats: str = _ROW_FORMS,
+) -> Messages:
+    """A chat message list read from a row's ``field``: a non-empty list of ``{"role", "content"}`` objects
+    (roles system, user, assistant; string content), or with ``text=True`` also a plain string, which becomes
+    one user message. The one reader of the chat formats; errors (of type ``error``) name ``where``, the field
+    and the message position (``formats``: the accepted forms a wrong type's fix names)."""
+    if text and isinstance(value, str):
+        if not value.strip():
+            raise error(f"{where}: {field!r} is empty. Fix: give the text, or a list of chat messages.")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise error(
+            f"{where}: {field!r} must be {'a string or ' if text else ''}a non-empty list of {{'role', 'content'}} "
+            f"objects, got {type(value).__name__}. Fix: {formats}."
         )
     out: Messages = []
-    for k, message in enumerate(messages):
+    for k, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(
+            raise error(
                 f"{where}: {field}[{k}] must be an object with 'role' and 'content', got {message!r:.80}. "
                 f'Fix: write each message as {{"role": "user", "content": "..."}}.'
             )
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            raise DataError(
+            raise error(
                 f"{where}: {field}[{k}] has role {role!r}, which is not one of {', '.join(ROLES)}. "
                 "Fix: use only the roles system, user and assistant."
             )
         if not isinstance(content, str):
-            raise DataError(
+            raise error(
                 f"{where}: {field}[{k}] ({role}) has content of type {type(content).__name__}, not a string. "
                 "Fix: make every message content a plain string."
             )
@@ -97,13 +113,13 @@ def row_to_messages(row: Any, where: str) -> Messages:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}. Fix: {_ROW_FORMS}.")
     if row.get("messages") is not None:
-        messages = _check_messages(row["messages"], where, "messages")
+        messages = parse_messages(row["messages"], where, "messages")
     elif "prompt" in row:
         prompt = row["prompt"]
         if isinstance(prompt, str):
             messages = [{"role": "user", "content": prompt}]
         else:
-            messages = _check_messages(prompt, where, "prompt")
+            messages = parse_messages(prompt, where, "prompt")
         messages.append({"role": "assistant", "content": _require_string(row, "response", where)})
     elif "problem" in row:
         messages = [
@@ -478,8 +494,21 @@ def build_sft_dataset(examples: list[Messages], tokenizer: Any, max_length: int)
     return SFTDataset(items, n_dropped)
 
 
+def collate_features(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad tokenized features into a batch of ``torch.long`` tensors: ``input_ids`` with
+    ``pad_token_id``, and where the features have them ``attention_mask`` with 0 and ``labels`` with
+    ``IGNORE_INDEX``. The one collator of the package (training, loss metrics, multiple-choice scoring)."""
+    width = max(len(f["input_ids"]) for f in features)
+    pads = {"input_ids": int(pad_token_id), "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {
+        key: torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features], dtype=torch.long)
+        for key, pad in pads.items()
+        if key in features[0]
+    }
+
+
 class SFTCollator:
-    """Right-pad a list of tokenized examples into a batch of ``torch.long`` tensors."""
+    """:func:`collate_features` with the tokenizer's pad token, as a ``Trainer``'s ``data_collator``."""
 
     def __init__(self, pad_token_id: int) -> None:
         if pad_token_id is None:
@@ -487,11 +516,4 @@ class SFTCollator:
         self.pad_token_id = int(pad_token_id)
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
-        return {
-            key: torch.tensor(
-                [list(f[key]) + [pad] * (width - len(f[key])) for f in features], dtype=torch.long
-            )
-            for key, pad in pads.items()
-        }
+        return collate_features(features, self.pad_token_id)

@@ -21,6 +21,7 @@ from rpsft_core.data import (
     demo_math_examples,
     load_examples,
     read_jsonl_examples,
+    row_to_messages,
     tokenize_example,
     write_jsonl,
 )
@@ -292,6 +293,45 @@ def test_demo_math_answers_are_correct():
     assert checked > 50
 
 
+@pytest.mark.parametrize(
+    ("messages", "problem"),
+    [
+        ([{"role": "bot", "content": "x"}], "prompt[0] has role 'bot'"),
+        ([{"role": "user", "content": 3}], "prompt[0] (user) has content of type int"),
+        ([{"role": "system", "content": "s"}, "hi"], "prompt[1] must be an object with 'role' and 'content'"),
+        ({"role": "user"}, "'prompt' must be"),
+    ],
+)
+def test_one_reader_of_chat_messages_for_sft_eval_and_rl_rows(messages, problem):
+    """SFT rows, evaluation items and RL prompts read a ``prompt`` message list with the same reader, so a
+    bad message is refused by each with the same reason (its position and the fix)."""
+    from evaluation.benchmarks import BUILTIN_BENCHMARKS
+    from evaluation.items import EvalDataError, _row_to_item
+    from evaluation.rl_prompts import row_to_rl_prompt
+
+    bench = next(b for b in BUILTIN_BENCHMARKS if b.scorer == "math")
+    readers = [
+        (lambda: row_to_messages({"prompt": messages, "response": "a"}, "sft:1"), DataError),
+        (
+            lambda: _row_to_item(
+                bench, {"prompt": messages, "reward_model": {"ground_truth": "1"}}, 0, "eval:1"
+            ),
+            EvalDataError,
+        ),
+        (lambda: row_to_rl_prompt({"prompt": messages, "answer": "1"}, "rl:1"), DataError),
+    ]
+    for read, error in readers:
+        with pytest.raises(error) as excinfo:
+            read()
+        assert problem in str(excinfo.value) and "Fix:" in str(excinfo.value)
+    # and a good list reads the same everywhere
+    good = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert row_to_messages({"prompt": good, "response": "a"}, "sft:1")[:2] == good
+    item = _row_to_item(bench, {"prompt": good, "reward_model": {"ground_truth": "1"}}, 0, "eval:1")
+    assert item.messages() == good
+    assert row_to_rl_prompt({"prompt": good, "answer": "1"}, "rl:1")["prompt"][1]["content"] == "q"
+
+
 # ------------------------------------------------------------------------------------------ collator
 
 
@@ -308,6 +348,26 @@ def test_collator_right_pads():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 7, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+
+
+def test_collate_features_pads_only_the_keys_given():
+    from rpsft_core.data import collate_features
+    from rpsft_core.losses import IGNORE_INDEX
+
+    features = [{"input_ids": [5, 6]}, {"input_ids": [1, 2, 3, 4]}]
+    batch = collate_features(features, pad_token_id=0)
+    assert list(batch) == ["input_ids"]
+    assert batch["input_ids"].tolist() == [[5, 6, 0, 0], [1, 2, 3, 4]]
+    with_labels = collate_features(
+        [{"input_ids": [9], "labels": [9]}, {"input_ids": [8, 8], "labels": [8, 8]}], 3
+    )
+    assert with_labels["labels"].tolist() == [[9, IGNORE_INDEX], [8, 8]]
+    # the training collator is the same function with the tokenizer's pad token
+    rows = [
+        {"input_ids": [1], "attention_mask": [1], "labels": [1]},
+        {"input_ids": [2, 2], "attention_mask": [1, 1], "labels": [2, 2]},
+    ]
+    assert all(torch.equal(SFTCollator(4)(rows)[k], v) for k, v in collate_features(rows, 4).items())
 
 
 def test_collator_on_dataset(smol_tokenizer):

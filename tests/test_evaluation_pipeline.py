@@ -204,9 +204,14 @@ def test_plan_hash_covers_what_changes_the_scores_and_not_where_the_data_lives(s
         assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, **change))) != plan_config_hash(plan)
     moved = tmp_path / "moved"
     shutil.copytree(synth_dir.parent / "data", moved)
-    assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, data_dir=str(moved)))) == plan_config_hash(plan)
-    (moved / "extra" / "arith.jsonl").write_text((moved / "extra" / "arith.jsonl").read_text().replace("7*6", "6*7"))
-    assert plan_config_hash(plan_evaluation(_only_extras(synth_dir, data_dir=str(moved)))) != plan_config_hash(plan)
+
+    def moved_hash() -> str:
+        return plan_config_hash(plan_evaluation(_only_extras(synth_dir, data_dir=str(moved))))
+
+    assert moved_hash() == plan_config_hash(plan)  # the same files elsewhere
+    arith = moved / "extra" / "arith.jsonl"
+    arith.write_text(arith.read_text().replace("7*6", "6*7"))
+    assert moved_hash() != plan_config_hash(plan)  # a changed item
     # the settings and the plan know nothing of lm-eval tasks (the task definitions build on the plan)
     source = Path(__file__).resolve().parents[1] / "evaluation" / "settings.py"
     imported = {
@@ -502,7 +507,9 @@ def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_p
                 assert len(pairs) == {"math500": 4, "truthfulqa_mc": 3}[name]
                 assert means[name] == pytest.approx(sum(s for s, _ in pairs) / sum(n for _, n in pairs))
     kl_pairs = out.tuned.ood_kl_items["truthfulqa_mc"]
-    assert out.tuned.ood_kl["truthfulqa_mc"] == pytest.approx(sum(s for s, _ in kl_pairs) / sum(n for _, n in kl_pairs))
+    assert out.tuned.ood_kl["truthfulqa_mc"] == pytest.approx(
+        sum(s for s, _ in kl_pairs) / sum(n for _, n in kl_pairs)
+    )
     # base responses and base NLLs are cached: a second call needs no generation and no base forward pass
     monkey = pytest.MonkeyPatch()
     monkey.setattr(

@@ -31,7 +31,14 @@ def _parse(raw):
 def test_loss_section_is_loss_settings_with_the_section_data(tmp_path):
     from evaluation.loss_metrics import LossSettings
 
-    loss = {"n_id": 3, "n_ood": 5, "id_benchmarks": ["math500"], "max_new_tokens": 32, "max_length": 256, "kl": True}
+    loss = {
+        "n_id": 3,
+        "n_ood": 5,
+        "id_benchmarks": ["math500"],
+        "max_new_tokens": 32,
+        "max_length": 256,
+        "kl": True,
+    }
     config = _parse(_raw(tmp_path, loss=loss))
     assert isinstance(config.evaluation.loss, LossSettings)
     expected = LossSettings(**loss, data_dir=str(tmp_path / "data"), subset="test", cache_dir="/c")
@@ -86,7 +93,13 @@ def test_harness_settings_equal_what_rpsft_eval_builds(tmp_path):
     assert isinstance(config.evaluation.harness, EvalSettings)
     expected = load_eval_settings(
         None,
-        {**harness, "data_dir": str(tmp_path / "data"), "subset": "test", "betas": [2.0, 0.5], "cache_dir": "/c"},
+        {
+            **harness,
+            "data_dir": str(tmp_path / "data"),
+            "subset": "test",
+            "betas": [2.0, 0.5],
+            "cache_dir": "/c",
+        },
     )
     assert config.evaluation.harness_settings(config.objective.betas, "/c") == expected
 
