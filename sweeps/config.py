@@ -284,7 +284,8 @@ class EvaluationConfig(BaseModel):
     loss: LossSettings = Field(
         default_factory=sweep_loss_settings,
         description="loss-based trade-off (evaluation.loss_metrics): forward passes, cheap, moves on small "
-        "models; defaults SWEEP_LOSS_DEFAULTS; data_dir and subset come from this section",
+        "models; unset fields take SWEEP_LOSS_DEFAULTS; ood_benchmarks: [] turns the OOD NLL/KL off (no base "
+        "generations); data_dir and subset come from this section",
     )
     mc: MCSettings | None = Field(
         None,
