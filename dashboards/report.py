@@ -197,7 +197,7 @@ def _diagnostics_html(diagnostics_dir: Path | None) -> tuple[str, list[Path]]:
     """Figures (and the summary table) of an ``rpsft diagnose`` output directory, embedded as images."""
     if diagnostics_dir is None:
         return "", []
-    from rpsft_core.diagnostics.run import format_table
+    from evaluation.diagnostics.run import format_table
 
     results = json.loads((diagnostics_dir / "diagnostics.json").read_text())
     figures = [

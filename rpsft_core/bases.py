@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rpsft_core.fingerprint import tensors_sha256
+from rpsft_core.rank_rule import parse_k_spec
 
 BasisMethod = Literal["exact", "gram", "randomized"]
 BASIS_METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
@@ -35,14 +36,14 @@ class BasisCacheError(RuntimeError):
 
 
 def check_k(k: KSpec) -> KSpec:
-    """Validate a rank spec: an int >= 0, or a fraction of each matrix's rank in (0, 1]."""
+    """Validate a resolved rank spec: an int >= 0, or a fraction of each matrix's rank in (0, 1]
+    (:func:`rpsft_core.rank_rule.parse_k_spec`; an ``auto`` spec must be resolved before bases exist)."""
     if isinstance(k, bool) or not isinstance(k, int | float):
-        raise ValueError(f"k: expected an int rank or a fraction in (0, 1], got {k!r}")
-    if isinstance(k, float) and not 0.0 < k <= 1.0:
-        raise ValueError(f"k: a fractional k must lie in (0, 1], got {k}. Fix: use e.g. 0.05 or an int rank")
-    if isinstance(k, int) and k < 0:
-        raise ValueError(f"k: must be >= 0, got {k}. Fix: use 0 (plain SFT), a positive rank or a fraction")
-    return k
+        raise ValueError(
+            f"k: expected an int rank or a fraction in (0, 1], got {k!r}. Fix: resolve an 'auto' spec first "
+            "(rpsft_core.rank_rule.resolve_auto_k)"
+        )
+    return parse_k_spec(k)
 
 
 def resolve_k(k: KSpec, shape: tuple[int, int]) -> int:

@@ -24,7 +24,11 @@ def train(
     model: str | None = typer.Option(None, help="Embedded name, HF directory, .gguf file or hub id."),
     data: str | None = typer.Option(None, help="JSONL path, demo-math[:N], or hf:<dataset>[:split]."),
     method: str | None = typer.Option(None, help=f"{', '.join(METHOD_NAMES)} (see `rpsft methods`)."),
-    k: str | None = typer.Option(None, help="Protected rank: an int, or a fraction of each matrix's rank."),
+    k: str | None = typer.Option(
+        None,
+        help="Protected rank: an int, a fraction of each matrix's rank, or auto / auto@<energy target> "
+        "(the energy rule on the base model).",
+    ),
     lam: float | None = typer.Option(None, "--lambda", help="Penalty strength."),
     layers: str | None = typer.Option(None, help="Layer preset: all, attn, mlp, early-attn, ..."),
     max_steps: int | None = typer.Option(None, help="Optimizer steps."),
@@ -34,18 +38,14 @@ def train(
     """Fine-tune one model; writes <output_dir>/model (HF checkpoint) and <output_dir>/metrics.json."""
     from rpsft_core.config import ConfigError, load_train_config
     from rpsft_core.errors import InputError
+    from rpsft_core.rank_rule import k_spec_value
 
-    k_value: int | float | None = None
+    k_value = None
     if k is not None:
         try:
-            k_value = int(k)
-        except ValueError:
-            try:
-                k_value = float(k)
-            except ValueError:
-                fail(
-                    f"--k: {k!r} is not a number. Fix: an int rank (1 = rank 1) or a fraction (0.05; 1.0 = full)"
-                )
+            k_value = k_spec_value(k)
+        except ValueError as exc:
+            fail(f"--{exc}")  # "k: ..." -> "--k: ..."
     overrides = dict(
         model=model,
         data=data,
@@ -76,6 +76,7 @@ def train(
             "bases_seconds",
             "n_examples",
             "drift_mean",
+            "k_resolved",
         )
     }
     typer.echo(json.dumps(summary, indent=2))
@@ -108,7 +109,7 @@ def models(
 
 # Commands of the other packages: each module defines ``register(app)`` and imports its heavy dependencies
 # inside the command functions, so ``rpsft --help`` stays fast.
-COMMAND_MODULES = ("rpsft_core.diagnostics.cli", "evaluation.cli", "sweeps.cli", "dashboards.cli")
+COMMAND_MODULES = ("evaluation.diagnostics.cli", "evaluation.cli", "sweeps.cli", "dashboards.cli")
 
 
 def _register_commands() -> None:

@@ -8,10 +8,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rpsft_core.bases import BASIS_METHODS, check_k
+from rpsft_core.bases import BASIS_METHODS
 from rpsft_core.errors import ConfigError
 from rpsft_core.method_table import Method, MethodSpec, method_spec
+from rpsft_core.rank_rule import KSpecValue, is_auto_k, k_spec_value
 from rpsft_core.selection import LayerSpec, resolve_spec
+
+DEFAULT_AUTO_K_PROMPTS = "../shared/paper-data/ood/gpqa_test.jsonl"  # the sweep's default too
 
 
 class TrainConfig(BaseModel):
@@ -25,7 +28,15 @@ class TrainConfig(BaseModel):
     data_limit: int | None = Field(None, gt=0)
 
     method: Method = "rpsft"
-    k: int | float = 64
+    k: KSpecValue = Field(
+        64,
+        description="protected rank: an int rank, a fraction of each matrix's rank, or auto / auto@<energy "
+        "target> (resolved on the base model by the energy rule before training)",
+    )
+    auto_k_prompts: str = Field(
+        DEFAULT_AUTO_K_PROMPTS,
+        description="OOD prompts the energy rule of k: auto reads (a JSONL path, demo-math:N or hf:<id>)",
+    )
     lam: float = Field(1.0, alias="lambda")
     period: int = Field(1, ge=1)
     layers: str | LayerSpec = "all"
@@ -66,8 +77,8 @@ class TrainConfig(BaseModel):
 
     @field_validator("k")
     @classmethod
-    def _check_k(cls, value: float) -> int | float:
-        return check_k(value)
+    def _check_k(cls, value: KSpecValue) -> KSpecValue:
+        return k_spec_value(value)
 
     @field_validator("lam")
     @classmethod
@@ -108,6 +119,13 @@ class TrainConfig(BaseModel):
             raise ValueError(
                 f"k: {self.method} freezes the top-k subspace and needs k > 0. Fix: a positive rank or fraction"
             )
+        if self.auto_k:
+            source = Path(self.auto_k_prompts).expanduser()
+            if source.suffix == ".jsonl" and not source.is_file():
+                raise ValueError(
+                    f"auto_k_prompts: file {source} does not exist; k: {self.k} reads OOD prompts from it. "
+                    "Fix: a JSONL of OOD prompts, demo-math:N or hf:<dataset>, or a numeric k"
+                )
         if spec.uses_lambda and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
@@ -123,6 +141,11 @@ class TrainConfig(BaseModel):
     def effective_k(self) -> int | float:
         """The rank the penalty uses: full rank (1.0) for ``l2-init``, 0 for unpenalized methods."""
         return self.spec.effective_k(self.k)
+
+    @property
+    def auto_k(self) -> bool:
+        """Whether the penalty's k is an ``auto`` spec, to resolve on the base model before training."""
+        return is_auto_k(self.effective_k)
 
     def knob_values(self) -> dict[str, Any]:
         """The method's own knobs and their values (what a trial logs; see :meth:`MethodSpec.logged_knobs`)."""

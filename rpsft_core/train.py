@@ -25,6 +25,7 @@ from rpsft_core.config import TrainConfig
 from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
 from rpsft_core.methods import prepare_method
 from rpsft_core.models import drop_autocast_wrapper, load_model, load_tokenizer
+from rpsft_core.rank_rule import resolve_k_from_prompts
 from rpsft_core.selection import select_matrices
 from rpsft_core.trainer import RPSFTTrainer
 
@@ -106,8 +107,12 @@ def train(
     model.to(args.device)  # bases are computed where the model trains
     selection = select_matrices(model, config.layers)
 
+    k_resolved = None
+    if config.auto_k:  # the energy rule on the base model, as a sweep resolves its k: auto
+        k_resolved = resolve_k_from_prompts(model, tokenizer, config.k, config.auto_k_prompts)
+    run_config = config if k_resolved is None else config.model_copy(update={"k": k_resolved})
     started = time.perf_counter()
-    prepared = prepare_method(model, config, selection, bases, progress=progress)
+    prepared = prepare_method(model, run_config, selection, bases, progress=progress)
     bases_seconds = time.perf_counter() - started
     set_seed(config.seed)
     trainer = RPSFTTrainer(
@@ -135,6 +140,7 @@ def train(
     drift = prepared.regularizer.drift() if prepared.regularizer is not None else {}
     metrics = {
         "config": config.model_dump(mode="json", by_alias=True),
+        "k_resolved": k_resolved,
         "train_loss": output.training_loss,
         "global_steps": output.global_step,
         "train_seconds": train_seconds,

@@ -94,19 +94,13 @@ class SearchSpace(BaseModel):
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: list[int | float | str] | NumberRange) -> list[int | float | str] | NumberRange:
-        from rpsft_core.diagnostics.energy import parse_k_spec
+        from rpsft_core.rank_rule import k_spec_value
 
         if isinstance(value, NumberRange):
             if value.low < 0:
                 raise ValueError(f"k range: low must be >= 0, got {value.low}")
             return value
-        _non_empty(value, "k values")
-        out: list[int | float | str] = []
-        for item in value:
-            parsed = parse_k_spec(item)
-            auto = isinstance(item, str) and not isinstance(parsed, (int, float))
-            out.append(item.strip().lower() if auto else parsed)
-        return out
+        return [k_spec_value(item) for item in _non_empty(value, "k values")]
 
     @field_validator("lam", mode="before")
     @classmethod
@@ -194,11 +188,9 @@ class Reference(BaseModel):
     def _check_k(cls, value: int | float | str | None) -> int | float | str | None:
         if value is None:
             return None
-        from rpsft_core.diagnostics.energy import parse_k_spec
+        from rpsft_core.rank_rule import k_spec_value
 
-        parsed = parse_k_spec(value)
-        auto = isinstance(value, str) and not isinstance(parsed, (int, float))
-        return value.strip().lower() if auto else parsed
+        return k_spec_value(value)
 
     @field_validator("seeds")
     @classmethod

@@ -313,13 +313,12 @@ def prepare_shared_state(
     auto_k: dict[str, float] = {}
     auto_specs = config.auto_k_specs()
     if auto_specs:
-        from rpsft_core.diagnostics.energy import resolve_auto_k
-        from rpsft_core.diagnostics.prompts import load_prompt_examples
+        from rpsft_core.rank_rule import resolve_k_from_prompts
 
-        _, prompts = load_prompt_examples(config.evaluation.auto_k_source(), limit=16)
         for spec in auto_specs:
-            auto_k[spec] = float(resolve_auto_k(model, tokenizer, spec, prompts))
-            model.zero_grad(set_to_none=True)
+            auto_k[spec] = float(
+                resolve_k_from_prompts(model, tokenizer, spec, config.evaluation.auto_k_source())
+            )
 
     bases_dir = config.sweep_dir() / "bases"
     numeric = [k for k in config.space.k_choices() if not isinstance(k, str)] + list(auto_k.values())
@@ -347,7 +346,7 @@ def prepare_shared_state(
                     selection, k_cover, cache_dir=bases_dir, method=cfg0.basis_method, progress=progress
                 )
     if config.evaluation.rotation:
-        from rpsft_core.diagnostics.rotation import left_subspaces
+        from evaluation.diagnostics.rotation import left_subspaces
 
         with torch.no_grad():
             subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)

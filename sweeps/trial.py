@@ -320,7 +320,7 @@ def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -
     the flat ``rotation/*`` numbers returned for the run's metrics."""
     import torch
 
-    from rpsft_core.diagnostics.rotation import rotation_metrics, rotation_summary
+    from evaluation.diagnostics.rotation import rotation_metrics, rotation_summary
 
     base_subspaces = torch.load(rotation_base_path(config), map_location="cpu")
     with torch.no_grad():

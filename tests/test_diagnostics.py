@@ -1,4 +1,5 @@
-"""Diagnostics (paper App. C.5, F): energy rank rule, rotation, first-order signal, hidden drift, entropy."""
+"""Diagnostics (paper App. C.5, F): the core's energy rank rule, and evaluation.diagnostics' rotation,
+first-order signal, hidden drift, entropy and the ``rpsft diagnose`` run."""
 
 import copy
 import json
@@ -13,34 +14,36 @@ from conftest import PAPER_DATA
 from torch import nn
 from typer.testing import CliRunner
 
-from rpsft_core.data import demo_math_examples
-from rpsft_core.diagnostics import (
-    AutoK,
-    EnergyAccumulator,
+from evaluation.diagnostics import (
     centroid_drift,
     dataset_gradients,
-    energy_curves,
     first_order_signal,
     generation_entropy,
-    gradient_energy,
-    is_auto_k,
     kde,
     left_subspaces,
     matrix_rotation,
-    parse_k_spec,
     pca_2d,
-    per_sample_gradients,
     pooled_hidden_states,
     principal_angles,
     protected_drift,
     rankwise_rotation,
-    resolve_auto_k,
     rotation_metrics,
     rotation_summary,
 )
-from rpsft_core.diagnostics.energy import lm_sample_losses
-from rpsft_core.diagnostics.prompts import PromptExample, collate, gradient_features, read_prompt_examples
+from rpsft_core.data import demo_math_examples
 from rpsft_core.models import tiny_model
+from rpsft_core.prompts import PromptExample, collate, gradient_features, read_prompt_examples
+from rpsft_core.rank_rule import (
+    AutoK,
+    EnergyAccumulator,
+    energy_curves,
+    gradient_energy,
+    is_auto_k,
+    lm_sample_losses,
+    parse_k_spec,
+    per_sample_gradients,
+    resolve_auto_k,
+)
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 
@@ -370,7 +373,7 @@ def test_hidden_drift_of_a_model_against_itself_is_zero(smol_tokenizer):
     drift = centroid_drift({"base": states, "same": same, "moved": moved})
     assert drift["base"] == 0.0 and drift["same"] == 0.0 and drift["moved"] > 1e-3
     # Independent pooling of one prompt, unbatched: masked mean over its own tokens.
-    from rpsft_core.diagnostics.prompts import prompt_token_ids
+    from rpsft_core.prompts import prompt_token_ids
 
     ids = torch.tensor([prompt_token_ids(examples[:1], smol_tokenizer, 512)[0]])
     with torch.no_grad():
@@ -398,7 +401,7 @@ def _manual_greedy_entropies(model, prompt_ids, steps):
 
 
 def test_entropy_follows_the_greedy_path_and_stops_at_eos(smol_tokenizer):
-    from rpsft_core.diagnostics.prompts import prompt_token_ids
+    from rpsft_core.prompts import prompt_token_ids
 
     model = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0).double()
     with torch.no_grad():  # sharpen the random model so the entropies differ between prompts
@@ -433,11 +436,63 @@ def test_kde_uses_the_papers_bandwidth():
 
 def test_import_does_not_pull_ray_or_mlflow():
     code = (
-        "import sys, rpsft_core.diagnostics, rpsft_core.diagnostics.cli\n"
+        "import sys, evaluation.diagnostics, evaluation.diagnostics.cli\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_core_rank_rule_needs_neither_the_analysis_nor_matplotlib():
+    code = (
+        "import sys, rpsft_core.rank_rule, rpsft_core.prompts, rpsft_core.config, rpsft_core.train\n"
+        "import rpsft_core.diagnostics\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('evaluation', 'matplotlib', 'sweeps')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_diagnostics_names_warn_or_name_their_new_module():
+    import rpsft_core.diagnostics as old
+    from rpsft_core import rank_rule
+
+    with pytest.warns(DeprecationWarning, match="rpsft_core.rank_rule.parse_k_spec"):
+        assert old.parse_k_spec is rank_rule.parse_k_spec
+    with pytest.raises(AttributeError, match="from evaluation.diagnostics.rotation import rotation_summary"):
+        old.rotation_summary  # noqa: B018
+
+
+def test_every_diagnostic_follows_the_protocol():
+    from evaluation.diagnostics.catalog import DIAGNOSTICS
+    from evaluation.diagnostics.protocol import Diagnostic
+    from evaluation.diagnostics.run import ALL_DIAGNOSTICS, parse_what
+
+    assert [d.name for d in DIAGNOSTICS] == list(ALL_DIAGNOSTICS) == list(parse_what("all"))
+    for diagnostic in DIAGNOSTICS:
+        assert issubclass(diagnostic, Diagnostic)
+        assert diagnostic.start is not Diagnostic.start and diagnostic.results is not Diagnostic.results
+    assert parse_what("entropy,first_order,rank") == ("energy", "first-order", "entropy")
+
+
+def test_figures_without_matplotlib_name_the_extra(tmp_path, smol_tokenizer, monkeypatch):
+    from evaluation.diagnostics import plots
+    from evaluation.diagnostics.run import diagnose
+
+    base = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
+    base.save_pretrained(tmp_path / "same")
+    smol_tokenizer.save_pretrained(tmp_path / "same")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    assert not plots.available()
+    with pytest.raises(plots.MissingPlotExtra, match=r"pip install 'rpsft\[diagnostics\]'"):
+        plots.plot_rotation_layerwise({}, tmp_path / "x.png")
+    out = tmp_path / "diag"
+    results = diagnose(
+        (base, smol_tokenizer), [str(tmp_path / "same")], what="rotation", top_k=16, out_dir=out
+    )
+    written = json.loads((out / "diagnostics.json").read_text())
+    assert written["figures"] == [] and "rpsft[diagnostics]" in written["figures_skipped"]
+    assert results["rotation"]["same"]["mean_deg"] == 0.0 and not list(out.glob("*.png"))
 
 
 def _write_jsonl(path, rows):
@@ -517,10 +572,18 @@ def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
     assert report["datasets"]["ood_chat"]["role"] == "ood"
     for figure in report["figures"]:
         assert (out / figure).stat().st_size > 1000
-    if report["figures"]:
-        assert {"energy.png", "rotation_layerwise.png", "hidden_pca.png", "entropy_kde.png"} <= set(
-            report["figures"]
-        )
+    if report["figures"]:  # every diagnostic's figures, in the order of --what
+        assert report["figures"] == [
+            "energy.png",
+            "rotation_layerwise.png",
+            "rotation_rankwise.png",
+            "first_order.png",
+            "hidden_pca.png",
+            "entropy_kde.png",
+        ]
+    assert set(report["timings"]) == {"load", "energy", "rotation", "first-order", "hidden", "entropy"} | (
+        {"figures"} if report["figures"] else set()
+    )
     bad = CliRunner().invoke(app, ["diagnose", "--base", str(tmp_path / "base"), "--what", "nonsense"])
     assert bad.exit_code == 2 and "what: unknown diagnostic" in bad.output
 

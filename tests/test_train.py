@@ -166,6 +166,9 @@ def test_callback_in_a_stock_trainer_matches_rpsft_trainer(tmp_path, smol_tokeni
         ({"lr_scheduler": "cosine_typo"}, "lr_scheduler: .*unknown scheduler"),
         ({"method": "osf", "k": 0}, "osf freezes the top-k subspace and needs k > 0"),
         ({"method": "l2-init", "lambda": 0}, "lambda is 0 for method 'l2-init'"),
+        ({"k": "auto@2"}, "k: .*the energy target must lie in"),
+        ({"k": "fast"}, "k: 'fast' is not a number"),
+        ({"k": "auto", "auto_k_prompts": "/nonexistent/ood.jsonl"}, "auto_k_prompts: file .* does not exist"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
@@ -220,12 +223,21 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
 
     common = dict(method="rpsft", max_steps=4, checkpoint_every=2, save_model=False, lr_scheduler="cosine")
     whole = train(
-        _config(tmp_path / "whole", **common), model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False
+        _config(tmp_path / "whole", **common),
+        model=_tiny(smol_tokenizer),
+        tokenizer=smol_tokenizer,
+        progress=False,
     )
     assert whole.metrics["resumed_from_step"] == 0
     cfg = _config(tmp_path / "killed", **common)
     with pytest.raises(Killed):
-        train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, callbacks=[KillAfter()], progress=False)
+        train(
+            cfg,
+            model=_tiny(smol_tokenizer),
+            tokenizer=smol_tokenizer,
+            callbacks=[KillAfter()],
+            progress=False,
+        )
     assert sorted(p.name for p in (tmp_path / "killed" / "out").glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
     assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_steps"] == 4
@@ -254,3 +266,58 @@ def test_a_mixed_precision_run_returns_the_model_it_saves(tmp_path, smol_tokeniz
     assert not torch.equal(autocast_logits, fresh_logits)  # the check can tell the two apart
     with full_precision_forward(reloaded):  # no wrapper: a no-op
         assert torch.equal(reloaded(ids).logits, fresh_logits)
+
+
+def test_k_auto_is_resolved_on_the_base_model_before_training(tmp_path, smol_tokenizer):
+    """``k: auto@0.3``: the energy rule runs on the untrained base model over the prompts of
+    ``auto_k_prompts``, and the run trains exactly as one given the resolved rank fraction."""
+    import copy
+
+    from rpsft_core.prompts import load_prompt_examples
+    from rpsft_core.rank_rule import resolve_auto_k
+
+    base = _tiny(smol_tokenizer)
+    _, prompts = load_prompt_examples("demo-math:6")
+    expected = resolve_auto_k(copy.deepcopy(base), smol_tokenizer, "auto@0.3", prompts)
+    common = dict(layers="attn", max_steps=2, save_model=False)
+    auto = train(
+        _config(tmp_path / "auto", k="AUTO@0.3", auto_k_prompts="demo-math:6", **common),
+        model=base,
+        tokenizer=smol_tokenizer,
+        progress=False,
+    )
+    assert auto.metrics["config"]["k"] == "auto@0.3" and 0 < expected <= 1
+    assert auto.metrics["k_resolved"] == pytest.approx(expected, rel=1e-12)
+    numeric = train(
+        _config(tmp_path / "numeric", k=auto.metrics["k_resolved"], **common),
+        model=_tiny(smol_tokenizer),
+        tokenizer=smol_tokenizer,
+        progress=False,
+    )
+    assert numeric.metrics["k_resolved"] is None
+    assert numeric.metrics["bases_bytes"] == auto.metrics["bases_bytes"]
+    trained, reference = _weights(auto.model), _weights(numeric.model)
+    assert all(torch.equal(trained[name], reference[name]) for name in reference)
+
+
+def test_cli_train_k_auto(tmp_path, tiny_dir, smol_tokenizer):
+    """``rpsft train --k auto``: the spec reaches the run, which reports the fraction the rule chose."""
+    from typer.testing import CliRunner
+
+    from rpsft_core.cli import app
+    from rpsft_core.prompts import load_prompt_examples
+    from rpsft_core.rank_rule import resolve_auto_k
+
+    config = tmp_path / "train.yaml"
+    config.write_text("auto_k_prompts: demo-math:4\nmax_length: 96\nbatch_size: 2\nsave_model: false\n")
+    args = ["train", "--config", str(config), "--model", str(tiny_dir), "--data", "demo-math:4"]
+    args += ["--k", "auto", "--layers", "attn", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    base, _ = load_model(tiny_dir)
+    _, prompts = load_prompt_examples("demo-math:4")
+    assert metrics["config"]["k"] == "auto"
+    assert metrics["k_resolved"] == pytest.approx(resolve_auto_k(base, smol_tokenizer, "auto", prompts))
+    bad = CliRunner().invoke(app, ["train", "--k", "auto@1.5", "--output-dir", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--k: 'auto@1.5': the energy target must lie in (0, 1]" in bad.output

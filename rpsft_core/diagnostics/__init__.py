@@ -1,82 +1,69 @@
-"""Diagnostics of RPSFT (paper App. C.5 and F): choosing k, rotation, first-order signal, drift, entropy.
+"""Deprecated: the names ``rpsft_core.diagnostics`` held now live in two places.
 
-* :mod:`~rpsft_core.diagnostics.energy`: per-sample gradients from layer hooks, the Fisher-projected energy
-  curve ``y(r)`` and the rank rule (``k: auto`` / ``auto@0.3`` via :func:`parse_k_spec`, :func:`resolve_auto_k`).
-* :mod:`~rpsft_core.diagnostics.rotation`: principal angles between base and tuned top-K left subspaces,
-  per matrix, layerwise (:func:`rotation_summary`) and rankwise.
-* :mod:`~rpsft_core.diagnostics.first_order`: ``<g_W, W_tuned - W_base>`` per layer on ID / OOD data.
-* :mod:`~rpsft_core.diagnostics.hidden`: pooled hidden states, centroid drift, 2-D PCA.
-* :mod:`~rpsft_core.diagnostics.entropy`: greedy-decoding token entropy and its KDE.
-* :mod:`~rpsft_core.diagnostics.run`: :func:`diagnose`, behind ``rpsft diagnose``.
-
-Nothing here imports Ray or MLflow; :func:`rotation_metrics` flattens a rotation summary for any logger.
+* The rank rule of ``k: auto`` stays in the core: :mod:`rpsft_core.rank_rule` (``parse_k_spec``, ``AutoK``,
+  ``resolve_auto_k``, the energy curves) and :mod:`rpsft_core.prompts` (the prompts it reads). Reading them
+  from here still works, with a ``DeprecationWarning``.
+* The analysis tools (rotation, first-order signal, hidden drift, entropy, plots, ``diagnose``) moved to
+  :mod:`evaluation.diagnostics`; the core does not import them, so reading one from here raises an
+  ``AttributeError`` that names its new module.
 """
 
-from rpsft_core.diagnostics.energy import (
-    DEFAULT_PROBE,
-    AutoK,
-    EnergyAccumulator,
-    EnergyCurve,
-    EnergyReport,
-    capture_layer_io,
-    energy_curves,
-    gradient_energy,
-    is_auto_k,
-    parse_k_spec,
-    per_sample_gradients,
-    resolve_auto_k,
-    suggested_rank,
-)
-from rpsft_core.diagnostics.entropy import generation_entropy, kde
-from rpsft_core.diagnostics.first_order import dataset_gradients, first_order_signal
-from rpsft_core.diagnostics.hidden import centroid_drift, pca_2d, pooled_hidden_states
-from rpsft_core.diagnostics.prompts import PromptExample, load_prompt_examples, read_prompt_examples
-from rpsft_core.diagnostics.rotation import (
-    left_subspace,
-    left_subspaces,
-    matrix_rotation,
-    mean_angle_deg,
-    principal_angles,
-    protected_drift,
-    rankwise_rotation,
-    rotation_metrics,
-    rotation_summary,
-)
-from rpsft_core.diagnostics.run import diagnose, format_table
+from __future__ import annotations
 
-__all__ = [
+import warnings
+
+_RANK_RULE = (
     "DEFAULT_PROBE",
     "AutoK",
     "EnergyAccumulator",
     "EnergyCurve",
     "EnergyReport",
-    "PromptExample",
     "capture_layer_io",
-    "centroid_drift",
-    "dataset_gradients",
-    "diagnose",
     "energy_curves",
-    "first_order_signal",
-    "format_table",
-    "generation_entropy",
     "gradient_energy",
     "is_auto_k",
-    "kde",
-    "left_subspace",
-    "left_subspaces",
-    "load_prompt_examples",
-    "matrix_rotation",
-    "mean_angle_deg",
     "parse_k_spec",
-    "pca_2d",
     "per_sample_gradients",
-    "pooled_hidden_states",
-    "principal_angles",
-    "protected_drift",
-    "rankwise_rotation",
-    "read_prompt_examples",
     "resolve_auto_k",
-    "rotation_metrics",
-    "rotation_summary",
     "suggested_rank",
-]
+)
+_PROMPTS = ("PromptExample", "load_prompt_examples", "read_prompt_examples")
+_MOVED_TO_EVALUATION = {
+    "evaluation.diagnostics.entropy": ("generation_entropy", "kde"),
+    "evaluation.diagnostics.first_order": ("dataset_gradients", "first_order_signal"),
+    "evaluation.diagnostics.hidden": ("centroid_drift", "pca_2d", "pooled_hidden_states"),
+    "evaluation.diagnostics.rotation": (
+        "left_subspace",
+        "left_subspaces",
+        "matrix_rotation",
+        "mean_angle_deg",
+        "principal_angles",
+        "protected_drift",
+        "rankwise_rotation",
+        "rotation_metrics",
+        "rotation_summary",
+    ),
+    "evaluation.diagnostics.run": ("diagnose", "format_table"),
+}
+
+__all__ = [*_RANK_RULE, *_PROMPTS]
+
+
+def __getattr__(name: str):
+    if name in _RANK_RULE or name in _PROMPTS:
+        from rpsft_core import prompts, rank_rule
+
+        home = rank_rule if name in _RANK_RULE else prompts
+        warnings.warn(
+            f"rpsft_core.diagnostics.{name} moved to {home.__name__}.{name}; import it from there",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(home, name)
+    for module, names in _MOVED_TO_EVALUATION.items():
+        if name in names:
+            raise AttributeError(
+                f"rpsft_core.diagnostics.{name} moved to {module}.{name} (the analysis tools live beside "
+                f"evaluation now). Fix: from {module} import {name}"
+            )
+    raise AttributeError(f"module 'rpsft_core.diagnostics' has no attribute {name!r}")

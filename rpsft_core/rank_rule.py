@@ -1,4 +1,8 @@
-"""Choosing k from Fisher-projected gradient energy (paper App. C.5, F.1).
+"""The rank rule of ``k: auto``: the k-spec parser and k from Fisher-projected gradient energy (App. C.5, F.1).
+
+:func:`parse_k_spec` is the one reader of a ``k`` value (an int rank, a rank fraction, ``auto`` or
+``auto@<target>``) for every config and command line; :func:`resolve_auto_k` turns ``auto`` into a rank
+fraction by the energy rule below, measured on the base model before training.
 
 For a probed matrix ``W`` (m x n, pretrained ``W = U S V^T``, ``R = min(m, n)``) and per-sample gradients
 ``G_t`` on a small OOD batch, the energy captured by the strict top r x r singular block is
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rpsft_core.diagnostics._common import (
+from rpsft_core.model_parts import (
     eval_mode,
     grad_enabled_for,
     linear_module,
@@ -36,6 +40,7 @@ from rpsft_core.diagnostics._common import (
 )
 
 DEFAULT_TARGET = 0.2
+AUTO_K_PROMPTS = 16  # OOD prompts the rule reads from a source
 # The paper's probe: the layer-1 attention q_proj.
 DEFAULT_PROBE: dict[str, Any] = {"types": ["q"], "layers": "1:2"}
 
@@ -53,6 +58,9 @@ class AutoK:
         return f"auto@{self.target:g}"
 
 
+KSpecValue = int | float | str  # a k as a config holds it: a number, or the text of an auto spec
+
+
 def parse_k_spec(value: Any) -> int | float | AutoK:
     """Parse a ``k`` value: an int rank, a fraction in (0, 1], ``"auto"`` or ``"auto@<target>"``.
 
@@ -64,11 +72,15 @@ def parse_k_spec(value: Any) -> int | float | AutoK:
         raise ValueError("k: expected an int rank, a fraction, 'auto' or 'auto@<target>', got a bool")
     if isinstance(value, int):
         if value < 0:
-            raise ValueError(f"k: must be >= 0, got {value}")
+            raise ValueError(
+                f"k: must be >= 0, got {value}. Fix: use 0 (plain SFT), a positive rank or a fraction"
+            )
         return value
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
-            raise ValueError(f"k: a fractional k must lie in (0, 1], got {value}. Fix: e.g. 0.05 or an int")
+            raise ValueError(
+                f"k: a fractional k must lie in (0, 1], got {value}. Fix: use e.g. 0.05 or an int rank"
+            )
         return value
     if isinstance(value, str):
         text = value.strip().lower()
@@ -89,12 +101,24 @@ def parse_k_spec(value: Any) -> int | float | AutoK:
             number = float(text)
         except ValueError:
             raise ValueError(
-                f"k: {value!r} is not an int rank, a fraction, 'auto' or 'auto@<target>'"
+                f"k: {value!r} is not a number (an int rank or a fraction), 'auto' or 'auto@<target>'. "
+                "Fix: e.g. 64, 0.05 or auto@0.3"
             ) from None
         if number.is_integer() and "." not in text and "e" not in text:
             return parse_k_spec(int(number))
         return parse_k_spec(number)
     raise ValueError(f"k: expected an int, a float or a string, got {type(value).__name__}")
+
+
+def k_spec_value(value: Any) -> KSpecValue:
+    """A ``k`` as a config stores it: the parsed number, or an auto spec's text (stripped, lower case).
+
+    The text is kept (``"auto"``, ``"auto@30%"``) because it names the spec in logs and trial parameters.
+    """
+    parsed = parse_k_spec(value)
+    if isinstance(parsed, AutoK):
+        return value.strip().lower() if isinstance(value, str) else str(parsed)
+    return parsed
 
 
 def is_auto_k(value: Any) -> bool:
@@ -425,9 +449,9 @@ def energy_curves(
     """Energy curves of ``matrices`` (default: layer-1 ``q_proj``) on prompts/conversations ``examples``.
 
     Each example is scored on its reference reply when it has one, else as language modelling of the prompt
-    (see :mod:`rpsft_core.diagnostics.prompts`).
+    (see :mod:`rpsft_core.prompts`).
     """
-    from rpsft_core.diagnostics.prompts import as_prompt_examples, batches, collate, gradient_features
+    from rpsft_core.prompts import as_prompt_examples, batches, collate, gradient_features
 
     examples = as_prompt_examples(examples)
     if limit is not None:
@@ -459,7 +483,7 @@ def resolve_auto_k(
     """Resolve a ``k`` spec: ints and fractions pass through; ``auto`` / ``auto@x`` run the energy rule.
 
     The rule probes ``matrices`` (default layer-1 ``q_proj``) on ``ood_examples`` (a few OOD prompts, e.g.
-    :func:`~rpsft_core.diagnostics.prompts.load_prompt_examples` of a GPQA file) and returns the suggested
+    :func:`~rpsft_core.prompts.load_prompt_examples` of a GPQA file) and returns the suggested
     rank as a fraction of the matrix rank, ``r / R`` (a float in (0, 1], which ``resolve_k`` turns into each
     matrix's own rank). With ``return_report=True`` returns ``(k, EnergyReport | None)``.
     """
@@ -480,3 +504,21 @@ def resolve_auto_k(
     )
     k = float(report.k_fraction)
     return (k, report) if return_report else k
+
+
+def resolve_k_from_prompts(
+    model: nn.Module, tokenizer, spec: Any, source: str, *, limit: int = AUTO_K_PROMPTS
+) -> int | float:
+    """Resolve ``spec`` on the base ``model``: ``auto`` / ``auto@x`` read the first ``limit`` OOD prompts of
+    ``source`` (a JSONL path, ``demo-math[:N]`` or ``hf:<id>[:split]``); numbers pass through unread.
+
+    Both ``rpsft train --k auto`` and a sweep's ``k: auto`` resolve through this, once, before training.
+    """
+    from rpsft_core.prompts import load_prompt_examples
+
+    if not isinstance(parse_k_spec(spec), AutoK):
+        return parse_k_spec(spec)
+    _, prompts = load_prompt_examples(source, limit=limit)
+    k = float(resolve_auto_k(model, tokenizer, spec, prompts))
+    model.zero_grad(set_to_none=True)
+    return k

@@ -1,4 +1,4 @@
-"""Small shared helpers: parameter naming, weight lookup, eval/grad modes."""
+"""Parts of a model by parameter name: naming, weight and linear-module lookup, eval/grad modes."""
 
 from __future__ import annotations
 

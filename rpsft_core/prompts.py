@@ -1,4 +1,4 @@
-"""Prompts (and optional reference replies) for the diagnostics, and their tokenization.
+"""Prompts (and optional reference replies) for the rank rule and the diagnostics, and their tokenization.
 
 A :class:`PromptExample` is the prompt's chat messages (no final assistant turn) plus an optional reference
 reply (``target``). Sources:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rpsft_core.diagnostics._common import eval_mode, model_device
+from rpsft_core.model_parts import eval_mode, model_device
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -44,7 +44,7 @@ def generation_entropy(
     """Greedy decoding; ``per_prompt`` mean token entropy (nats), ``lengths`` (generated tokens), ``mean``."""
     from transformers import GenerationConfig
 
-    from rpsft_core.diagnostics.prompts import batches, pad_ids, prompt_token_ids
+    from rpsft_core.prompts import batches, pad_ids, prompt_token_ids
 
     ids = prompt_token_ids(examples, tokenizer, max_length)
     eos = _eos_ids(model, tokenizer)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rpsft_core.diagnostics._common import (
+from rpsft_core.model_parts import (
     WeightSource,
     layer_index,
     matrix_type,

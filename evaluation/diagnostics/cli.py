@@ -75,8 +75,8 @@ def register(app: typer.Typer) -> None:
                 "Fix: give several data files as --data A.jsonl --data B.jsonl or --data A.jsonl,B.jsonl"
             )
         tuned_paths = _split(tuned) + extra
-        from rpsft_core.diagnostics.run import diagnose as run_diagnose
-        from rpsft_core.diagnostics.run import format_table
+        from evaluation.diagnostics.run import diagnose as run_diagnose
+        from evaluation.diagnostics.run import format_table
         from rpsft_core.errors import InputError
 
         try:
@@ -101,7 +101,10 @@ def register(app: typer.Typer) -> None:
                 figures=figures,
                 log=lambda message: typer.echo(message, err=True),
             )
-        except (InputError, ValueError) as exc:  # bad input; a bug or an out-of-memory error keeps its traceback
+        except (
+            InputError,
+            ValueError,
+        ) as exc:  # bad input; a bug or an out-of-memory error keeps its traceback
             fail(f"error: {exc}")
         typer.echo(format_table(results))
         typer.echo(f"results: {out / 'diagnostics.json'}")

@@ -1,7 +1,9 @@
 """PNG figures of the diagnostics (matplotlib, object-oriented Agg canvas: no pyplot, no global backend).
 
-Every function takes the JSON-ready results and a path, and returns the path written. :func:`available`
-says whether matplotlib is installed; without it the diagnostics still write their JSON.
+Every function takes the JSON-ready results and a path, and returns the path written. matplotlib is the
+optional ``diagnostics`` extra (``pip install 'rpsft[diagnostics]'``), imported only here, when a figure is
+drawn: :func:`available` says whether it is installed (without it the diagnostics still write their JSON),
+and drawing without it raises :class:`MissingPlotExtra`, which names the extra.
 """
 
 from __future__ import annotations
@@ -15,11 +17,26 @@ from typing import Any
 BASE_COLOR = "black"
 
 
+EXTRA = "diagnostics"
+MISSING = f"matplotlib is not installed. Fix: pip install 'rpsft[{EXTRA}]' (or pass --no-figures)"
+
+
+class MissingPlotExtra(ImportError):
+    """A figure was asked for without matplotlib (the ``diagnostics`` extra)."""
+
+
 def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def require_matplotlib() -> None:
+    """Raise :class:`MissingPlotExtra` naming the extra when matplotlib is not installed."""
+    if not available():
+        raise MissingPlotExtra(MISSING)
+
+
 def _figure(n_panels: int = 1, *, width: float = 5.0, height: float = 3.6, ncols: int | None = None):
+    require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -81,7 +98,9 @@ def _plot_per_layer(ax, per_layer: Mapping[str, Any], label: str, color) -> None
     """One line of a per-layer value (layer index as a string key; negative keys and None values skipped)."""
     layers = sorted((int(k), v) for k, v in per_layer.items() if v is not None and int(k) >= 0)
     if layers:
-        ax.plot([x for x, _ in layers], [y for _, y in layers], marker="o", markersize=3, label=label, color=color)
+        ax.plot(
+            [x for x, _ in layers], [y for _, y in layers], marker="o", markersize=3, label=label, color=color
+        )
 
 
 def plot_rotation_layerwise(rotation: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
@@ -165,7 +184,7 @@ def plot_hidden_pca(pca: Mapping[str, Mapping[str, Any]], path: str | Path) -> P
 
 def plot_entropy(entropy: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path) -> Path:
     """Per dataset: KDE of the per-prompt mean token entropy, one curve per model."""
-    from rpsft_core.diagnostics.entropy import kde
+    from evaluation.diagnostics.entropy import kde
 
     fig, axes = _figure(max(len(entropy), 1), width=4.6)
     for ax, (dataset, per_model) in zip(axes, entropy.items()):
