@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from rpsft_core.data import IGNORE_INDEX, DataError, Messages, iter_jsonl, load_examples, tokenize_example
+from rpsft_core.data import DataError, Messages, iter_jsonl, load_examples, parse_messages, tokenize_example
 
 
 @dataclass
@@ -45,27 +45,17 @@ def _answer_text(ground_truth: Any) -> str | None:
     return f"The answer is \\boxed{{{ground_truth}}}."
 
 
-def _messages(value: Any, where: str) -> Messages:
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in value
-    ):
-        raise DataError(f"{where}: 'prompt'/'messages' must be a string or a list of {{role, content}}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
 def row_to_prompt(row: Any, where: str) -> PromptExample:
     """One JSONL row (see the module docstring) -> :class:`PromptExample`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if row.get("messages") is not None:
-        messages = _messages(row["messages"], where)
+        messages = parse_messages(row["messages"], where, "messages", text=True)
         if messages and messages[-1]["role"] == "assistant":
             return PromptExample(messages[:-1], messages[-1]["content"] or None)
         return PromptExample(messages)
     if "prompt" in row:
-        messages = _messages(row["prompt"], where)
+        messages = parse_messages(row["prompt"], where, "prompt", text=True)
         target = row.get("response")
         if not isinstance(target, str) or not target.strip():
             solution = row.get("solution")
@@ -150,17 +140,6 @@ def gradient_features(examples, tokenizer, max_length: int) -> list[dict[str, li
             item = {key: value[-max_length:] for key, value in item.items()}
         features.append(item)
     return features
-
-
-def collate(features: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad features (``input_ids``, ``attention_mask``, ``labels``) into a batch."""
-    width = max(len(f["input_ids"]) for f in features)
-    pads = {"input_ids": int(pad_token_id), "attention_mask": 0, "labels": IGNORE_INDEX}
-    return {
-        key: torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features], dtype=torch.long)
-        for key, pad in pads.items()
-        if key in features[0]
-    }
 
 
 def prompt_token_ids(examples, tokenizer, max_length: int) -> list[list[int]]:

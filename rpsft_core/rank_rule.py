@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rpsft_core.losses import IGNORE_INDEX
 from rpsft_core.model_parts import (
     eval_mode,
     grad_enabled_for,
@@ -141,7 +142,7 @@ def lm_sample_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def _lm_valid(batch: dict[str, Tensor]) -> Tensor:
-    return (batch["labels"][:, 1:] != -100).any(-1)
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).any(-1)
 
 
 @dataclass
@@ -382,7 +383,7 @@ def gradient_energy(
             io, _ = capture_layer_io(model, batch, names, loss_fn)
             valid = valid_fn(batch) if valid_fn is not None else None
             if isinstance(batch, dict) and "labels" in batch:
-                n_tokens += int((batch["labels"][:, 1:] != -100).sum())
+                n_tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             mask = batch.get("attention_mask") if isinstance(batch, dict) else None
             for name in names:
                 part = io[name]
@@ -451,7 +452,8 @@ def energy_curves(
     Each example is scored on its reference reply when it has one, else as language modelling of the prompt
     (see :mod:`rpsft_core.prompts`).
     """
-    from rpsft_core.prompts import as_prompt_examples, batches, collate, gradient_features
+    from rpsft_core.data import collate_features
+    from rpsft_core.prompts import as_prompt_examples, batches, gradient_features
 
     examples = as_prompt_examples(examples)
     if limit is not None:
@@ -462,7 +464,7 @@ def energy_curves(
     device = model_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     loader = (
-        {key: value.to(device) for key, value in collate(chunk, pad).items()}
+        {key: value.to(device) for key, value in collate_features(chunk, pad).items()}
         for chunk in batches(features, batch_size)
     )
     return gradient_energy(model, probe_names(model, matrices), loader, target=target)

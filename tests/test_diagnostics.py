@@ -30,9 +30,9 @@ from evaluation.diagnostics import (
     rotation_metrics,
     rotation_summary,
 )
-from rpsft_core.data import demo_math_examples
+from rpsft_core.data import collate_features, demo_math_examples
 from rpsft_core.models import tiny_model
-from rpsft_core.prompts import PromptExample, collate, gradient_features, read_prompt_examples
+from rpsft_core.prompts import PromptExample, gradient_features, read_prompt_examples
 from rpsft_core.rank_rule import (
     AutoK,
     EnergyAccumulator,
@@ -299,14 +299,14 @@ def test_hook_per_sample_gradients_equal_single_sample_backward_passes(smol_toke
     examples = demo_math_examples(3, seed=1)
     features = gradient_features(examples, smol_tokenizer, 96)
     assert len({len(f["input_ids"]) for f in features}) > 1  # padding is exercised
-    batch = collate(features, smol_tokenizer.pad_token_id)
+    batch = collate_features(features, smol_tokenizer.pad_token_id)
     names = [Q1, "model.layers.0.mlp.gate_proj.weight"]
     hooked = per_sample_gradients(model, batch, names)
     params = dict(model.named_parameters())
     loop = {name: [] for name in names}
     for feature in features:
         model.zero_grad()
-        lm_sample_losses(model, collate([feature], smol_tokenizer.pad_token_id)).sum().backward()
+        lm_sample_losses(model, collate_features([feature], smol_tokenizer.pad_token_id)).sum().backward()
         for name in names:
             loop[name].append(params[name].grad.clone())
     for name in names:
@@ -340,7 +340,7 @@ def test_first_order_signal_has_the_sign_of_a_planted_step(smol_tokenizer):
     manual = {name: torch.zeros_like(params[name]) for name in grads}
     for feature in gradient_features(examples, smol_tokenizer, 96):
         model.zero_grad()
-        lm_sample_losses(model, collate([feature], smol_tokenizer.pad_token_id)).sum().backward()
+        lm_sample_losses(model, collate_features([feature], smol_tokenizer.pad_token_id)).sum().backward()
         for name in manual:
             manual[name] += params[name].grad / len(examples)
     for name in grads:

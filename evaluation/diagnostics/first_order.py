@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rpsft_core.losses import IGNORE_INDEX
 from rpsft_core.model_parts import (
     WeightSource,
     eval_mode,
@@ -42,13 +43,14 @@ def dataset_gradients(
 
     Samples without a scored token are left out. ``.grad`` fields are not touched.
     """
-    from rpsft_core.prompts import as_prompt_examples, batches, collate, gradient_features
+    from rpsft_core.data import collate_features
+    from rpsft_core.prompts import as_prompt_examples, batches, gradient_features
 
     examples = as_prompt_examples(examples)[:limit]
     features = [
         f
         for f in gradient_features(examples, tokenizer, max_length)
-        if any(label != -100 for label in f["labels"][1:])
+        if any(label != IGNORE_INDEX for label in f["labels"][1:])
     ]
     if not features:
         raise ValueError("first-order: no example with a scored token")
@@ -60,7 +62,7 @@ def dataset_gradients(
     totals = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
     with eval_mode(model), grad_enabled_for(params):
         for chunk in batches(features, batch_size):
-            batch = {key: value.to(device) for key, value in collate(chunk, pad).items()}
+            batch = {key: value.to(device) for key, value in collate_features(chunk, pad).items()}
             loss = lm_sample_losses(model, batch).sum() / len(features)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for total, grad in zip(totals, grads):
