@@ -354,9 +354,6 @@ class StoredSweep:
             )
         return select(self.points, self.config.objective.beta if beta is None else beta).attach(self.analysis)
 
-    def by_run_id(self, run_id: str | None) -> TrialRecord | None:
-        return next((t for t in self.trials if t.run_id == run_id), None)
-
     def base_metrics(self) -> dict[str, float]:
         """The base model's per-benchmark numbers (trial metric names), from the parent run's ``base/`` metrics."""
         parent = self.client.get_run(self.context.parent_run_id)
