@@ -97,6 +97,8 @@ class TrialRecord:
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict, compare=False)
     tags: dict[str, str] = field(default_factory=dict, compare=False)
     failure: str = ""
+    start_time: int | None = None  # MLflow's, ms since the epoch
+    end_time: int | None = None
 
     @classmethod
     def from_run(cls, run: Any) -> TrialRecord:
@@ -113,6 +115,8 @@ class TrialRecord:
             metrics={k: float(v) for k, v in run.data.metrics.items()},
             tags=tags,
             failure=tags.get(tracking.TAG_FAILURE, ""),
+            start_time=run.info.start_time,
+            end_time=run.info.end_time,
         )
 
     @property
@@ -148,6 +152,13 @@ class TrialRecord:
     def done(self) -> bool:
         """The trial ran to its end: finished, or stopped early by the scheduler."""
         return self.status == "FINISHED" or self.state == "early-stopped"
+
+    @property
+    def wall_seconds(self) -> float | None:
+        """Seconds from the run's start to its end (``None`` while it runs)."""
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time) / 1000
 
     @property
     def running(self) -> bool:
@@ -197,8 +208,11 @@ def read_trials(
 ) -> list[TrialRecord]:
     """The child runs of a sweep's parent run with ``role`` (see :func:`sweeps.tracking.child_runs`), in start
     order, as records."""
-    runs = tracking.child_runs(client, experiment_id, parent_run_id, role=role)
-    return [TrialRecord.from_run(run) for run in sorted(runs, key=lambda r: r.info.start_time or 0)]
+    records = [
+        TrialRecord.from_run(run)
+        for run in tracking.child_runs(client, experiment_id, parent_run_id, role=role)
+    ]
+    return sorted(records, key=lambda record: record.start_time or 0)
 
 
 # ----------------------------------------------------------------------------------------------- the store

@@ -161,6 +161,7 @@ def test_trials_are_read_from_mlflow_into_one_record(logged_sweep):
         assert record.metrics == pytest.approx(metrics)
         assert record.method == params["method"] and record.seed == params["seed"]
         assert record.finished == (status == "FINISHED")
+        assert record.wall_seconds == (record.end_time - record.start_time) / 1000 >= 0
         for beta in (0.0, 0.5, 2.0):
             want = metrics["g_id"] - beta * metrics["f_ood"] if "g_id" in metrics else None
             assert record.phi(beta) == (pytest.approx(want) if want is not None else None)
