@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.metrics import phi
 from sweeps.config import SweepConfig, SweepConfigError
+from sweeps.store import TrialRecord
 
 CARRIED_ATTR = "rpsft.carried_over_from"
 TRIAL_ATTR = "rpsft.trial_id"
@@ -88,13 +88,13 @@ def check_warm_start(config: SweepConfig) -> list[Any]:
     return stored
 
 
-def _values(config: SweepConfig, trial: Any) -> float | list[float] | None:
+def _values(config: SweepConfig, trial: TrialRecord) -> float | list[float] | None:
     g_id, f_ood = trial.g_id, trial.f_ood
     if g_id is None or f_ood is None or not (math.isfinite(g_id) and math.isfinite(f_ood)):
         return None
     if config.objective.mode == "pareto":
         return [g_id, f_ood]
-    return phi(g_id, f_ood, config.objective.beta)
+    return trial.phi(config.objective.beta)
 
 
 def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored: list[Any]) -> WarmStart:
