@@ -31,16 +31,15 @@ def main() -> None:
     args = parser.parse_args()
 
     from evaluation.intervals import bootstrap_tradeoff
-    from sweeps import tracking
-    from sweeps.report import load_stored_sweep
-    from sweeps.uncertainty import BASE_ITEM_SCORES, objective_items, stored_item_scores
+    from sweeps.store import load_stored_sweep
+    from sweeps.uncertainty import objective_items, stored_item_scores
 
     stored = load_stored_sweep(args.sweep, args.root)
     config = stored.config
     beta = config.objective.beta if args.beta is None else args.beta
     metric = config.objective.metric
-    client = tracking.client_for(stored.context.tracking_uri)
-    base = objective_items(json.loads((config.sweep_dir() / BASE_ITEM_SCORES).read_text()), metric)
+    client = stored.client
+    base = objective_items(json.loads(stored.store.base_item_scores.read_text()), metric)
     points = stored.points
     sft = next(p for p in points if p.params.get("method") == "sft")
     best = max((p for p in points if p.params.get("method") != "sft"), key=lambda p: p.phi(beta))
@@ -52,10 +51,9 @@ def main() -> None:
     n_max = min(len(rows) for benches in base.values() for rows in benches.values())
     items_per_trial = sum(len(rows) for benches in base.values() for rows in benches.values())
     costs = []
-    for run in stored.runs:
-        if run.info.status == "FINISHED" and run.info.end_time:
-            wall = (run.info.end_time - run.info.start_time) / 1000
-            costs.append((wall - run.data.metrics.get("train_seconds", 0.0)) / items_per_trial)
+    for trial in stored.trials:
+        if trial.status == "FINISHED" and trial.wall_seconds is not None:
+            costs.append((trial.wall_seconds - trial.metrics.get("train_seconds", 0.0)) / items_per_trial)
     per_item = sorted(costs)[len(costs) // 2] if costs else float("nan")
     n_bench = sum(len(b) for b in base.values())
     rows = []

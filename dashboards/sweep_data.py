@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sweeps import tracking
-from sweeps.report import load_stored_sweep
 from sweeps.selection import Selection
-from sweeps.summary import trial_label
+from sweeps.store import DEFAULT_ROOT, TrialRecord, load_stored_sweep
 
 # per-step series drawn as training curves (MLflow metric name -> panel title)
 CURVES = {
@@ -21,47 +19,6 @@ CURVES = {
 }
 ROTATION_MEAN = "rotation/mean_deg"
 ROTATION_LAYER_PREFIX = "rotation/layer_"
-
-
-@dataclass
-class TrialRecord:
-    """One trial run: its knobs, final metrics, per-step histories and status."""
-
-    trial_id: str
-    run_id: str
-    label: str
-    status: str
-    state: str
-    reference: str
-    params: dict[str, str]
-    metrics: dict[str, float]
-    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return self.status == "FINISHED" and "g_id" in self.metrics and "f_ood" in self.metrics
-
-    def phi(self, beta: float) -> float | None:
-        if "g_id" not in self.metrics or "f_ood" not in self.metrics:
-            return None
-        return self.metrics["g_id"] - beta * self.metrics["f_ood"]
-
-    @property
-    def k_value(self) -> float | None:
-        """The k a trial trained with, as a number (``k_resolved`` for ``auto`` specs)."""
-        for key in ("k_resolved", "k"):
-            try:
-                return float(self.params[key])
-            except (KeyError, ValueError):
-                continue
-        return None
-
-    @property
-    def lam(self) -> float | None:
-        try:
-            return float(self.params["lambda"])
-        except (KeyError, ValueError):
-            return None
 
 
 @dataclass
@@ -128,56 +85,32 @@ def _is_benchmark(name: str) -> bool:
     return len(parts) == 3 and parts[0] in ("nll", "acc") and parts[1] in ("id", "ood")
 
 
-def _histories(client: Any, run: Any) -> dict[str, list[tuple[int, float]]]:
+def _histories(client: Any, trial: TrialRecord) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for key in CURVES:
-        if key in run.data.metrics:
-            series = client.get_metric_history(run.info.run_id, key)
-            points = sorted((m.step, m.value) for m in series if math.isfinite(m.value))
-            out[key] = points
+        if key in trial.metrics:
+            series = client.get_metric_history(trial.run_id, key)
+            out[key] = sorted((m.step, m.value) for m in series if math.isfinite(m.value))
     return out
 
 
-def load_sweep_data(name: str, root: str | Path = "runs/sweeps", histories: bool = True) -> SweepData:
-    """Read a sweep back: its trial runs (metrics, params, histories), the base model's numbers from the
+def load_sweep_data(name: str, root: str | Path = DEFAULT_ROOT, histories: bool = True) -> SweepData:
+    """Read a sweep back: its trial records (with their per-step histories), the base model's numbers from the
     parent run, and the operating point at each of the objective's betas."""
     stored = load_stored_sweep(name, root)
     context = stored.context
-    client = tracking.client_for(context.tracking_uri)
-    parent = client.get_run(context.parent_run_id)
-    base = {
-        key[len(tracking.BASE_PREFIX) :]: value
-        for key, value in parent.data.metrics.items()
-        if key.startswith(tracking.BASE_PREFIX)
-    }
-    runs = {run.info.run_id: run for run in stored.runs}
-    trials = []
-    for row in stored.rows:
-        params = {
-            k: v for k, v in row["params"].items() if v not in ("None", "")
-        }  # references log their name
-        trials.append(
-            TrialRecord(
-                trial_id=row["trial_id"] or row["run_id"],
-                run_id=row["run_id"],
-                label=trial_label(params),
-                status=row["status"],
-                state=row["state"],
-                reference=row["reference"],
-                params=params,
-                metrics=row["metrics"],
-                history=_histories(client, runs[row["run_id"]]) if histories else {},
-            )
-        )
+    client = stored.client
+    trials = stored.trials
+    if histories:
+        trials = [replace(trial, history=_histories(client, trial)) for trial in trials]
     rl = [
         RLRecord(
-            run.info.run_id,
-            run.data.tags.get("rpsft.init_trial", ""),
-            run.data.tags.get("mlflow.runName", run.info.run_id).removeprefix("rl from "),
-            dict(run.data.metrics),
+            run.run_id,
+            run.tags.get("rpsft.init_trial", ""),
+            run.tags.get("mlflow.runName", run.run_id).removeprefix("rl from "),
+            run.metrics,
         )
-        for run in tracking.child_runs(client, context.experiment_id, context.parent_run_id, role="rl")
-        if run.info.status == "FINISHED"
+        for run in stored.rl_runs()
     ]
     selections = {}
     if stored.points:
@@ -188,7 +121,7 @@ def load_sweep_data(name: str, root: str | Path = "runs/sweeps", histories: bool
         tracking_uri=context.tracking_uri,
         experiment_id=context.experiment_id,
         parent_run_id=context.parent_run_id,
-        base_metrics=base,
+        base_metrics=stored.base_metrics(),
         trials=trials,
         selections=selections,
         rl=rl,

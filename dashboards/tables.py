@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dashboards.sweep_data import ROTATION_MEAN, SweepData
+from evaluation.metrics import phi as tradeoff_phi
 
 SUITE_NAMES = {"id": "ID", "ood": "OOD"}
 KIND_NAMES = {"nll": "NLL (lower is better)", "acc": "accuracy (higher is better)"}
@@ -79,7 +80,9 @@ def rl_rows(data: SweepData) -> list[dict[str, Any]]:
             row[f"{name}_init"], row[f"{name}_rl"] = init.get(key), chosen.get(key)
             row[f"{name}_delta"] = _delta(chosen.get(key), init.get(key))
         phi = [
-            None if s.get("g_id") is None or s.get("f_ood") is None else s["g_id"] - beta * s["f_ood"]
+            None
+            if s.get("g_id") is None or s.get("f_ood") is None
+            else tradeoff_phi(s["g_id"], s["f_ood"], beta)
             for s in (init, chosen)
         ]
         row["phi_init"], row["phi_rl"] = phi

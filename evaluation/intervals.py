@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from evaluation.metrics import phi
+
 # suite -> benchmark -> [(value, weight), ...] one pair per item
 ItemScores = Mapping[str, Mapping[str, Sequence[Sequence[float]]]]
 
@@ -82,13 +84,14 @@ class TradeOffDraws:
 
     def phi(self, name: str, beta: float) -> Interval:
         return self._interval(
-            self.point_g[name] - beta * self.point_f[name], self.draws_g[name] - beta * self.draws_f[name]
+            phi(self.point_g[name], self.point_f[name], beta),
+            phi(self.draws_g[name], self.draws_f[name], beta),
         )
 
     def phi_difference(self, a: str, b: str, beta: float) -> Interval:
         """``Phi_a - Phi_b`` at ``beta``, paired on the same items."""
-        point = (self.point_g[a] - beta * self.point_f[a]) - (self.point_g[b] - beta * self.point_f[b])
-        draws = (self.draws_g[a] - beta * self.draws_f[a]) - (self.draws_g[b] - beta * self.draws_f[b])
+        point = phi(self.point_g[a], self.point_f[a], beta) - phi(self.point_g[b], self.point_f[b], beta)
+        draws = phi(self.draws_g[a], self.draws_f[a], beta) - phi(self.draws_g[b], self.draws_f[b], beta)
         return self._interval(point, draws)
 
     def g_difference(self, a: str, b: str) -> Interval:

@@ -47,6 +47,12 @@ def flatten_mean(items: Iterable[Sequence[bool | float]]) -> float:
     return sum(flat) / len(flat) if flat else 0.0
 
 
+def phi(g_id, f_ood, beta):
+    """``Phi = G_id - beta * F_ood``: the trade-off of a gain on ID against forgetting on OOD. Works on floats
+    and, elementwise, on numpy arrays (bootstrap draws)."""
+    return g_id - beta * f_ood
+
+
 def macro_average(scores: Mapping[str, float]) -> float | None:
     """Unweighted mean over benchmarks (``None`` for an empty suite)."""
     return mean(scores.values()) if scores else None
@@ -95,7 +101,7 @@ def tradeoff(
     (id_b, id_t), (ood_b, ood_t) = avgs["id"], avgs["ood"]
     g_id = None if id_b is None else id_t - id_b
     f_ood = None if ood_b is None else ood_b - ood_t
-    phi = {str(float(beta)): (g_id or 0.0) - float(beta) * (f_ood or 0.0) for beta in betas}
+    phi_by_beta = {str(float(beta)): phi(g_id or 0.0, f_ood or 0.0, float(beta)) for beta in betas}
     return TradeOff(
         metric=metric,
         id_base=id_b,
@@ -104,6 +110,6 @@ def tradeoff(
         ood_tuned=ood_t,
         g_id=g_id,
         f_ood=f_ood,
-        phi=phi,
+        phi=phi_by_beta,
         per_benchmark=per,
     )

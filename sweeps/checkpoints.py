@@ -17,6 +17,7 @@ import json
 import math
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,10 @@ from typing import Any
 from sweeps import tracking
 from sweeps.config import SweepConfig, SweepConfigError
 from sweeps.selection import Selection, select
+from sweeps.store import MODEL_DIR, TAG_MODEL_VERSION, StoredSweep, SweepStore, TrialRecord, trial_points
 from sweeps.uncertainty import _SEED_SUFFIX, TrialGroup, group_points
 
-MODEL_DIR = "model"  # a trial's weights under its directory, and the artifact path in its MLflow run
 TAG_KEPT = "rpsft.kept"  # why a trial's weights were kept: operating_point, top-<n>, reference
-TAG_MODEL_VERSION = "rpsft.model_version"
 EXPORT_RECORD = "rpsft_export.json"
 COMPARED_METRICS = ("g_id", "f_ood")
 DEFAULT_TOLERANCE = 1e-4  # absolute, on G_id and F_ood (mean token NLL differences)
@@ -44,7 +44,13 @@ def registered_model_name(sweep: str) -> str:
 
 
 def trial_model_dir(config: SweepConfig, trial_id: str) -> Path:
-    return config.sweep_dir() / "trials" / trial_id / MODEL_DIR
+    """Deprecated: :meth:`sweeps.store.SweepStore.trial_model_dir`."""
+    warnings.warn(
+        "sweeps.checkpoints.trial_model_dir is deprecated; use sweeps.store.SweepStore.of(config).trial_model_dir",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SweepStore.of(config).trial_model_dir(trial_id)
 
 
 # ----------------------------------------------------------------------------------------------- which
@@ -94,14 +100,13 @@ def _selection(config: SweepConfig, groups: list[TrialGroup]) -> Selection | Non
 
 
 def prune(
-    config: SweepConfig, runs: list[Any], final: bool, selection: Selection | None = None
+    config: SweepConfig, trials: list[TrialRecord], final: bool, selection: Selection | None = None
 ) -> dict[str, list[str]]:
     """Delete the weights of every ended trial that is not kept; returns the kept ``{run id: roles}``.
 
     During the sweep (``final`` False) a configuration whose seeds have not all finished keeps its weights,
     since its mean may still rise; a running trial's directory is never touched."""
-    finished = tracking.trial_points(runs)
-    groups = group_points(finished)
+    groups = group_points(trial_points(trials))
     selection = selection if selection is not None else _selection(config, groups)
     kept = kept_roles(config, selection, groups)
     protected = set(kept)
@@ -110,12 +115,11 @@ def prune(
         for group in groups:
             if not _complete(group, expected):
                 protected.update(p.run_id for p in group.members if p.run_id)
-    for run in runs:
-        if run.info.status == "RUNNING" or run.info.run_id in protected:
+    store = SweepStore.of(config)
+    for trial in trials:
+        if trial.running or trial.run_id in protected:
             continue
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL)
-        if trial_id:
-            shutil.rmtree(trial_model_dir(config, trial_id), ignore_errors=True)
+        shutil.rmtree(store.trial_model_dir(trial.trial_id), ignore_errors=True)
     return kept
 
 
@@ -135,44 +139,45 @@ def _ensure_registered_model(client: Any, name: str, sweep: str) -> None:
         )
 
 
-def _version_tags(config: SweepConfig, run: Any, roles: list[str], beta: float) -> dict[str, str]:
-    metrics, params = run.data.metrics, run.data.params
+def _version_tags(config: SweepConfig, trial: TrialRecord, roles: list[str], beta: float) -> dict[str, str]:
+    params = trial.params
     knobs = {
         key: params[key] for key in ("method", "k", "lambda", "layers", "period", "seed") if key in params
     }
     tags = {
         tracking.TAG_SWEEP: config.name,
-        tracking.TAG_TRIAL: run.data.tags.get(tracking.TAG_TRIAL, ""),
+        tracking.TAG_TRIAL: trial.tags.get(tracking.TAG_TRIAL, ""),
         TAG_KEPT: ",".join(roles),
         "rpsft.beta": f"{beta:g}",
         **{f"rpsft.{key}": str(value) for key, value in knobs.items()},
     }
-    if "g_id" in metrics and "f_ood" in metrics:
-        tags["rpsft.g_id"] = f"{metrics['g_id']:.6g}"
-        tags["rpsft.f_ood"] = f"{metrics['f_ood']:.6g}"
-        tags["rpsft.phi"] = f"{metrics['g_id'] - beta * metrics['f_ood']:.6g}"
-    if run.data.tags.get(tracking.TAG_REFERENCE):
-        tags[tracking.TAG_REFERENCE] = run.data.tags[tracking.TAG_REFERENCE]
+    if trial.g_id is not None and trial.f_ood is not None:
+        tags["rpsft.g_id"] = f"{trial.g_id:.6g}"
+        tags["rpsft.f_ood"] = f"{trial.f_ood:.6g}"
+        tags["rpsft.phi"] = f"{trial.phi(beta):.6g}"
+    if trial.reference:
+        tags[tracking.TAG_REFERENCE] = trial.reference
     return tags
 
 
 def keep_checkpoints(
-    config: SweepConfig, client: Any, runs: list[Any], selection: Selection | None, echo=print
+    config: SweepConfig, client: Any, trials: list[TrialRecord], selection: Selection | None, echo=print
 ) -> dict[str, str]:
     """At the end of a sweep: prune, then log and register the kept trials' weights. Returns ``{trial id:
     model version}`` of the versions registered now; a trial registered before (a resumed sweep) is skipped."""
     if not config.keep.any:
         return {}
-    kept = prune(config, runs, final=True, selection=selection)
-    by_id = {run.info.run_id: run for run in runs}
+    kept = prune(config, trials, final=True, selection=selection)
+    by_id = {trial.run_id: trial for trial in trials}
     name = registered_model_name(config.name)
+    store = SweepStore.of(config)
     registered: dict[str, str] = {}
     for run_id, roles in kept.items():
-        run = by_id[run_id]
-        trial_id = run.data.tags.get(tracking.TAG_TRIAL, run_id)
-        if run.data.tags.get(TAG_MODEL_VERSION):
+        trial = by_id[run_id]
+        trial_id = trial.trial_id
+        if trial.kept_version:
             continue
-        local = trial_model_dir(config, trial_id)
+        local = store.trial_model_dir(trial_id)
         if not (local / "config.json").is_file():
             echo(
                 f"[rpsft] keep: trial {trial_id} has no weights on disk (it ran without keep:); not registered"
@@ -184,7 +189,7 @@ def keep_checkpoints(
             name,
             source=f"runs:/{run_id}/{MODEL_DIR}",
             run_id=run_id,
-            tags=_version_tags(config, run, roles, config.objective.beta),
+            tags=_version_tags(config, trial, roles, config.objective.beta),
             description=f"trial {trial_id} ({', '.join(roles)})",
         )
         tracking.set_tags(
@@ -199,34 +204,29 @@ def keep_checkpoints(
 # ----------------------------------------------------------------------------------------------- export
 
 
-def find_trial_run(stored: Any, selector: str | None) -> Any:
-    """The trial run a selector names: ``op`` (the operating point, the default), ``best:<method>`` (that
+def find_trial_run(stored: StoredSweep, selector: str | None) -> TrialRecord:
+    """The finished trial a selector names: ``op`` (the operating point, the default), ``best:<method>`` (that
     method's best configuration by Phi), a trial id, a reference label (``sft``, ``rpsft k=32 lambda=100
     layers=all``; its first seed), or a method's first reference."""
-    runs = [r for r in stored.runs if r.info.status == "FINISHED"]
+    trials = [t for t in stored.trials if t.status == "FINISHED"]
     if selector is None or selector in OPERATING_POINT:
         chosen = stored.selection().best.run_id
-        return next(r for r in runs if r.info.run_id == chosen)
+        return next(t for t in trials if t.run_id == chosen)
     if selector.startswith("best:"):  # the best configuration of one method, by Phi at the sweep's beta
         method = selector.removeprefix("best:")
         ranked = [p for p in stored.selection().ranking if p.params.get("method") == method]
         if ranked:
-            return next(r for r in runs if r.info.run_id == ranked[0].run_id)
-    for run in runs:
-        if run.data.tags.get(tracking.TAG_TRIAL) == selector:
-            return run
-    for key in ("reference", "method"):
-        for run in runs:
-            value = (
-                run.data.tags.get(tracking.TAG_REFERENCE, "")
-                if key == "reference"
-                else run.data.params.get("method")
-            )
-            if key == "reference":
-                value = _SEED_SUFFIX.sub("", value)
-            if value == selector and (key == "reference" or run.data.tags.get(tracking.TAG_REFERENCE)):
-                return run
-    known = sorted({r.data.tags.get(tracking.TAG_TRIAL, "") for r in runs})
+            return next(t for t in trials if t.run_id == ranked[0].run_id)
+    for trial in trials:
+        if trial.tags.get(tracking.TAG_TRIAL) == selector:
+            return trial
+    for trial in trials:  # a reference label, its first seed
+        if trial.reference and _SEED_SUFFIX.sub("", trial.reference) == selector:
+            return trial
+    for trial in trials:  # a method's first reference
+        if trial.reference and trial.params.get("method") == selector:
+            return trial
+    known = sorted({t.tags.get(tracking.TAG_TRIAL, "") for t in trials})
     raise SweepConfigError(
         f"trial: no finished trial {selector!r} in sweep {stored.config.name!r}. Fix: 'op' (the operating "
         f"point), 'best:rpsft', a reference name such as 'sft', or a trial id: {', '.join(known)}"
@@ -292,13 +292,12 @@ def export_trial(
     """Write a stored trial's weights (safetensors + tokenizer) to ``out``: downloaded when kept, otherwise
     retrained deterministically and checked against the stored G_id and F_ood (raises
     :class:`ExportMismatch` past ``tolerance``, after writing the weights and ``rpsft_export.json``)."""
-    client = tracking.client_for(stored.context.tracking_uri)
-    run = find_trial_run(stored, selector)
-    run_id = run.info.run_id
-    trial_id = run.data.tags.get(tracking.TAG_TRIAL, run_id)
+    client = stored.client
+    trial = find_trial_run(stored, selector)
+    run_id, trial_id = trial.run_id, trial.trial_id
     out = Path(out).expanduser().resolve()
-    stored_metrics = {k: float(run.data.metrics[k]) for k in COMPARED_METRICS if k in run.data.metrics}
-    if run.data.tags.get(TAG_MODEL_VERSION):
+    stored_metrics = {k: trial.metrics[k] for k in COMPARED_METRICS if k in trial.metrics}
+    if trial.kept_version:
         with tempfile.TemporaryDirectory() as tmp:
             _move_contents(Path(client.download_artifacts(run_id, MODEL_DIR, tmp)), out)
         export = Export(trial_id, run_id, out, "kept", stored_metrics, {}, tolerance)
@@ -306,7 +305,7 @@ def export_trial(
         echo(
             f"[rpsft] export: trial {trial_id} kept no weights; retraining it from its stored config and seed"
         )
-        retrained = retrain_trial(stored, run, out)
+        retrained = retrain_trial(stored, trial, out)
         export = Export(trial_id, run_id, out, "retrained", stored_metrics, retrained, tolerance)
     (out / EXPORT_RECORD).write_text(json.dumps(export.to_dict(), indent=2))
     if not export.matches:
@@ -319,7 +318,7 @@ def export_trial(
     return export
 
 
-def retrain_trial(stored: Any, run: Any, out: Path) -> dict[str, float]:
+def retrain_trial(stored: StoredSweep, trial: TrialRecord, out: Path) -> dict[str, float]:
     """Retrain one trial as the sweep did (its stored TrainConfig, seed and thread count); save the weights to
     ``out`` and return its G_id and F_ood."""
     from rpsft_core.config import TrainConfig
@@ -327,8 +326,7 @@ def retrain_trial(stored: Any, run: Any, out: Path) -> dict[str, float]:
     from sweeps.trial import _torch_threads, train_and_score
 
     config, context = stored.config, stored.context
-    client = tracking.client_for(context.tracking_uri)
-    raw = _stored_trial_config(client, run.info.run_id)
+    raw = _stored_trial_config(stored.client, trial.run_id)
     _torch_threads(config.resources.cpus)
     with tempfile.TemporaryDirectory() as tmp:
         train_config = TrainConfig.model_validate(
@@ -343,21 +341,20 @@ def retrain_trial(stored: Any, run: Any, out: Path) -> dict[str, float]:
     return {k: float(scored[k]) for k in COMPARED_METRICS if k in scored}
 
 
-def local_checkpoint(stored: Any, selector: str | None, work_dir: Path) -> tuple[Any, Path]:
-    """``(run, directory)`` of a trial's weights for a later stage (RL): a kept trial's, downloaded into
+def local_checkpoint(stored: StoredSweep, selector: str | None, work_dir: Path) -> tuple[TrialRecord, Path]:
+    """``(trial, directory)`` of a trial's weights for a later stage (RL): a kept trial's, downloaded into
     ``work_dir``, or an earlier ``rpsft export`` into ``<sweep>/exports/<trial id>``."""
-    run = find_trial_run(stored, selector)
-    trial_id = run.data.tags.get(tracking.TAG_TRIAL, run.info.run_id)
-    exported = stored.config.sweep_dir() / "exports" / trial_id
+    trial = find_trial_run(stored, selector)
+    trial_id = trial.trial_id
+    exported = stored.store.export_dir(trial_id)
     if (exported / "config.json").is_file():
-        return run, exported
-    if run.data.tags.get(TAG_MODEL_VERSION):
+        return trial, exported
+    if trial.kept_version:
         target = work_dir / trial_id
         if not (target / "config.json").is_file():
-            client = tracking.client_for(stored.context.tracking_uri)
             with tempfile.TemporaryDirectory() as tmp:
-                _move_contents(Path(client.download_artifacts(run.info.run_id, MODEL_DIR, tmp)), target)
-        return run, target
+                _move_contents(Path(stored.client.download_artifacts(trial.run_id, MODEL_DIR, tmp)), target)
+        return trial, target
     raise SweepConfigError(
         f"trial: {selector or 'op'} (trial {trial_id}) kept no weights. Fix: `rpsft export {stored.config.name} "
         f"--trial {trial_id}` (retrains it into {exported}), or rerun the sweep with keep: set"

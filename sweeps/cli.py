@@ -10,19 +10,9 @@ import typer
 from rpsft_core.cli_errors import fail
 
 
-def _chosen_runs(selection) -> set[str]:
-    """The runs of the operating point (every seed of its configuration)."""
-    if selection is None:
-        return set()
-    return set(selection.best.run_ids or (selection.best.run_id,))
-
-
 def _print_outcome(outcome, beta: float) -> None:
     from sweeps.summary import selection_text, trials_table
 
-    chosen = _chosen_runs(outcome.selection)
-    for row in outcome.trials:
-        row["operating_point"] = row["run_id"] in chosen
     typer.echo("\n" + trials_table(outcome.trials, beta, outcome.selection))
     if outcome.selection:
         typer.echo("\n" + selection_text(outcome.selection))
@@ -78,7 +68,7 @@ def register(app: typer.Typer) -> None:
         from sweeps.report import load_selection
 
         try:
-            selection, rows, context = load_selection(name, root=root, beta=beta, retag=tag)
+            selection, trials, context = load_selection(name, root=root, beta=beta, retag=tag)
         except (SweepConfigError, ValueError) as exc:
             fail(str(exc))
         if as_json:
@@ -86,10 +76,7 @@ def register(app: typer.Typer) -> None:
             return
         from sweeps.summary import selection_text, trials_table
 
-        chosen = _chosen_runs(selection)
-        for row in rows:
-            row["operating_point"] = row["run_id"] in chosen
-        typer.echo(trials_table(rows, selection.beta, selection) + "\n\n" + selection_text(selection))
+        typer.echo(trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection))
 
     @app.command("export")
     def export_cmd(
@@ -115,12 +102,7 @@ def register(app: typer.Typer) -> None:
         try:
             stored = load_stored_sweep(name, root)
             if out is None:
-                run = find_trial_run(stored, trial)
-                out = (
-                    stored.config.sweep_dir()
-                    / "exports"
-                    / run.data.tags.get("rpsft.trial_id", run.info.run_id)
-                )
+                out = stored.store.export_dir(find_trial_run(stored, trial).trial_id)
             export = export_trial(
                 stored, trial, out, tolerance if tolerance is not None else DEFAULT_TOLERANCE, echo=typer.echo
             )

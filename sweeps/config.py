@@ -600,7 +600,10 @@ class SweepConfig(BaseModel):
         return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
 
     def sweep_dir(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve() / self.name
+        """``<output_dir>/<name>``: the sweep's directory (its layout: :class:`sweeps.store.SweepStore`)."""
+        from sweeps.store import SweepStore
+
+        return SweepStore.of(self).dir
 
     def trial_train_config(self, params: dict[str, Any], output_dir: str | Path | None = None) -> TrainConfig:
         """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period)."""
@@ -628,7 +631,11 @@ class SweepConfig(BaseModel):
             raw["layers"] = layers
         if method_spec(method).uses_lambda and "lambda" not in params:  # a penalized reference without lambda
             raw["lambda"] = self.space.lam_choices()[-1]
-        raw["output_dir"] = str(output_dir or self.sweep_dir() / "trials" / "check")
+        if output_dir is None:
+            from sweeps.store import SweepStore
+
+            output_dir = SweepStore.of(self).trial_dir("check")
+        raw["output_dir"] = str(output_dir)
         return TrainConfig.model_validate(raw)
 
     def reference_params(self) -> list[dict[str, Any]]:

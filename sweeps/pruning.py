@@ -16,9 +16,12 @@ class CheckpointPruner(tune.Callback):
         self.config, self.context = config, context
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeps.runner import collect
+        from sweeps import tracking
+        from sweeps.store import read_trials
 
-        prune(self.config, collect(self.config, self.context)[0], final=False)
+        context = self.context
+        client = tracking.client_for(context.tracking_uri)
+        prune(self.config, read_trials(client, context.experiment_id, context.parent_run_id), final=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_trial_complete(iteration, trials, trial, **info)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpsft_core.config import format_validation_error
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
-from sweeps.summary import trial_label
+from sweeps.store import TrialRecord, trial_label
 
 BASELINE_VERSION = 1
 
@@ -84,13 +84,13 @@ def load_regression_config(path: str | Path) -> RegressionConfig:
 # ----------------------------------------------------------------------------------------------- measure
 
 
-def measured_metrics(rows: list[dict[str, Any]], config: RegressionConfig) -> dict[str, dict[str, float]]:
+def measured_metrics(trials: list[TrialRecord], config: RegressionConfig) -> dict[str, dict[str, float]]:
     """``{trial label: {metric: value}}`` of the finished trials, for the metrics some tolerance rule covers."""
     out: dict[str, dict[str, float]] = {}
-    for row in rows:
-        if row["status"] != "FINISHED":
+    for trial in trials:
+        if trial.status != "FINISHED":
             continue
-        label = trial_label(row["params"])  # references log their name as the `reference` param
+        label = trial.label  # references log their name as the `reference` param
         if label in out:
             raise SweepConfigError(
                 f"sweep: two finished trials share the knobs {label!r}, so they cannot be matched to a baseline. "
@@ -98,7 +98,7 @@ def measured_metrics(rows: list[dict[str, Any]], config: RegressionConfig) -> di
             )
         out[label] = {
             name: float(value)
-            for name, value in sorted(row["metrics"].items())
+            for name, value in sorted(trial.metrics.items())
             if config.rule_for(name) is not None and math.isfinite(float(value))
         }
     return out

@@ -496,7 +496,7 @@ def run_rl(
     runs are MLflow children of its parent run and scored by its evaluation; a run already finished with the
     same settings and init is reported, not repeated."""
     from sweeps.checkpoints import local_checkpoint
-    from sweeps.report import load_stored_sweep
+    from sweeps.store import load_stored_sweep
 
     if sweep is None and model is None:
         raise SweepConfigError(
@@ -513,11 +513,15 @@ def run_rl(
         inits.append((str(path), path.name, path, {TAG_INIT_TRIAL: str(path)}))
     if stored is not None and model is None:
         for selector in trials or ["op"]:
-            run, path = local_checkpoint(stored, selector, stored.config.sweep_dir() / "rl" / "inits")
-            trial_id = run.data.tags.get(tracking.TAG_TRIAL, run.info.run_id)
-            label = run.data.tags.get("mlflow.runName", trial_id)
+            trial, path = local_checkpoint(stored, selector, stored.store.rl_inits_dir)
+            label = trial.tags.get("mlflow.runName", trial.trial_id)
             inits.append(
-                (trial_id, label, path, {TAG_INIT_TRIAL: trial_id, "rpsft.init_run": run.info.run_id})
+                (
+                    trial.trial_id,
+                    label,
+                    path,
+                    {TAG_INIT_TRIAL: trial.trial_id, "rpsft.init_run": trial.run_id},
+                )
             )
     if stored is not None:
         uri, experiment_id, parent = (
@@ -525,7 +529,7 @@ def run_rl(
             stored.context.experiment_id,
             stored.context.parent_run_id,
         )
-        base_dir = stored.config.sweep_dir() / "rl"
+        base_dir = stored.store.rl_dir
         sweep_tags = {tracking.TAG_SWEEP: stored.config.name}
     else:
         uri = tracking_uri or f"sqlite:///{Path('runs/rl/mlflow.db').resolve()}"

@@ -4,34 +4,39 @@
     outcome = run_sweep(load_sweep_config("sweeps/configs/demo.yaml"))
     outcome = resume_sweep("demo")          # after a crash or kill: finished trials are not rerun
 
-State lives under ``<output_dir>/<name>/``: ``sweep.json`` (config, MLflow ids, shared context), ``tune/``
-(Ray Tune's experiment, restored by :func:`resume_sweep`), ``optuna.db`` (default Optuna storage),
-``trials/<trial id>/`` (each trial's training output; ``model/`` while its weights may still be kept, see
-:mod:`sweeps.checkpoints`), ``bases/`` (pretrained bases shared by all trials), ``exports/<trial id>/``
-(``rpsft export``) and ``rl/`` (``rpsft rl``: initial checkpoints and each run's chosen RL checkpoint).
+State lives under ``<output_dir>/<name>/`` (the layout is :class:`sweeps.store.SweepStore`'s): ``sweep.json``
+(config, MLflow ids, shared context), ``tune/`` (Ray Tune's experiment, restored by :func:`resume_sweep`),
+``optuna.db`` (default Optuna storage), ``trials/<trial id>/``, ``bases/``, ``exports/<trial id>/`` and ``rl/``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rpsft_core.method_table import method_spec
 from sweeps import preflight, tracking
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
+from sweeps.config import SweepConfig, SweepConfigError
 from sweeps.selection import Selection, select
-from sweeps.trial import SweepContext, rotation_base_path, run_trial
-from sweeps.uncertainty import BASE_ITEM_SCORES, INTERVALS
-
-STATE_FILE = "sweep.json"
-TUNE_DIR = "tune"
-LOCK_FILE = "driver.lock"
+from sweeps.store import (  # LOCK_FILE and STATE_FILE: also named here, for the runner's callers
+    DEFAULT_ROOT,
+    LOCK_FILE,  # noqa: F401
+    STATE_FILE,  # noqa: F401
+    TUNE_DIR,
+    SweepContext,
+    SweepStore,
+    TrialRecord,
+    read_trials,
+    trial_points,
+    write_json,
+)
+from sweeps.trial import run_trial
 
 
 @dataclass
@@ -41,7 +46,7 @@ class SweepOutcome:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
-    trials: list[dict[str, Any]]  # one per trial: id, status, params, metrics
+    trials: list[TrialRecord]  # one per trial run, in start order
     selection: Selection | None
 
 
@@ -71,7 +76,7 @@ def absolutize(config: SweepConfig) -> SweepConfig:
 def storage_urls(config: SweepConfig) -> tuple[str, str]:
     """``(optuna storage, mlflow tracking URI)`` with the SQLite defaults filled in."""
     root = Path(config.output_dir)
-    optuna_url = config.storage.optuna or f"sqlite:///{config.sweep_dir() / 'optuna.db'}"
+    optuna_url = config.storage.optuna or f"sqlite:///{SweepStore.of(config).optuna_db}"
     mlflow_uri = config.storage.mlflow or f"sqlite:///{root / 'mlflow.db'}"
     return optuna_url, mlflow_uri
 
@@ -258,7 +263,7 @@ def run_tuner(
     # reference trials report their Phi under another key, so ASHA and Optuna leave them alone
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter table
-    path = config.sweep_dir() / TUNE_DIR
+    path = SweepStore.of(config).tune_dir
     from sweeps.pruning import CheckpointPruner
 
     callbacks = [CheckpointPruner(config, context)] if config.keep.any else []
@@ -278,7 +283,7 @@ def run_tuner(
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=str(config.sweep_dir()),
+                storage_path=str(SweepStore.of(config).dir),
                 failure_config=tune.FailureConfig(max_failures=config.failure.max_retries),
                 progress_reporter=_reporter(config),
                 verbose=1,
@@ -320,7 +325,8 @@ def prepare_shared_state(
                 resolve_k_from_prompts(model, tokenizer, spec, config.evaluation.auto_k_source())
             )
 
-    bases_dir = config.sweep_dir() / "bases"
+    store = SweepStore.of(config)
+    bases_dir = store.bases_dir
     numeric = [k for k in config.space.k_choices() if not isinstance(k, str)] + list(auto_k.values())
     for ref in config.references:
         if method_spec(ref.method).sweeps_k and ref.k is not None:
@@ -350,14 +356,14 @@ def prepare_shared_state(
 
         with torch.no_grad():
             subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)
-        torch.save({name: u.float() for name, u in subspaces.items()}, rotation_base_path(config))
+        torch.save({name: u.float() for name, u in subspaces.items()}, store.rotation_base)
     from evaluation.progress import progress_bar
 
     with progress_bar("base model: OOD responses and NLLs", scorer.base_work(), enabled=progress):
         base_metrics = scorer.warm_base(model, tokenizer)
     with torch.no_grad():
         base_items = scorer.base_item_scores(model, tokenizer)
-    _write_json(config.sweep_dir() / BASE_ITEM_SCORES, base_items)
+    write_json(store.base_item_scores, base_items)
     del model
     return auto_k, bases_dir, base_metrics
 
@@ -365,30 +371,24 @@ def prepare_shared_state(
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _write_json(path: Path, payload: Any, indent: int | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    tmp.write_text(json.dumps(payload, indent=indent))
-    tmp.replace(path)
-
-
-def _state_path(config: SweepConfig) -> Path:
-    return config.sweep_dir() / STATE_FILE
-
-
 def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
-    state = {"name": config.name, "status": status, "optuna_storage": optuna_url, "context": context.__dict__}
-    _write_json(_state_path(config), state, indent=2)
+    """Deprecated: :meth:`sweeps.store.SweepStore.write_state`."""
+    warnings.warn(
+        "sweeps.runner.write_state is deprecated; use sweeps.store.SweepStore.of(config).write_state",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    SweepStore.of(config).write_state(config, context, status, optuna_url)
 
 
-def read_state(name: str, root: str | Path = "runs/sweeps") -> dict[str, Any]:
-    path = Path(root).expanduser().resolve() / name / STATE_FILE
-    if not path.is_file():
-        raise SweepConfigError(
-            f"name: no sweep {name!r} under {Path(root).resolve()} ({path} is missing). "
-            "Fix: the name given to `rpsft sweep`, and --root if it used another output_dir"
-        )
-    return json.loads(path.read_text())
+def read_state(name: str, root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
+    """Deprecated: :meth:`sweeps.store.SweepStore.read_state`."""
+    warnings.warn(
+        "sweeps.runner.read_state is deprecated; use sweeps.store.SweepStore(root, name).read_state",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SweepStore(Path(root), name).read_state()
 
 
 def _base_key(config: SweepConfig) -> str:
@@ -398,7 +398,7 @@ def _base_key(config: SweepConfig) -> str:
 
 
 @contextlib.contextmanager
-def driver_lock(sweep_dir: Path, name: str):
+def driver_lock(store: SweepStore):
     """Hold ``<sweep dir>/driver.lock`` for the life of a driver: a second driver on the same sweep (a second
     `rpsft sweep`, a `resume` while it runs) is refused. The operating system drops the lock when the process
     dies, so a killed driver never leaves it stale."""
@@ -406,8 +406,9 @@ def driver_lock(sweep_dir: Path, name: str):
     import fcntl
     import socket
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(sweep_dir / LOCK_FILE, "a+")
+    name = store.name
+    store.dir.mkdir(parents=True, exist_ok=True)
+    handle = open(store.lock_file, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -435,14 +436,15 @@ def run_sweep(
 ) -> SweepOutcome:
     """Validate everything, prepare shared state, run all trials, select and tag the operating point."""
     config = absolutize(config)
-    with driver_lock(config.sweep_dir(), config.name):
+    with driver_lock(SweepStore.of(config)):
         return _run_sweep(config, address=address, progress=progress, echo=echo)
 
 
 def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo) -> SweepOutcome:
-    if _state_path(config).exists():
+    store = SweepStore.of(config)
+    if store.exists():
         raise SweepConfigError(
-            f"name: a sweep named {config.name!r} already exists in {config.sweep_dir()}. "
+            f"name: a sweep named {config.name!r} already exists in {store.dir}. "
             f"Fix: `rpsft sweep resume {config.name}` to finish it, or another name (--name)"
         )
     optuna_url, mlflow_uri = storage_urls(config)
@@ -499,7 +501,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     )
     # the base model's per-benchmark numbers, named as in the trial runs with a ``base/`` prefix
     tracking.log_metrics(client, parent, {f"{tracking.BASE_PREFIX}{k}": v for k, v in base_metrics.items()})
-    client.log_artifact(parent, str(config.sweep_dir() / BASE_ITEM_SCORES))
+    client.log_artifact(parent, str(store.base_item_scores))
     context = SweepContext(
         config=config.model_dump(mode="json", by_alias=True),
         tracking_uri=mlflow_uri,
@@ -525,54 +527,47 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
         )
     if warm.carried:
         tracking.log_metrics(client, parent, {f"warm_start/{k}": v for k, v in warm.carried.items()})
-    write_state(config, context, "running", optuna_url)
+    store.write_state(config, context, "running", optuna_url)
     echo(f"[rpsft] MLflow: {mlflow_uri}  experiment {config.storage.experiment!r}  parent run {parent}")
     run_tuner(config, context, storage, restore=False, warm_started=sum(warm.carried.values()) > 0)
     return finish(config, context, optuna_url, echo=echo)
 
 
 def resume_sweep(
-    name: str, *, root: str | Path = "runs/sweeps", address: str | None = None, echo=print
+    name: str, *, root: str | Path = DEFAULT_ROOT, address: str | None = None, echo=print
 ) -> SweepOutcome:
     """Finish an interrupted sweep: Tune restores its trials (finished ones are kept, not rerun)."""
-    read_state(name, root)  # a missing sweep fails naming it, before a lock file is made
-    with driver_lock(Path(root).expanduser().resolve() / name, name):
-        return _resume_sweep(name, root=root, address=address, echo=echo)
+    store = SweepStore(Path(root), name)
+    store.read_state()  # a missing sweep fails naming it, before a lock file is made
+    with driver_lock(store):
+        return _resume_sweep(store, address=address, echo=echo)
 
 
-def _resume_sweep(name: str, *, root: str | Path, address: str | None, echo) -> SweepOutcome:
-    state = read_state(name, root)
+def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutcome:
+    name = store.name
+    state = store.read_state()
     context = SweepContext(**state["context"])
-    config = parse_sweep_config(context.config, f"{name}/{STATE_FILE}")
+    config = store.config(context)
     optuna_url = state["optuna_storage"]
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(context.tracking_uri)
     preflight.check_resources(config, init_ray(address or config.storage.ray_address))
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     tracking.client_for(context.tracking_uri).update_run(context.parent_run_id, status="RUNNING")
-    write_state(config, context, "running", optuna_url)
+    store.write_state(config, context, "running", optuna_url)
     run_tuner(config, context, storage, restore=True)
     return finish(config, context, optuna_url, echo=echo)
 
 
-def collect(config: SweepConfig, context: SweepContext) -> tuple[list[Any], list[dict[str, Any]]]:
+def collect(config: SweepConfig, context: SweepContext) -> list[TrialRecord]:
+    """Deprecated: :func:`sweeps.store.read_trials` (one :class:`sweeps.store.TrialRecord` per trial run)."""
+    warnings.warn(
+        "sweeps.runner.collect is deprecated; use sweeps.store.read_trials, which returns TrialRecord objects",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     client = tracking.client_for(context.tracking_uri)
-    runs = tracking.child_runs(client, context.experiment_id, context.parent_run_id)
-    rows = []
-    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
-        rows.append(
-            {
-                "trial_id": run.data.tags.get(tracking.TAG_TRIAL),
-                "run_id": run.info.run_id,
-                "status": run.info.status,
-                "state": run.data.tags.get(tracking.TAG_STATE, ""),
-                "reference": run.data.tags.get(tracking.TAG_REFERENCE, ""),
-                "failure": run.data.tags.get(tracking.TAG_FAILURE, ""),
-                "params": dict(run.data.params),
-                "metrics": dict(run.data.metrics),
-            }
-        )
-    return runs, rows
+    return read_trials(client, context.experiment_id, context.parent_run_id)
 
 
 def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
@@ -599,20 +594,21 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     mark done. Trials that differ only in their seed are one configuration (their mean)."""
     from sweeps.uncertainty import analyze_sweep
 
+    store = SweepStore.of(config)
     client = tracking.client_for(context.tracking_uri)
-    runs, rows = collect(config, context)
-    analysis = analyze_sweep(config, client, context.parent_run_id, tracking.trial_points(runs))
+    trials = read_trials(client, context.experiment_id, context.parent_run_id)
+    analysis = analyze_sweep(config, client, context.parent_run_id, trial_points(trials))
     selection = None
     if analysis.points:
         beta = config.objective.beta
         selection = select(analysis.points, beta)
         selection.attach(analysis)
-        tracking.tag_operating_point(client, runs, selection.best.run_id, beta)
+        tracking.tag_operating_point(client, trials, selection.best.run_id, beta)
         tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
         if analysis.intervals is not None:
             intervals = analysis.intervals.to_dict(analysis.points)
-            _write_json(config.sweep_dir() / INTERVALS, intervals)
-            tracking.log_json_artifact(client, context.parent_run_id, INTERVALS, intervals)
+            write_json(store.intervals, intervals)
+            tracking.log_json_artifact(client, context.parent_run_id, store.intervals.name, intervals)
         tracking.set_tags(
             client,
             context.parent_run_id,
@@ -636,10 +632,10 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     if config.keep.any:
         from sweeps.checkpoints import keep_checkpoints
 
-        keep_checkpoints(config, client, runs, selection, echo=echo)  # the runs read above
+        keep_checkpoints(config, client, trials, selection, echo=echo)  # the trials read above
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
-    done = sum(1 for row in rows if row["status"] == "FINISHED" or row["state"] == "early-stopped")
+    done = sum(1 for trial in trials if trial.done)
     expected = config.num_reference_trials + config.search.num_trials
     if done >= expected:
         closed = close_orphaned_optuna_trials(optuna_url, config.name)
@@ -647,21 +643,21 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
             echo(
                 f"[rpsft] sweep {config.name}: {closed} Optuna trial(s) asked before a crash and never run: FAIL"
             )
-    write_state(config, context, "finished" if done >= expected else "incomplete", optuna_url)
+    store.write_state(config, context, "finished" if done >= expected else "incomplete", optuna_url)
     if done < expected:
-        for row in rows:
-            if row["status"] == "FAILED":
-                echo(f"[rpsft] trial {row['trial_id']} FAILED: {row['failure'] or 'no reason recorded'}")
+        for trial in trials:
+            if trial.status == "FAILED":
+                echo(f"[rpsft] trial {trial.trial_id} FAILED: {trial.failure or 'no reason recorded'}")
         echo(
             f"[rpsft] sweep {config.name}: {done} of {expected} trials done; "
             f"`rpsft sweep resume {config.name}` runs the rest"
         )
     return SweepOutcome(
         config.name,
-        config.sweep_dir(),
+        store.dir,
         context.tracking_uri,
         context.experiment_id,
         context.parent_run_id,
-        rows,
+        trials,
         selection,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from evaluation.metrics import phi
 from sweeps.config import SweepConfig
 
 
@@ -223,7 +224,7 @@ class TrialScorer:
         if "nll/g_id" in loss_metrics:
             out["mc/g_id"] = loss_metrics["nll/g_id"]
             for beta in self.betas:
-                out[f"mc/phi@{beta:g}"] = loss_metrics["nll/g_id"] - beta * f_ood
+                out[f"mc/phi@{beta:g}"] = phi(loss_metrics["nll/g_id"], f_ood, beta)
         return out, tuned, base
 
     def harness_metrics(self, model: Any, tokenizer: Any) -> dict[str, float]:

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from evaluation.metrics import phi
+
 
 @dataclass(frozen=True)
 class TrialPoint:
@@ -26,7 +28,7 @@ class TrialPoint:
     run_ids: tuple[str, ...] = field(default=(), compare=False)  # every seed's run
 
     def phi(self, beta: float) -> float:
-        return self.g_id - beta * self.f_ood
+        return phi(self.g_id, self.f_ood, beta)
 
 
 def _usable(points: Sequence[TrialPoint]) -> list[TrialPoint]:

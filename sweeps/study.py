@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from evaluation.intervals import Interval
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.selection import TrialPoint
+from sweeps.store import TrialRecord
 from sweeps.summary import configuration_label
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
@@ -158,33 +159,32 @@ class ClaimResult:
         return asdict(self)
 
 
-def _mean_metrics(runs: dict[str, Any], point: TrialPoint) -> dict[str, float]:
+def _mean_metrics(trials: dict[str, TrialRecord], point: TrialPoint) -> dict[str, float]:
     keys = ("drift_mean", "drift_max", ROTATION, "train_loss", "train_seconds")
     out = {}
     for key in keys:
-        values = [
-            runs[r].data.metrics[key] for r in (point.run_ids or (point.run_id,)) if key in runs[r].data.metrics
-        ]
+        members = [trials[r].metrics for r in (point.run_ids or (point.run_id,))]
+        values = [metrics[key] for metrics in members if key in metrics]
         if values:
             out[key] = sum(values) / len(values)
     return out
 
 
 def configurations(stored: Any) -> tuple[list[Configuration], Any]:
-    """The study's configurations from a stored sweep (``sweeps.report.StoredSweep``)."""
+    """The study's configurations from a stored sweep (:class:`sweeps.store.StoredSweep`)."""
     analysis = stored.analysis
     if analysis.intervals is None:
         raise SweepConfigError(
             f"study: sweep {stored.config.name!r} has no per-item scores to build intervals from. "
             "Fix: objective.metric nll, kl or mc, and rerun the sweep"
         )
-    runs = {run.info.run_id: run for run in stored.runs}
+    trials = {trial.run_id: trial for trial in stored.trials}
     out = []
     for point in analysis.points:
         summary = analysis.intervals.of(point)
         if summary is None:
             continue
-        out.append(Configuration(point, summary, _mean_metrics(runs, point)))
+        out.append(Configuration(point, summary, _mean_metrics(trials, point)))
     return out, analysis.intervals
 
 
@@ -500,30 +500,23 @@ def run_study(
 ) -> tuple[StudyResult, Any]:
     """Run the study's sweep (or resume it, or reuse it when finished) and evaluate the claims; with
     ``run=False`` only the claims, on the trials stored so far."""
-    from sweeps.report import load_stored_sweep
-    from sweeps.runner import STATE_FILE, absolutize, resume_sweep, run_sweep
+    from sweeps.runner import absolutize, resume_sweep, run_sweep
+    from sweeps.store import SweepStore
 
     config = absolutize(study.sweep_config())
-    state_path = config.sweep_dir() / STATE_FILE
+    store = SweepStore.of(config)
     if not run:
-        if not state_path.is_file():
+        if not store.exists():
             raise SweepConfigError(f"study: sweep {config.name!r} has not run yet. Fix: rpsft study without --no-run")
-    elif not state_path.is_file():
+    elif not store.exists():
         run_sweep(config, address=address, echo=echo)
-    elif json.loads(state_path.read_text()).get("status") != "finished":  # running, incomplete
+    elif store.status() != "finished":  # running, incomplete
         echo(f"[rpsft] study {study.name}: resuming sweep {config.name}")
         resume_sweep(config.name, root=config.output_dir, address=address, echo=echo)
     else:
         echo(f"[rpsft] study {study.name}: sweep {config.name} is finished; evaluating the claims")
-    stored = load_stored_sweep(config.name, config.output_dir)
-    from sweeps import tracking
-
-    parent = tracking.client_for(stored.context.tracking_uri).get_run(stored.context.parent_run_id)
-    base = {
-        key[len(tracking.BASE_PREFIX) :]: value
-        for key, value in parent.data.metrics.items()
-        if key.startswith(tracking.BASE_PREFIX)
-    }
+    stored = store.load()
+    base = stored.base_metrics()
     ev = config.evaluation
     setup = {
         "steps": config.max_steps,
@@ -536,7 +529,7 @@ def run_study(
         "trials finished": f"{sum(p.n_seeds for p in stored.points)} of "
         f"{config.num_reference_trials + config.search.num_trials}",
         "training time (s, all trials)": round(
-            sum(run.data.metrics.get("train_seconds", 0.0) for run in stored.runs)
+            sum(trial.metrics.get("train_seconds", 0.0) for trial in stored.trials)
         ),
     }
     return study_result(study, stored, base, setup), stored

@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from sweeps.selection import Selection
+from sweeps.store import TrialRecord, trial_label
 
 
 def _num(value: Any, fmt: str = "{:+.4f}") -> str:
@@ -15,20 +16,11 @@ def _num(value: Any, fmt: str = "{:+.4f}") -> str:
     return fmt.format(value)
 
 
-def trial_label(params: dict[str, Any]) -> str:
-    """A short name of a trial from its parameters: ``rpsft k=64 lambda=4.31 layers=attn period=1``."""
-    if params.get("reference"):
-        return f"[ref] {params['reference']}"
-    parts = [params.get("method", "rpsft")]
-    for key in ("k", "lambda", "layers", "period"):
-        if key in params:
-            value = params[key]
-            try:
-                value = f"{float(value):.3g}" if key == "lambda" else value
-            except ValueError:
-                pass
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
+def operating_point_runs(selection: Selection | None) -> set[str]:
+    """The runs of the operating point (every seed of its configuration)."""
+    if selection is None:
+        return set()
+    return set(selection.best.run_ids or (selection.best.run_id,))
 
 
 def _ci(interval: Any) -> str:
@@ -37,9 +29,10 @@ def _ci(interval: Any) -> str:
     return f"[{interval.low:+.4f}, {interval.high:+.4f}]"
 
 
-def trials_table(rows: list[dict[str, Any]], beta: float, selection: Selection | None = None) -> str:
+def trials_table(trials: list[TrialRecord], beta: float, selection: Selection | None = None) -> str:
     """One line per trial: id, knobs, status, G_id, F_ood, Phi(beta) with the configuration's interval (seeds
-    pooled, when the selection carries intervals), training loss; the operating point starred."""
+    pooled, when the selection carries intervals), training loss; the selection's operating point starred."""
+    chosen = operating_point_runs(selection)
     intervals = selection.analysis.intervals if selection is not None and selection.analysis else None
     header = (
         f"{'trial':14s} {'knobs':44s} {'status':14s} {'G_id':>9s} {'F_ood':>9s} {'Phi':>9s} "
@@ -47,21 +40,16 @@ def trials_table(rows: list[dict[str, Any]], beta: float, selection: Selection |
         f"{'loss':>7s}"
     )
     lines = [header, "-" * len(header)]
-    for row in rows:
-        m = row["metrics"]
-        g, f = m.get("g_id"), m.get("f_ood")
-        phi = g - beta * f if g is not None and f is not None else None
-        status = row["status"].lower() if row["status"] != "FINISHED" else "finished"
-        if row.get("state") == "early-stopped":
-            status = "early-stopped"
-        star = " *" if row.get("operating_point") else ""
+    for trial in trials:
+        status = "early-stopped" if trial.state == "early-stopped" else trial.status.lower()
+        star = " *" if trial.run_id in chosen else ""
         ci = None
-        if intervals is not None and row.get("run_id") in intervals.keys:
-            ci = intervals.draws.phi(intervals.keys[row["run_id"]], beta)
+        if intervals is not None and trial.run_id in intervals.keys:
+            ci = intervals.draws.phi(intervals.keys[trial.run_id], beta)
         lines.append(
-            f"{(row['trial_id'] or '?')[-14:]:14s} {trial_label(row['params'])[:44]:44s} {status:14s} "
-            f"{_num(g):>9s} {_num(f):>9s} {_num(phi):>9s} {_ci(ci):>21s} "
-            f"{_num(m.get('train_loss'), '{:.3f}'):>7s}{star}"
+            f"{trial.trial_id[-14:]:14s} {trial.label[:44]:44s} {status:14s} "
+            f"{_num(trial.g_id):>9s} {_num(trial.f_ood):>9s} {_num(trial.phi(beta)):>9s} {_ci(ci):>21s} "
+            f"{_num(trial.metrics.get('train_loss'), '{:.3f}'):>7s}{star}"
         )
     return "\n".join(lines)
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-
-from sweeps.selection import TrialPoint
 
 TAG_SWEEP = "rpsft.sweep"
 TAG_ROLE = "rpsft.role"
@@ -172,31 +171,22 @@ def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED", stat
     client.set_terminated(run_id, status=status)
 
 
-def trial_points(runs: list[Any]) -> list[TrialPoint]:
-    """The finished trial runs that carry ``g_id`` and ``f_ood``, as selection points."""
-    points = []
-    for run in runs:
-        metrics = run.data.metrics
-        if run.info.status != RunStatus.to_string(RunStatus.FINISHED):
-            continue
-        if "g_id" not in metrics or "f_ood" not in metrics:
-            continue
-        params = dict(run.data.params)
-        points.append(
-            TrialPoint(
-                trial_id=run.data.tags.get(TAG_TRIAL, run.info.run_id),
-                g_id=float(metrics["g_id"]),
-                f_ood=float(metrics["f_ood"]),
-                params=params,
-                run_id=run.info.run_id,
-            )
-        )
-    return points
+def trial_points(runs: list[Any]) -> list[Any]:
+    """Deprecated: :func:`sweeps.store.trial_points` on :class:`sweeps.store.TrialRecord` objects."""
+    from sweeps.store import TrialRecord, trial_points
+
+    warnings.warn(
+        "sweeps.tracking.trial_points is deprecated; use sweeps.store.trial_points on the sweep's TrialRecords",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return trial_points([TrialRecord.from_run(run) for run in runs])
 
 
-def tag_operating_point(client: MlflowClient, runs: list[Any], chosen_run_id: str, beta: float) -> None:
-    """Mark ``chosen_run_id`` as the operating point (and clear the tag on the other trial runs)."""
-    for run in runs:
-        if run.data.tags.get(TAG_OPERATING_POINT) == "true" and run.info.run_id != chosen_run_id:
-            client.set_tag(run.info.run_id, TAG_OPERATING_POINT, "false")
+def tag_operating_point(client: MlflowClient, trials: list[Any], chosen_run_id: str, beta: float) -> None:
+    """Mark ``chosen_run_id`` as the operating point (and clear the tag on the other trials,
+    :class:`sweeps.store.TrialRecord` objects)."""
+    for trial in trials:
+        if trial.tags.get(TAG_OPERATING_POINT) == "true" and trial.run_id != chosen_run_id:
+            client.set_tag(trial.run_id, TAG_OPERATING_POINT, "false")
     set_tags(client, chosen_run_id, {TAG_OPERATING_POINT: "true", "rpsft.operating_point_beta": f"{beta:g}"})

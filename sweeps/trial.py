@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +17,12 @@ from transformers import TrainerCallback
 from sweeps import faults, tracking
 from sweeps.config import SweepConfig
 from sweeps.scoring import TrialScorer
-from sweeps.summary import trial_label
+from sweeps.store import SweepContext, SweepStore, TrialRecord, trial_label
 from sweeps.uncertainty import ITEM_SCORES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PER_STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rpsft/penalty", "rpsft/drift_mean", "rpsft/drift_max")
-
-
-@dataclass
-class SweepContext:
-    """What every trial of a sweep shares (paths are absolute)."""
-
-    config: dict[str, Any]  # SweepConfig, JSON-ready
-    tracking_uri: str
-    experiment_id: str
-    parent_run_id: str
-    base_key: str
-    cache_dir: str
-    bases_dir: str
-    auto_k: dict[str, float] = field(default_factory=dict)  # "auto@x" -> resolved fraction
 
 
 def resolve_params(params: dict[str, Any], context: SweepContext) -> dict[str, Any]:
@@ -175,14 +161,14 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         tune.report({**out, **shown, "step": step, "final": final})
 
     if run.info.status == "FINISHED":  # finished before a crash: report its stored results, do not retrain
-        tune.report({**_stored_result(run), "final": True})
+        tune.report({**_stored_result(TrialRecord.from_run(run)), "final": True})
         return
 
     try:
         fault_callbacks = faults.maybe_inject(config.sweep_dir(), trial_id, trial_label(params))
         _torch_threads(config.resources.cpus)
         resolved = resolve_params(params, context)
-        trial_dir = Path(config.sweep_dir()) / "trials" / trial_id
+        trial_dir = SweepStore.of(config).trial_dir(trial_id)
         train_config = config.trial_train_config(resolved, output_dir=trial_dir)
         tracking.log_params(
             client,
@@ -311,8 +297,13 @@ def _train_and_score(
 
 
 def rotation_base_path(config: SweepConfig) -> Path:
-    """The base model's top-K left subspaces, computed once by the driver for the trials' rotation diagnostic."""
-    return config.sweep_dir() / "rotation_base.pt"
+    """Deprecated: :attr:`sweeps.store.SweepStore.rotation_base`."""
+    warnings.warn(
+        "sweeps.trial.rotation_base_path is deprecated; use sweeps.store.SweepStore.of(config).rotation_base",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return SweepStore.of(config).rotation_base
 
 
 def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -> dict[str, float]:
@@ -322,7 +313,7 @@ def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -
 
     from evaluation.diagnostics.rotation import rotation_metrics, rotation_summary
 
-    base_subspaces = torch.load(rotation_base_path(config), map_location="cpu")
+    base_subspaces = torch.load(SweepStore.of(config).rotation_base, map_location="cpu")
     with torch.no_grad():
         summary = rotation_summary(
             None,
@@ -335,9 +326,9 @@ def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -
     return rotation_metrics(summary)
 
 
-def _stored_result(run: Any) -> dict[str, float]:
-    metrics = dict(run.data.metrics)
-    if "objective" in metrics and run.data.tags.get(tracking.TAG_REFERENCE):
+def _stored_result(trial: TrialRecord) -> dict[str, float]:
+    metrics = dict(trial.metrics)
+    if "objective" in metrics and trial.reference:
         metrics["reference_objective"] = metrics.pop("objective")
-    metrics.setdefault("step", int(run.data.params.get("max_steps", 0) or 0))
+    metrics.setdefault("step", int(trial.params.get("max_steps", 0) or 0))
     return metrics

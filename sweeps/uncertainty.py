@@ -20,13 +20,12 @@ from typing import Any
 
 from evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
 from sweeps.selection import TrialPoint
+from sweeps.store import BASE_ITEM_SCORES, KNOBS, SweepStore
+from sweeps.store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
 
 ITEM_SCORES = "item_scores.json"
-BASE_ITEM_SCORES = "base_item_scores.json"
-INTERVALS = "intervals.json"
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
 METRIC_ITEMS = {"nll": ("id_nll", "ood_nll"), "kl": ("id_nll", "ood_kl"), "mc": ("id_nll", "ood_mc")}
-KNOBS = ("method", "k", "lambda", "layers", "period", "max_steps", "learning_rate")
 _SEED_SUFFIX = re.compile(r" seed=-?\d+$")
 
 
@@ -227,8 +226,12 @@ def analyze_sweep(
     scores (the base model's from ``<sweep>/base_item_scores.json`` or the parent run's artifact)."""
     groups = group_points(points)
     grouped = [g.point for g in groups]
-    path = Path(config.sweep_dir()) / BASE_ITEM_SCORES
-    base = json.loads(path.read_text()) if path.is_file() else download_json(client, parent_run_id, BASE_ITEM_SCORES)
+    path = SweepStore.of(config).base_item_scores
+    base = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else download_json(client, parent_run_id, BASE_ITEM_SCORES)
+    )
     ev = config.evaluation.intervals
     intervals = None
     if base is not None and config.objective.metric in METRIC_ITEMS:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sweeps.config import SweepConfig, SweepConfigError
+from sweeps.store import TrialRecord
 
 CARRIED_ATTR = "rpsft.carried_over_from"
 TRIAL_ATTR = "rpsft.trial_id"
@@ -70,7 +71,7 @@ def _check_compatible(config: SweepConfig, earlier: SweepConfig, name: str) -> N
 
 def check_warm_start(config: SweepConfig) -> list[Any]:
     """The stored earlier sweeps, after checking that each exists and matches (before any training)."""
-    from sweeps.report import load_stored_sweep
+    from sweeps.store import load_stored_sweep
 
     stored = []
     for name in config.search.warm_start:
@@ -87,13 +88,13 @@ def check_warm_start(config: SweepConfig) -> list[Any]:
     return stored
 
 
-def _values(config: SweepConfig, metrics: dict[str, float]) -> float | list[float] | None:
-    g_id, f_ood = metrics.get("g_id"), metrics.get("f_ood")
+def _values(config: SweepConfig, trial: TrialRecord) -> float | list[float] | None:
+    g_id, f_ood = trial.g_id, trial.f_ood
     if g_id is None or f_ood is None or not (math.isfinite(g_id) and math.isfinite(f_ood)):
         return None
     if config.objective.mode == "pareto":
         return [g_id, f_ood]
-    return g_id - config.objective.beta * f_ood
+    return trial.phi(config.objective.beta)
 
 
 def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored: list[Any]) -> WarmStart:
@@ -114,13 +115,13 @@ def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored:
     for earlier in stored:
         name = earlier.config.name
         result.carried[name] = result.skipped[name] = 0
-        for row in earlier.rows:
-            if row["status"] != "FINISHED" or row["reference"] or row["trial_id"] in already:
+        for trial in earlier.trials:
+            if trial.status != "FINISHED" or trial.reference or trial.trial_id in already:
                 continue
-            values = _values(config, row["metrics"])
+            values = _values(config, trial)
             if values is None:
                 continue
-            params = {knob: _param(row["params"].get(knob), d) for knob, d in dists.items()}
+            params = {knob: _param(trial.params.get(knob), d) for knob, d in dists.items()}
             if any(value is None for value in params.values()):
                 result.skipped[name] += 1
                 continue
@@ -129,7 +130,7 @@ def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored:
                     params=params,
                     distributions=dists,
                     **({"values": values} if isinstance(values, list) else {"value": values}),
-                    user_attrs={CARRIED_ATTR: name, TRIAL_ATTR: row["trial_id"]},
+                    user_attrs={CARRIED_ATTR: name, TRIAL_ATTR: trial.trial_id},
                 )
             )
             result.carried[name] += 1

@@ -4,13 +4,11 @@ trial's directory is never touched."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from sweeps import tracking
-from sweeps.checkpoints import kept_roles, prune, trial_model_dir
+from sweeps.checkpoints import kept_roles, prune
 from sweeps.config import SweepConfig
+from sweeps.store import SweepStore, TrialRecord, trial_label, trial_points
 from sweeps.uncertainty import group_points
 
 
@@ -27,14 +25,11 @@ def _config(tmp_path, **keep):
 
 def _run(trial_id, g_id, f_ood, status="FINISHED", reference=None, method="rpsft", seed=0):
     params = {"method": method, "seed": str(seed)}
-    tags = {tracking.TAG_TRIAL: trial_id}
     if reference:
         params["reference"] = reference
-        tags[tracking.TAG_REFERENCE] = reference
     metrics = {} if status == "RUNNING" else {"g_id": g_id, "f_ood": f_ood}
-    return SimpleNamespace(
-        info=SimpleNamespace(run_id=f"run-{trial_id}", status=status),
-        data=SimpleNamespace(tags=tags, params=params, metrics=metrics),
+    return TrialRecord(
+        trial_id, f"run-{trial_id}", trial_label(params), status, "", reference or "", params, metrics
     )
 
 
@@ -51,17 +46,14 @@ def _runs():
 
 def _with_weights(config, runs):
     for run in runs:
-        path = trial_model_dir(config, run.data.tags[tracking.TAG_TRIAL])
+        path = SweepStore.of(config).trial_model_dir(run.trial_id)
         path.mkdir(parents=True)
         (path / "config.json").write_text("{}")
 
 
 def _left(config, runs):
-    return sorted(
-        r.data.tags[tracking.TAG_TRIAL]
-        for r in runs
-        if trial_model_dir(config, r.data.tags[tracking.TAG_TRIAL]).exists()
-    )
+    store = SweepStore.of(config)
+    return sorted(r.trial_id for r in runs if store.trial_model_dir(r.trial_id).exists())
 
 
 def test_during_the_sweep_a_configuration_with_seeds_to_come_keeps_its_weights(tmp_path):
@@ -78,7 +70,7 @@ def test_during_the_sweep_a_configuration_with_seeds_to_come_keeps_its_weights(t
 def test_top_n_and_references(tmp_path):
     runs = _runs()
     config = _config(tmp_path, top=2, references=True)
-    groups = group_points(tracking.trial_points(runs))
+    groups = group_points(trial_points(runs))
     from sweeps.checkpoints import _selection
 
     roles = kept_roles(config, _selection(config, groups), groups)

@@ -94,8 +94,8 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     from sweeps.checkpoints import find_trial_run
 
     best_rpsft = next(p for p in stored.selection().ranking if p.params.get("method") == "rpsft")
-    assert find_trial_run(stored, "best:rpsft").info.run_id == best_rpsft.run_id
-    assert find_trial_run(stored, "sft").data.params["method"] == "sft"
+    assert find_trial_run(stored, "best:rpsft").run_id == best_rpsft.run_id
+    assert find_trial_run(stored, "sft").params["method"] == "sft"
     # an unkept trial is retrained from its stored config and seed, into <sweep>/exports/<trial id>
     other = next(p for p in stored.points if p.run_id != best.run_id)
     result = CliRunner().invoke(app, ["export", "keep", "--trial", other.trial_id, "--root", str(root)])
@@ -124,7 +124,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     assert run.data.metrics["rl/kl_to_init"] >= 0
     # the RL runs are not trials: the sweep's trials and its choice are unchanged
     again = load_stored_sweep("keep", root)
-    assert len(again.runs) == 3 and again.selection().best.run_id == best.run_id
+    assert len(again.trials) == 3 and again.selection().best.run_id == best.run_id
     # a second `rpsft rl` with the same settings repeats nothing
     result = CliRunner().invoke(app, [*args, "--root", str(root)])
     assert result.exit_code == 0 and result.output.count("not repeated") == 2, result.output

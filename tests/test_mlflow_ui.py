@@ -192,7 +192,7 @@ def _shows_number(shown: str, value: float) -> bool:
 
 
 def _trial_runs(outcome: Any, client: Any) -> list[Any]:
-    runs = [client.get_run(row["run_id"]) for row in outcome.trials]
+    runs = [client.get_run(trial.run_id) for trial in outcome.trials]
     assert runs, "the finished sweep has no trial runs"
     for run in runs:
         assert run.data.tags.get(PARENT_TAG) == outcome.parent_run_id
