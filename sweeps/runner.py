@@ -387,7 +387,7 @@ def read_state(name: str, root: str | Path = "runs/sweeps") -> dict[str, Any]:
     if not path.is_file():
         raise SweepConfigError(
             f"name: no sweep {name!r} under {Path(root).resolve()} ({path} is missing). "
-            "Fix: the name given to `rpsft sweep`, and --root if it used another output_dir"
+            "Fix: the name given to `rpsft sweep run`, and --runs-dir if it used another output_dir"
         )
     return json.loads(path.read_text())
 
