@@ -187,7 +187,10 @@ def test_data_and_selection_errors_fail_before_training(tmp_path, smol_tokenizer
     empty.write_text("")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?"}\n')
-    for data, message in ((str(empty), "no"), (str(bad), r"bad.jsonl:2")):
+    for data, message in (
+        (str(empty), r"^data: no trainable examples: 0 example\(s\) given"),
+        (str(bad), r"bad\.jsonl:2"),
+    ):
         with pytest.raises(DataError, match=message):
             train(
                 _config(tmp_path, data=data),
@@ -220,12 +223,21 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
 
     common = dict(method="rpsft", max_steps=4, checkpoint_every=2, save_model=False, lr_scheduler="cosine")
     whole = train(
-        _config(tmp_path / "whole", **common), model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False
+        _config(tmp_path / "whole", **common),
+        model=_tiny(smol_tokenizer),
+        tokenizer=smol_tokenizer,
+        progress=False,
     )
     assert whole.metrics["resumed_from_step"] == 0
     cfg = _config(tmp_path / "killed", **common)
     with pytest.raises(Killed):
-        train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, callbacks=[KillAfter()], progress=False)
+        train(
+            cfg,
+            model=_tiny(smol_tokenizer),
+            tokenizer=smol_tokenizer,
+            callbacks=[KillAfter()],
+            progress=False,
+        )
     assert sorted(p.name for p in (tmp_path / "killed" / "out").glob("checkpoint-*")) == ["checkpoint-2"]
     resumed = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
     assert resumed.metrics["resumed_from_step"] == 2 and resumed.metrics["global_steps"] == 4
