@@ -7,7 +7,7 @@ than sft), beside the scoring cost of one trial at that n (measured: each run's 
 time, divided by the items it scored). A difference between two trials is measurable at an n whose half-width
 is below the difference.
 
-    python benchmarks/bench_eval_noise.py study-smollm2 --root runs/sweeps --counts 4,8,12,16,24
+    python benchmarks/bench_eval_noise.py study-smollm2 --runs-dir runs/sweeps --counts 4,8,12,16,24
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _first(items: dict, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep")
-    parser.add_argument("--root", default="runs/sweeps")
+    parser.add_argument("--runs-dir", "--root", dest="runs_dir", default="runs/sweeps", help="The root of the stored sweeps (--root is its old name).")
     parser.add_argument("--counts", default="4,8,12,16,24,32")
     parser.add_argument("--beta", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
@@ -34,7 +34,7 @@ def main() -> None:
     from sweeps.store import load_stored_sweep
     from sweeps.uncertainty import objective_items, stored_item_scores
 
-    stored = load_stored_sweep(args.sweep, args.root)
+    stored = load_stored_sweep(args.sweep, args.runs_dir)
     config = stored.config
     beta = config.objective.beta if args.beta is None else args.beta
     metric = config.objective.metric

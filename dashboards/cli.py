@@ -1,4 +1,8 @@
-"""``rpsft report``."""
+"""``rpsft sweep report`` and ``rpsft study``.
+
+:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group, with the old spelling ``rpsft report``
+kept for one release with a notice.
+"""
 
 from __future__ import annotations
 
@@ -6,78 +10,80 @@ from pathlib import Path
 
 import typer
 
-from rpsft_core.cli_errors import fail
+from rpsft_core.cli_compat import legacy_spellings
+from rpsft_core.errors import InputError
+from sweeps.cli import RUNS_DIR_RENAMED, runs_dir_option
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def report(
-        name: str = typer.Argument(..., help="The sweep's name."),
-        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
-        out: Path | None = typer.Option(None, help="Output directory (default: <root>/<name>/report)."),
-        diagnostics: Path | None = typer.Option(
-            None, help="An `rpsft diagnose --out` directory whose figures the report includes."
-        ),
-        png: bool = typer.Option(True, help="Also write each figure as PNG (needs Chrome/Chromium)."),
-        log: bool = typer.Option(True, help="Log the report as artifacts of the sweep's MLflow parent run."),
-        importance: str = typer.Option(
-            "ped-anova", help="Optuna's importance evaluator for the knobs: ped-anova or fanova."
-        ),
-    ) -> None:
-        """HTML report of a sweep (trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours,
-        per-benchmark table, training curves, rotation) + PNGs."""
-        from dashboards.report import build_report, log_report
-        from dashboards.sweep_data import load_sweep_data
-        from sweeps.config import SweepConfigError
+def report(
+    name: str = typer.Argument(..., help="The sweep's name."),
+    runs_dir: Path = runs_dir_option(),
+    out: Path | None = typer.Option(None, help="Output directory (default: <runs dir>/<name>/report)."),
+    diagnostics: Path | None = typer.Option(
+        None, help="An `rpsft diagnose --out` directory whose figures the report includes."
+    ),
+    png: bool = typer.Option(True, help="Also write each figure as PNG (needs Chrome/Chromium)."),
+    log: bool = typer.Option(True, help="Log the report as artifacts of the sweep's MLflow parent run."),
+    importance: str = typer.Option(
+        "ped-anova", help="Optuna's importance evaluator for the knobs: ped-anova or fanova."
+    ),
+) -> None:
+    """HTML report of a sweep (trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours,
+    per-benchmark table, training curves, rotation) + PNGs."""
+    from dashboards.report import build_report, log_report
+    from dashboards.sweep_data import load_sweep_data
 
-        if importance not in ("ped-anova", "fanova"):
-            fail(f"--importance: {importance!r} is not an evaluator. Fix: ped-anova or fanova")
-        try:
-            data = load_sweep_data(name, root)
-            files = build_report(
-                data,
-                out or Path(root) / name / "report",
-                png=png,
-                diagnostics_dir=diagnostics,
-                importance=importance,
-            )
-        except (SweepConfigError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
-        typer.echo(f"report: {files.html}")
-        for path in files.pngs:
-            typer.echo(f"figure: {path}")
-        if files.png_error:
-            typer.secho(files.png_error, fg=typer.colors.YELLOW, err=True)
-        if log:
-            typer.echo(f"MLflow: {log_report(data, files)}")
+    if importance not in ("ped-anova", "fanova"):
+        raise InputError(f"--importance: {importance!r} is not an evaluator. Fix: ped-anova or fanova")
+    try:
+        data = load_sweep_data(name, runs_dir)
+        files = build_report(
+            data,
+            out or Path(runs_dir) / name / "report",
+            png=png,
+            diagnostics_dir=diagnostics,
+            importance=importance,
+        )
+    except InputError:
+        raise
+    except (FileNotFoundError, ValueError) as exc:  # a missing --diagnostics file, a sweep without trials
+        raise InputError(str(exc)) from exc
+    typer.echo(f"report: {files.html}")
+    for path in files.pngs:
+        typer.echo(f"figure: {path}")
+    if files.png_error:
+        typer.secho(files.png_error, fg=typer.colors.YELLOW, err=True)
+    if log:
+        typer.echo(f"MLflow: {log_report(data, files)}")
 
-    @app.command()
-    def study(
-        config: Path = typer.Argument(..., help="A study YAML (see sweeps/configs/study-*.yaml)."),
-        docs: Path = typer.Option(Path("docs"), help="Where reproduction.md is regenerated."),
-        address: str | None = typer.Option(None, help="Ray cluster address; default local."),
-        png: bool = typer.Option(True, help="Write the study's figures as PNG (needs Chrome/Chromium)."),
-        run: bool = typer.Option(True, help="--no-run: only check the claims on the trials stored so far."),
-    ) -> None:
-        """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
-        from dashboards.reproduction import write_reproduction_page, write_study_figures
-        from rpsft_core.errors import InputError
-        from sweeps.config import SweepConfigError
-        from sweeps.study import load_study_config, run_study, write_result
 
-        try:
-            spec = load_study_config(config)
-            result, _ = run_study(spec, address=address, run=run, echo=typer.echo)
-        except SweepConfigError as exc:
-            fail(str(exc))
-        path = write_result(result, spec.results_dir)
-        typer.echo(f"results: {path}")
-        if png:
-            for figure in write_study_figures(result.to_dict(), spec.results_dir):
-                typer.echo(f"figure: {figure}")
-        try:
-            typer.echo(f"page: {write_reproduction_page(docs)}")
-        except InputError as exc:
-            fail(str(exc))
-        for claim in result.claims:
-            typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
+def study(
+    config: Path = typer.Argument(..., help="A study YAML (see sweeps/configs/study-*.yaml)."),
+    docs: Path = typer.Option(Path("docs"), help="Where reproduction.md is regenerated."),
+    address: str | None = typer.Option(None, help="Ray cluster address; default local."),
+    png: bool = typer.Option(True, help="Write the study's figures as PNG (needs Chrome/Chromium)."),
+    run: bool = typer.Option(True, help="--no-run: only check the claims on the trials stored so far."),
+) -> None:
+    """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
+    from dashboards.reproduction import write_reproduction_page, write_study_figures
+    from sweeps.study import load_study_config, run_study, write_result
+
+    spec = load_study_config(config)
+    result, _ = run_study(spec, address=address, run=run, echo=typer.echo)
+    path = write_result(result, spec.results_dir)
+    typer.echo(f"results: {path}")
+    if png:
+        for figure in write_study_figures(result.to_dict(), spec.results_dir):
+            typer.echo(f"figure: {figure}")
+    typer.echo(f"page: {write_reproduction_page(docs)}")
+    for claim in result.claims:
+        typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
+
+
+def register(app: typer.Typer, sweep_app: typer.Typer) -> None:
+    """Add ``report`` to ``sweep_app`` (and its old spelling ``rpsft report``) and ``study`` to ``app``."""
+    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(report)
+    app.command("report", hidden=True, cls=legacy_spellings(RUNS_DIR_RENAMED, moved_to="rpsft sweep report"))(
+        report
+    )
+    app.command()(study)

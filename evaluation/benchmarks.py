@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from rpsft_core.errors import InputError
+
 Suite = Literal["id", "ood"]
 Scorer = Literal["math", "mc", "ifeval"]
 SUITES: tuple[str, ...] = ("id", "ood")
@@ -26,7 +28,7 @@ MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer with
 MC_INSTRUCTION = "Please answer with the single correct option letter (e.g., A)."
 
 
-class EvalConfigError(ValueError):
+class EvalConfigError(InputError, ValueError):
     """An evaluation request that cannot run; the message names the field (or file and line) and the fix."""
 
 

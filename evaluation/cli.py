@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from rpsft_core.cli_errors import fail
+from rpsft_core.cli_compat import legacy_spellings
+from rpsft_core.errors import InputError
 
 
 def _label(model: str) -> str:
@@ -32,13 +33,15 @@ def eval_command(
     subset: str | None = typer.Option(
         None, help="full (default) or test: the smaller *_test.jsonl where present."
     ),
-    k: int | None = typer.Option(None, help="Samples per item for every benchmark (default: the paper's k)."),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Samples per item for every benchmark (default: the paper's number)."
+    ),
     pass_k: int | None = typer.Option(None, help="k of pass@k (default: the number of samples)."),
     limit: int | None = typer.Option(None, help="First N items of each benchmark."),
     max_new_tokens: int | None = typer.Option(None, help="Generation length (default 1024)."),
     batch_size: int | None = typer.Option(None, help="Generation batch size (default 8)."),
     temperature: float | None = typer.Option(
-        None, help="Sampling temperature (default: greedy if k=1, else 0.6)."
+        None, help="Sampling temperature (default: greedy with 1 sample, else 0.6)."
     ),
     seed: int | None = typer.Option(None),
     config: Path | None = typer.Option(
@@ -52,8 +55,8 @@ def eval_command(
     loss: bool = typer.Option(False, help="Also compute the loss-based G_id / F_ood against --base."),
     cache_dir: str | None = typer.Option(None, help="Cache for base scores (default ~/.cache/rpsft/eval)."),
     backend: str | None = typer.Option(None, help="hf (default) or vllm (if installed; model path only)."),
-    output: Path | None = typer.Option(
-        None, "--output", "-o", help="JSON output (default runs/eval/<model>.json)."
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="JSON output (default runs/eval/<model>.json)."
     ),
     log_samples: bool = typer.Option(False, help="Keep every response in the JSON."),
     write_tasks: Path | None = typer.Option(
@@ -62,7 +65,6 @@ def eval_command(
     verbose: bool = typer.Option(False, help="Show lm-eval's log messages."),
 ) -> None:
     """Score a model on the benchmarks (lm-eval), print a table, write JSON."""
-    from evaluation.benchmarks import EvalConfigError
     from evaluation.settings import load_eval_settings, plan_evaluation
 
     overrides = dict(
@@ -70,7 +72,7 @@ def eval_command(
         exclude=exclude,
         data_dir=data_dir,
         subset=subset,
-        k=k,
+        k=samples,
         pass_k=pass_k,
         limit=limit,
         max_new_tokens=max_new_tokens,
@@ -82,11 +84,8 @@ def eval_command(
         cache_dir=cache_dir,
         backend=backend,
     )
-    try:
-        settings = load_eval_settings(config, overrides)
-        plan = plan_evaluation(settings)
-    except EvalConfigError as exc:
-        fail(f"error: {exc}")
+    settings = load_eval_settings(config, overrides)
+    plan = plan_evaluation(settings)
     if write_tasks is not None:
         from evaluation.lm_eval_tasks import write_task_dir
 
@@ -94,42 +93,36 @@ def eval_command(
         typer.echo(f"wrote {len(plan.tasks)} task(s) to {write_tasks}: {', '.join(plan.task_names)}")
         return
     if model is None:
-        fail("error: --model is required. Fix: e.g. --model smollm2-135m-instruct")
+        raise InputError("--model is required. Fix: e.g. --model smollm2-135m-instruct")
     loss_settings = None
     if loss:
         if base is None:
-            fail("error: --loss compares against a base model. Fix: add --base MODEL")
+            raise InputError("--loss compares against a base model. Fix: add --base MODEL")
         from evaluation.loss_metrics import LossSettings, loss_items
 
-        try:
-            loss_settings = LossSettings(
-                data_dir=settings.data_dir,
-                subset=settings.subset,
-                cache_dir=settings.cache_dir,
-                batch_size=settings.batch_size,
-                max_new_tokens=min(128, settings.max_new_tokens),
-                **({"n_id": settings.limit, "n_ood": settings.limit} if settings.limit else {}),
-            )
-            loss_items(loss_settings)
-        except EvalConfigError as exc:
-            fail(f"error: {exc}")
+        loss_settings = LossSettings(
+            data_dir=settings.data_dir,
+            subset=settings.subset,
+            cache_dir=settings.cache_dir,
+            batch_size=settings.batch_size,
+            max_new_tokens=min(128, settings.max_new_tokens),
+            **({"n_id": settings.limit, "n_ood": settings.limit} if settings.limit else {}),
+        )
+        loss_items(loss_settings)
 
     from evaluation.runner import evaluate
     from rpsft_core.models import load_model
 
-    try:
-        tuned_model, tokenizer = load_model(model)
-        result = evaluate(
-            tuned_model,
-            tokenizer,
-            settings,
-            plan=plan,
-            model_label=model,
-            log_samples=log_samples,
-            verbose=verbose,
-        )
-    except EvalConfigError as exc:
-        fail(f"error: {exc}")
+    tuned_model, tokenizer = load_model(model)
+    result = evaluate(
+        tuned_model,
+        tokenizer,
+        settings,
+        plan=plan,
+        model_label=model,
+        log_samples=log_samples,
+        verbose=verbose,
+    )
     typer.echo(f"model: {model}   ({result.seconds:.1f} s)")
     typer.echo(result.table())
     payload: dict = {"result": json.loads(result.model_dump_json())}
@@ -156,7 +149,7 @@ def eval_command(
             if lt.kl is not None:
                 typer.echo(_tradeoff_lines("loss (KL)", lt.kl))
             payload["loss_tradeoff"] = json.loads(lt.model_dump_json())
-    out = output or Path("runs") / "eval" / f"{_label(model)}.json"
+    out = out or Path("runs") / "eval" / f"{_label(model)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2))
     typer.echo(f"json: {out}")
@@ -171,4 +164,4 @@ def _tradeoff_lines(name: str, trade) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval")(eval_command)
+    app.command("eval", cls=legacy_spellings({"--k": "--samples", "--output": "--out"}))(eval_command)

@@ -9,37 +9,58 @@ reg.add_grad_()                                    # once per optimizer step, be
 optimizer.step()
 """
 
-from importlib import import_module
+from types import ModuleType
 
 # Public names -> defining module; imported on first use so `rpsft --help` does not pay for torch.
 _EXPORTS = {
-    "Bases": "rpsft_core.bases",
-    "compute_bases": "rpsft_core.bases",
-    "load_bases": "rpsft_core.bases",
-    "load_or_compute_bases": "rpsft_core.bases",
-    "save_bases": "rpsft_core.bases",
-    "TrainConfig": "rpsft_core.config",
-    "load_train_config": "rpsft_core.config",
-    "load_model": "rpsft_core.models",
-    "load_tokenizer": "rpsft_core.models",
-    "tiny_model": "rpsft_core.models",
-    "AutoK": "rpsft_core.rank_rule",
-    "parse_k_spec": "rpsft_core.rank_rule",
-    "resolve_auto_k": "rpsft_core.rank_rule",
-    "RPSFTRegularizer": "rpsft_core.regularizer",
-    "find_lora_parts": "rpsft_core.regularizer",
-    "PRESETS": "rpsft_core.selection",
-    "LayerSpec": "rpsft_core.selection",
-    "select_matrices": "rpsft_core.selection",
-    "TrainResult": "rpsft_core.train",
-    "train": "rpsft_core.train",
-    "RPSFTCallback": "rpsft_core.trainer",
-    "RPSFTTrainer": "rpsft_core.trainer",
+    "Bases": "bases",
+    "compute_bases": "bases",
+    "load_bases": "bases",
+    "load_or_compute_bases": "bases",
+    "save_bases": "bases",
+    "TrainConfig": "config",
+    "load_train_config": "config",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "tiny_model": "models",
+    "AutoK": "rank_rule",
+    "parse_k_spec": "rank_rule",
+    "resolve_auto_k": "rank_rule",
+    "RPSFTRegularizer": "regularizer",
+    "find_lora_parts": "regularizer",
+    "PRESETS": "selection",
+    "LayerSpec": "selection",
+    "select_matrices": "selection",
+    "TrainResult": "train",
+    "train": "train",
+    "RPSFTCallback": "trainer",
+    "RPSFTTrainer": "trainer",
 }
 __all__ = sorted(_EXPORTS)
 
 
+def _defining_module(module: str) -> ModuleType:
+    """The submodule ``rpsft_core.<module>``, each named by a plain import (no import by string)."""
+    if module == "bases":
+        import rpsft_core.bases as loaded
+    elif module == "config":
+        import rpsft_core.config as loaded
+    elif module == "models":
+        import rpsft_core.models as loaded
+    elif module == "rank_rule":
+        import rpsft_core.rank_rule as loaded
+    elif module == "regularizer":
+        import rpsft_core.regularizer as loaded
+    elif module == "selection":
+        import rpsft_core.selection as loaded
+    elif module == "train":
+        import rpsft_core.train as loaded
+    else:
+        import rpsft_core.trainer as loaded
+    return loaded
+
+
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
+        return getattr(_defining_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'rpsft_core' has no attribute {name!r}")

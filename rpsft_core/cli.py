@@ -1,24 +1,22 @@
-"""The ``rpsft`` command line."""
+"""The core's ``rpsft`` commands: ``train``, ``methods`` and ``models``.
+
+:func:`register` adds them to an app; the ``rpsft`` app (:mod:`rpsft.cli`) assembles them with the commands
+of the evaluation, sweep and dashboard packages. :data:`app` holds the core's commands alone.
+"""
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import typer
 
-from rpsft_core.cli_errors import fail
+from rpsft_core.cli_compat import legacy_spellings
+from rpsft_core.cli_errors import InputErrorGroup
+from rpsft_core.errors import InputError
 from rpsft_core.method_table import METHOD_NAMES
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Rotation-Preserving SFT: train, sweep, evaluate."
-)
 
-
-@app.command()
 def train(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML training config (see configs/)."),
     model: str | None = typer.Option(None, help="Embedded name, HF directory, .gguf file or hub id."),
@@ -32,12 +30,11 @@ def train(
     lam: float | None = typer.Option(None, "--lambda", help="Penalty strength."),
     layers: str | None = typer.Option(None, help="Layer preset: all, attn, mlp, early-attn, ..."),
     max_steps: int | None = typer.Option(None, help="Optimizer steps."),
-    output_dir: str | None = typer.Option(None, help="Where the checkpoint and metrics.json go."),
+    out: str | None = typer.Option(None, "--out", help="Where the checkpoint and metrics.json go."),
     seed: int | None = typer.Option(None),
 ) -> None:
-    """Fine-tune one model; writes <output_dir>/model (HF checkpoint) and <output_dir>/metrics.json."""
-    from rpsft_core.config import ConfigError, load_train_config
-    from rpsft_core.errors import InputError
+    """Fine-tune one model; writes <out>/model (HF checkpoint) and <out>/metrics.json."""
+    from rpsft_core.config import load_train_config
     from rpsft_core.rank_rule import k_spec_value
 
     k_value = None
@@ -45,7 +42,7 @@ def train(
         try:
             k_value = k_spec_value(k)
         except ValueError as exc:
-            fail(f"--{exc}")  # "k: ..." -> "--k: ..."
+            raise InputError(f"--{exc}") from None  # "k: ..." -> "--k: ..."
     overrides = dict(
         model=model,
         data=data,
@@ -53,20 +50,14 @@ def train(
         k=k_value,
         layers=layers,
         max_steps=max_steps,
-        output_dir=output_dir,
+        output_dir=out,
         seed=seed,
     )
     overrides["lambda"] = lam
-    try:
-        cfg = load_train_config(config, overrides)
-    except ConfigError as exc:
-        fail(str(exc))
+    cfg = load_train_config(config, overrides)
     from rpsft_core.train import train as run_train
 
-    try:
-        result = run_train(cfg)
-    except InputError as exc:  # input the user can fix; a bug or an out-of-memory error keeps its traceback
-        fail(f"error: {exc}")
+    result = run_train(cfg)
     summary = {
         key: result.metrics[key]
         for key in (
@@ -83,7 +74,6 @@ def train(
     typer.echo(f"checkpoint: {result.output_dir / 'model'}\nmetrics:    {result.output_dir / 'metrics.json'}")
 
 
-@app.command()
 def methods() -> None:
     """The training methods: what each trains, its penalty, its loss and the knobs it reads (Markdown)."""
     from rpsft_core.method_table import methods_markdown
@@ -91,7 +81,6 @@ def methods() -> None:
     typer.echo(methods_markdown())
 
 
-@app.command()
 def models(
     prepare: str | None = typer.Option(None, help="Dequantize and cache this embedded model now."),
 ) -> None:
@@ -103,29 +92,24 @@ def models(
         typer.echo(f"{name:24s} {'cached' if cached else 'not cached':11s} {entry.description}")
     if prepare:
         if prepare not in EMBEDDED_MODELS:
-            fail(f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}")
+            raise InputError(
+                f"--prepare: unknown embedded model {prepare!r}. Fix: one of {', '.join(EMBEDDED_MODELS)}"
+            )
         typer.echo(resolve_model_dir(prepare))
 
 
-# Commands of the other packages: each module defines ``register(app)`` and imports its heavy dependencies
-# inside the command functions, so ``rpsft --help`` stays fast.
-COMMAND_MODULES = ("evaluation.diagnostics.cli", "evaluation.cli", "sweeps.cli", "dashboards.cli")
+def register(app: typer.Typer) -> None:
+    """Add the core's commands to ``app``."""
+    app.command(cls=legacy_spellings({"--output-dir": "--out"}))(train)
+    app.command()(methods)
+    app.command()(models)
 
 
-def _register_commands() -> None:
-    for module_name in COMMAND_MODULES:
-        if importlib.util.find_spec(module_name.rsplit(".", 1)[0]) is None:
-            continue
-        try:
-            spec = importlib.util.find_spec(module_name)
-        except ModuleNotFoundError:
-            spec = None
-        if spec is not None:
-            importlib.import_module(module_name).register(app)
-
-
-_register_commands()
-
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())
+app = typer.Typer(
+    cls=InputErrorGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Rotation-Preserving SFT, the core's commands: train, methods, models "
+    "(the full app, with eval and sweep, is `rpsft`, rpsft.cli:app).",
+)
+register(app)

@@ -1,19 +1,41 @@
 """How every ``rpsft`` command reports bad input: the message in red on stderr and exit status 2.
 
-Only input errors (a config, a path, a data row the user can fix) come here; a bug or an out-of-memory error
-keeps its traceback and exit status 1.
+Commands raise :class:`~rpsft_core.errors.InputError` (a config, a path, a data row the user can fix);
+:class:`InputErrorGroup`, the group class of the ``rpsft`` app, is the one place that turns it into a message
+and exit status 2. Any other exception is a bug or a resource failure (an out-of-memory error, a dead service)
+and keeps its traceback and exit status 1.
 """
 
 from __future__ import annotations
 
-from typing import NoReturn
+import warnings
+from typing import Any, NoReturn
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from rpsft_core.errors import InputError
 
 BAD_INPUT_EXIT = 2
 
 
+class InputErrorGroup(TyperGroup):
+    """A typer group whose commands' :class:`InputError` becomes ``error: <message>`` and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=BAD_INPUT_EXIT) from None
+
+
 def fail(message: str) -> NoReturn:
-    """Print ``message`` (it names the field and the fix) and exit with status 2."""
-    typer.secho(message, fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=BAD_INPUT_EXIT)
+    """Deprecated: ``raise InputError(message)`` instead (the app's handler prints it and exits with 2)."""
+    warnings.warn(
+        "rpsft_core.cli_errors.fail is deprecated; raise rpsft_core.errors.InputError instead",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    raise InputError(message.removeprefix("error: "))

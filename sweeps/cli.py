@@ -1,13 +1,51 @@
-"""``rpsft sweep`` / ``rpsft sweep resume`` / ``rpsft select``."""
+"""``rpsft sweep run|resume|select`` and ``rpsft export``, ``rpsft rl``, ``rpsft regress``.
+
+:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group (:func:`sweep_group`), together with the
+old spellings ``rpsft sweep CONFIG`` and ``rpsft select``, kept for one release with a notice.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import click
 import typer
 
-from rpsft_core.cli_errors import fail
+from rpsft_core.cli_compat import legacy_spellings, notice
+from rpsft_core.cli_errors import InputErrorGroup
+from rpsft_core.errors import InputError
+
+DEFAULT_RUNS_DIR = Path("runs/sweeps")
+# the old names of --runs-dir
+RUNS_DIR_RENAMED = {"--root": "--runs-dir"}
+
+
+def runs_dir_option() -> Any:
+    """``--runs-dir``, the root of the stored sweeps, the same in every command that reads one."""
+    return typer.Option(
+        DEFAULT_RUNS_DIR, "--runs-dir", help="The root of the stored sweeps (a sweep's output_dir)."
+    )
+
+
+class SweepGroup(InputErrorGroup):
+    """``rpsft sweep``: its verbs, and the old ``rpsft sweep CONFIG`` read as ``rpsft sweep run CONFIG``."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            notice("`rpsft sweep CONFIG`", "`rpsft sweep run CONFIG`")
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
+def sweep_group() -> typer.Typer:
+    """The ``rpsft sweep`` group that :func:`register` (and ``dashboards.cli.register``) fill."""
+    return typer.Typer(
+        cls=SweepGroup,
+        no_args_is_help=True,
+        help="Sweeps: run one, resume it, select its operating point, report it.",
+    )
 
 
 def _print_outcome(outcome, beta: float) -> None:
@@ -25,163 +63,174 @@ def _print_outcome(outcome, beta: float) -> None:
     )
 
 
-def register(app: typer.Typer) -> None:
-    @app.command()
-    def sweep(
-        target: str = typer.Argument(..., help="A sweep YAML (see sweeps/configs/), or 'resume'."),
-        name: str | None = typer.Argument(None, help="With 'resume': the sweep's name."),
-        rename: str | None = typer.Option(None, "--name", help="Override the config's sweep name."),
-        address: str | None = typer.Option(
-            None, help="Ray cluster address ('auto' or host:port); default local."
-        ),
-        root: Path = typer.Option(Path("runs/sweeps"), help="With 'resume': the sweeps' output_dir."),
-    ) -> None:
-        """Run a (k, lambda, layers) sweep with Ray Tune + Optuna, tracked in MLflow; or resume one."""
-        from sweeps.config import SweepConfigError, load_sweep_config
-        from sweeps.runner import resume_sweep, run_sweep
+def run(
+    config: str = typer.Argument(..., help="A sweep YAML (see sweeps/configs/)."),
+    name: str | None = typer.Option(None, "--name", help="Override the config's sweep name."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address ('auto' or host:port); default local."
+    ),
+) -> None:
+    """Run a (k, lambda, layers) sweep with Ray Tune + Optuna, tracked in MLflow."""
+    from sweeps.config import load_sweep_config
+    from sweeps.runner import run_sweep
 
-        try:
-            if target == "resume":
-                if not name:
-                    fail("resume: give the sweep's name. Fix: rpsft sweep resume NAME")
-                outcome = resume_sweep(name, root=root, address=address, echo=typer.echo)
-            else:
-                config = load_sweep_config(target, {"name": rename})
-                outcome = run_sweep(config, address=address, echo=typer.echo)
-        except SweepConfigError as exc:
-            fail(str(exc))
+    outcome = run_sweep(load_sweep_config(config, {"name": name}), address=address, echo=typer.echo)
+    _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
 
-        _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
 
-    @app.command("select")
-    def select_cmd(
-        name: str = typer.Argument(..., help="The sweep's name."),
-        beta: float | None = typer.Option(
-            None, help="Forgetting weight of Phi = G_id - beta F_ood (default: the sweep's)."
-        ),
-        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
-        tag: bool = typer.Option(False, help="Move the MLflow operating-point tag to this choice."),
-        as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
-    ) -> None:
-        """The max-Phi trial, the Pareto front and the beta path, from the stored results only."""
-        from sweeps.config import SweepConfigError
-        from sweeps.report import load_selection
+def resume(
+    name: str = typer.Argument(..., help="The sweep's name."),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address ('auto' or host:port); default local."
+    ),
+    runs_dir: Path = runs_dir_option(),
+) -> None:
+    """Resume a sweep after a crash or a kill: finished trials are not rerun."""
+    from sweeps.runner import resume_sweep
 
-        try:
-            selection, trials, context = load_selection(name, root=root, beta=beta, retag=tag)
-        except (SweepConfigError, ValueError) as exc:
-            fail(str(exc))
-        if as_json:
-            typer.echo(json.dumps(selection.to_dict(), indent=2))
-            return
-        from sweeps.summary import selection_text, trials_table
+    outcome = resume_sweep(name, root=runs_dir, address=address, echo=typer.echo)
+    _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
 
-        typer.echo(trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection))
 
-    @app.command("export")
-    def export_cmd(
-        name: str = typer.Argument(..., help="The sweep's name."),
-        trial: str | None = typer.Option(
-            None, help="op (the operating point, default), a reference such as sft, or a trial id."
-        ),
-        out: Path | None = typer.Option(
-            None,
-            help="Where the checkpoint goes (default <sweep dir>/exports/<trial id>, where `rpsft rl` looks).",
-        ),
-        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
-        tolerance: float | None = typer.Option(
-            None, help="Largest |retrained - stored| of G_id and F_ood accepted (default 1e-4)."
-        ),
-    ) -> None:
-        """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
-        stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
-        from sweeps.checkpoints import DEFAULT_TOLERANCE, ExportMismatch, export_trial, find_trial_run
-        from sweeps.config import SweepConfigError
-        from sweeps.report import load_stored_sweep
+def select(
+    name: str = typer.Argument(..., help="The sweep's name."),
+    beta: float | None = typer.Option(
+        None, help="Forgetting weight of Phi = G_id - beta F_ood (default: the sweep's)."
+    ),
+    runs_dir: Path = runs_dir_option(),
+    tag: bool = typer.Option(False, help="Move the MLflow operating-point tag to this choice."),
+    as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
+) -> None:
+    """The max-Phi trial, the Pareto front and the beta path, from the stored results only."""
+    from sweeps.report import load_selection
 
-        try:
-            stored = load_stored_sweep(name, root)
-            if out is None:
-                out = stored.store.export_dir(find_trial_run(stored, trial).trial_id)
-            export = export_trial(
-                stored, trial, out, tolerance if tolerance is not None else DEFAULT_TOLERANCE, echo=typer.echo
-            )
-        except ExportMismatch as exc:
-            typer.secho(f"EXPORT MISMATCH: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1) from None
-        except (SweepConfigError, ValueError) as exc:
-            fail(str(exc))
-        typer.echo(json.dumps(export.to_dict(), indent=2))
-        typer.echo(f"checkpoint: {export.path}")
+    try:
+        selection, trials, context = load_selection(name, root=runs_dir, beta=beta, retag=tag)
+    except InputError:
+        raise
+    except ValueError as exc:  # sweeps.selection / sweeps.report say "no finished trial" with a ValueError
+        raise InputError(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(selection.to_dict(), indent=2))
+        return
+    from sweeps.summary import selection_text, trials_table
 
-    @app.command("rl")
-    def rl_cmd(
-        sweep: str | None = typer.Option(
-            None, "--from", help="The sweep whose checkpoints start RL (and score it)."
-        ),
-        trials: str = typer.Option("op", help="Comma-separated: op, a reference such as sft, or trial ids."),
-        model: Path | None = typer.Option(
-            None, help="Start from this checkpoint instead of the sweep's trials."
-        ),
-        config: Path | None = typer.Option(
-            None, "--config", help="An RL YAML (see sweeps/configs/rl-*.yaml)."
-        ),
-        steps: int | None = typer.Option(None, help="Override max_steps."),
-        root: Path = typer.Option(Path("runs/sweeps"), help="The sweeps' output_dir."),
-    ) -> None:
-        """DAPO (TRL GRPOTrainer, loss_type dapo) from kept or exported sweep checkpoints, tracked as MLflow
-        child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
-        from sweeps.config import SweepConfigError
-        from sweeps.rl import load_rl_settings, run_rl
+    typer.echo(trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection))
 
-        try:
-            settings = load_rl_settings(config, {"max_steps": steps})
-            outcomes = run_rl(
-                settings,
-                sweep=sweep,
-                trials=[t.strip() for t in trials.split(",") if t.strip()],
-                model=str(model) if model else None,
-                root=root,
-                echo=typer.echo,
-            )
-        except (SweepConfigError, ValueError) as exc:
-            fail(str(exc))
-        from sweeps.summary import rl_table
 
-        typer.echo("\n" + rl_table(outcomes))
+def export(
+    name: str = typer.Argument(..., help="The sweep's name."),
+    trial: str | None = typer.Option(
+        None, help="op (the operating point, default), a reference such as sft, or a trial id."
+    ),
+    out: Path | None = typer.Option(
+        None,
+        help="Where the checkpoint goes (default <sweep dir>/exports/<trial id>, where `rpsft rl` looks).",
+    ),
+    runs_dir: Path = runs_dir_option(),
+    tolerance: float | None = typer.Option(
+        None, help="Largest |retrained - stored| of G_id and F_ood accepted (default 1e-4)."
+    ),
+) -> None:
+    """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
+    stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
+    from sweeps.checkpoints import DEFAULT_TOLERANCE, ExportMismatch, export_trial, find_trial_run
+    from sweeps.report import load_stored_sweep
 
-    @app.command()
-    def regress(
-        config: Path = typer.Option(
-            ..., "--config", help="A regression YAML (see sweeps/configs/regress-*.yaml)."
-        ),
-        baseline: Path = typer.Option(..., "--baseline", help="The stored baseline (JSON)."),
-        update_baseline: bool = typer.Option(
-            False, "--update-baseline", help="Rewrite the baseline from this run instead of comparing."
-        ),
-        work_dir: Path | None = typer.Option(
-            None, help="Keep the sweep's runs here (default: a temporary directory, removed afterwards)."
-        ),
-    ) -> None:
-        """Run a fixed small sweep and compare its metrics with a baseline; exit 1 on a regression."""
-        from sweeps.config import SweepConfigError
-        from sweeps.regression import diff_table, regress
+    try:
+        stored = load_stored_sweep(name, runs_dir)
+        if out is None:
+            out = stored.store.export_dir(find_trial_run(stored, trial).trial_id)
+        export = export_trial(
+            stored, trial, out, tolerance if tolerance is not None else DEFAULT_TOLERANCE, echo=typer.echo
+        )
+    except ExportMismatch as exc:
+        typer.secho(f"EXPORT MISMATCH: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+    except InputError:
+        raise
+    except ValueError as exc:  # sweeps.report / sweeps.selection report a sweep without trials so
+        raise InputError(str(exc)) from exc
+    typer.echo(json.dumps(export.to_dict(), indent=2))
+    typer.echo(f"checkpoint: {export.path}")
 
-        try:
-            outcome = regress(
-                config, baseline, update_baseline=update_baseline, work_dir=work_dir, echo=typer.echo
-            )
-        except SweepConfigError as exc:
-            fail(str(exc))
-        typer.echo("\n" + diff_table(outcome.rows, outcome.baseline_point, outcome.current_point))
-        if outcome.updated:
-            typer.echo(f"\nbaseline written: {baseline}")
-            return
-        failed = [r for r in outcome.rows if r.failed]
-        if outcome.failed:
-            reasons = [f"{len(failed)} metric(s) regressed or missing"] if failed else []
-            if outcome.point_changed:
-                reasons.append("the operating point changed")
-            typer.secho("\nREGRESSION: " + "; ".join(reasons), fg=typer.colors.RED, err=True)
-            raise typer.Exit(code=1)
-        typer.secho(f"\nno regression ({len(outcome.rows)} metrics compared)", fg=typer.colors.GREEN)
+
+def rl(
+    sweep: str | None = typer.Option(
+        None, "--from", help="The sweep whose checkpoints start RL (and score it)."
+    ),
+    trials: str = typer.Option("op", help="Comma-separated: op, a reference such as sft, or trial ids."),
+    model: Path | None = typer.Option(None, help="Start from this checkpoint instead of the sweep's trials."),
+    config: Path | None = typer.Option(None, "--config", help="An RL YAML (see sweeps/configs/rl-*.yaml)."),
+    steps: int | None = typer.Option(None, help="Override max_steps."),
+    runs_dir: Path = runs_dir_option(),
+) -> None:
+    """DAPO (TRL GRPOTrainer, loss_type dapo) from kept or exported sweep checkpoints, tracked as MLflow
+    child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
+    from sweeps.rl import load_rl_settings, run_rl
+
+    try:
+        settings = load_rl_settings(config, {"max_steps": steps})
+        outcomes = run_rl(
+            settings,
+            sweep=sweep,
+            trials=[t.strip() for t in trials.split(",") if t.strip()],
+            model=str(model) if model else None,
+            root=runs_dir,
+            echo=typer.echo,
+        )
+    except InputError:
+        raise
+    except ValueError as exc:  # sweeps.rl / sweeps.selection report bad settings so
+        raise InputError(str(exc)) from exc
+    from sweeps.summary import rl_table
+
+    typer.echo("\n" + rl_table(outcomes))
+
+
+def regress(
+    config: Path = typer.Option(
+        ..., "--config", help="A regression YAML (see sweeps/configs/regress-*.yaml)."
+    ),
+    baseline: Path = typer.Option(..., "--baseline", help="The stored baseline (JSON)."),
+    update_baseline: bool = typer.Option(
+        False, "--update-baseline", help="Rewrite the baseline from this run instead of comparing."
+    ),
+    runs_dir: Path | None = typer.Option(
+        None,
+        "--runs-dir",
+        help="Keep the regression sweep's runs under this directory (default: a temporary one, removed afterwards).",
+    ),
+) -> None:
+    """Run a fixed small sweep and compare its metrics with a baseline; exit 1 on a regression."""
+    from sweeps.regression import diff_table
+    from sweeps.regression import regress as run_regression
+
+    outcome = run_regression(
+        config, baseline, update_baseline=update_baseline, work_dir=runs_dir, echo=typer.echo
+    )
+    typer.echo("\n" + diff_table(outcome.rows, outcome.baseline_point, outcome.current_point))
+    if outcome.updated:
+        typer.echo(f"\nbaseline written: {baseline}")
+        return
+    failed = [r for r in outcome.rows if r.failed]
+    if outcome.failed:
+        reasons = [f"{len(failed)} metric(s) regressed or missing"] if failed else []
+        if outcome.point_changed:
+            reasons.append("the operating point changed")
+        typer.secho("\nREGRESSION: " + "; ".join(reasons), fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
+    typer.secho(f"\nno regression ({len(outcome.rows)} metrics compared)", fg=typer.colors.GREEN)
+
+
+def register(app: typer.Typer, sweep_app: typer.Typer) -> None:
+    """Add the sweep verbs to ``sweep_app`` and the other sweep commands (and the old spellings) to ``app``."""
+    sweep_app.command()(run)
+    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(resume)
+    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(select)
+    app.command("select", hidden=True, cls=legacy_spellings(RUNS_DIR_RENAMED, moved_to="rpsft sweep select"))(
+        select
+    )
+    app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(export)
+    app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(rl)
+    app.command(cls=legacy_spellings({"--work-dir": "--runs-dir"}))(regress)

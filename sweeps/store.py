@@ -304,7 +304,7 @@ class SweepStore:
         if not self.exists():
             raise SweepConfigError(
                 f"name: no sweep {self.name!r} under {self.root} ({self.state_file} is missing). "
-                "Fix: the name given to `rpsft sweep`, and --root if it used another output_dir"
+                "Fix: the name given to `rpsft sweep run`, and --runs-dir if it used another output_dir"
             )
         return json.loads(self.state_file.read_text())
 

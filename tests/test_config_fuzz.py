@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from rpsft_core.cli import app
+from rpsft.cli import app
 from rpsft_core.config import ConfigError, TrainConfig, load_train_config
 from rpsft_core.data import DataError, row_to_messages
 
@@ -144,7 +144,7 @@ def test_sweep_config(tmp_path_factory, where, value):
     except SweepConfigError as exc:
         TALLY["sweep", "refused"] += 1
         assert field in str(exc), str(exc)
-        _cli_refuses(["sweep", str(path)], field)
+        _cli_refuses(["sweep", "run", str(path)], field)
         return
     TALLY["sweep", "valid"] += 1
     dumped = json.loads(config.model_dump_json(by_alias=True))

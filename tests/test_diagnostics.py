@@ -531,7 +531,7 @@ def _paper_rows(n, answers=True):
 
 
 def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     base = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
     rotated = copy.deepcopy(base)
@@ -570,20 +570,16 @@ def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
         assert report["first_order"]["same"][dataset]["mean"] == 0.0
         assert len(report["entropy"][dataset]["base"]["per_prompt"]) == 2
     assert report["datasets"]["ood_chat"]["role"] == "ood"
-    for figure in report["figures"]:
-        assert (out / figure).stat().st_size > 1000
-    if report["figures"]:  # every diagnostic's figures, in the order of --what
-        assert report["figures"] == [
-            "energy.png",
-            "rotation_layerwise.png",
-            "rotation_rankwise.png",
-            "first_order.png",
-            "hidden_pca.png",
-            "entropy_kde.png",
-        ]
-    assert set(report["timings"]) == {"load", "energy", "rotation", "first-order", "hidden", "entropy"} | (
-        {"figures"} if report["figures"] else set()
-    )
+    # the test environment has the diagnostics extra (matplotlib): every diagnostic's figures, in --what order
+    assert report["figures"] == [
+        "energy.png",
+        "rotation_layerwise.png",
+        "rotation_rankwise.png",
+        "first_order.png",
+        "hidden_pca.png",
+        "entropy_kde.png",
+    ]
+    assert set(report["timings"]) == {"load", "energy", "rotation", "first-order", "hidden", "entropy", "figures"}
     bad = CliRunner().invoke(app, ["diagnose", "--base", str(tmp_path / "base"), "--what", "nonsense"])
     assert bad.exit_code == 2 and "what: unknown diagnostic" in bad.output
 
@@ -595,7 +591,7 @@ def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
 def test_rpsft_rotates_less_than_sft_on_smollm2(tmp_path, smol_tokenizer):
     """Brief SFT and RPSFT fine-tunes of SmolLM2-135M (same data, seed, steps, learning rate), then
     ``rpsft diagnose`` on both: the penalized matrices rotate less under RPSFT."""
-    from rpsft_core.cli import app
+    from rpsft.cli import app
     from rpsft_core.config import TrainConfig
     from rpsft_core.models import load_model
     from rpsft_core.train import train

@@ -56,7 +56,7 @@ def cli_run(tmp_path_factory, smol_model_dir):
         ",".join(names),
         "--data-dir",
         str(PAPER_DATA),
-        "--k",
+        "--samples",
         "1",
         "--limit",
         str(LIMIT),
@@ -68,10 +68,10 @@ def cli_run(tmp_path_factory, smol_model_dir):
         str(tmp / "cache"),
         "--log-samples",
     ]
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     out = tmp / "result.json"
-    result = CliRunner().invoke(app, [*args, "--output", str(out)])
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     tasks_dir = tmp / "tasks"
     written = CliRunner().invoke(app, [*args, "--write-tasks", str(tasks_dir)])

@@ -225,28 +225,27 @@ def test_plan_hash_covers_what_changes_the_scores_and_not_where_the_data_lives(s
 
 @needs_paper_data
 def test_paper_k_defaults_and_subsets():
-    plan = plan_evaluation(
-        EvalSettings(suite="id,ood", exclude="supergpqa", data_dir=str(PAPER_DATA), limit=1),
-        check_ifeval=False,
-    )
-    ks = {t.bench.name: t.n_samples for t in plan.tasks}
-    assert ks == {
-        "aime24": 16,
-        "aime25": 16,
-        "amc23": 16,
-        "math500": 4,
-        "olympiadbench": 4,
-        "minerva": 8,
-        "gpqa": 4,
-        "ifeval": 4,
-        "mmlu_pro": 4,
-        "safety": 4,
-        "truthfulqa_mc": 4,
-    }
+    """Each task samples its benchmark's own k unless --samples overrides it, and counts the items of the file
+    it reads (the _test file with subset=test, where there is one), counted here from the files themselves."""
+    settings = EvalSettings(suite="id,ood", exclude="supergpqa", data_dir=str(PAPER_DATA), limit=1)
+    plan = plan_evaluation(settings, check_ifeval=False)
+    assert {t.bench.suite for t in plan.tasks} == {"id", "ood"} and "supergpqa" not in plan.task_names
+    assert {t.n_samples for t in plan.tasks} >= {4, 16}  # the paper's k differ between benchmarks
+    for task in plan.tasks:
+        assert task.n_samples == task.bench.k, task.bench.name
+    forced = plan_evaluation(settings.model_copy(update={"k": 2}), check_ifeval=False)
+    assert {t.n_samples for t in forced.tasks} == {2}
+
+    def lines(name: str) -> int:
+        # JSON lines end at "\n" only (str.splitlines would also split at a U+2028 inside a string)
+        return sum(1 for line in (PAPER_DATA / "ood" / name).read_text().split("\n") if line.strip())
+
     full = plan_evaluation(EvalSettings(suite="gpqa,mmlu_pro", data_dir=str(PAPER_DATA)))
     test = plan_evaluation(EvalSettings(suite="gpqa,mmlu_pro", data_dir=str(PAPER_DATA), subset="test"))
-    assert [t.n_total for t in full.tasks] == [448, 70]
-    assert [t.n_total for t in test.tasks] == [50, 70]  # mmlu_pro has no _test file: the full 70 items
+    assert not (PAPER_DATA / "ood" / "mmlu_pro_test.jsonl").exists()
+    assert [t.n_total for t in full.tasks] == [lines("gpqa.jsonl"), lines("mmlu_pro.jsonl")]
+    assert [t.n_total for t in test.tasks] == [lines("gpqa_test.jsonl"), lines("mmlu_pro.jsonl")]
+    assert lines("gpqa_test.jsonl") < lines("gpqa.jsonl")
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -260,7 +259,7 @@ def _cli_fails(monkeypatch, args):
         raise AssertionError("a model was loaded before the input was validated")
 
     monkeypatch.setattr(rpsft_core.models, "load_model", no_load)
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     result = CliRunner().invoke(app, ["eval", "--model", "smollm2-135m-instruct", *args])
     assert result.exit_code == 2, result.output
@@ -293,7 +292,7 @@ def test_bad_input_fails_before_any_model_is_loaded(monkeypatch, tmp_path, synth
     broken.write_text("benchmarks:\n  - {name: x, suite: middle, scorer: math, file: a.jsonl}\n")
     out = _cli_fails(monkeypatch, ["--config", str(broken)])
     assert "benchmarks[0].suite" in out
-    out = _cli_fails(monkeypatch, ["--config", str(synth_dir), "--k", "0"])
+    out = _cli_fails(monkeypatch, ["--config", str(synth_dir), "--samples", "0"])
     assert "k:" in out
 
 

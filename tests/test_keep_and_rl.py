@@ -67,7 +67,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
 
     from dashboards.report import build_report
     from dashboards.sweep_data import load_sweep_data
-    from rpsft_core.cli import app
+    from rpsft.cli import app
     from sweeps import tracking
     from sweeps.checkpoints import TAG_KEPT, export_trial
     from sweeps.report import load_stored_sweep
@@ -98,7 +98,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     assert find_trial_run(stored, "sft").params["method"] == "sft"
     # an unkept trial is retrained from its stored config and seed, into <sweep>/exports/<trial id>
     other = next(p for p in stored.points if p.run_id != best.run_id)
-    result = CliRunner().invoke(app, ["export", "keep", "--trial", other.trial_id, "--root", str(root)])
+    result = CliRunner().invoke(app, ["export", "keep", "--trial", other.trial_id, "--runs-dir", str(root)])
     assert result.exit_code == 0, result.output
     exported = outcome.sweep_dir / "exports" / other.trial_id
     assert (exported / "model.safetensors").is_file() and '"source": "retrained"' in result.output
@@ -107,7 +107,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     # DAPO from the operating point and the exported trial, through the CLI
     (tmp_path / "rl.yaml").write_text(RL_YAML)
     args = ["rl", "--from", "keep", "--trials", f"op,{other.trial_id}", "--config", str(tmp_path / "rl.yaml")]
-    result = CliRunner().invoke(app, [*args, "--root", str(root)])
+    result = CliRunner().invoke(app, [*args, "--runs-dir", str(root)])
     assert result.exit_code == 0, result.output
     rl_runs = tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id, role="rl")
     assert {r.data.tags["rpsft.init_trial"] for r in rl_runs} == {best.trial_id, other.trial_id}
@@ -126,7 +126,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     again = load_stored_sweep("keep", root)
     assert len(again.trials) == 3 and again.selection().best.run_id == best.run_id
     # a second `rpsft rl` with the same settings repeats nothing
-    result = CliRunner().invoke(app, [*args, "--root", str(root)])
+    result = CliRunner().invoke(app, [*args, "--runs-dir", str(root)])
     assert result.exit_code == 0 and result.output.count("not repeated") == 2, result.output
     assert len(tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id, role="rl")) == 2
 
@@ -136,7 +136,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     resumed = resume_sweep("keep", root=root, echo=lambda *a: None)
     assert len(_versions(client, "keep")) == 1 and len(resumed.trials) == 3
     # bad input names the field and the fix, and exits 2
-    result = CliRunner().invoke(app, ["export", "keep", "--trial", "nosuch", "--root", str(root)])
+    result = CliRunner().invoke(app, ["export", "keep", "--trial", "nosuch", "--runs-dir", str(root)])
     assert result.exit_code == 2 and "no finished trial 'nosuch'" in result.output and "Fix:" in result.output
 
     # the report's init -> RL table holds the runs' numbers

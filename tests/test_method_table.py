@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rpsft_core.cli import app
+from rpsft.cli import app
 from rpsft_core.config import ConfigError, TrainConfig, load_train_config
 from rpsft_core.errors import DataError, InputError
 from rpsft_core.method_table import METHOD_NAMES, METHODS, Method, method_spec, methods_markdown
@@ -105,7 +105,7 @@ def test_a_failure_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypat
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(rpsft_core.train, "train", out_of_memory)
-    result = runner.invoke(app, ["train", "--method", "sft", "--output-dir", str(tmp_path)])
+    result = runner.invoke(app, ["train", "--method", "sft", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError) and "out of memory" in str(result.exception)
 
@@ -113,7 +113,7 @@ def test_a_failure_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypat
         raise DataError("data: row 3 has no assistant turn. Fix: ...")
 
     monkeypatch.setattr(rpsft_core.train, "train", bad_data)
-    result = runner.invoke(app, ["train", "--method", "sft", "--output-dir", str(tmp_path)])
+    result = runner.invoke(app, ["train", "--method", "sft", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "row 3 has no assistant turn" in result.output
 
 

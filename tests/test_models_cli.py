@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rpsft_core.cli import app
+from rpsft.cli import app
 from rpsft_core.models import EMBEDDED_MODELS, load_model, tiny_model
 from rpsft_core.selection import select_matrices
 
@@ -58,17 +58,27 @@ def test_local_directory_and_bad_paths(tmp_path, smol_tokenizer):
         load_model(tmp_path / "empty")
 
 
-def test_cli_bad_input_fails_before_loading_a_model(tmp_path):
-    result = runner.invoke(app, ["train", "--k", "-2", "--output-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "k: " in result.output
-    result = runner.invoke(app, ["train", "--layers", "bogus", "--output-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "unknown preset 'bogus'" in result.output
-    result = runner.invoke(
-        app, ["train", "--data", str(tmp_path / "none.jsonl"), "--output-dir", str(tmp_path)]
-    )
-    assert result.exit_code == 2 and "none.jsonl" in result.output
-    result = runner.invoke(app, ["train", "--k", "abc", "--output-dir", str(tmp_path)])
-    assert result.exit_code == 2 and "--k: 'abc' is not a number" in result.output
+def test_cli_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch):
+    import rpsft_core.train
+
+    loaded = []
+
+    def load_model(*args, **kwargs):
+        loaded.append(args)
+        raise RuntimeError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(rpsft_core.train, "load_model", load_model)
+    cases = [
+        (["--k", "-2"], "k: "),
+        (["--layers", "bogus"], "unknown preset 'bogus'"),
+        (["--data", str(tmp_path / "none.jsonl")], "none.jsonl"),
+        (["--k", "abc"], "--k: 'abc' is not a number"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["train", *args, "--out", str(tmp_path)])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    assert loaded == []
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -87,7 +97,7 @@ def test_cli_train_on_embedded_smollm2_writes_a_loadable_checkpoint(tmp_path):
         "early-attn",
         "--k",
         "8",
-        "--output-dir",
+        "--out",
         str(out),
     ]
     result = runner.invoke(app, args)
@@ -101,4 +111,13 @@ def test_cli_train_on_embedded_smollm2_writes_a_loadable_checkpoint(tmp_path):
     q_late = "model.layers.29.self_attn.q_proj.weight"
     tuned_params, base_params = dict(tuned.named_parameters()), dict(base.named_parameters())
     assert not torch.equal(tuned_params[q0], base_params[q0])
-    assert tuned_params[q_late].shape == base_params[q_late].shape
+    # the saved checkpoint is the trained model: the protected-block drift ||Uk^T (W - W0) Vk||_F recomputed
+    # from it (k = 8, bases from an SVD of the base weights here) is the drift the run measured
+    drift = metrics["drift"]
+    assert set(drift) == set(select_matrices(base, "early-attn")) and q0 in drift and q_late not in drift
+    for name, measured in drift.items():
+        w0 = base_params[name].detach().double()
+        u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+        delta = tuned_params[name].detach().double() - w0
+        recomputed = torch.linalg.norm(u[:, :8].T @ delta @ vh[:8].T).item()
+        assert recomputed == pytest.approx(measured, rel=5e-2, abs=1e-7), name  # bases: float32, here float64

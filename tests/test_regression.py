@@ -76,7 +76,7 @@ def regression_config(tmp_path_factory, smol_tokenizer):
 
 
 def cli(*args: str):
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     return CliRunner().invoke(app, ["regress", *args])
 
@@ -123,7 +123,21 @@ def test_shipped_regression_config_and_baseline_agree():
 
     config = load_regression_config(REPO / "sweeps" / "configs" / "regress-smoke.yaml")
     baseline = read_baseline(REPO / "sweeps" / "baselines" / "regress-smoke.json")
-    labels = {"[ref] sft", "[ref] rpsft k=8 lambda=10 layers=attn"}
+    raw = yaml.safe_load((REPO / "sweeps" / "configs" / "regress-smoke.yaml").read_text())["sweep"]
+    assert raw["search"]["num_trials"] == 0  # the baseline holds the references alone
+
+    def reference_label(ref) -> str:  # the knobs as the YAML gives them: `[ref] rpsft k=8 lambda=10 ...`
+        if isinstance(ref, str):
+            return f"[ref] {ref}"
+        knobs = [
+            f"{key}={ref[key]:g}" if isinstance(ref[key], float) else f"{key}={ref[key]}"
+            for key in ("k", "lambda", "layers")
+            if key in ref
+        ]
+        return " ".join([f"[ref] {ref['method']}", *knobs])
+
+    labels = {reference_label(ref) for ref in raw["references"]}
+    assert len(labels) == len(raw["references"]) >= 2
     assert set(baseline["metrics"]) == labels
     for metrics in baseline["metrics"].values():
         assert all(config.rule_for(name) for name in metrics)

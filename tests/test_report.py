@@ -54,12 +54,12 @@ class TableCells(HTMLParser):
 @pytest.fixture(scope="module")
 def report(finished_sweep):
     """The CLI's report of the finished sweep: ``(outcome, report dir, CLI output)``."""
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     outcome, root = finished_sweep
     out = root / "report"
     result = CliRunner().invoke(
-        app, ["report", outcome.name, "--root", str(root / "sweeps"), "--out", str(out)]
+        app, ["sweep", "report", outcome.name, "--runs-dir", str(root / "sweeps"), "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     return outcome, out, result.output
@@ -75,9 +75,14 @@ def mlflow_runs(outcome):
     return client, runs
 
 
-def test_report_numbers_equal_mlflow(report):
-    from dashboards.report import fmt
+def shows(cell: str, value: float) -> bool:
+    """The table cell prints ``value``: a signed decimal within half a unit of its last printed digit."""
+    assert re.fullmatch(r"[+-]\d+\.\d+", cell), cell
+    decimals = len(cell.partition(".")[2])
+    return abs(float(cell) - value) <= 0.5 * 10**-decimals + 1e-12
 
+
+def test_report_numbers_equal_mlflow(report):
     outcome, out, _ = report
     client, runs = mlflow_runs(outcome)
     text = (out / "report.html").read_text()
@@ -92,8 +97,8 @@ def test_report_numbers_equal_mlflow(report):
         metrics = run.data.metrics
         assert by_run[run.info.run_id]["metrics"] == metrics  # the embedded numbers are MLflow's, exactly
         row = trials_table[run.info.run_id]
-        assert row["g_id"] == fmt(metrics["g_id"]) and row["f_ood"] == fmt(metrics["f_ood"])
-        assert row["phi@0.5"] == fmt(metrics["g_id"] - 0.5 * metrics["f_ood"])
+        assert shows(row["g_id"], metrics["g_id"]) and shows(row["f_ood"], metrics["f_ood"])
+        assert shows(row["phi@0.5"], metrics["g_id"] - 0.5 * metrics["f_ood"])
         chosen = run.data.tags.get("rpsft.operating_point") == "true"
         assert (row["operating_point"] == "yes") == chosen
 
@@ -103,9 +108,9 @@ def test_report_numbers_equal_mlflow(report):
     bench = cells.tables["benchmarks"]
     assert set(bench) == {"nll/id/math500", "nll/ood/gpqa", "nll/ood/truthfulqa_mc"}
     for name, row in bench.items():
-        assert row["base"] == fmt(parent[f"base/{name}"])
-        assert row["sft"] == fmt(sft[name])
-        assert row["sft_minus_base"] == fmt(sft[name] - parent[f"base/{name}"])
+        assert shows(row["base"], parent[f"base/{name}"])
+        assert shows(row["sft"], sft[name])
+        assert shows(row["sft_minus_base"], sft[name] - parent[f"base/{name}"])
 
 
 def test_report_is_logged_to_the_parent_run_with_pngs(report):
@@ -176,7 +181,7 @@ def test_trials_log_their_rotation_against_cached_base_subspaces(finished_sweep)
 
 def test_report_embeds_rpsft_diagnose_figures(finished_sweep, tmp_path):
     from evaluation.diagnostics.run import diagnose
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     outcome, root = finished_sweep
     model = str(root / "tiny-llama")
@@ -185,7 +190,7 @@ def test_report_embeds_rpsft_diagnose_figures(finished_sweep, tmp_path):
     figures = json.loads((diagnostics / "diagnostics.json").read_text())["figures"]
     assert figures
 
-    args = ["report", outcome.name, "--root", str(root / "sweeps"), "--no-png", "--no-log"]
+    args = ["sweep", "report", outcome.name, "--runs-dir", str(root / "sweeps"), "--no-png", "--no-log"]
     result = CliRunner().invoke(
         app, [*args, "--out", str(tmp_path / "out"), "--diagnostics", str(diagnostics)]
     )

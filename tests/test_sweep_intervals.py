@@ -97,14 +97,14 @@ def test_seeds_pool_into_one_configuration(outcome):
 def test_select_prints_intervals_and_distinguishability(outcome):
     from typer.testing import CliRunner
 
-    from rpsft_core.cli import app
+    from rpsft.cli import app
 
     result, root = outcome
-    out = CliRunner().invoke(app, ["select", "ci", "--root", str(result.sweep_dir.parent), "--beta", "0.5"])
+    out = CliRunner().invoke(app, ["sweep", "select", "ci", "--runs-dir", str(result.sweep_dir.parent), "--beta", "0.5"])
     assert out.exit_code == 0, out.output
     assert "paired bootstrap intervals" in out.output
     assert "vs runner-up" in out.output and "distinguishable" in out.output
-    as_json = CliRunner().invoke(app, ["select", "ci", "--root", str(result.sweep_dir.parent), "--json"])
+    as_json = CliRunner().invoke(app, ["sweep", "select", "ci", "--runs-dir", str(result.sweep_dir.parent), "--json"])
     payload = json.loads(as_json.stdout)
     best = payload["best_intervals"]
     assert best["g_id"]["low"] <= best["g_id"]["estimate"] <= best["g_id"]["high"]

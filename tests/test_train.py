@@ -190,7 +190,10 @@ def test_data_and_selection_errors_fail_before_training(tmp_path, smol_tokenizer
     empty.write_text("")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1?", "response": "2"}\n{"prompt": "2+2?"}\n')
-    for data, message in ((str(empty), "no"), (str(bad), r"bad.jsonl:2")):
+    for data, message in (
+        (str(empty), r"^data: no trainable examples: 0 example\(s\) given"),
+        (str(bad), r"bad\.jsonl:2"),
+    ):
         with pytest.raises(DataError, match=message):
             train(
                 _config(tmp_path, data=data),

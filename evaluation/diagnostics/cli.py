@@ -1,4 +1,4 @@
-"""``rpsft diagnose``: registered on the main CLI by ``rpsft_core.cli`` (heavy imports inside the command)."""
+"""``rpsft diagnose``: registered on the ``rpsft`` app by :mod:`rpsft.cli` (heavy imports inside the command)."""
 
 from __future__ import annotations
 
