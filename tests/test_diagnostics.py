@@ -579,7 +579,15 @@ def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
         "hidden_pca.png",
         "entropy_kde.png",
     ]
-    assert set(report["timings"]) == {"load", "energy", "rotation", "first-order", "hidden", "entropy", "figures"}
+    assert set(report["timings"]) == {
+        "load",
+        "energy",
+        "rotation",
+        "first-order",
+        "hidden",
+        "entropy",
+        "figures",
+    }
     bad = CliRunner().invoke(app, ["diagnose", "--base", str(tmp_path / "base"), "--what", "nonsense"])
     assert bad.exit_code == 2 and "what: unknown diagnostic" in bad.output
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from rpsft_core.cli_errors import fail
+from rpsft_core.errors import InputError
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -21,9 +21,9 @@ def _parse_layers(text: str):
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            fail(
+            raise InputError(
                 f"--layers: {text!r} is not a valid spec ({exc}). Fix: e.g. \"{{types: [q, o], layers: '0:4'}}\""
-            )
+            ) from None
     return text
 
 
@@ -70,14 +70,13 @@ def register(app: typer.Typer) -> None:
         extra = list(ctx.args)
         bad = [a for a in extra if a.startswith("-") or a.endswith(".jsonl")]
         if bad:
-            fail(
+            raise InputError(
                 f"unexpected argument(s) {bad}: bare arguments after the options are read as tuned models. "
                 "Fix: give several data files as --data A.jsonl --data B.jsonl or --data A.jsonl,B.jsonl"
             )
         tuned_paths = _split(tuned) + extra
         from evaluation.diagnostics.run import diagnose as run_diagnose
         from evaluation.diagnostics.run import format_table
-        from rpsft_core.errors import InputError
 
         try:
             results = run_diagnose(
@@ -101,11 +100,10 @@ def register(app: typer.Typer) -> None:
                 figures=figures,
                 log=lambda message: typer.echo(message, err=True),
             )
-        except (
-            InputError,
-            ValueError,
-        ) as exc:  # bad input; a bug or an out-of-memory error keeps its traceback
-            fail(f"error: {exc}")
+        except InputError:
+            raise
+        except ValueError as exc:  # bad input; a bug or an out-of-memory error keeps its traceback
+            raise InputError(str(exc)) from exc
         typer.echo(format_table(results))
         typer.echo(f"results: {out / 'diagnostics.json'}")
         if results.get("figures"):
