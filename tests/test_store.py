@@ -58,7 +58,7 @@ def test_one_layout_for_every_path_of_a_sweep(tmp_path):
 def test_state_round_trip_and_a_missing_sweep_names_the_fix(tmp_path):
     config = _config(tmp_path)
     store = SweepStore.of(config)
-    with pytest.raises(SweepConfigError, match=r"name: no sweep 'store-unit'.*Fix: .*--root"):
+    with pytest.raises(SweepConfigError, match=r"name: no sweep 'store-unit'.*Fix: .*rpsft sweep run.*--runs-dir"):
         store.read_state()
     assert not store.exists() and store.status() is None
     context = SweepContext(
