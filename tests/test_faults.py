@@ -134,7 +134,9 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
             sys.executable,
             "-c",
             "import sys, time; from pathlib import Path; from sweeps.runner import driver_lock\n"
-            "with driver_lock(Path(sys.argv[1]), 'locked'):\n    print('held', flush=True); time.sleep(600)",
+            "from sweeps.store import SweepStore\n"
+            "with driver_lock(SweepStore(Path(sys.argv[1]).parent, 'locked')):\n"
+            "    print('held', flush=True); time.sleep(600)",
             str(sweep_dir),
         ],
         stdout=subprocess.PIPE,
@@ -159,8 +161,9 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         holder.wait(10)
     time.sleep(0.2)
     from sweeps.runner import driver_lock
+    from sweeps.store import SweepStore
 
-    with driver_lock(sweep_dir, "locked"):  # the killed holder left no stale lock
+    with driver_lock(SweepStore.of(config)):  # the killed holder left no stale lock
         assert "pid" in (sweep_dir / LOCK_FILE).read_text()
 
 
