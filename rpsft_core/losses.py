@@ -28,8 +28,9 @@ LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def token_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-probabilities of the next-token labels and their mask, both ``[batch, seq - 1]``."""
-    shift_logits = logits[:, :-1, :].float()
+    """Log-probabilities of the next-token labels and their mask, both ``[batch, seq - 1]``; computed in at
+    least float32 (float64 logits stay float64)."""
+    shift_logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))
     shift_labels = labels[:, 1:]
     mask = shift_labels != IGNORE_INDEX
     safe_labels = shift_labels.masked_fill(~mask, 0)
