@@ -1,0 +1,211 @@
+"""FSDP2 for one training run over several workers: shard a causal LM, and run ranks locally.
+
+:func:`shard_model` applies ``fully_shard`` to each decoder block, then to the root (which holds the embeddings,
+the final norm and a tied output head), with an optional bf16 :class:`MixedPrecisionPolicy` and activation
+checkpointing. Parameters become DTensors sharded by rows (``Shard(0)``), the layout
+:mod:`rpsft_core.sharded_penalty` works on.
+
+:func:`spawn_local` runs a function on N local processes joined by a process group (gloo on CPU): the tests and
+the benchmark use it; sweeps start their workers through Ray Train instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks (``model.model.layers`` for Llama, Qwen, Gemma and most causal LMs)."""
+    for path in (
+        "model.layers",
+        "model.model.layers",
+        "transformer.h",
+        "gpt_neox.layers",
+        "model.decoder.layers",
+    ):
+        module: Any = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return module
+    raise ValueError(
+        f"model: no stack of decoder blocks found in {type(model).__name__}. Fix: a causal LM whose blocks are "
+        "model.layers (Llama, Qwen, Gemma, Mistral)"
+    )
+
+
+def shard_model(
+    model: nn.Module,
+    mesh: Any = None,
+    *,
+    mixed_precision: str | None = None,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """``fully_shard`` each decoder block, then the root, in place; returns the model.
+
+    ``mixed_precision="bf16"`` computes in bfloat16 and reduces gradients in float32 while the sharded
+    parameters (and so the optimizer states) stay in their own dtype. ``activation_checkpointing`` recomputes
+    each block's activations in the backward pass."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision not in (None, "no", "bf16"):
+        raise ValueError(f"mixed_precision: {mixed_precision!r} under FSDP2. Fix: bf16 or none")
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision == "bf16"
+        else MixedPrecisionPolicy()
+    )
+    blocks = decoder_blocks(model)
+    if activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _local_rank_main(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+        }
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes in one process group.
+
+    ``fn`` must be importable (a module-level function). A failure on any rank raises here."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _local_rank_main, args=(world_size, free_port(), backend, fn, args), nprocs=world_size, join=True
+    )
+
+
+# ------------------------------------------------------------------------------------------- training
+
+CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
+
+
+def parameter_names(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The model's parameters by their plain names (activation checkpointing's wrapper prefix removed), so
+    basis names (``model.layers.0.self_attn.q_proj.weight``) find the sharded parameters."""
+    return {name.replace(CHECKPOINT_PREFIX, ""): param for name, param in model.named_parameters()}
+
+
+def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the Trainer's decay groups (no decay for biases and norm weights)."""
+    from transformers import Trainer
+
+    decay = {name.replace(CHECKPOINT_PREFIX, "") for name in Trainer.get_decay_parameter_names(None, model)}
+    named = parameter_names(model)
+    groups = [
+        {
+            "params": [p for n, p in named.items() if n in decay and p.requires_grad],
+            "weight_decay": weight_decay,
+        },
+        {"params": [p for n, p in named.items() if n not in decay and p.requires_grad], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if _world()[1] > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def local_rows(batch: dict[str, torch.Tensor], world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global batch (the data is sharded across the workers, ``torch.chunk`` order)."""
+    from rpsft_core.sharded_penalty import row_range
+
+    start, end = row_range(next(iter(batch.values())).shape[0], world_size, rank)
+    return {key: value[start:end] for key, value in batch.items()}
+
+
+def train_steps(
+    model: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    penalty: Any = None,
+    max_grad_norm: float = 1.0,
+) -> list[dict[str, float]]:
+    """One optimizer step per global batch: this rank's rows forward and backward, the penalty's gradient
+    (:meth:`ShardedRPSFTPenalty.add_grad_` or :meth:`RPSFTRegularizer.add_grad_`), clipping, the update.
+
+    The loss is the SFT token NLL summed over this rank's tokens and divided by the tokens of the whole
+    global batch (all-reduced), times the world size because FSDP2 averages gradients over ranks: every
+    world size gives the gradient of the mean token NLL of the global batch. Returns per step the global
+    loss, the penalty and the gradient norm."""
+    from rpsft_core.losses import causal_lm_logits, token_logprobs
+
+    rank, world_size = _world()
+    device = next(iter(parameter_names(model).values())).device
+    history = []
+    model.train()
+    for step, batch in enumerate(batches, start=1):
+        rows = local_rows(batch, world_size, rank)
+        labels = rows["labels"]
+        local_tokens = (labels[:, 1:] != -100).sum()
+        global_tokens = _all_reduce_sum(local_tokens.to(torch.float64).reshape(1)).clamp(min=1)
+        logits, window_labels = causal_lm_logits(model, {k: v.to(device) for k, v in rows.items()})
+        logp, _ = token_logprobs(logits, window_labels)
+        nll_sum = -logp.sum()
+        (nll_sum * (world_size / global_tokens.to(nll_sum.dtype).to(device))).backward()
+        value = penalty.add_grad_(step) if penalty is not None else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = _all_reduce_sum(nll_sum.detach().to(torch.float64).reshape(1).cpu()) / global_tokens
+        history.append({"step": step, "loss": float(loss), "penalty": value, "grad_norm": float(grad_norm)})
+    return history
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a full (unsharded) CPU tensor, by plain name; collective: call on every rank."""
+    out = {}
+    for name, param in parameter_names(model).items():
+        tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
+        out[name] = tensor.detach().cpu().clone()
+    return out
