@@ -11,10 +11,56 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from rpsft_core.bases import BASIS_METHODS
 from rpsft_core.errors import ConfigError
 from rpsft_core.method_table import Method, MethodSpec, method_spec
+from rpsft_core.precision import MixedPrecisionSetting
 from rpsft_core.rank_rule import KSpecValue, is_auto_k, k_spec_value
 from rpsft_core.selection import LayerSpec, resolve_spec
 
 DEFAULT_AUTO_K_PROMPTS = "../shared/paper-data/ood/gpqa_test.jsonl"  # the sweep's default too
+
+Strategy = Literal["fsdp2", "ddp"]
+
+
+class Resources(BaseModel):
+    """Where one training run executes: one process (``workers: 1``, with ``gpus``, fractions sharing a GPU),
+    or ``workers`` processes joined by one process group (Ray Train), each with ``cpus`` and
+    ``gpus_per_worker``, under ``strategy``: ``fsdp2`` shards parameters, gradients and optimizer states by
+    rows; ``ddp`` replicates them."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    cpus: float = Field(1.0, gt=0, description="CPUs of the trial (workers: 1) or of each worker")
+    gpus: float = Field(0.0, ge=0, description="GPUs of a one-process trial; fractions share a GPU")
+    workers: int = Field(1, ge=1, description="training processes per trial (Ray Train workers)")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs of each worker when workers > 1")
+    strategy: Strategy = Field("fsdp2", description="how workers > 1 share the model: fsdp2 or ddp")
+
+    @model_validator(mode="after")
+    def _check(self) -> Resources:
+        if self.workers > 1 and self.gpus > 0:
+            raise ValueError(
+                f"gpus: {self.gpus:g} with workers: {self.workers}; gpus is for a one-process trial. "
+                f"Fix: gpus_per_worker: {max(1.0, self.gpus / self.workers):g} and gpus: 0"
+            )
+        if self.workers == 1 and self.gpus_per_worker > 0:
+            raise ValueError(
+                f"gpus_per_worker: {self.gpus_per_worker:g} with workers: 1. Fix: gpus: {self.gpus_per_worker:g}, "
+                "or workers >= 2"
+            )
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise ValueError(
+                f"gpus_per_worker: {self.gpus_per_worker:g}; workers of one process group need whole GPUs. "
+                "Fix: 1 (or more), or 0 for CPU workers"
+            )
+        return self
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run spans several processes (Ray Train workers)."""
+        return self.workers > 1
+
+    @property
+    def gpus_per_process(self) -> float:
+        return self.gpus_per_worker if self.distributed else self.gpus
 
 
 class TrainConfig(BaseModel):
@@ -57,10 +103,11 @@ class TrainConfig(BaseModel):
     epochs: float = Field(1.0, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+    mixed_precision: MixedPrecisionSetting = Field(
         "no",
-        description="autocast the forward/backward (weights and optimizer stay in dtype): bf16 runs on CPUs with "
-        "AMX/AVX512-BF16 and on GPUs; the penalty is computed outside autocast",
+        description="autocast the forward/backward (weights and optimizer stay in dtype): bf16 is fast on GPUs and "
+        "on CPUs with AMX/AVX512-BF16 (emulated, about 20x slower, elsewhere); auto is bf16 where it is native, "
+        "else no; the penalty is computed outside autocast",
     )
     seed: int = 0
 
@@ -74,6 +121,10 @@ class TrainConfig(BaseModel):
     )
     logging_steps: int = Field(1, gt=0)
     cache_dir: str | None = None
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder block's activations in the backward pass (less memory)"
+    )
+    resources: Resources = Field(default_factory=Resources)
 
     @field_validator("k")
     @classmethod
@@ -126,6 +177,15 @@ class TrainConfig(BaseModel):
                     f"auto_k_prompts: file {source} does not exist; k: {self.k} reads OOD prompts from it. "
                     "Fix: a JSONL of OOD prompts, demo-math:N or hf:<dataset>, or a numeric k"
                 )
+        if self.resources.distributed and spec.reference_model:
+            raise ValueError(
+                f"resources.workers: {self.resources.workers} with method {self.method!r}, which keeps a frozen "
+                "reference model; it runs in one process. Fix: workers: 1"
+            )
+        if self.resources.distributed and self.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"optimizer: {self.optimizer} with resources.workers: {self.resources.workers}. Fix: adamw_torch"
+            )
         if spec.uses_lambda and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"

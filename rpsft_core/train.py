@@ -25,6 +25,7 @@ from rpsft_core.config import TrainConfig
 from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
 from rpsft_core.methods import prepare_method
 from rpsft_core.models import drop_autocast_wrapper, load_model, load_tokenizer
+from rpsft_core.precision import resolve_mixed_precision
 from rpsft_core.rank_rule import resolve_k_from_prompts
 from rpsft_core.selection import select_matrices
 from rpsft_core.trainer import RPSFTTrainer
@@ -40,6 +41,9 @@ class TrainResult:
 
 
 def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments:
+    precision = resolve_mixed_precision(
+        config.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu"
+    )
     return TrainingArguments(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
@@ -63,8 +67,8 @@ def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=config.mixed_precision == "bf16" or (config.dtype == "bfloat16" and torch.cuda.is_available()),
-        fp16=config.mixed_precision == "fp16",
+        bf16=precision == "bf16" or (config.dtype == "bfloat16" and torch.cuda.is_available()),
+        fp16=precision == "fp16",
         use_cpu=not torch.cuda.is_available(),
     )
 
@@ -150,6 +154,7 @@ def train(
         "n_dropped_examples": dataset.n_dropped,
         "n_matrices": len(selection),
         "bases_bytes": prepared.regularizer.bases.nbytes() if prepared.regularizer else 0,
+        "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",  # as resolved here
         "log_history": trainer.state.log_history,
         "drift": drift,
         "drift_history": trainer.rpsft_callback.history if trainer.rpsft_callback else [],

@@ -32,13 +32,25 @@ from pydantic import (
 from evaluation.loss_metrics import LossSettings
 from evaluation.multiple_choice import MCSettings
 from evaluation.settings import EvalSettings
-from rpsft_core.config import ConfigError, TrainConfig, format_validation_error
+from rpsft_core.config import ConfigError, Resources, TrainConfig, format_validation_error
 from rpsft_core.config import read_yaml_mapping as read_config_mapping
 from rpsft_core.method_table import Method, method_spec
 from rpsft_core.selection import LayerSpec, resolve_spec
 
 # TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
-TRIAL_FIELDS = ("model", "data", "method", "k", "lambda", "lam", "layers", "period", "seed", "output_dir")
+TRIAL_FIELDS = (
+    "model",
+    "data",
+    "method",
+    "k",
+    "lambda",
+    "lam",
+    "layers",
+    "period",
+    "seed",
+    "output_dir",
+    "resources",
+)
 
 
 class SweepConfigError(ConfigError):
@@ -429,15 +441,6 @@ class Scheduler(BaseModel):
     reduction_factor: float = Field(2.0, gt=1)
 
 
-class Resources(BaseModel):
-    """Per-trial resources; fractional GPUs share a device between trials."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    cpus: float = Field(1.0, gt=0)
-    gpus: float = Field(0.0, ge=0)
-
-
 class Failure(BaseModel):
     """What the sweep does when a trial raises (an error, a non-finite loss, a lost worker)."""
 
@@ -512,8 +515,8 @@ class SweepConfig(BaseModel):
         own = sorted(set(value) & set(TRIAL_FIELDS))
         if own:
             raise ValueError(
-                f"{', '.join(own)} are set per trial. Fix: put model/data/seed at the top level and the "
-                "searched knobs under space:"
+                f"{', '.join(own)} are set per trial. Fix: put model/data/seed/resources at the top level and "
+                "the searched knobs under space:"
             )
         return value
 
@@ -534,6 +537,12 @@ class SweepConfig(BaseModel):
         if self.scheduler.type == "asha" and self.evaluation.every == 0:
             raise ValueError(
                 "scheduler.type: asha needs intermediate evaluations. Fix: evaluation.every: N optimizer steps"
+            )
+        if self.resources.distributed and self.evaluation.every:
+            raise ValueError(
+                f"evaluation.every: {self.evaluation.every} with resources.workers: {self.resources.workers}; "
+                "a trial over several workers is scored once, after training. Fix: evaluation.every: 0 "
+                "(and scheduler.type: fifo), or workers: 1"
             )
         if self.objective.metric == "accuracy" and self.evaluation.harness is None:
             raise ValueError(
@@ -613,6 +622,7 @@ class SweepConfig(BaseModel):
             "seed": self.seed,
             "cache_dir": self.cache_dir,
             "save_model": self.keep.any,  # <trial dir>/model, kept or deleted (sweeps/checkpoints.py)
+            "resources": self.resources.model_dump(),
             **self.train,
         }
         method = params.get("method", "rpsft")
