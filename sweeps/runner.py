@@ -232,7 +232,10 @@ def build_scheduler(config: SweepConfig) -> Any:
 def trainable(config: SweepConfig, context: SweepContext) -> Any:
     from ray import tune
 
-    resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
+    if config.resources.distributed:  # the trial only drives its Ray Train workers, which hold the resources
+        resources = {"cpu": 0, "gpu": 0}
+    else:
+        resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)
 
 
@@ -459,7 +462,9 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     from sweeps.warm_start import carry_over, check_warm_start
 
     earlier_sweeps = check_warm_start(config)
-    preflight.check_resources(config, init_ray(address or config.storage.ray_address))
+    cluster = init_ray(address or config.storage.ray_address)
+    preflight.check_resources(config, cluster)
+    preflight.check_memory(config, cluster, echo=echo)
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
     from rpsft_core.models import resolve_model_dir
@@ -551,7 +556,9 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     optuna_url = state["optuna_storage"]
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(context.tracking_uri)
-    preflight.check_resources(config, init_ray(address or config.storage.ray_address))
+    cluster = init_ray(address or config.storage.ray_address)
+    preflight.check_resources(config, cluster)
+    preflight.check_memory(config, cluster, echo=echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     tracking.client_for(context.tracking_uri).update_run(context.parent_run_id, status="RUNNING")
     store.write_state(config, context, "running", optuna_url)
