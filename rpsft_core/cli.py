@@ -32,6 +32,12 @@ def train(
     max_steps: int | None = typer.Option(None, help="Optimizer steps."),
     out: str | None = typer.Option(None, "--out", help="Where the checkpoint and metrics.json go."),
     seed: int | None = typer.Option(None),
+    workers: int | None = typer.Option(
+        None,
+        min=1,
+        help="Training processes on this machine (resources.workers): one process group, FSDP2 by default "
+        "(resources.strategy); gloo on CPUs, NCCL with one GPU per worker.",
+    ),
 ) -> None:
     """Fine-tune one model; writes <out>/model (HF checkpoint) and <out>/metrics.json."""
     from rpsft_core.config import load_train_config
@@ -54,12 +60,22 @@ def train(
         seed=seed,
     )
     overrides["lambda"] = lam
+    if workers is not None:
+        overrides["resources"] = {**_config_resources(config), "workers": workers}
     cfg = load_train_config(config, overrides)
-    from rpsft_core.train import train as run_train
+    from rpsft_core.memory import preflight_train_memory
 
-    result = run_train(cfg)
+    preflight_train_memory(cfg)  # a run that cannot fit fails here, with the numbers and the fixes
+    if cfg.resources.distributed:
+        from rpsft_core.sharded_train import train_local_workers
+
+        result = train_local_workers(cfg)
+    else:
+        from rpsft_core.train import train as run_train
+
+        result = run_train(cfg)
     summary = {
-        key: result.metrics[key]
+        key: result.metrics.get(key)
         for key in (
             "train_loss",
             "global_steps",
@@ -72,6 +88,16 @@ def train(
     }
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"checkpoint: {result.output_dir / 'model'}\nmetrics:    {result.output_dir / 'metrics.json'}")
+
+
+def _config_resources(config: Path | None) -> dict:
+    """The ``resources`` mapping of a training YAML (empty without one), for ``--workers`` to update."""
+    if config is None:
+        return {}
+    from rpsft_core.config import read_yaml_mapping
+
+    resources = read_yaml_mapping(config, what="training YAML (see configs/)").get("resources") or {}
+    return dict(resources) if isinstance(resources, dict) else {}
 
 
 def methods() -> None:

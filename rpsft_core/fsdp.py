@@ -11,9 +11,11 @@ the benchmark use it; sweeps start their workers through Ray Train instead.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +44,23 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
+def checkpoint_blocks(model: nn.Module) -> nn.ModuleList:
+    """Wrap each decoder block in place for activation checkpointing (non-reentrant: each block's activations
+    are recomputed in the backward pass); returns the blocks. Parameter names gain the wrapper's prefix
+    (:data:`CHECKPOINT_PREFIX`), which :func:`parameter_names` and ``torch.distributed.checkpoint`` remove.
+    The model's KV cache is switched off (``config.use_cache = False``): the recompute would append each
+    block's keys and values to it a second time."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    blocks = decoder_blocks(model)
+    for index, block in enumerate(blocks):
+        blocks[index] = checkpoint_wrapper(block)
+    return blocks
+
+
 def shard_model(
     model: nn.Module,
     mesh: Any = None,
@@ -63,12 +82,7 @@ def shard_model(
         if mixed_precision == "bf16"
         else MixedPrecisionPolicy()
     )
-    blocks = decoder_blocks(model)
-    if activation_checkpointing:
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-        for index, block in enumerate(blocks):
-            blocks[index] = checkpoint_wrapper(block)
+    blocks = checkpoint_blocks(model) if activation_checkpointing else decoder_blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -122,8 +136,11 @@ def parameter_names(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name.replace(CHECKPOINT_PREFIX, ""): param for name, param in model.named_parameters()}
 
 
-def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the Trainer's decay groups (no decay for biases and norm weights)."""
+def adamw(
+    model: nn.Module, learning_rate: float, weight_decay: float, *, fused: bool = False
+) -> torch.optim.AdamW:
+    """AdamW with the Trainer's decay groups (no decay for biases and norm weights); ``fused``: the fused
+    CUDA kernel (``optimizer: adamw_torch_fused``)."""
     from transformers import Trainer
 
     decay = {name.replace(CHECKPOINT_PREFIX, "") for name in Trainer.get_decay_parameter_names(None, model)}
@@ -135,7 +152,7 @@ def adamw(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.
         },
         {"params": [p for n, p in named.items() if n not in decay and p.requires_grad], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, fused=fused or None)
 
 
 def _world() -> tuple[int, int]:
@@ -162,43 +179,100 @@ def local_rows(batch: dict[str, torch.Tensor], world_size: int, rank: int) -> di
     return {key: value[start:end] for key, value in batch.items()}
 
 
+StepBatches = Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]
+
+
 def train_steps(
     model: nn.Module,
-    batches: list[dict[str, torch.Tensor]],
+    batches: Iterable[StepBatches],
     optimizer: torch.optim.Optimizer,
     *,
     penalty: Any = None,
     max_grad_norm: float = 1.0,
-) -> list[dict[str, float]]:
-    """One optimizer step per global batch: this rank's rows forward and backward, the penalty's gradient
-    (:meth:`ShardedRPSFTPenalty.add_grad_` or :meth:`RPSFTRegularizer.add_grad_`), clipping, the update.
+    scheduler: Any = None,
+    loss_type: str = "sft",
+    start_step: int = 0,
+    local: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    after_step: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """One optimizer step per item of ``batches``: a global batch, or a list of global micro-batches (gradient
+    accumulation). Each micro-batch: this rank's rows forward and backward; then the penalty's gradient
+    (:meth:`ShardedRPSFTPenalty.add_grad_` or :meth:`RPSFTRegularizer.add_grad_`), clipping at
+    ``max_grad_norm`` (0: none, the norm is still measured), the update, ``scheduler.step()``.
 
-    The loss is the SFT token NLL summed over this rank's tokens and divided by the tokens of the whole
-    global batch (all-reduced), times the world size because FSDP2 averages gradients over ranks: every
-    world size gives the gradient of the mean token NLL of the global batch. Returns per step the global
-    loss, the penalty and the gradient norm."""
-    from rpsft_core.losses import causal_lm_logits, token_logprobs
+    The loss is the token loss (``sft``: NLL; ``dft``: NLL times the detached token probability) summed over
+    this rank's tokens of every micro-batch and divided by the scored tokens of the whole step on all ranks
+    (one all-reduce), times the world size because FSDP2 and DDP average gradients over ranks: every world size
+    and every split into micro-batches gives the gradient of the mean token loss of the step's examples.
+    ``local``: the batches already hold only this rank's rows. ``autocast_dtype``: the forward under
+    ``torch.autocast`` (DDP mixed precision; FSDP2 has its own policy). Steps are numbered from
+    ``start_step + 1`` (the penalty's period counts them). A DDP model skips the gradient all-reduce on all
+    but the last micro-batch.
 
+    Returns per step (and passes each to ``after_step``, on every rank) the step, the global loss, the
+    penalty (None when its period skips the step or there is none), the gradient norm before clipping and
+    the learning rate the update used. The all-reduced buffers live on the parameters' device (NCCL needs
+    CUDA tensors). A non-finite loss raises
+    :class:`rpsft_core.trainer.NonFiniteLossError` on every rank before the update."""
+    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits, token_logprobs
+    from rpsft_core.trainer import NonFiniteLossError
+
+    if loss_type not in ("sft", "dft"):
+        raise ValueError(f"loss_type: {loss_type!r} under FSDP2/DDP. Fix: sft or dft")
     rank, world_size = _world()
     device = next(iter(parameter_names(model).values())).device
+    clip_at = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
     history = []
     model.train()
-    for step, batch in enumerate(batches, start=1):
-        rows = local_rows(batch, world_size, rank)
-        labels = rows["labels"]
-        local_tokens = (labels[:, 1:] != -100).sum()
-        global_tokens = _all_reduce_sum(local_tokens.to(torch.float64).reshape(1)).clamp(min=1)
-        logits, window_labels = causal_lm_logits(model, {k: v.to(device) for k, v in rows.items()})
-        logp, _ = token_logprobs(logits, window_labels)
-        nll_sum = -logp.sum()
-        (nll_sum * (world_size / global_tokens.to(nll_sum.dtype).to(device))).backward()
+    for step, item in enumerate(batches, start=start_step + 1):
+        micro = [item] if isinstance(item, Mapping) else list(item)
+        rows = micro if local else [local_rows(batch, world_size, rank) for batch in micro]
+        local_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in rows)
+        global_tokens = _all_reduce_sum(
+            torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
+        )
+        scale = world_size / max(float(global_tokens), 1.0)
+        loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
+        for index, batch in enumerate(rows):
+            last = index == len(rows) - 1
+            sync = model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+            cast = (
+                torch.autocast(device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
+            with sync:
+                with cast:
+                    logits, window_labels = causal_lm_logits(
+                        model, {k: v.to(device) for k, v in batch.items()}
+                    )
+                logp, _ = token_logprobs(logits, window_labels)
+                token_loss = -(logp * logp.detach().exp()).sum() if loss_type == "dft" else -logp.sum()
+                (token_loss * scale).backward()
+            loss_sum += token_loss.detach().to(torch.float64)
+        loss = float(_all_reduce_sum(loss_sum) / max(float(global_tokens), 1.0))
+        if not math.isfinite(loss):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(loss, step)
         value = penalty.add_grad_(step) if penalty is not None else None
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_at)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        learning_rate = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = _all_reduce_sum(nll_sum.detach().to(torch.float64).reshape(1).cpu()) / global_tokens
-        history.append({"step": step, "loss": float(loss), "penalty": value, "grad_norm": float(grad_norm)})
+        record = {
+            "step": step,
+            "loss": loss,
+            "penalty": value,
+            "grad_norm": float(grad_norm),
+            "learning_rate": learning_rate,
+        }
+        history.append(record)
+        if after_step is not None:
+            after_step(record)
     return history
 
 

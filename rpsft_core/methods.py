@@ -36,6 +36,32 @@ def bases_cache_dir(config: TrainConfig) -> Path:
     )
 
 
+def add_adapters(model: nn.Module, config: TrainConfig, selection: dict[str, nn.Parameter]) -> nn.Module:
+    """``model`` wrapped in the PEFT adapters of ``config.method`` on the selected matrices (LoRA: rank
+    ``lora_r``, ``lora_alpha``, no dropout; OSF: ``effective_rank`` k), or ``model`` itself for a method
+    without adapters. The base weights stay the same parameters; the adapters' initialization draws from
+    torch's global generator."""
+    adapter = config.spec.adapter
+    if adapter == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=module_names(selection),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+    if adapter == "osf":
+        from peft import OSFConfig, get_peft_model
+
+        return get_peft_model(
+            model, OSFConfig(effective_rank=config.k or None, target_modules=module_names(selection))
+        )
+    return model
+
+
 def prepare_method(
     model: nn.Module,
     config: TrainConfig,
@@ -62,23 +88,7 @@ def prepare_method(
     if spec.reference_model:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    if spec.adapter == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        peft_config = LoraConfig(
-            r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=0.0,
-            target_modules=module_names(selection),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, peft_config)
-    elif spec.adapter == "osf":
-        from peft import OSFConfig, get_peft_model
-
-        model = get_peft_model(
-            model, OSFConfig(effective_rank=config.k or None, target_modules=module_names(selection))
-        )
+    model = add_adapters(model, config, selection)
 
     if bases is not None:
         lora = find_lora_parts(model, list(bases.entries)) if spec.adapter == "lora" else None

@@ -12,6 +12,16 @@ does), the same rows of ``Uk`` and all of ``Vk``. Once per optimizer step:
 At full rank (``l2-init``) the local term is ``2 lambda (W_i - W0[R_i])``: no communication for the gradient;
 the squared norms for the logged penalty and drift ride in the same buffer. ``k = 0`` entries add nothing.
 
+RPSFT-LoRA (:class:`ShardedLoRAPenalty`) penalizes the adapter's update of the frozen weight:
+``lambda ||M||_F^2`` with ``M = s X Y``, ``X = Uk^T B`` (k x r) and ``Y = A Vk`` (r x k), where ``lora_B``
+(m x r) is sharded over its rows ``R_i`` (the rows of ``W``) and ``lora_A`` (r x n) over its ``r`` rows ``J_i``
+(with ``r`` below the world size some ranks hold none). Rank ``i`` puts ``Uk[R_i]^T B_i`` and its rows
+``A_i Vk`` of a zero r x k block into the flat buffer; after the one all-reduce every rank holds ``X`` and ``Y``
+and adds ``2 lambda s Uk[R_i] (M Y^T)`` to its rows of ``B`` and ``2 lambda s (X^T M)[J_i] Vk^T`` to its rows
+of ``A``, with no further communication. At full rank the penalty is
+``lambda s^2 ||B A||_F^2 = lambda s^2 <B^T B, A A^T>``: the buffer carries the partial Grams ``B_i^T B_i``
+(r x r) and the rows of ``A`` in a zero r x n block. Neither mode needs ``W0`` or ``Sref``.
+
 :func:`load_row_shard` reads a rank's slices straight from the bases file (``safe_open`` slices), so no rank
 ever holds the full ``Uk`` of a sharded matrix. The file's integrity is checked once, where the bases are
 computed (:func:`rpsft_core.bases.load_or_compute_bases`); this reader checks its fingerprint and shapes.
@@ -21,12 +31,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rpsft_core.bases import Bases, BasisCacheError, resolve_k
+from rpsft_core.regularizer import _LoraParts, find_lora_parts
 
 
 def row_range(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -42,7 +54,10 @@ def row_range(rows: int, world_size: int, rank: int) -> tuple[int, int]:
 @dataclass
 class RowShardBasis:
     """One matrix's basis slices on one rank: ``u_rows = Uk[R_i]`` (rows x k), all of ``v`` (n x k) and
-    ``sref`` (k x k); in full mode ``w0_rows = W0[R_i]`` and the others are empty."""
+    ``sref`` (k x k); in full mode ``w0_rows = W0[R_i]`` and the others are empty.
+
+    LoRA slices (``lora=True`` in :func:`shard_bases` and :func:`load_row_shard`) hold an empty ``sref`` and, in
+    full mode, no ``w0_rows`` (``w0_omitted``): the LoRA penalty needs neither."""
 
     shape: tuple[int, int]
     rows: tuple[int, int]
@@ -50,10 +65,11 @@ class RowShardBasis:
     v: Tensor
     sref: Tensor
     w0_rows: Tensor | None = None
+    w0_omitted: bool = False
 
     @property
     def full(self) -> bool:
-        return self.w0_rows is not None
+        return self.w0_rows is not None or self.w0_omitted
 
     @property
     def k(self) -> int:
@@ -72,21 +88,32 @@ class RowShardBasis:
             move(self.v),
             move(self.sref),
             None if self.w0_rows is None else move(self.w0_rows),
+            self.w0_omitted,
         )
 
 
-def shard_bases(bases: Bases, world_size: int, rank: int) -> dict[str, RowShardBasis]:
-    """Rank ``rank``'s slices of in-memory bases (copies, so the full bases can be freed)."""
+def _lora_full_slice(shape: tuple[int, int], rows: tuple[int, int], like: Tensor) -> RowShardBasis:
+    """A full-mode LoRA slice: no tensors at all (the penalty is ``||s B A||^2``)."""
+    empty = like.new_zeros(0, 0)
+    return RowShardBasis(shape, rows, empty, empty, empty, None, w0_omitted=True)
+
+
+def shard_bases(bases: Bases, world_size: int, rank: int, *, lora: bool = False) -> dict[str, RowShardBasis]:
+    """Rank ``rank``'s slices of in-memory bases (copies, so the full bases can be freed); ``lora``: slices for
+    :class:`ShardedLoRAPenalty`, without ``W0`` rows and ``Sref``."""
     out: dict[str, RowShardBasis] = {}
     for name, entry in bases.entries.items():
         start, end = row_range(entry.shape[0], world_size, rank)
-        if entry.full:
+        if entry.full and lora:
+            out[name] = _lora_full_slice(entry.shape, (start, end), entry.w0)
+        elif entry.full:
             w0 = entry.w0[start:end].clone()
             empty = w0.new_zeros(0, 0)
             out[name] = RowShardBasis(entry.shape, (start, end), empty, empty, empty, w0)
         else:
+            sref = entry.sref.new_zeros(0, 0) if lora else entry.sref.clone()
             out[name] = RowShardBasis(
-                entry.shape, (start, end), entry.u[start:end].clone(), entry.v.clone(), entry.sref.clone()
+                entry.shape, (start, end), entry.u[start:end].clone(), entry.v.clone(), sref
             )
     return out
 
@@ -98,10 +125,12 @@ def load_row_shard(
     *,
     k: int | float | None = None,
     expected_fingerprint: str | None = None,
+    lora: bool = False,
 ) -> dict[str, RowShardBasis]:
     """Rank ``rank``'s slices read from a bases file of :func:`rpsft_core.bases.save_bases`, truncated to
     ``k`` (an int or a rank fraction, resolved per matrix; ``None``: as stored). Only the rank's rows of
-    ``Uk`` / ``W0`` are read."""
+    ``Uk`` / ``W0`` are read; ``lora``: slices for :class:`ShardedLoRAPenalty`, and neither ``W0`` nor ``Sref``
+    is read."""
     from safetensors import safe_open
 
     try:
@@ -120,6 +149,9 @@ def load_row_shard(
             if f"{name}::w0" in keys:
                 if k is not None and resolve_k(k, shape) != min(shape):
                     raise ValueError(f"k: {name} is stored at full rank only. Fix: compute bases at k={k}")
+                if lora:
+                    out[name] = _lora_full_slice(shape, (start, end), torch.zeros(0, 0))
+                    continue
                 w0 = handle.get_slice(f"{name}::w0")[start:end]
                 empty = w0.new_zeros(0, 0)
                 out[name] = RowShardBasis(shape, (start, end), empty, empty, empty, w0)
@@ -131,12 +163,10 @@ def load_row_shard(
                     f"k: cannot slice {name} to k={kk}: the file holds k={stored_k}. "
                     "Fix: compute the bases at the largest k the run needs (full rank needs its own bases)"
                 )
+            v = handle.get_slice(f"{name}::v")[:, :kk]
+            sref = v.new_zeros(0, 0) if lora else handle.get_slice(f"{name}::sref")[:kk, :kk]
             out[name] = RowShardBasis(
-                shape,
-                (start, end),
-                handle.get_slice(f"{name}::u")[start:end, :kk],
-                handle.get_slice(f"{name}::v")[:, :kk],
-                handle.get_slice(f"{name}::sref")[:kk, :kk],
+                shape, (start, end), handle.get_slice(f"{name}::u")[start:end, :kk], v, sref
             )
     return out
 
@@ -147,40 +177,41 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return to_local() if callable(to_local) else tensor
 
 
-class ShardedRPSFTPenalty:
-    """``lambda * sum_l ||Uk^T W_l Vk - Sref_l||_F^2`` over row-sharded weights, applied by adding its
-    gradient to each local gradient shard once per optimizer step (:meth:`add_grad_`).
+def _local_grad(param: Tensor) -> Tensor:
+    """The local shard of ``param.grad``, created as zeros (with the parameter's sharding) when missing."""
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return local_tensor(param.grad)
 
-    ``params`` maps basis names to the live parameters (FSDP2 DTensors, or plain tensors holding the rows
-    ``shards[name].rows``). ``group`` is the process group the rows are sharded over (``None``: the default
-    group; a single process needs no group at all).
-    """
 
-    def __init__(
-        self,
-        shards: dict[str, RowShardBasis],
-        params: dict[str, Tensor],
-        lam: float,
-        *,
-        period: int = 1,
-        group=None,
-    ) -> None:
+def _check_rows(name: str, rows: int, shard: RowShardBasis) -> None:
+    if rows != shard.rows[1] - shard.rows[0]:
+        raise ValueError(
+            f"bases: {name} holds {rows} local rows but its basis slice has rows {shard.rows}. "
+            "Fix: load the slices with this rank's world size and rank"
+        )
+
+
+def _compute_dtype(tensors: Iterable[Tensor | None]) -> torch.dtype:
+    """float64 when any of ``tensors`` is float64, else float32."""
+    return (
+        torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    )
+
+
+class _RowShardedPenalty:
+    """What the row-sharded penalties share: the strength and period, the one flat all-reduce per step, the
+    computation with autocast off, and the penalty value and drift read from the reduced squared norms.
+
+    A subclass provides ``_device``, ``_squared`` (one all-reduce; the squared residual norm per matrix) and
+    ``_apply_grad`` (the same, and the gradient added to the local gradient shards)."""
+
+    def __init__(self, shards: dict[str, RowShardBasis], lam: float, period: int, group) -> None:
         if lam < 0:
             raise ValueError(f"lam: lambda must be >= 0, got {lam}. Fix: use a non-negative strength")
         if period < 1:
             raise ValueError(f"period: must be >= 1, got {period}")
-        missing = [name for name in shards if name not in params]
-        if missing:
-            raise KeyError(f"bases: parameters {missing[:3]} not found in the model")
-        for name, shard in shards.items():
-            rows = local_tensor(params[name]).shape[0]
-            if rows != shard.rows[1] - shard.rows[0]:
-                raise ValueError(
-                    f"bases: {name} holds {rows} local rows but its basis slice has rows {shard.rows}. "
-                    "Fix: load the slices with this rank's world size and rank"
-                )
         self.shards = shards
-        self.params = params
         self.lam = float(lam)
         self.period = int(period)
         self.group = group
@@ -196,7 +227,90 @@ class ShardedRPSFTPenalty:
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=self.group)
         return buffer
 
+    def _reduce(self, pieces: list[Tensor]) -> Tensor:
+        """All pieces, flattened into one buffer, summed over the ranks (one all-reduce)."""
+        return self._all_reduce(torch.cat([piece.reshape(-1) for piece in pieces]))
+
     def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _full_precision(self):
+        """Autocast off: the products run in float32 (float64 for float64 bases or weights)."""
+        return torch.autocast(device_type=self._device().type, enabled=False)
+
+    def _squared(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _apply_grad(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def penalty(self) -> float:
+        """The penalty's value (one all-reduce; no gradient)."""
+        return self.lam * float(sum(float(v) for v in self._squared().values()))
+
+    @torch.no_grad()
+    def add_grad_(self, step: int | None = None) -> float | None:
+        """Add the closed-form gradient to each local gradient shard in place; return the penalty value.
+
+        Call after the backward passes (FSDP2's reduce-scatter has filled the gradient shards) and before
+        clipping and ``optimizer.step()``. Returns None (and does nothing) when the period skips ``step``.
+        """
+        if step is not None and not self.applies_at(step):
+            return None
+        if self.lam == 0 or not self.shards:
+            return 0.0
+        squared = self._apply_grad()
+        self._last_squared = {name: float(value) for name, value in squared.items()}
+        return self.lam * sum(self._last_squared.values())
+
+    def drift(self) -> dict[str, float]:
+        """Protected-block drift per matrix at the current weights: one all-reduce, so every rank must call
+        it."""
+        return {name: float(value) ** 0.5 for name, value in self._squared().items()}
+
+    def last_drift(self) -> dict[str, float]:
+        """The drift as the last :meth:`add_grad_` measured it (before that step's update; no communication),
+        or :meth:`drift` before the first."""
+        if self._last_squared is None:
+            return self.drift()
+        return {name: value**0.5 for name, value in self._last_squared.items()}
+
+
+class ShardedRPSFTPenalty(_RowShardedPenalty):
+    """``lambda * sum_l ||Uk^T W_l Vk - Sref_l||_F^2`` over row-sharded weights, applied by adding its
+    gradient to each local gradient shard once per optimizer step (:meth:`add_grad_`).
+
+    ``params`` maps basis names to the live parameters (FSDP2 DTensors, or plain tensors holding the rows
+    ``shards[name].rows``). ``group`` is the process group the rows are sharded over (``None``: the default
+    group; a single process needs no group at all). The drift is ``||Uk^T (W - W0) Vk||_F`` per matrix
+    (``||W - W0||_F`` in full mode).
+    """
+
+    def __init__(
+        self,
+        shards: dict[str, RowShardBasis],
+        params: dict[str, Tensor],
+        lam: float,
+        *,
+        period: int = 1,
+        group=None,
+    ) -> None:
+        super().__init__(shards, lam, period, group)
+        missing = [name for name in shards if name not in params]
+        if missing:
+            raise KeyError(f"bases: parameters {missing[:3]} not found in the model")
+        for name, shard in shards.items():
+            if shard.w0_omitted or (not shard.full and tuple(shard.sref.shape) != (shard.k, shard.k)):
+                raise ValueError(
+                    f"bases: {name} holds LoRA slices (no Sref, no W0 rows). "
+                    "Fix: load the slices with lora=False for the full-weight penalty"
+                )
+            _check_rows(name, local_tensor(params[name]).shape[0], shard)
+        self.params = params
+
+    def _device(self) -> torch.device:
+        if not self.params:
+            return torch.device("cpu")
         return local_tensor(next(iter(self.params.values()))).device
 
     @torch.no_grad()
@@ -207,16 +321,9 @@ class ShardedRPSFTPenalty:
         pieces: list[Tensor] = []
         layout: list[tuple[str, int]] = []
         full_names: list[str] = []
-        dtype = (
-            torch.float64
-            if any(
-                s.v.dtype == torch.float64 or (s.w0_rows is not None and s.w0_rows.dtype == torch.float64)
-                for s in self.shards.values()
-            )
-            else torch.float32
-        )
+        dtype = _compute_dtype(t for s in self.shards.values() for t in (s.v, s.w0_rows))
         device = self._device()
-        with torch.autocast(device_type=device.type, enabled=False):
+        with self._full_precision():
             for name, shard in self.shards.items():
                 weight = local_tensor(self.params[name])
                 if shard.full:
@@ -226,7 +333,7 @@ class ShardedRPSFTPenalty:
                     continue
                 u = shard.u_rows.to(device)
                 partial = u.transpose(0, 1) @ (weight.to(u.dtype) @ shard.v.to(device))
-                pieces.append(partial.reshape(-1).to(dtype))
+                pieces.append(partial.to(dtype))
                 layout.append((name, shard.k))
             for name in full_names:
                 shard = self.shards[name]
@@ -234,7 +341,7 @@ class ShardedRPSFTPenalty:
                 pieces.append(diff.pow(2).sum().reshape(1))
         if not pieces:
             return {}, {name: torch.zeros((), dtype=dtype) for name in self.shards}
-        buffer = self._all_reduce(torch.cat(pieces))
+        buffer = self._reduce(pieces)
         blocks: dict[str, Tensor] = {}
         squared: dict[str, Tensor] = {}
         offset = 0
@@ -251,31 +358,17 @@ class ShardedRPSFTPenalty:
             squared.setdefault(name, torch.zeros((), dtype=dtype, device=device))
         return blocks, squared
 
-    def penalty(self) -> float:
-        """The penalty's value (one all-reduce; no gradient)."""
-        _, squared = self.residuals()
-        return self.lam * float(sum(float(v) for v in squared.values()))
+    def _squared(self) -> dict[str, Tensor]:
+        return self.residuals()[1]
 
-    @torch.no_grad()
-    def add_grad_(self, step: int | None = None) -> float | None:
-        """Add the closed-form gradient to each local gradient shard in place; return the penalty value.
-
-        Call after the backward passes (FSDP2's reduce-scatter has filled the gradient shards) and before
-        clipping and ``optimizer.step()``. Returns None (and does nothing) when the period skips ``step``.
-        """
-        if step is not None and not self.applies_at(step):
-            return None
-        if self.lam == 0 or not self.shards:
-            return 0.0
+    def _apply_grad(self) -> dict[str, Tensor]:
         blocks, squared = self.residuals()
         scale = 2.0 * self.lam
         device = self._device()
-        with torch.autocast(device_type=device.type, enabled=False):
+        with self._full_precision():
             for name, shard in self.shards.items():
                 param = self.params[name]
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                grad = local_tensor(param.grad)
+                grad = _local_grad(param)
                 if shard.full:
                     weight = local_tensor(param)
                     grad.add_((weight - shard.w0_rows.to(device, weight.dtype)).to(grad.dtype), alpha=scale)
@@ -283,18 +376,209 @@ class ShardedRPSFTPenalty:
                     u = shard.u_rows.to(device)
                     ur = (u @ blocks[name].to(u.dtype)).to(grad.dtype)
                     grad.addmm_(ur, shard.v.to(device).transpose(0, 1).to(grad.dtype), alpha=scale)
-        self._last_squared = {name: float(value) for name, value in squared.items()}
-        return self.lam * sum(self._last_squared.values())
+        return squared
 
-    def drift(self) -> dict[str, float]:
-        """Protected-block drift ``||Uk^T (W - W0) Vk||_F`` per matrix (``||W - W0||_F`` in full mode) at the
-        current weights: one all-reduce, so every rank must call it."""
-        _, squared = self.residuals()
-        return {name: float(value) ** 0.5 for name, value in squared.items()}
 
-    def last_drift(self) -> dict[str, float]:
-        """The drift as the last :meth:`add_grad_` measured it (before that step's update; no communication),
-        or :meth:`drift` before the first."""
-        if self._last_squared is None:
-            return self.drift()
-        return {name: value**0.5 for name, value in self._last_squared.items()}
+# ------------------------------------------------------------------------------------------- RPSFT-LoRA
+
+
+class _PlainModuleNames:
+    """A model's ``named_modules`` with activation checkpointing's wrapper prefix removed from the names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
+
+        for name, module in self.model.named_modules():
+            yield name.replace(_CHECKPOINT_PREFIX, ""), module
+
+
+def find_sharded_lora_parts(model: nn.Module, names: list[str]) -> dict[str, _LoraParts]:
+    """:func:`rpsft_core.regularizer.find_lora_parts` on a PEFT model sharded by
+    :func:`rpsft_core.fsdp.shard_model` (activation-checkpointed blocks included): basis names
+    (``...q_proj.weight``) to the sharded ``lora_A`` / ``lora_B`` parameters and the scaling of the active
+    adapter. Call it after sharding and outside a forward pass, when the modules hold the sharded parameters."""
+    return find_lora_parts(_PlainModuleNames(model), names)  # type: ignore[arg-type]
+
+
+def _world(group, rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+class ShardedLoRAPenalty(_RowShardedPenalty):
+    """RPSFT-LoRA on row-sharded adapters: ``lambda * sum_l ||s_l (Uk^T B_l)(A_l Vk)||_F^2``
+    (``lambda s^2 ||B A||_F^2`` at full rank), the penalty of
+    :class:`rpsft_core.regularizer.RPSFTRegularizer` with ``lora=``, applied by adding its gradient to the
+    local gradient shards of ``lora_A`` and ``lora_B`` once per optimizer step (:meth:`add_grad_`).
+
+    ``lora`` maps basis names to the adapters (:func:`find_sharded_lora_parts`; ``a`` r x n and ``b`` m x r as
+    FSDP2 DTensors, or plain tensors holding this rank's ``torch.chunk`` rows). ``rank`` and ``world_size``
+    place the rows of ``A`` (default: those of ``group``, or 0 of 1 without a process group). The drift is
+    ``||Uk^T (W_eff - W0) Vk||_F = ||M||_F`` per matrix (``s ||B A||_F`` in full mode).
+    """
+
+    def __init__(
+        self,
+        shards: dict[str, RowShardBasis],
+        lora: dict[str, _LoraParts],
+        lam: float,
+        *,
+        period: int = 1,
+        group=None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__(shards, lam, period, group)
+        missing = [name for name in shards if name not in lora]
+        if missing:
+            raise KeyError(
+                f"layers: no LoRA adapter wraps {missing[:3]}. Fix: target the same modules with LoRA"
+            )
+        rank, world_size = _world(group, rank, world_size)
+        self.a_rows: dict[str, tuple[int, int]] = {}
+        for name, shard in shards.items():
+            a, b = local_tensor(lora[name].a), local_tensor(lora[name].b)
+            _check_rows(name, b.shape[0], shard)
+            r = b.shape[1]
+            start, end = row_range(r, world_size, rank)
+            if tuple(a.shape) != (end - start, shard.shape[1]):
+                raise ValueError(
+                    f"lora: {name}'s lora_A holds {tuple(a.shape)} locally, but rank {rank} of {world_size} holds "
+                    f"rows [{start}, {end}) of {r} x {shard.shape[1]}. Fix: shard the adapters over the same "
+                    "ranks as the bases (rank and world_size of the group)"
+                )
+            self.a_rows[name] = (start, end)
+        self.lora = lora
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        shards: dict[str, RowShardBasis],
+        lam: float,
+        *,
+        period: int = 1,
+        group=None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> ShardedLoRAPenalty:
+        """The penalty on the adapters of a sharded PEFT model that wrap the matrices of ``shards``."""
+        return cls(
+            shards,
+            find_sharded_lora_parts(model, list(shards)),
+            lam,
+            period=period,
+            group=group,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def _device(self) -> torch.device:
+        if not self.lora:
+            return torch.device("cpu")
+        return local_tensor(next(iter(self.lora.values())).a).device
+
+    def _dtype(self) -> torch.dtype:
+        return _compute_dtype(
+            t for name, shard in self.shards.items() for t in (shard.v, self.lora[name].a, self.lora[name].b)
+        )
+
+    @torch.no_grad()
+    def _factors(self) -> tuple[dict[str, tuple[Tensor, ...]], dict[str, Tensor]]:
+        """``(factors, squared)`` from one all-reduce: per projected matrix ``(X, Y, M)``, per full-mode
+        matrix ``(B^T B, A, A A^T)``, and every matrix's squared drift."""
+        device, dtype = self._device(), self._dtype()
+        pieces: list[Tensor] = []
+        layout: list[tuple[str, tuple[int, int], tuple[int, int]]] = []
+        with self._full_precision():
+            for name, shard in self.shards.items():
+                if not shard.full and shard.k == 0:
+                    continue
+                b = local_tensor(self.lora[name].b).to(dtype)
+                a = local_tensor(self.lora[name].a).to(dtype)
+                r, (start, end) = b.shape[1], self.a_rows[name]
+                if shard.full:
+                    rows_of_a = a.new_zeros(r, shard.shape[1])
+                    rows_of_a[start:end] = a
+                    pieces += [b.transpose(0, 1) @ b, rows_of_a]
+                    layout.append((name, (r, r), (r, shard.shape[1])))
+                else:
+                    u, v = shard.u_rows.to(device, dtype), shard.v.to(device, dtype)
+                    y = a.new_zeros(r, shard.k)
+                    y[start:end] = a @ v
+                    pieces += [u.transpose(0, 1) @ b, y]
+                    layout.append((name, (shard.k, r), (r, shard.k)))
+            factors: dict[str, tuple[Tensor, ...]] = {}
+            squared: dict[str, Tensor] = {}
+            if pieces:
+                buffer = self._reduce(pieces)
+                offset = 0
+                for name, first, second in layout:
+                    size = first[0] * first[1]
+                    left = buffer[offset : offset + size].reshape(first)
+                    right = buffer[offset + size : offset + size + second[0] * second[1]].reshape(second)
+                    offset += size + second[0] * second[1]
+                    s = self.lora[name].scaling
+                    if self.shards[name].full:
+                        gram_a = right @ right.transpose(0, 1)
+                        factors[name] = (left, right, gram_a)
+                        squared[name] = (s * s * (left * gram_a).sum()).clamp(min=0)
+                    else:
+                        m = s * (left @ right)
+                        factors[name] = (left, right, m)
+                        squared[name] = m.pow(2).sum()
+        for name in self.shards:
+            squared.setdefault(name, torch.zeros((), dtype=dtype, device=device))
+        return factors, squared
+
+    @torch.no_grad()
+    def residuals(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``(M, squared)``: the reduced k x k blocks ``M = s (Uk^T B)(A Vk)`` of the projected matrices and
+        every matrix's squared drift (full mode: ``s^2 ||B A||^2``). One all-reduce."""
+        factors, squared = self._factors()
+        return {n: f[2] for n, f in factors.items() if not self.shards[n].full}, squared
+
+    def _squared(self) -> dict[str, Tensor]:
+        return self._factors()[1]
+
+    def _apply_grad(self) -> dict[str, Tensor]:
+        factors, squared = self._factors()
+        device = self._device()
+        with self._full_precision():
+            for name, parts in self.lora.items():
+                if name not in factors:
+                    continue
+                shard, s = self.shards[name], parts.scaling
+                grad_b, grad_a = _local_grad(parts.b), _local_grad(parts.a)
+                start, end = self.a_rows[name]
+                if shard.full:
+                    # d/dB = 2 lam s^2 B (A A^T);  d/dA = 2 lam s^2 (B^T B) A
+                    gram_b, a_full, gram_a = factors[name]
+                    scale = 2.0 * self.lam * s * s
+                    if grad_b.shape[0] > 0:
+                        b = local_tensor(parts.b).to(gram_a.dtype)
+                        grad_b.add_((b @ gram_a).to(grad_b.dtype), alpha=scale)
+                    if end > start:
+                        grad_a.add_((gram_b[start:end] @ a_full).to(grad_a.dtype), alpha=scale)
+                    continue
+                # d/dB = 2 lam s U (M Y^T);  d/dA = 2 lam s (X^T M) V^T
+                x, y, m = factors[name]
+                scale = 2.0 * self.lam * s
+                if grad_b.shape[0] > 0:
+                    u = shard.u_rows.to(device, m.dtype)
+                    grad_b.add_((u @ (m @ y.transpose(0, 1))).to(grad_b.dtype), alpha=scale)
+                if end > start:
+                    v = shard.v.to(device, m.dtype)
+                    grad_a.add_(
+                        ((x[:, start:end].transpose(0, 1) @ m) @ v.transpose(0, 1)).to(grad_a.dtype),
+                        alpha=scale,
+                    )
+        return squared

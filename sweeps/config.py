@@ -702,7 +702,14 @@ class SweepConfig(BaseModel):
 
     def _try(self, where: str, params: dict[str, Any]) -> None:
         try:
-            self.trial_train_config(params)
+            train_config = self.trial_train_config(params)
+            if train_config.resources.distributed:  # what sharded training cannot run fails here too
+                from rpsft_core.sharded_train import check_sharded_settings
+
+                try:
+                    check_sharded_settings(train_config)
+                except ConfigError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
         except ValidationError as exc:
             err = exc.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else ""

@@ -229,11 +229,14 @@ def build_scheduler(config: SweepConfig) -> Any:
     return FIFOScheduler()
 
 
+DRIVER_MEMORY_BYTES = 512 * 2**20  # what a trial that drives Ray Train workers reserves (no CPU, no GPU)
+
+
 def trainable(config: SweepConfig, context: SweepContext) -> Any:
     from ray import tune
 
-    if config.resources.distributed:  # the trial only drives its Ray Train workers, which hold the resources
-        resources = {"cpu": 0, "gpu": 0}
+    if config.resources.distributed:  # the trial only drives its Ray Train workers, which hold the CPUs/GPUs
+        resources = {"cpu": 0, "gpu": 0, "memory": DRIVER_MEMORY_BYTES}
     else:
         resources = {"cpu": config.resources.cpus, "gpu": config.resources.gpus}
     return tune.with_resources(tune.with_parameters(run_trial, context=context), resources)

@@ -48,9 +48,14 @@ class MlflowStepLogger(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            values = {name: logs[key] for key, name in self.keys.items() if key in logs}
+            self.log(logs, state.global_step)
+
+    def log(self, logs: dict[str, Any], step: int) -> None:
+        """Queue the per-step keys of ``logs`` (the Trainer's names) for the run, at ``step``."""
+        values = {name: logs[key] for key, name in self.keys.items() if key in logs}
+        if values:
             self.pending += tracking.log_metrics(
-                self.client, self.run_id, values, step=state.global_step, synchronous=False
+                self.client, self.run_id, values, step=step, synchronous=False
             )
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -62,7 +67,7 @@ class MlflowStepLogger(TrainerCallback):
             operation.wait()
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = max(0, round(seconds))
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
@@ -91,7 +96,7 @@ class TuneProgress(TrainerCallback):
         self.report(
             {
                 "progress": f"{state.global_step}/{state.max_steps}",
-                "eta": _duration(left),
+                "eta": duration(left),
                 "step": state.global_step,
             }
         )
@@ -186,9 +191,14 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 "trial_id": trial_id,
             },
         )
-        metrics = _train_and_score(
-            config, context, train_config, scorer, client, run_id, report, extra_callbacks=fault_callbacks
-        )
+        if train_config.resources.distributed:
+            from sweeps.distributed_trial import train_and_score_on_workers
+
+            metrics = train_and_score_on_workers(context, train_config, trial_id, run_id)
+        else:
+            metrics = _train_and_score(
+                config, context, train_config, scorer, client, run_id, report, extra_callbacks=fault_callbacks
+            )
         result = {**metrics, **scorer.primary(metrics)}
         tracking.log_metrics(client, run_id, result, step=train_config.max_steps or 0)
         tracking.log_json_artifact(
@@ -238,7 +248,19 @@ def train_and_score(
         progress=False,
         print_logs=False,
     )
-    trained = result.model.eval()
+    metrics, items = score_trained(config, train_config, scorer, result.model.eval(), tokenizer)
+    metrics.update(training_summary(result.metrics, result.drift))
+    return result, metrics, items
+
+
+def score_trained(
+    config: SweepConfig, train_config: Any, scorer: TrialScorer, trained: Any, tokenizer: Any
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``(metrics, per-item scores)`` of a trained model, with the base model beside it when the KL is scored."""
+    import torch
+
+    from rpsft_core.models import load_model
+
     base_model = None
     if config.evaluation.loss.kl:
         base_model, _ = load_model(
@@ -247,17 +269,36 @@ def train_and_score(
         base_model.to(next(trained.parameters()).device).eval()
     with torch.no_grad():
         metrics, items, _ = scorer.final_scores(trained, tokenizer, base_model=base_model)
-    drift = result.drift
-    metrics.update(
-        {
-            "train_loss": result.metrics["train_loss"],
-            "train_seconds": result.metrics["train_seconds"],
-            "resumed_from_step": result.metrics["resumed_from_step"],
-            "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
-            "drift_max": max(drift.values()) if drift else 0.0,
-        }
+    return metrics, items
+
+
+def training_summary(train_metrics: dict[str, Any], drift: dict[str, float]) -> dict[str, float]:
+    """The training numbers a trial's result carries: loss, time, the resumed step, and the protected drift."""
+    return {
+        "train_loss": train_metrics["train_loss"],
+        "train_seconds": train_metrics["train_seconds"],
+        "resumed_from_step": train_metrics["resumed_from_step"],
+        "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
+        "drift_max": max(drift.values()) if drift else 0.0,
+    }
+
+
+def log_trained(
+    config: SweepConfig,
+    client: Any,
+    run_id: str,
+    trained: Any,
+    items: dict[str, Any],
+    train_metrics: dict[str, Any],
+) -> dict[str, float]:
+    """The trained trial's records on its run: item scores, rotation against the base subspaces (its numbers
+    returned) and the training record."""
+    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
+    rotation = _log_rotation(config, trained, client, run_id) if config.evaluation.rotation else {}
+    tracking.log_json_artifact(
+        client, run_id, "train_metrics.json", {k: v for k, v in train_metrics.items() if k != "config"}
     )
-    return result, metrics, items
+    return rotation
 
 
 def _train_and_score(
@@ -284,15 +325,7 @@ def _train_and_score(
         with contextlib.suppress(Exception):  # the steps before a failure stay on record; its cause is raised
             step_logger.flush()
         raise
-    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
-    if config.evaluation.rotation:
-        metrics.update(_log_rotation(config, result.model, client, run_id))
-    tracking.log_json_artifact(
-        client,
-        run_id,
-        "train_metrics.json",
-        {k: v for k, v in result.metrics.items() if k not in ("config",)},
-    )
+    metrics.update(log_trained(config, client, run_id, result.model, items, result.metrics))
     return metrics
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -106,3 +109,10 @@ def run_quietly(raw: dict[str, Any]):
     from sweeps.runner import run_sweep
 
     return run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
+
+
+def rpsft(*args: str, **kwargs: Any) -> subprocess.Popen:
+    """The ``rpsft`` CLI of this venv in a new session (offline), so a test can kill it and all it started."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [str(Path(sys.executable).parent / "rpsft"), *args]
+    return subprocess.Popen(cmd, cwd=kwargs.pop("cwd"), env=env, start_new_session=True, **kwargs)

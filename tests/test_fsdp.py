@@ -103,3 +103,22 @@ def test_fsdp2_two_ranks_train_like_one_process(k, activation_checkpointing, tmp
     if k != 0:
         assert history[-1]["penalty"] > 0  # zero at the pretrained weights, then the drift is penalized
     assert sharded["drift"] == pytest.approx(drift, rel=1e-9)
+
+
+def test_micro_batches_of_one_step_give_the_update_of_the_whole_batch():
+    """Gradient accumulation: each step given as 2 micro-batches (rows 0-1, rows 2-4 with other tokens counts)
+    trains like the whole global batch, because the loss is divided by the tokens of the whole step."""
+    whole, split = tiny_llama(), tiny_llama()
+    reg_whole = RPSFTRegularizer(compute_bases(select_matrices(whole, "all"), 4), lam=LAM)
+    reg_split = RPSFTRegularizer(compute_bases(select_matrices(split, "all"), 4), lam=LAM)
+    want = train_steps(whole, batches(), adamw(whole, LR, 0.01), penalty=reg_whole)
+    steps = [[{k: v[:2] for k, v in b.items()}, {k: v[2:] for k, v in b.items()}] for b in batches()]
+    got = train_steps(split, steps, adamw(split, LR, 0.01), penalty=reg_split)
+    initial = tiny_llama().state_dict()
+    for name, weight in full_state(whole).items():
+        moved = (weight - initial[name]).norm()
+        assert (full_state(split)[name] - weight).norm() <= 1e-9 * moved, name
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+        assert a["penalty"] == pytest.approx(b["penalty"], rel=1e-9, abs=1e-20)
+        assert a["learning_rate"] == b["learning_rate"] == LR

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PAPER_DATA
-from sweep_helpers import drop_pg_schema, pg_available, pg_schema, sweep_dict
+from sweep_helpers import drop_pg_schema, pg_available, pg_schema, rpsft, sweep_dict
 from sweep_helpers import run_quietly as run
 
 pytestmark = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
@@ -213,12 +213,6 @@ def test_concurrent_trials_on_postgres_lose_nothing(tmp_path, tiny_dir):
 # ----------------------------------------------------------------------------------------------- kill / resume
 
 
-def rpsft(*args, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [str(Path(sys.executable).parent / "rpsft"), *args]
-    return subprocess.Popen(cmd, cwd=kwargs.pop("cwd"), env=env, start_new_session=True, **kwargs)
-
-
 @pytest.mark.slow
 @pytest.mark.integration
 def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir):
@@ -315,6 +309,13 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
         ({"train": {"lr_scheduler": "nope"}}, "train.lr_scheduler"),
         ({"objective": {"mode": "pareto"}, "scheduler": {"type": "asha"}}, "scheduler.type"),
         ({"resources": {"cpus": 0}}, "resources.cpus"),
+        ({"resources": {"workers": 2, "gpus": 1}}, "gpus_per_worker: 1 and gpus: 0"),
+        ({"resources": {"workers": 2}, "evaluation": {"every": 1}}, "evaluation.every"),
+        (
+            {"resources": {"workers": 2}, "references": ["sft", {"method": "osf", "k": 4}]},
+            "sharded training runs only",
+        ),
+        ({"resources": {"workers": 2}, "train": {"mixed_precision": "fp16"}}, "fp16"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path, tiny_dir, override, field):

@@ -1,0 +1,143 @@
+"""A trial over several workers: a Ray Train ``TorchTrainer`` inside the Tune trial (``resources.workers > 1``).
+
+The Tune trial (:func:`sweeps.trial.run_trial`) starts ``resources.workers`` Ray Train workers joined in one
+process group (gloo on CPUs, NCCL on GPUs). Each runs :func:`rpsft_core.sharded_train.train_on_rank`: FSDP2 or
+DDP, the data sharded across the workers, the penalty on each worker's rows, checkpoints through
+``torch.distributed.checkpoint`` in the trial's directory (a retried trial resumes from them).
+
+After every optimizer step all workers report to Ray Train, and :class:`TuneReportCallback` hands rank 0's
+progress on to the Tune trial (the driver's table); rank 0 also logs the step to the trial's MLflow run. After
+training, rank 0 loads the consolidated checkpoint, scores it exactly as a one-process trial is scored, and
+logs the item scores; its numbers come back in the Ray Train result (under ``score/``), and the Tune trial
+records and reports them as any trial does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sweeps import tracking
+from sweeps.store import SweepContext, SweepStore
+
+SCORE_PREFIX = "score/"
+SCORES_FILE = "scores.json"  # rank 0's scores, in the checkpoint of its last report
+
+
+def scaling_config(resources: Any) -> Any:
+    """Ray Train's :class:`ScalingConfig` for :class:`rpsft_core.config.Resources`."""
+    from ray.train import ScalingConfig
+
+    use_gpu = resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
+    return ScalingConfig(num_workers=resources.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
+def train_and_score_on_workers(
+    context: SweepContext, train_config: Any, trial_id: str, run_id: str
+) -> dict[str, float]:
+    """Train ``train_config`` on its workers and score it; returns the trial's metrics (as
+    :func:`sweeps.trial.train_and_score` does for one process)."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sweeps.config import SweepConfig
+
+    config = SweepConfig.model_validate(context.config)
+    resources = train_config.resources
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config={
+            "context": context,
+            "train_config": train_config.model_dump(mode="json", by_alias=True),
+            "run_id": run_id,
+        },
+        scaling_config=scaling_config(resources),
+        torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker > 0 else "gloo"),
+        run_config=RunConfig(
+            name=f"train-{trial_id}",
+            storage_path=str(SweepStore.of(config).dir / "ray_train"),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    reported = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as record_dir:
+            reported.update(json.loads((Path(record_dir) / SCORES_FILE).read_text()))
+    metrics = {
+        key.removeprefix(SCORE_PREFIX): value
+        for key, value in reported.items()
+        if key.startswith(SCORE_PREFIX)
+    }
+    if not metrics:
+        raise RuntimeError(f"trial {trial_id}: the workers finished without scores (rank 0 reported none)")
+    return metrics
+
+
+def worker_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: train on this rank; rank 0 then scores, logs and reports the result."""
+    import ray.train
+    import torch
+
+    from rpsft_core.config import TrainConfig
+    from rpsft_core.sharded_train import train_on_rank
+    from sweeps.config import SweepConfig
+    from sweeps.scoring import TrialScorer
+    from sweeps.trial import MlflowStepLogger, duration, log_trained, score_trained, training_summary
+
+    context: SweepContext = loop_config["context"]
+    config = SweepConfig.model_validate(context.config)
+    train_config = TrainConfig.model_validate(loop_config["train_config"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(max(1, int(train_config.resources.cpus)))
+    client = tracking.client_for(context.tracking_uri) if rank == 0 else None
+    step_logger = MlflowStepLogger(client, loop_config["run_id"]) if rank == 0 else None
+    started = time.monotonic()
+
+    def on_step(record: dict[str, Any]) -> None:
+        step, max_steps = int(record["step"]), int(record["max_steps"])
+        if step_logger is not None:
+            step_logger.log({key: value for key, value in record.items() if value is not None}, step)
+        per_step = (time.monotonic() - started) / max(step, 1)
+        progress = {"progress": f"{step}/{max_steps}", "eta": duration((max_steps - step) * per_step)}
+        ray.train.report({**progress, "step": step, "final": False})
+
+    # rank 0 scores the consolidated checkpoint; it stays only for a trial whose weights may be kept
+    train_config = train_config.model_copy(update={"save_model": True})
+    result = train_on_rank(
+        train_config, bases_dir=context.bases_dir, on_step=on_step, on_step_every_rank=True
+    )
+    final: dict[str, Any] = {}
+    if rank == 0:
+        from rpsft_core.models import load_model, load_tokenizer
+
+        step_logger.flush()
+        tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
+        trained, _ = load_model(str(result.model_dir), dtype=train_config.dtype)
+        device = ray.train.torch.get_device()
+        trained.to(device).eval()
+        scorer = TrialScorer(config, context.base_key, context.cache_dir)
+        metrics, items = score_trained(config, train_config, scorer, trained, tokenizer)
+        metrics.update(training_summary(result.metrics, result.drift))
+        metrics.update(log_trained(config, client, loop_config["run_id"], trained, items, result.metrics))
+        final = {SCORE_PREFIX + key: value for key, value in metrics.items()}
+        del trained
+        if not config.keep.any:
+            shutil.rmtree(result.model_dir, ignore_errors=True)
+    steps = int(result.metrics.get("global_steps", 0))
+    shown = {"progress": f"{steps}/{steps}", "eta": "scored", "step": steps, "final": False}
+    if rank != 0:
+        ray.train.report(shown)
+        return
+    # Ray Train keeps a run's last metrics with its checkpoints: rank 0 reports its scores with one
+    with tempfile.TemporaryDirectory() as record_dir:
+        (Path(record_dir) / SCORES_FILE).write_text(json.dumps(final))
+        ray.train.report({**final, **shown}, checkpoint=ray.train.Checkpoint.from_directory(record_dir))
