@@ -116,3 +116,23 @@ def rpsft(*args: str, **kwargs: Any) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [str(Path(sys.executable).parent / "rpsft"), *args]
     return subprocess.Popen(cmd, cwd=kwargs.pop("cwd"), env=env, start_new_session=True, **kwargs)
+
+
+def resume_cli(name: str, root: Path, timeout: float) -> str:
+    """``rpsft sweep resume <name> --root <root>/sweeps`` to the end; asserts it succeeded and chose an operating
+    point, and returns its output."""
+    proc = rpsft(
+        "sweep",
+        "resume",
+        name,
+        "--root",
+        str(root / "sweeps"),
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    assert "operating point" in out
+    return out

@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 from conftest import PAPER_DATA
-from sweep_helpers import rpsft, sweep_dict
+from sweep_helpers import resume_cli, rpsft, sweep_dict
 
 pytestmark = [
     pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present"),
@@ -73,20 +73,7 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_and_nests_its_runs(tmp_path
     before = {r.data.tags["rpsft.trial_id"]: r for r in finished()}
     assert len(before) == 1
 
-    second = rpsft(
-        "sweep",
-        "resume",
-        "workers2",
-        "--root",
-        str(tmp_path / "sweeps"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out, _ = second.communicate(timeout=1200)
-    assert second.returncode == 0, out[-4000:]
-    assert "operating point" in out
+    resume_cli("workers2", tmp_path, timeout=1200)
 
     parents, runs = trial_runs(client, tmp_path)
     assert len(parents) == 1

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PAPER_DATA
-from sweep_helpers import drop_pg_schema, pg_available, pg_schema, rpsft, sweep_dict
+from sweep_helpers import drop_pg_schema, pg_available, pg_schema, resume_cli, rpsft, sweep_dict
 from sweep_helpers import run_quietly as run
 
 pytestmark = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
@@ -257,20 +257,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
     optuna_url = f"sqlite:///{tmp_path / 'sweeps' / 'killme' / 'optuna.db'}"
     optuna.load_study(study_name="killme", storage=optuna_url).ask()
 
-    second = rpsft(
-        "sweep",
-        "resume",
-        "killme",
-        "--root",
-        str(tmp_path / "sweeps"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    out, _ = second.communicate(timeout=900)
-    assert second.returncode == 0, out[-3000:]
-    assert "operating point" in out
+    out = resume_cli("killme", tmp_path, timeout=900)
 
     exp = client.get_experiment_by_name("rpsft-sweeps")
     runs = client.search_runs([exp.experiment_id], "tags.`rpsft.role` = 'trial'")
