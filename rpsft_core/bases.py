@@ -303,6 +303,68 @@ def load_bases(path: str | os.PathLike, expected_fingerprint: str | None = None)
     )
 
 
+def _cache_path(
+    selection: dict[str, nn.Parameter],
+    k: KSpec,
+    cache_dir: str | os.PathLike,
+    method: str,
+    dtype: torch.dtype | None,
+) -> tuple[str, Path]:
+    """``(fingerprint, file)`` of the cached bases of ``selection``: the file is named by the fingerprint of
+    (weights, selection, method, dtype), and a file computed at a larger k serves every smaller k (except for
+    randomized bases, which depend on the k they were sketched at)."""
+    extra = f"dtype={dtype}" + (f";k={k}" if method == "randomized" else "")
+    fingerprint = weights_fingerprint(selection, method, extra=extra)
+    return fingerprint, Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
+
+
+def _file_covers(path: Path, fingerprint: str, k: KSpec) -> bool:
+    """Whether the bases file at ``path`` belongs to ``fingerprint`` and holds at least rank ``k`` for every
+    matrix, read from its header and tensor shapes only (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("fingerprint") != fingerprint:
+                return False
+            keys = set(handle.keys())
+            for name, shape in json.loads(metadata["shapes"]).items():
+                shape = (int(shape[0]), int(shape[1]))
+                kk = resolve_k(k, shape)
+                if f"{name}::w0" in keys:
+                    if kk != min(shape):
+                        return False
+                elif kk == min(shape) or kk > handle.get_slice(f"{name}::v").get_shape()[1]:
+                    return False
+    except Exception:  # noqa: BLE001  # unreadable or truncated: not a usable cache file
+        return False
+    return True
+
+
+def ensure_bases_file(
+    selection: dict[str, nn.Parameter],
+    k: KSpec,
+    *,
+    cache_dir: str | os.PathLike,
+    method: str = "exact",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> Path | None:
+    """The cached bases file of :func:`load_or_compute_bases` that covers ``k``, computed and saved only when
+    none does; the tensors of an existing file are not loaded (a sharded run reads its slices from it).
+    ``None`` at full rank, which keeps ``W0`` and caches nothing."""
+    if all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values()):
+        return None
+    fingerprint, path = _cache_path(selection, k, cache_dir, method, dtype)
+    if path.exists() and _file_covers(path, fingerprint, k):
+        return path
+    bases = compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
+    bases.fingerprint = fingerprint
+    save_bases(bases, path, k)
+    return path
+
+
 def load_or_compute_bases(
     selection: dict[str, nn.Parameter],
     k: KSpec,
@@ -321,9 +383,7 @@ def load_or_compute_bases(
         # full rank keeps W0 itself: a copy, nothing worth caching (and a sweep's shared file stays intact)
         return compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
     # Slicing is exact for exact/gram bases; randomized ones depend on the k they were sketched at.
-    extra = f"dtype={dtype}" + (f";k={k}" if method == "randomized" else "")
-    fingerprint = weights_fingerprint(selection, method, extra=extra)
-    path = Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
+    fingerprint, path = _cache_path(selection, k, cache_dir, method, dtype)
     if path.exists():
         try:
             stored, _ = load_bases(path, expected_fingerprint=fingerprint)

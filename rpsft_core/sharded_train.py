@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rpsft_core.bases import Bases, load_bases, load_or_compute_bases, resolve_k, save_bases
+from rpsft_core.bases import Bases, ensure_bases_file, load_bases, load_or_compute_bases, resolve_k
 from rpsft_core.config import TrainConfig
 from rpsft_core.errors import ConfigError
 from rpsft_core.fsdp import (
@@ -137,18 +137,6 @@ class BasesSource:
     bases: Bases | None = None
 
 
-def cached_bases_file(
-    selection: dict[str, nn.Parameter], k: int | float, *, cache_dir: str | os.PathLike, method: str = "exact"
-) -> tuple[Path | None, Bases]:
-    """:func:`load_or_compute_bases` and the cache file that holds them: ``(path, bases)``; the path is None
-    at full rank, which keeps ``W0`` and caches nothing."""
-    bases = load_or_compute_bases(selection, k, cache_dir=cache_dir, method=method)
-    if not bases.fingerprint:
-        return None, bases
-    path = Path(cache_dir) / f"{bases.fingerprint[:32]}.safetensors"
-    return (path if path.is_file() else None), bases
-
-
 def _all_full_rank(selection: dict[str, nn.Parameter], k: int | float) -> bool:
     return all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values())
 
@@ -185,24 +173,14 @@ def prepare_bases_source(
             bases=load_or_compute_bases(selection, k, cache_dir=cache_dir, method=config.basis_method)
         )
 
-    computed: dict[str, Bases] = {}
+    def find_or_compute() -> str:
+        # the sweep's shared file when it covers k (found without loading its tensors), else computed once
+        return str(ensure_bases_file(selection, k, cache_dir=cache_dir, method=config.basis_method))
 
-    def compute() -> tuple[str, str]:
-        path, bases = cached_bases_file(selection, k, cache_dir=cache_dir, method=config.basis_method)
-        if path is None:  # no cache file to share: this run's own file
-            path = Path(config.output_dir) / "bases.safetensors"
-            save_bases(bases, path, k)
-        computed["bases"] = bases
-        return str(path), bases.fingerprint
-
-    path_text, fingerprint = _from_rank0(compute, "bases")
-    path = Path(path_text)
+    path = Path(_from_rank0(find_or_compute, "bases"))
     if strategy == "fsdp2":
-        computed.clear()  # rank 0's full bases are not kept: each rank reads its slices
-        return BasesSource(path=path, fingerprint=fingerprint)
-    bases = computed.get("bases")
-    if bases is None:
-        bases = load_bases(path, expected_fingerprint=fingerprint)[0].truncate(k)
+        return BasesSource(path=path)  # each rank reads its slices
+    bases = load_bases(path)[0].truncate(k)
     return BasesSource(bases=bases.to(device))
 
 

@@ -154,3 +154,32 @@ def test_a_damaged_cache_file_is_recomputed_never_used(tmp_path, monkeypatch, da
     for name, entry in good.entries.items():
         assert torch.equal(entry.u, again.entries[name].u)
     load_bases(path)  # and the rewritten file passes its check
+
+
+def test_ensure_bases_file_finds_the_shared_file_without_loading_it(tmp_path, monkeypatch):
+    """A sharded run's rank 0 finds the sweep's file (the one ``load_or_compute_bases`` wrote) from its header
+    alone: no tensor is loaded, nothing is recomputed; a larger k or damaged file is computed anew."""
+    from rpsft_core.bases import ensure_bases_file
+
+    selection = _selection()
+    load_or_compute_bases(selection, 8, cache_dir=tmp_path)  # the sweep's shared file, at k = 8
+    (shared,) = tmp_path.glob("*.safetensors")
+    counter = _CountingCompute(monkeypatch)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the bases file was loaded")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bases_module, "load_file", no_load)
+        assert ensure_bases_file(selection, 8, cache_dir=tmp_path) == shared
+        assert ensure_bases_file(selection, 3, cache_dir=tmp_path) == shared  # sliced later, per rank
+        assert ensure_bases_file(selection, 0.1, cache_dir=tmp_path) == shared  # a fraction within k = 8
+    assert counter.calls == 0
+    assert ensure_bases_file(selection, 12, cache_dir=tmp_path) == shared  # larger k: computed, same name
+    assert counter.calls == 1 and load_bases(shared)[1] == 12
+    raw = bytearray(shared.read_bytes())
+    shared.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated: not a usable file
+    assert ensure_bases_file(selection, 12, cache_dir=tmp_path) == shared
+    assert counter.calls == 2 and load_bases(shared)[1] == 12
+    assert ensure_bases_file(selection, 1.0, cache_dir=tmp_path) is None  # full rank keeps W0, no file
+    assert counter.calls == 2
