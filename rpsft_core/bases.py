@@ -318,6 +318,25 @@ def _cache_path(
     return fingerprint, Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
 
 
+def _full_rank_everywhere(selection: dict[str, nn.Parameter], k: KSpec) -> bool:
+    return all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values())
+
+
+def _compute_and_save(
+    selection: dict[str, nn.Parameter],
+    k: KSpec,
+    fingerprint: str,
+    path: Path,
+    method: str,
+    dtype: torch.dtype | None,
+    progress: bool,
+) -> Bases:
+    bases = compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
+    bases.fingerprint = fingerprint
+    save_bases(bases, path, k)
+    return bases
+
+
 def _file_covers(path: Path, fingerprint: str, k: KSpec) -> bool:
     """Whether the bases file at ``path`` belongs to ``fingerprint`` and holds at least rank ``k`` for every
     matrix, read from its header and tensor shapes only (no tensor is loaded)."""
@@ -354,14 +373,12 @@ def ensure_bases_file(
     """The cached bases file of :func:`load_or_compute_bases` that covers ``k``, computed and saved only when
     none does; the tensors of an existing file are not loaded (a sharded run reads its slices from it).
     ``None`` at full rank, which keeps ``W0`` and caches nothing."""
-    if all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values()):
+    if _full_rank_everywhere(selection, k):
         return None
     fingerprint, path = _cache_path(selection, k, cache_dir, method, dtype)
     if path.exists() and _file_covers(path, fingerprint, k):
         return path
-    bases = compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
-    bases.fingerprint = fingerprint
-    save_bases(bases, path, k)
+    _compute_and_save(selection, k, fingerprint, path, method, dtype, progress)
     return path
 
 
@@ -379,7 +396,7 @@ def load_or_compute_bases(
     The file name is the fingerprint of (weights, selection, method); a file computed at a larger k serves
     every smaller k. A corrupt file is recomputed.
     """
-    if all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values()):
+    if _full_rank_everywhere(selection, k):
         # full rank keeps W0 itself: a copy, nothing worth caching (and a sweep's shared file stays intact)
         return compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
     # Slicing is exact for exact/gram bases; randomized ones depend on the k they were sketched at.
@@ -392,7 +409,4 @@ def load_or_compute_bases(
                 return stored.truncate(k).to(device).bind(selection)
         except BasisCacheError:
             pass
-    bases = compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
-    bases.fingerprint = fingerprint
-    save_bases(bases, path, k)
-    return bases
+    return _compute_and_save(selection, k, fingerprint, path, method, dtype, progress)
