@@ -318,7 +318,8 @@ def _cache_path(
     return fingerprint, Path(cache_dir) / f"{fingerprint[:32]}.safetensors"
 
 
-def _full_rank_everywhere(selection: dict[str, nn.Parameter], k: KSpec) -> bool:
+def full_rank_everywhere(selection: dict[str, nn.Parameter], k: KSpec) -> bool:
+    """Whether ``k`` resolves to full rank on every selected matrix (bases are then ``W0`` itself)."""
     return all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values())
 
 
@@ -373,7 +374,7 @@ def ensure_bases_file(
     """The cached bases file of :func:`load_or_compute_bases` that covers ``k``, computed and saved only when
     none does; the tensors of an existing file are not loaded (a sharded run reads its slices from it).
     ``None`` at full rank, which keeps ``W0`` and caches nothing."""
-    if _full_rank_everywhere(selection, k):
+    if full_rank_everywhere(selection, k):
         return None
     fingerprint, path = _cache_path(selection, k, cache_dir, method, dtype)
     if path.exists() and _file_covers(path, fingerprint, k):
@@ -396,7 +397,7 @@ def load_or_compute_bases(
     The file name is the fingerprint of (weights, selection, method); a file computed at a larger k serves
     every smaller k. A corrupt file is recomputed.
     """
-    if _full_rank_everywhere(selection, k):
+    if full_rank_everywhere(selection, k):
         # full rank keeps W0 itself: a copy, nothing worth caching (and a sweep's shared file stays intact)
         return compute_bases(selection, k, method=method, dtype=dtype, progress=progress)
     # Slicing is exact for exact/gram bases; randomized ones depend on the k they were sketched at.

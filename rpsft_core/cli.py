@@ -61,7 +61,7 @@ def train(
     )
     overrides["lambda"] = lam
     if workers is not None:
-        overrides["resources"] = {**_config_resources(config), "workers": workers}
+        overrides["resources"] = {"workers": workers}
     cfg = load_train_config(config, overrides)
     from rpsft_core.memory import preflight_train_memory
 
@@ -88,16 +88,6 @@ def train(
     }
     typer.echo(json.dumps(summary, indent=2))
     typer.echo(f"checkpoint: {result.output_dir / 'model'}\nmetrics:    {result.output_dir / 'metrics.json'}")
-
-
-def _config_resources(config: Path | None) -> dict:
-    """The ``resources`` mapping of a training YAML (empty without one), for ``--workers`` to update."""
-    if config is None:
-        return {}
-    from rpsft_core.config import read_yaml_mapping
-
-    resources = read_yaml_mapping(config, what="training YAML (see configs/)").get("resources") or {}
-    return dict(resources) if isinstance(resources, dict) else {}
 
 
 def methods() -> None:

@@ -177,15 +177,6 @@ class TrainConfig(BaseModel):
                     f"auto_k_prompts: file {source} does not exist; k: {self.k} reads OOD prompts from it. "
                     "Fix: a JSONL of OOD prompts, demo-math:N or hf:<dataset>, or a numeric k"
                 )
-        if self.resources.distributed and spec.reference_model:
-            raise ValueError(
-                f"resources.workers: {self.resources.workers} with method {self.method!r}, which keeps a frozen "
-                "reference model; it runs in one process. Fix: workers: 1"
-            )
-        if self.resources.distributed and self.optimizer not in ("adamw_torch", "adamw_torch_fused"):
-            raise ValueError(
-                f"optimizer: {self.optimizer} with resources.workers: {self.resources.workers}. Fix: adamw_torch"
-            )
         if spec.uses_lambda and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
@@ -255,9 +246,15 @@ def read_yaml_mapping(
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML file (optional) plus overrides into a validated :class:`TrainConfig` (or raise ConfigError)."""
+    """Read a YAML file (optional) plus overrides into a validated :class:`TrainConfig` (or raise ConfigError).
+    An override that is a mapping updates the file's mapping of that field (``{"resources": {"workers": 2}}``
+    keeps the file's other ``resources``)."""
     raw = read_yaml_mapping(path, what="training YAML (see configs/)") if path is not None else {}
-    raw.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        elif value is not None:
+            raw[key] = value
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:

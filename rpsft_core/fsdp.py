@@ -215,13 +215,14 @@ def train_steps(
     the learning rate the update used. The all-reduced buffers live on the parameters' device (NCCL needs
     CUDA tensors). A non-finite loss raises
     :class:`rpsft_core.trainer.NonFiniteLossError` on every rank before the update."""
-    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits, token_logprobs
+    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits, dft_loss, sft_loss, token_logprobs
     from rpsft_core.trainer import NonFiniteLossError
 
     if loss_type not in ("sft", "dft"):
         raise ValueError(f"loss_type: {loss_type!r} under FSDP2/DDP. Fix: sft or dft")
     rank, world_size = _world()
     device = next(iter(parameter_names(model).values())).device
+    step_loss = dft_loss if loss_type == "dft" else sft_loss
     clip_at = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
     history = []
     model.train()
@@ -247,8 +248,8 @@ def train_steps(
                     logits, window_labels = causal_lm_logits(
                         model, {k: v.to(device) for k, v in batch.items()}
                     )
-                logp, _ = token_logprobs(logits, window_labels)
-                token_loss = -(logp * logp.detach().exp()).sum() if loss_type == "dft" else -logp.sum()
+                logp, mask = token_logprobs(logits, window_labels)
+                token_loss = step_loss(logp, mask, num_items=1)  # the sum; scaled to the step's mean below
                 (token_loss * scale).backward()
             loss_sum += token_loss.detach().to(torch.float64)
         loss = float(_all_reduce_sum(loss_sum) / max(float(global_tokens), 1.0))

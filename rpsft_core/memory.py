@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -221,24 +220,15 @@ def protected_shapes(dims: ModelDims, layers: SelectionSpec = "all") -> dict[str
     (``model.layers.3.self_attn.q_proj.weight``), with the rules of
     :func:`~rpsft_core.selection.select_matrices`: types, layer range, regex, and a tied output head once
     (as the embedding when both are selected)."""
-    from rpsft_core.selection import _TYPE_PATTERN, resolve_spec
+    from rpsft_core.selection import name_filter
 
-    spec = resolve_spec(layers)
     names: dict[str, tuple[int, int]] = {"model.embed_tokens.weight": (dims.vocab, dims.hidden)}
     for index in range(dims.n_layers):
         for path, shape in _BLOCK_MATRICES:
             names[f"model.layers.{index}.{path}.weight"] = shape(dims)
     names["lm_head.weight"] = (dims.vocab, dims.hidden)
-    allowed = set(spec.layer_range(dims.n_layers))
-    patterns = [re.compile(_TYPE_PATTERN[t]) for t in spec.types]
-    regex = re.compile(spec.regex) if spec.regex else None
-    selected = {}
-    for name, shape in names.items():
-        layer = re.search(r"\.layers\.(\d+)\.", name)
-        if not any(p.search(name) for p in patterns) or (layer and int(layer.group(1)) not in allowed):
-            continue
-        if regex is None or regex.search(name):
-            selected[name] = shape
+    picks = name_filter(layers, dims.n_layers)
+    selected = {name: shape for name, shape in names.items() if picks(name)}
     if dims.tied_embeddings and "model.embed_tokens.weight" in selected:
         selected.pop("lm_head.weight", None)  # one parameter: selected once, under its first name
     return selected

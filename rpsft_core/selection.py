@@ -8,6 +8,7 @@ blocks live under ``...layers.<i>.`` and use the ``*_proj`` names).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -144,6 +145,26 @@ def num_decoder_layers(model: nn.Module) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def name_filter(spec: SelectionSpec, num_layers: int) -> Callable[[str], bool]:
+    """Whether a parameter name is picked by ``spec`` in a model of ``num_layers`` decoder layers: its type
+    pattern, its layer range (names outside the blocks have none) and its regex; the rule of
+    :func:`select_matrices`, also for names without a model (the memory preflight)."""
+    layer_spec = resolve_spec(spec)
+    allowed_layers = set(layer_spec.layer_range(num_layers))
+    type_patterns = [re.compile(_TYPE_PATTERN[t]) for t in layer_spec.types]
+    regex = re.compile(layer_spec.regex) if layer_spec.regex else None
+
+    def picks(name: str) -> bool:
+        if not any(p.search(name) for p in type_patterns):
+            return False
+        layer_match = _LAYER_INDEX.search(name)
+        if layer_match and int(layer_match.group(1)) not in allowed_layers:
+            return False
+        return regex is None or bool(regex.search(name))
+
+    return picks
+
+
 def select_matrices(model: nn.Module, spec: SelectionSpec = "all") -> dict[str, nn.Parameter]:
     """Return the selected 2-D weight matrices of ``model`` as ``{parameter name: Parameter}``.
 
@@ -152,20 +173,11 @@ def select_matrices(model: nn.Module, spec: SelectionSpec = "all") -> dict[str, 
     """
     layer_spec = resolve_spec(spec)
     num_layers = num_decoder_layers(model)
-    allowed_layers = set(layer_spec.layer_range(num_layers))
-    type_patterns = [re.compile(_TYPE_PATTERN[t]) for t in layer_spec.types]
-    name_filter = re.compile(layer_spec.regex) if layer_spec.regex else None
+    picks = name_filter(layer_spec, num_layers)
     selected: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
-        if param.ndim != 2 or id(param) in seen:
-            continue
-        if not any(p.search(name) for p in type_patterns):
-            continue
-        layer_match = _LAYER_INDEX.search(name)
-        if layer_match and int(layer_match.group(1)) not in allowed_layers:
-            continue
-        if name_filter is not None and not name_filter.search(name):
+        if param.ndim != 2 or id(param) in seen or not picks(name):
             continue
         selected[name] = param
         seen.add(id(param))

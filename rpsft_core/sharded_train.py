@@ -45,7 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from rpsft_core.bases import Bases, ensure_bases_file, load_bases, load_or_compute_bases, resolve_k
+from rpsft_core.bases import (
+    Bases,
+    ensure_bases_file,
+    full_rank_everywhere,
+    load_bases,
+    load_or_compute_bases,
+)
 from rpsft_core.config import TrainConfig
 from rpsft_core.errors import ConfigError
 from rpsft_core.fsdp import (
@@ -127,18 +133,12 @@ def sharded_method_plan(config: TrainConfig) -> ShardedMethodPlan:
 
 @dataclass
 class BasesSource:
-    """Where each rank's bases come from: a bases file (``path``, checked against ``fingerprint`` when
-    given), the rank's own pretrained weights (``from_weights``: full rank, each rank's rows of ``W0``), or
-    bases already in memory (``bases``, DDP)."""
+    """Where each rank's bases come from: a bases file (``path``), the rank's own pretrained weights
+    (``from_weights``: full rank, each rank's rows of ``W0``), or bases already in memory (``bases``, DDP)."""
 
     path: Path | None = None
-    fingerprint: str | None = None
     from_weights: bool = False
     bases: Bases | None = None
-
-
-def _all_full_rank(selection: dict[str, nn.Parameter], k: int | float) -> bool:
-    return all(resolve_k(k, tuple(w.shape)) == min(w.shape) for w in selection.values())
 
 
 def prepare_bases_source(
@@ -166,7 +166,7 @@ def prepare_bases_source(
         if strategy == "fsdp2":
             return BasesSource(path=path)
         return BasesSource(bases=load_bases(path)[0].truncate(k).to(device))
-    if _all_full_rank(selection, k):
+    if full_rank_everywhere(selection, k):
         if strategy == "fsdp2":
             return BasesSource(from_weights=True)
         return BasesSource(
@@ -256,7 +256,6 @@ def make_penalty(
             world_size,
             rank,
             k=k,
-            expected_fingerprint=source.fingerprint,
             lora=lora is not None,
         )
     missing = sorted(set(names) - set(shards))

@@ -8,7 +8,7 @@ DDP, the data sharded across the workers, the penalty on each worker's rows, che
 After every optimizer step all workers report to Ray Train, and :class:`TuneReportCallback` hands rank 0's
 progress on to the Tune trial (the driver's table); rank 0 also logs the step to the trial's MLflow run. After
 training, rank 0 loads the consolidated checkpoint, scores it exactly as a one-process trial is scored, and
-logs the item scores; its numbers come back in the Ray Train result (under ``score/``), and the Tune trial
+logs the item scores; its numbers come back in the checkpoint of its last report, and the Tune trial
 records and reports them as any trial does.
 """
 
@@ -24,7 +24,6 @@ from typing import Any
 from sweeps import tracking
 from sweeps.store import SweepContext, SweepStore
 
-SCORE_PREFIX = "score/"
 SCORES_FILE = "scores.json"  # rank 0's scores, in the checkpoint of its last report
 
 
@@ -68,36 +67,34 @@ def train_and_score_on_workers(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    reported = dict(result.metrics or {})
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as record_dir:
-            reported.update(json.loads((Path(record_dir) / SCORES_FILE).read_text()))
-    metrics = {
-        key.removeprefix(SCORE_PREFIX): value
-        for key, value in reported.items()
-        if key.startswith(SCORE_PREFIX)
-    }
-    if not metrics:
+    if result.checkpoint is None:
         raise RuntimeError(f"trial {trial_id}: the workers finished without scores (rank 0 reported none)")
-    return metrics
+    with result.checkpoint.as_directory() as record_dir:
+        return json.loads((Path(record_dir) / SCORES_FILE).read_text())
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: train on this rank; rank 0 then scores, logs and reports the result."""
     import ray.train
-    import torch
 
     from rpsft_core.config import TrainConfig
     from rpsft_core.sharded_train import train_on_rank
     from sweeps.config import SweepConfig
     from sweeps.scoring import TrialScorer
-    from sweeps.trial import MlflowStepLogger, duration, log_trained, score_trained, training_summary
+    from sweeps.trial import (
+        MlflowStepLogger,
+        _torch_threads,
+        duration,
+        log_trained,
+        score_trained,
+        training_summary,
+    )
 
     context: SweepContext = loop_config["context"]
     config = SweepConfig.model_validate(context.config)
     train_config = TrainConfig.model_validate(loop_config["train_config"])
     rank = ray.train.get_context().get_world_rank()
-    torch.set_num_threads(max(1, int(train_config.resources.cpus)))
+    _torch_threads(train_config.resources.cpus)
     client = tracking.client_for(context.tracking_uri) if rank == 0 else None
     step_logger = MlflowStepLogger(client, loop_config["run_id"]) if rank == 0 else None
     started = time.monotonic()
@@ -105,7 +102,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     def on_step(record: dict[str, Any]) -> None:
         step, max_steps = int(record["step"]), int(record["max_steps"])
         if step_logger is not None:
-            step_logger.log({key: value for key, value in record.items() if value is not None}, step)
+            step_logger.log(record, step)
         per_step = (time.monotonic() - started) / max(step, 1)
         progress = {"progress": f"{step}/{max_steps}", "eta": duration((max_steps - step) * per_step)}
         ray.train.report({**progress, "step": step, "final": False})
@@ -115,7 +112,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     result = train_on_rank(
         train_config, bases_dir=context.bases_dir, on_step=on_step, on_step_every_rank=True
     )
-    final: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
     if rank == 0:
         from rpsft_core.models import load_model, load_tokenizer
 
@@ -128,7 +125,6 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         metrics, items = score_trained(config, train_config, scorer, trained, tokenizer)
         metrics.update(training_summary(result.metrics, result.drift))
         metrics.update(log_trained(config, client, loop_config["run_id"], trained, items, result.metrics))
-        final = {SCORE_PREFIX + key: value for key, value in metrics.items()}
         del trained
         if not config.keep.any:
             shutil.rmtree(result.model_dir, ignore_errors=True)
@@ -137,7 +133,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     if rank != 0:
         ray.train.report(shown)
         return
-    # Ray Train keeps a run's last metrics with its checkpoints: rank 0 reports its scores with one
+    # the scores travel in the checkpoint of rank 0's last report (Tune sees only the progress)
     with tempfile.TemporaryDirectory() as record_dir:
-        (Path(record_dir) / SCORES_FILE).write_text(json.dumps(final))
-        ray.train.report({**final, **shown}, checkpoint=ray.train.Checkpoint.from_directory(record_dir))
+        (Path(record_dir) / SCORES_FILE).write_text(json.dumps(metrics))
+        ray.train.report(shown, checkpoint=ray.train.Checkpoint.from_directory(record_dir))

@@ -226,9 +226,15 @@ def largest_trial_memory(config: SweepConfig, dims: ModelDims) -> tuple[str, Mem
 
 
 def _runs_sharded(train_config: TrainConfig) -> bool:
-    """Whether the trial's method can train over several workers (no adapters, no frozen reference model)."""
-    spec = train_config.spec
-    return spec.adapter is None and not spec.reference_model
+    """Whether the trial's method can train over several workers (:func:`sharded_method_plan` decides)."""
+    from rpsft_core.errors import ConfigError
+    from rpsft_core.sharded_train import sharded_method_plan
+
+    try:
+        sharded_method_plan(train_config)
+    except ConfigError:
+        return False
+    return True
 
 
 def gpu_memory_bytes(gpus: float = 1.0, timeout_s: float = GPU_QUERY_TIMEOUT_S) -> int:

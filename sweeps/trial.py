@@ -52,7 +52,7 @@ class MlflowStepLogger(TrainerCallback):
 
     def log(self, logs: dict[str, Any], step: int) -> None:
         """Queue the per-step keys of ``logs`` (the Trainer's names) for the run, at ``step``."""
-        values = {name: logs[key] for key, name in self.keys.items() if key in logs}
+        values = {name: logs[key] for key, name in self.keys.items() if logs.get(key) is not None}
         if values:
             self.pending += tracking.log_metrics(
                 self.client, self.run_id, values, step=step, synchronous=False
