@@ -35,6 +35,14 @@ def healthy(url: str, path: str = "/health") -> bool:
         return False
 
 
+def _reap(pid: int) -> None:
+    """Collect ``pid`` if it is an exited child of this process: a zombie leader keeps its group alive."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # not a child of this process (started by a script), or already collected
+
+
 def stop_process_group(pid: int) -> None:
     """SIGTERM a process group (uvicorn and its worker), SIGKILL it if it lingers."""
     for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
@@ -44,6 +52,7 @@ def stop_process_group(pid: int) -> None:
             return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            _reap(pid)
             try:
                 os.killpg(pid, 0)
             except ProcessLookupError:

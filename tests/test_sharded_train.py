@@ -1,9 +1,10 @@
 """Sharded training from a TrainConfig (rpsft_core.sharded_train) on gloo ranks with a tiny Llama.
 
 Two FSDP2 ranks equal one rank (and gradient accumulation equals a larger batch) for rpsft, l2-init, dft,
-lora and rpsft-lora (only the adapters train); DDP equals FSDP2; a run killed after its step-2 checkpoint
-resumes to the weights (adapters) of an uninterrupted run; the consolidated checkpoint loads with load_model
-and, for LoRA, holds the merged weights of merge_and_unload; osf and iw are a ConfigError.
+lora and rpsft-lora (only the adapters train); ``k: auto`` resolved on rank 0 reaches every rank; DDP
+equals FSDP2; a run killed after its step-2 checkpoint resumes to the weights (adapters) of an uninterrupted
+run, under FSDP2 and DDP; the consolidated checkpoint loads with load_model and, for LoRA, holds the merged
+weights of merge_and_unload; osf and iw are a ConfigError.
 
 The world-size comparisons run in float64 (the model is passed in), so reduction order is the only
 difference: weights agree within 1e-9 of how far they moved. The resume runs load the model from its
@@ -123,8 +124,12 @@ def _train_jobs(rank, world_size, jobs, out_dir):
         records = []
         result = train_on_rank(config, model=model, on_step=records.append, **kwargs)
         state = full_state(result.model)
-        if rank > 0 and kwargs.get("on_step_every_rank"):
-            torch.save(records, f"{out_dir}/{name}-rank{rank}-records.pt")
+        if rank > 0:  # what this rank saw: its metrics, and the records when every rank gets them
+            seen = {
+                "metrics": result.metrics,
+                "records": records if kwargs.get("on_step_every_rank") else None,
+            }
+            torch.save(seen, f"{out_dir}/{name}-rank{rank}.pt")
         if rank == 0:
             torch.save(
                 {
@@ -148,17 +153,27 @@ def _killed_run(rank, world_size, config):
     train_on_rank(config, on_step=on_step)
 
 
-def resume_config(assets, name, method="rpsft"):
+def resume_config(assets, name, method="rpsft", strategy="fsdp2", workers=2):
     return make_config(
         assets,
         name,
-        workers=2,
+        workers=workers,
+        strategy=strategy,
         max_steps=4,
         warmup_ratio=0.25,
         checkpoint_every=2,
-        activation_checkpointing=True,
+        activation_checkpointing=strategy == "fsdp2",
         method=method,
     )
+
+
+# (method, strategy) of the kill-and-resume runs, and the name of each one's uninterrupted run in ``runs``
+RESUMED = {
+    ("rpsft", "fsdp2"): "straight",
+    ("rpsft-lora", "fsdp2"): "straight-rpsft-lora",
+    ("rpsft", "ddp"): "straight-ddp",
+}
+AUTO_K = {"k": "auto@0.5", "auto_k_prompts": "demo-math:4"}  # the energy rule on 4 generated prompts
 
 
 def run_jobs(world_size, jobs, out_dir):
@@ -184,7 +199,7 @@ def runs(assets):
     one = [
         (f"ref-{m}", make_config(assets, f"ref-{m}", method=m, save_model=m in LORA_METHODS), True)
         for m in methods
-    ]
+    ] + [("ref-rpsft-auto", make_config(assets, "ref-rpsft-auto", **AUTO_K), True)]
     two = [
         (
             "fsdp-rpsft-lora",
@@ -205,6 +220,15 @@ def runs(assets):
             True,
         ),
         ("straight-rpsft-lora", resume_config(assets, "straight-rpsft-lora", "rpsft-lora"), False),
+        ("straight-ddp", resume_config(assets, "straight-ddp", strategy="ddp"), False),
+        (
+            "fsdp-rpsft-lora-accum",
+            make_config(
+                assets, "fsdp-rpsft-lora-accum", workers=2, method="rpsft-lora", batch_size=1, grad_accum=2
+            ),
+            True,
+        ),
+        ("fsdp-rpsft-auto", make_config(assets, "fsdp-rpsft-auto", workers=2, **AUTO_K), True),
         (
             "fsdp-rpsft",
             make_config(assets, "fsdp-rpsft", workers=2, activation_checkpointing=True, save_model=True),
@@ -251,7 +275,8 @@ def runs(assets):
     ]
     results = run_jobs(1, one, out)
     results.update(run_jobs(2, two, out))
-    results["rank1-records"] = torch.load(out / "fsdp-rpsft-file-rank1-records.pt")
+    results["rank1-records"] = torch.load(out / "fsdp-rpsft-file-rank1.pt")["records"]
+    results["rank1-auto-metrics"] = torch.load(out / "fsdp-rpsft-auto-rank1.pt")["metrics"]
     return results
 
 
@@ -313,7 +338,9 @@ def assert_same_steps(got, want):
 def test_two_fsdp2_ranks_and_gradient_accumulation_train_like_one_rank(runs, initial, method):
     """2 ranks x batch 2 and 2 ranks x batch 1 x 2 micro-batches give the update of 1 rank x batch 4."""
     ref = runs[f"ref-{method}"]
-    names = [f"fsdp-{method}"] + ([f"fsdp-{method}-accum"] if method in ("rpsft", "l2-init") else [])
+    names = [f"fsdp-{method}"] + (
+        [f"fsdp-{method}-accum"] if method in ("rpsft", "l2-init", "rpsft-lora") else []
+    )
     for name in names:
         got = runs[name]
         assert_same_weights(got["state"], ref["state"], initial[method])
@@ -359,13 +386,27 @@ def test_a_shared_bases_file_at_a_larger_k_gives_the_run_that_computes_its_own(r
         assert runs["rank1-records"] == got["records"]
 
 
-@pytest.mark.parametrize("method", ["rpsft", "rpsft-lora"])
+def test_k_auto_resolved_on_rank_0_reaches_rank_1_and_both_train_like_one_rank(runs, initial):
+    """Rank 0 runs the energy rule and broadcasts its k: both ranks report it, and the run equals one rank's
+    that resolved the same k itself (a rank at another k protects other blocks, and the run breaks)."""
+    got, ref = runs["fsdp-rpsft-auto"], runs["ref-rpsft-auto"]
+    k = ref["metrics"]["k_resolved"]
+    assert isinstance(k, float) and 0.0 < k < 1.0  # a fraction of each matrix's rank, not a default
+    assert got["metrics"]["k_resolved"] == runs["rank1-auto-metrics"]["k_resolved"] == k
+    assert_same_weights(got["state"], ref["state"], initial["rpsft"])
+    assert_same_steps(got["records"], ref["records"])
+    assert got["drift"] == pytest.approx(ref["drift"], rel=1e-9)
+    assert got["drift"] != pytest.approx(runs["fsdp-rpsft"]["drift"], rel=1e-3)  # k = 4 protects other blocks
+
+
+@pytest.mark.parametrize(("method", "strategy"), list(RESUMED))
 def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_weights(
-    assets, runs, initial, method
+    assets, runs, initial, method, strategy
 ):
     root = assets[0]
     name = "resumed" if method == "rpsft" else f"resumed-{method}"
-    config = resume_config(assets, name, method)
+    name += "" if strategy == "fsdp2" else f"-{strategy}"
+    config = resume_config(assets, name, method, strategy)
     with pytest.raises(Exception, match="simulated kill"):
         spawn_local(_killed_run, 2, config)
     dcp_dir = root / "runs" / name / "dcp"
@@ -375,7 +416,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_weig
     out = root / f"{name}-results"
     out.mkdir()
     resumed = run_jobs(2, [(name, config, False)], out)[name]
-    straight = runs["straight" if method == "rpsft" else f"straight-{method}"]
+    straight = runs[RESUMED[(method, strategy)]]
+    assert (resumed["metrics"]["strategy"], straight["metrics"]["strategy"]) == (strategy, strategy)
     assert resumed["metrics"]["resumed_from_step"] == 2 and straight["metrics"]["resumed_from_step"] == 0
     assert resumed["metrics"]["global_steps"] == straight["metrics"]["global_steps"] == 4
     assert [r["step"] for r in resumed["records"]] == [3, 4]
@@ -393,6 +435,25 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_uninterrupted_weig
     assert resumed["metrics"]["train_loss"] == straight["metrics"]["train_loss"]
     assert straight["records"][0]["learning_rate"] == 0.0  # one warmup step of four
     assert [p.name for p in dcp_dir.iterdir()] == ["step-4"]  # only the latest checkpoint is kept
+
+
+def test_a_run_killed_on_two_ranks_resumes_on_one_rank_at_the_same_global_batch(assets, runs, initial):
+    """The checkpoint of 2 ranks x batch 2 (FSDP2 shards) resumes on 1 rank x batch 4: DCP reshards the model
+    and optimizer, and the data position is in examples, so the run ends at the uninterrupted run's weights up
+    to float32 reduction order."""
+    name = "resumed-other-world"
+    with pytest.raises(Exception, match="simulated kill"):
+        spawn_local(_killed_run, 2, resume_config(assets, name))
+    out = assets[0] / f"{name}-results"
+    out.mkdir()
+    resumed = run_jobs(1, [(name, resume_config(assets, name, workers=1), False)], out)[name]
+    straight = runs["straight"]
+    assert resumed["metrics"]["resumed_from_step"] == 2 and resumed["metrics"]["workers"] == 1
+    assert [r["step"] for r in resumed["records"]] == [3, 4]
+    for got, want in zip(resumed["records"], straight["records"][2:]):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["learning_rate"] == want["learning_rate"]
+    assert_same_weights(resumed["state"], straight["state"], initial["rpsft"], tol=1e-4)
 
 
 def test_the_consolidated_checkpoint_loads_with_load_model_and_holds_the_trained_weights(runs):
