@@ -37,6 +37,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,6 +449,21 @@ def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(done, key=checkpoint_dir_step, default=None)
 
 
+def resumed_batch_mismatch(checkpoint: str | os.PathLike, global_batch: int) -> str | None:
+    """Why resuming ``checkpoint`` at ``global_batch`` examples per step changes the run, or None: the data
+    position is counted in examples, so the same example order continues, cut into other steps."""
+    marker = json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())
+    step, seen = int(marker["step"]), int(marker["examples_seen"])
+    if step < 1 or seen == step * global_batch:
+        return None
+    return (
+        f"resume: the checkpoint {checkpoint} took {seen // step} examples per optimizer step, this run takes "
+        f"{global_batch} (batch_size x workers x grad_accum); steps after {step} see other groups of examples "
+        "than the interrupted run would have. Fix: resume with the same batch_size x workers x grad_accum, "
+        "or accept the different run"
+    )
+
+
 class TrainState:
     """Model, optimizer, scheduler and progress as one ``torch.distributed.checkpoint`` ``Stateful``: the
     model and optimizer through ``get_state_dict`` / ``set_state_dict`` (sharded FQNs without wrapper
@@ -729,6 +745,9 @@ def train_on_rank(
         found = _from_rank0(lambda: latest_complete_checkpoint(out_dir), "checkpoint")
         resume_from = Path(found) if found is not None else None
     if resume_from is not None:
+        mismatch = resumed_batch_mismatch(resume_from, global_batch)
+        if mismatch is not None and rank == 0:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
         load_checkpoint(state, resume_from)
     progress = state.progress
     resumed_from_step = int(progress["step"]) if resume_from is not None else 0

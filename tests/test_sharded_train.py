@@ -21,7 +21,7 @@ import torch
 from rpsft_core.config import TrainConfig
 from rpsft_core.errors import ConfigError
 from rpsft_core.fsdp import full_state, spawn_local
-from rpsft_core.sharded_train import train_on_rank
+from rpsft_core.sharded_train import resumed_batch_mismatch, train_on_rank
 
 pytestmark = pytest.mark.slow
 
@@ -444,6 +444,10 @@ def test_a_run_killed_on_two_ranks_resumes_on_one_rank_at_the_same_global_batch(
     name = "resumed-other-world"
     with pytest.raises(Exception, match="simulated kill"):
         spawn_local(_killed_run, 2, resume_config(assets, name))
+    checkpoint = assets[0] / "runs" / name / "dcp" / "step-2"
+    assert resumed_batch_mismatch(checkpoint, 4) is None  # 1 x 4 = 2 x 2: no warning
+    message = resumed_batch_mismatch(checkpoint, 2)  # 1 x 2 would cut the same examples into other steps
+    assert "took 4 examples per optimizer step, this run takes 2" in message and "Fix:" in message
     out = assets[0] / f"{name}-results"
     out.mkdir()
     resumed = run_jobs(1, [(name, resume_config(assets, name, workers=1), False)], out)[name]
