@@ -745,9 +745,8 @@ def train_on_rank(
         found = _from_rank0(lambda: latest_complete_checkpoint(out_dir), "checkpoint")
         resume_from = Path(found) if found is not None else None
     if resume_from is not None:
-        mismatch = resumed_batch_mismatch(resume_from, global_batch)
-        if mismatch is not None and rank == 0:
-            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)
+        if rank == 0 and (mismatch := resumed_batch_mismatch(resume_from, global_batch)) is not None:
+            warnings.warn(mismatch, RuntimeWarning, stacklevel=2)  # rank 0 alone reads the marker and warns
         load_checkpoint(state, resume_from)
     progress = state.progress
     resumed_from_step = int(progress["step"]) if resume_from is not None else 0
