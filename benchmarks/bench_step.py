@@ -8,9 +8,11 @@ Modes (same model, optimizer, data; interleaved in one process so the ratios sha
   backward passes and before clipping (the fast path of ``rpsft_core``).
 * ``autograd``: RPSFT reference, ``(loss + regularizer.penalty()) / grad_accum`` on every micro-batch (the
   reference implementation's way: the penalty goes through autograd on each micro-batch).
+* ``decoupled``: ``penalty_mode: decoupled``, SFT's step + ``RPSFTRegularizer.prox_step_(lr)`` once per
+  optimizer step, after ``optimizer.step()`` (no penalty gradient).
 
 Reported: median seconds per optimizer step (after warm-up), ratio to SFT, tokens per step, the cost of
-``add_grad_()`` and of ``penalty()`` forward + backward alone, and the peak memory of a step above its start
+``add_grad_()``, of ``prox_step_()`` and of ``penalty()`` forward + backward alone, and the peak memory of a step above its start
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the process's peak RSS above the RSS at step start, read
 from ``/proc/self/status`` VmHWM after resetting it, with glibc's mmap threshold at 128 KiB so freed tensors
 leave the RSS), plus the persistent bytes of the bases.
@@ -53,6 +55,7 @@ MODES = {
     "sft": "SFT: fwd+bwd x grad_accum, clip, AdamW",
     "closed": "RPSFT closed form: + add_grad_() once per step",
     "autograd": "RPSFT autograd ref.: + penalty() every micro-batch",
+    "decoupled": "RPSFT decoupled: + prox_step_(lr) once per step, after AdamW",
 }
 
 # ------------------------------------------------------------------------------------------ peak memory
@@ -214,6 +217,7 @@ def main(argv=None) -> None:
     selection = select_matrices(model, args.selection)
     seconds_bases, bases = timed(lambda: compute_bases(selection, args.k, method=args.basis_method), device)
     regularizer = RPSFTRegularizer(bases, args.lam)
+    decoupled = RPSFTRegularizer(bases, args.lam, mode="decoupled")  # the same bases, bound to the same weights
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=args.fused_adamw or None)
 
@@ -239,6 +243,8 @@ def main(argv=None) -> None:
         if args.clip:
             torch.nn.utils.clip_grad_norm_(params, args.clip)
         optimizer.step()
+        if mode == "decoupled":
+            decoupled.prox_step_(optimizer.param_groups[0]["lr"])
         optimizer.zero_grad(set_to_none=True)
 
     n_params = sum(p.numel() for p in params)
@@ -277,6 +283,7 @@ def main(argv=None) -> None:
     # 4. the regularizer's own cost, with the gradients of one micro-batch present
     (micro_loss(batches[0], False) / args.grad_accum).backward()
     add_grad = [timed(regularizer.add_grad_, device)[0] for _ in range(args.overhead_repeats)]
+    prox = [timed(lambda: decoupled.prox_step_(args.lr), device)[0] for _ in range(args.overhead_repeats)]
     penalty_fb = []
     for _ in range(args.overhead_repeats):
         def penalty_step():
@@ -308,10 +315,12 @@ def main(argv=None) -> None:
     ]))
     print(f"\n  memory: {memory.label}")
 
-    add_med, pen_med = median(add_grad), median(penalty_fb)
+    add_med, pen_med, prox_med = median(add_grad), median(penalty_fb), median(prox)
     overhead_rows = [
         {"what": "add_grad_() alone (once per optimizer step)", "seconds": add_med, "per_step": add_med,
          "pct": 100 * add_med / sft},
+        {"what": "prox_step_() alone (decoupled; once per optimizer step)", "seconds": prox_med,
+         "per_step": prox_med, "pct": 100 * prox_med / sft},
         {"what": f"penalty() fwd+bwd alone (per micro-batch; x{args.grad_accum} per step)", "seconds": pen_med,
          "per_step": pen_med * args.grad_accum, "pct": 100 * pen_med * args.grad_accum / sft},
         {"what": "SFT optimizer step (for scale)", "seconds": sft, "per_step": sft, "pct": 100.0},
@@ -335,6 +344,7 @@ def main(argv=None) -> None:
     print("\n## Issue targets (measured here)\n")
     closed = next((r for r in rows if r["mode"] == "closed"), None)
     autograd = next((r for r in rows if r["mode"] == "autograd"), None)
+    prox_row = next((r for r in rows if r["mode"] == "decoupled"), None)
     if closed:
         print(f"- RPSFT closed-form step time: {closed['x_sft']:.3f} x SFT at {tokens} tokens/step "
               f"(target <= 1.03 x at >= 32768 tokens/step on Qwen2.5-3B shapes)")
@@ -345,6 +355,11 @@ def main(argv=None) -> None:
         extra = (f", {autograd['peak_extra_mib']:+.1f} MiB in-step peak vs SFT"
                  if autograd["peak_extra_mib"] is not None else "")
         print(f"- RPSFT autograd reference: {autograd['x_sft']:.3f} x SFT{extra}")
+    if prox_row:
+        extra = (f", {prox_row['peak_extra_mib']:+.1f} MiB in-step peak vs SFT"
+                 if prox_row["peak_extra_mib"] is not None else "")
+        closed_x = f" (closed form {closed['x_sft']:.3f} x)" if closed else ""
+        print(f"- RPSFT decoupled (prox step after AdamW): {prox_row['x_sft']:.3f} x SFT{closed_x}{extra}")
 
     end_load = environment(device).get("load_avg_1m")
     print(f"\n# load_avg_1m at start {env.get('load_avg_1m')}, at end {end_load} ({torch.get_num_threads()} "
@@ -352,7 +367,7 @@ def main(argv=None) -> None:
     write_json(args.json, {
         "args": vars(args), "env": env, "source": source, "params": n_params, "tokens_per_step": tokens,
         "bases_bytes": bases.nbytes(), "bases_seconds": seconds_bases, "steps": rows,
-        "add_grad_seconds": add_grad, "penalty_fwd_bwd_seconds": penalty_fb, "persistent": persistent,
+        "add_grad_seconds": add_grad, "prox_step_seconds": prox, "penalty_fwd_bwd_seconds": penalty_fb, "persistent": persistent,
         "memory_method": memory.label, "env_end_load": end_load,
     })
 

@@ -107,7 +107,17 @@ def tradeoff_figure(data: SweepData) -> Any:
         )
     )
     if data.selections:
-        front = sorted(data.selections[beta].front, key=lambda p: p.f_ood)
+        # the figure plots every trial on all items; the choice may have been made on the selection items
+        # (evaluation.item_split): the front, the stars and the Phi line are drawn on all items too
+        from sweeps.selection import pareto_front
+
+        analysis = data.selections[beta].analysis
+
+        def plotted(point: Any) -> Any:
+            return analysis.all_items_point(point) if analysis is not None else point
+
+        everything = analysis.all_points if analysis is not None else data.selections[beta].front
+        front = sorted(pareto_front(everything), key=lambda p: p.f_ood)
         fig.add_trace(
             go.Scatter(
                 x=[p.f_ood for p in front],
@@ -121,20 +131,22 @@ def tradeoff_figure(data: SweepData) -> Any:
         for b, selection in data.selections.items():
             chosen[selection.best.run_id].append(b)
         for i, betas in enumerate(chosen.values()):
-            best = data.selections[betas[0]].best
+            chosen_on = data.selections[betas[0]].best.items
+            best = plotted(data.selections[betas[0]].best)
+            on = " (chosen on the selection items)" if chosen_on == "selection" else ""
             label = "beta=" + ", ".join(f"{b:g}" for b in betas)
             fig.add_trace(
                 go.Scatter(
                     x=[best.f_ood],
                     y=[best.g_id],
                     mode="markers+text",
-                    name=f"operating point, {label}",
+                    name=f"operating point, {label}{on}",
                     text=[label],
                     textposition="top center",
                     marker={"size": 20, "symbol": "star", "color": PALETTE[(i + 1) % len(PALETTE)]},
                 )
             )
-        best = data.selections[beta].best
+        best = plotted(data.selections[beta].best)
         xs = [t.metrics["f_ood"] for t in finished] + [0.0]
         lo, hi = min(xs), max(xs)
         pad = 0.1 * (hi - lo or 1.0)

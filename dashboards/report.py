@@ -19,7 +19,7 @@ from typing import Any
 from dashboards.figures import report_figures
 from dashboards.sweep_data import SweepData
 from dashboards.tables import benchmark_rows, rl_rows, trial_rows
-from sweeps.summary import trial_label
+from sweeps.summary import ITEMS_NAMES, PART_TITLES, trial_label
 
 REPORT_HTML = "report.html"
 ARTIFACT_DIR = "report"
@@ -163,23 +163,22 @@ def _selection_html(data: SweepData) -> str:
         best = selection.best
         trial = data.by_run_id(best.run_id)
         label = trial.label if trial else best.trial_id
-        intervals = selection.intervals(best)
-        if intervals is not None:
-            numbers = (
-                f"G_id {html.escape(intervals['g_id'].text())}, F_ood {html.escape(intervals['f_ood'].text())}, "
-                f"Phi {html.escape(selection.analysis.intervals.phi(best, beta).text())} (95% intervals)"
-            )
-        else:
-            numbers = f"G_id {fmt(best.g_id)}, F_ood {fmt(best.f_ood)}, Phi {fmt(best.phi(beta))}"
+        parts = selection.operating_point()
+        rows = [
+            f'<li data-part="{part}">{html.escape(PART_TITLES[numbers.items if part == "report" else part])}: '
+            f"{_part_numbers(numbers, beta)}</li>"
+            for part, numbers in parts.items()
+            if part == "report" or numbers.items == "selection"  # on all items: one line says it all
+        ]
         comparisons = "".join(
-            f"<li>vs {html.escape(c.role)} ({html.escape(trial_label(c.other.params))}): Phi difference "
-            f"{html.escape(c.difference.text()) if c.difference else '-'}: "
+            f"<li>vs {html.escape(c.role)} ({html.escape(trial_label(c.other.params))}): Phi difference on "
+            f"{html.escape(ITEMS_NAMES.get(c.items, c.items))} {html.escape(c.difference.text()) if c.difference else '-'}: "
             f"<b>{'distinguishable' if c.distinguishable else 'not distinguishable'}</b></li>"
             for c in selection.comparisons()
         )
         items.append(
-            f"<li>beta = {beta:g}: <b>{html.escape(label)}</b> (trial {html.escape(best.trial_id)}): "
-            f"{numbers}<ul>{comparisons}</ul></li>"
+            f"<li>beta = {beta:g}: <b>{html.escape(label)}</b> (trial {html.escape(best.trial_id)})"
+            f"<ul>{''.join(rows)}{comparisons}</ul></li>"
         )
     path_items = []
     for interval in data.selections[data.beta].path:
@@ -187,9 +186,23 @@ def _selection_html(data: SweepData) -> str:
         trial = data.by_run_id(interval.point.run_id)
         label = trial.label if trial else interval.point.trial_id
         path_items.append(f"<li>beta in [{interval.low:.4g}, {high}): {html.escape(label)}</li>")
+    split = data.selections[data.beta].split()
+    on = " on the selection items" if data.selections[data.beta].best.items == "selection" else ""
     return (
-        f"<ul>{''.join(items)}</ul><p>Choice as beta varies (the upper envelope of G_id - beta F_ood):</p>"
+        f'<p class="meta" id="item-split">Items: {html.escape(split["text"])}.</p>'
+        f"<ul>{''.join(items)}</ul><p>Choice as beta varies{on} (the upper envelope of G_id - beta F_ood):</p>"
         f"<ul>{''.join(path_items)}</ul>"
+    )
+
+
+def _part_numbers(numbers: Any, beta: float) -> str:
+    """G_id, F_ood and Phi of one part of the items (``sweeps.uncertainty.PartNumbers``), with intervals."""
+    i = numbers.intervals
+    if i is None:
+        return f"G_id {fmt(numbers.g_id)}, F_ood {fmt(numbers.f_ood)}, Phi {fmt(numbers.phi)}"
+    return html.escape(
+        f"G_id {i['g_id'].text()}, F_ood {i['f_ood'].text()}, Phi {i[f'phi@{beta:g}'].text()} "
+        f"({i['g_id'].level:.0%} intervals)"
     )
 
 
@@ -282,7 +295,7 @@ def render_html(
 {sections[0] if sections else ""}
 <h2>Trials</h2>
 <p class="meta">G_id: in-domain gain; F_ood: out-of-domain forgetting; Phi = G_id - beta F_ood (all against the base
-model, on {config.objective.metric}).</p>
+model, on {config.objective.metric}; each trial on all its scored items, here and in the figures).</p>
 {_trial_table(data)}
 <h2>Per benchmark: base, SFT and the operating point</h2>
 {_benchmark_table(data)}

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpsft_core.bases import BASIS_METHODS
 from rpsft_core.errors import ConfigError
-from rpsft_core.method_table import Method, MethodSpec, method_spec
+from rpsft_core.method_table import Method, MethodSpec, PenaltyMode, method_spec
 from rpsft_core.precision import MixedPrecisionSetting
 from rpsft_core.rank_rule import KSpecValue, is_auto_k, k_spec_value
 from rpsft_core.selection import LayerSpec, resolve_spec
@@ -85,6 +85,13 @@ class TrainConfig(BaseModel):
     )
     lam: float = Field(1.0, alias="lambda")
     period: int = Field(1, ge=1)
+    penalty_mode: PenaltyMode = Field(
+        "loss",
+        description="how the penalty is applied: loss (the paper's: its gradient joins the task gradient before "
+        "clipping and the optimizer step) or decoupled (the exact proximal step of the penalty after each "
+        "optimizer step, at that step's learning rate, outside clipping and the optimizer's moments); rpsft and "
+        "l2-init (rpsft-lora: loss only; the unpenalized methods ignore it)",
+    )
     layers: str | LayerSpec = "all"
     basis_method: str = "exact"
     lora_r: int = Field(32, gt=0)
@@ -101,6 +108,12 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, gt=0)
     max_steps: int | None = Field(20, gt=0)
     epochs: float = Field(1.0, gt=0)
+    stop_at_step: int | None = Field(
+        None,
+        gt=0,
+        description="stop after this optimizer step, everything else as the full run (learning-rate schedule "
+        "over max_steps, data order): the weights the full run has at that step (a sweep's trajectory point)",
+    )
     max_grad_norm: float = Field(1.0, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     mixed_precision: MixedPrecisionSetting = Field(
@@ -177,9 +190,20 @@ class TrainConfig(BaseModel):
                     f"auto_k_prompts: file {source} does not exist; k: {self.k} reads OOD prompts from it. "
                     "Fix: a JSONL of OOD prompts, demo-math:N or hf:<dataset>, or a numeric k"
                 )
+        if self.penalty_mode == "decoupled" and spec.uses_lambda and spec.adapter is not None:
+            raise ValueError(
+                f"penalty_mode: decoupled is not defined for method {self.method!r} (its penalty acts on the "
+                "adapters' product s B A, which has no exact proximal step). Fix: penalty_mode: loss, or "
+                "method: rpsft"
+            )
         if spec.uses_lambda and self.lam == 0:
             raise ValueError(
                 f"lambda is 0 for method {self.method!r}, which is plain training. Fix: lambda > 0"
+            )
+        if self.stop_at_step is not None and self.max_steps is not None and self.stop_at_step > self.max_steps:
+            raise ValueError(
+                f"stop_at_step: {self.stop_at_step} is past max_steps: {self.max_steps}. Fix: stop_at_step <= "
+                "max_steps (the run's schedule stays that of max_steps), or no stop_at_step"
             )
         return self
 

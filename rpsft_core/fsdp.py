@@ -199,7 +199,9 @@ def train_steps(
     """One optimizer step per item of ``batches``: a global batch, or a list of global micro-batches (gradient
     accumulation). Each micro-batch: this rank's rows forward and backward; then the penalty's gradient
     (:meth:`ShardedRPSFTPenalty.add_grad_` or :meth:`RPSFTRegularizer.add_grad_`), clipping at
-    ``max_grad_norm`` (0: none, the norm is still measured), the update, ``scheduler.step()``.
+    ``max_grad_norm`` (0: none, the norm is still measured), the update, ``scheduler.step()``. A penalty with
+    ``mode == "decoupled"`` adds no gradient: its ``prox_step_`` runs after the update, at the learning rate the
+    update used, before ``scheduler.step()``.
 
     The loss is the token loss (``sft``: NLL; ``dft``: NLL times the detached token probability) summed over
     this rank's tokens of every micro-batch and divided by the scored tokens of the whole step on all ranks
@@ -211,11 +213,13 @@ def train_steps(
     but the last micro-batch.
 
     Returns per step (and passes each to ``after_step``, on every rank) the step, the global loss, the
-    penalty (None when its period skips the step or there is none), the gradient norm before clipping and
+    penalty (None when its period skips the step or there is none; decoupled: after the proximal step), the
+    gradient norm before clipping and
     the learning rate the update used. The all-reduced buffers live on the parameters' device (NCCL needs
     CUDA tensors). A non-finite loss raises
     :class:`rpsft_core.trainer.NonFiniteLossError` on every rank before the update."""
     from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits, dft_loss, sft_loss, token_logprobs
+    from rpsft_core.regularizer import step_learning_rate
     from rpsft_core.trainer import NonFiniteLossError
 
     if loss_type not in ("sft", "dft"):
@@ -224,6 +228,7 @@ def train_steps(
     device = next(iter(parameter_names(model).values())).device
     step_loss = dft_loss if loss_type == "dft" else sft_loss
     clip_at = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
+    decoupled = penalty is not None and getattr(penalty, "mode", "loss") == "decoupled"
     history = []
     model.train()
     for step, item in enumerate(batches, start=start_step + 1):
@@ -256,11 +261,13 @@ def train_steps(
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(loss, step)
-        value = penalty.add_grad_(step) if penalty is not None else None
+        value = penalty.add_grad_(step) if penalty is not None and not decoupled else None
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_at)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         learning_rate = float(optimizer.param_groups[0]["lr"])
         optimizer.step()
+        if decoupled and penalty.applies_at(step):
+            value = penalty.prox_step_(step_learning_rate(optimizer, penalty.parameters()), step)
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)

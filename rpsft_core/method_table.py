@@ -14,6 +14,9 @@ from typing import Any, Literal
 from rpsft_core.losses import LossType
 
 Adapter = Literal["lora", "osf"]
+# TrainConfig.penalty_mode: the penalty's gradient before clipping, or its proximal step after the update
+PenaltyMode = Literal["loss", "decoupled"]
+PENALTY_MODES: tuple[str, ...] = ("loss", "decoupled")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ METHODS: dict[str, MethodSpec] = {
             "lambda * ||Uk^T (W - W0) Vk||_F^2, rank k",
             uses_k=True,
             uses_lambda=True,
-            knobs=("k", *_PENALTY_KNOBS, "basis_method"),
+            knobs=("k", *_PENALTY_KNOBS, "penalty_mode", "basis_method"),
         ),
         MethodSpec(
             "l2-init",
@@ -80,7 +83,7 @@ METHODS: dict[str, MethodSpec] = {
             "lambda * ||W - W0||_F^2 (full rank)",
             uses_lambda=True,
             full_rank=True,
-            knobs=_PENALTY_KNOBS,
+            knobs=(*_PENALTY_KNOBS, "penalty_mode"),
         ),
         MethodSpec(
             "dft",

@@ -92,5 +92,7 @@ def prepare_method(
 
     if bases is not None:
         lora = find_lora_parts(model, list(bases.entries)) if spec.adapter == "lora" else None
-        regularizer = RPSFTRegularizer(bases, config.lam, period=config.period, lora=lora)
+        regularizer = RPSFTRegularizer(
+            bases, config.lam, period=config.period, lora=lora, mode=config.penalty_mode
+        )
     return PreparedMethod(model, spec.loss, regularizer, ref_model)

@@ -14,16 +14,25 @@ update.
 
 For a PEFT LoRA module the penalty applies to the effective weight ``W0 + s B A`` (RPSFT-LoRA): its residual is
 ``s (Uk^T B)(A Vk)`` and the gradients flow to ``A`` and ``B`` only.
+
+``mode="decoupled"`` (``penalty_mode: decoupled``) applies the penalty outside the gradient instead:
+:meth:`RPSFTRegularizer.prox_step_` runs right after ``optimizer.step()`` and takes the exact proximal step of
+``lambda R_k`` at that step's learning rate ``eta``, ``W <- W - c Uk S Vk^T`` with ``S = Uk^T (W - W0) Vk`` and
+``c = 2 eta lambda / (1 + 2 eta lambda)`` (full rank: ``W <- W - c (W - W0)``). No penalty gradient reaches
+``.grad``, the clipping or the optimizer's moments. Not defined for RPSFT-LoRA.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from rpsft_core.bases import Bases, MatrixBasis, project_block
+from rpsft_core.method_table import PENALTY_MODES, PenaltyMode
 
 
 @dataclass
@@ -59,6 +68,51 @@ def find_lora_parts(model: nn.Module, names: list[str]) -> dict[str, _LoraParts]
     return found
 
 
+def check_penalty_mode(mode: str, *, lora: bool) -> str:
+    """``mode`` if the penalty can be applied that way (a ValueError naming ``penalty_mode`` otherwise)."""
+    if mode not in PENALTY_MODES:
+        raise ValueError(f"penalty_mode: unknown {mode!r}. Fix: one of {', '.join(PENALTY_MODES)}")
+    if mode == "decoupled" and lora:
+        raise ValueError(
+            "penalty_mode: decoupled is not defined for RPSFT-LoRA (the penalty acts on the adapters' product "
+            "s B A, which has no exact proximal step). Fix: penalty_mode: loss, or method: rpsft"
+        )
+    return mode
+
+
+def prox_shrink(lr: float, lam: float) -> float:
+    """``c = 2 eta lambda / (1 + 2 eta lambda)``: the fraction of the protected block one proximal step of
+    ``lambda ||.||_F^2`` at learning rate ``eta`` removes (``1 - c`` of it stays)."""
+    lr = float(lr)
+    if not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr: the proximal step needs a finite learning rate >= 0, got {lr}")
+    return 2.0 * lr * lam / (1.0 + 2.0 * lr * lam)
+
+
+def step_learning_rate(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> float:
+    """The learning rate ``optimizer`` holds for ``params`` (the protected matrices): read it between
+    ``optimizer.step()`` and ``scheduler.step()`` for the rate that step used. A ValueError when the matrices are
+    not in the optimizer, or sit in parameter groups with different rates."""
+    wanted = {id(p) for p in params}
+    rates = {float(g["lr"]) for g in optimizer.param_groups if any(id(p) in wanted for p in g["params"])}
+    if len(rates) != 1:
+        found = f"their groups have rates {sorted(rates)}" if rates else "none of them is in the optimizer"
+        raise ValueError(
+            f"penalty_mode: decoupled needs the one learning rate of the protected matrices, but {found}. "
+            "Fix: one learning rate for the protected matrices, or penalty_mode: loss"
+        )
+    return rates.pop()
+
+
+def _update_(weight: Tensor, update, dtype: torch.dtype) -> None:
+    """``update(w)`` in place on ``weight`` computed in ``dtype``: directly when ``weight`` has that dtype, else
+    on a ``dtype`` copy rounded back once (a bf16/fp16 weight under float32 bases)."""
+    if weight.dtype == dtype:
+        update(weight)
+    else:
+        weight.copy_(update(weight.to(dtype)))
+
+
 def _squared_norm(tensor: Tensor) -> Tensor:
     """``||tensor||_F^2`` accumulated in at least float32 (float64 stays float64)."""
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32)).pow(2).sum()
@@ -70,7 +124,8 @@ class RPSFTRegularizer:
     ``bases`` must be bound to the live parameters (``compute_bases`` does this; use ``bases.bind(model)``
     after loading from disk). For RPSFT-LoRA pass ``lora=find_lora_parts(peft_model, list(bases.entries))``.
     ``period`` applies the gradient every ``period`` optimizer steps (as in the reference implementation, it is
-    not rescaled).
+    not rescaled). ``mode`` says how the training loop applies it: ``"loss"`` (:meth:`add_grad_` before
+    clipping) or ``"decoupled"`` (:meth:`prox_step_` after ``optimizer.step()``, on the same steps).
     """
 
     def __init__(
@@ -80,7 +135,9 @@ class RPSFTRegularizer:
         *,
         period: int = 1,
         lora: dict[str, _LoraParts] | None = None,
+        mode: PenaltyMode = "loss",
     ) -> None:
+        check_penalty_mode(mode, lora=lora is not None)
         if lam < 0:
             raise ValueError(f"lam: lambda must be >= 0, got {lam}. Fix: use a non-negative strength")
         if period < 1:
@@ -93,6 +150,7 @@ class RPSFTRegularizer:
         self.lam = float(lam)
         self.period = int(period)
         self.lora = lora
+        self.mode = mode
         self.last_step_applied: int | None = None
         self._last_residual_norms: Tensor | None = None
 
@@ -216,6 +274,59 @@ class RPSFTRegularizer:
             (scale * s * ((utb.transpose(0, 1) @ residual) @ v.transpose(0, 1))).to(parts.a.grad.dtype)
         )
 
+    # ----------------------------------------------------------------------------------- decoupled
+
+    def parameters(self) -> list[Tensor]:
+        """The protected parameters (the LoRA adapters' ``A`` and ``B`` for RPSFT-LoRA)."""
+        if self.lora is not None:
+            return [t for parts in self.lora.values() for t in (parts.a, parts.b)]
+        return list(self.bases.params.values()) if self.bases.params else []
+
+    @torch.no_grad()
+    def prox_step_(self, lr: float, step: int | None = None) -> float | None:
+        """The exact proximal step of the penalty at learning rate ``lr``, in place on the weights; call it right
+        after ``optimizer.step()`` with the rate that step used (``penalty_mode: decoupled``).
+
+        ``W <- W - c Uk S Vk^T`` with ``S = Uk^T (W - W0) Vk`` and ``c = 2 lr lambda / (1 + 2 lr lambda)`` (full
+        mode: ``W <- W - c (W - W0)``): the minimizer of ``lambda R_k(W) + ||W - Z||_F^2 / (2 lr)`` at the
+        optimizer's output ``Z``, as ``Uk`` and ``Vk`` have orthonormal columns. No autograd graph; the math runs
+        with autocast off in the bases' dtype (at least float32). Returns the penalty value after the step (and
+        :meth:`last_drift` gives the drift after it), or None when the period skips ``step``.
+        """
+        if step is not None and not self.applies_at(step):
+            return None
+        if self.lora is not None:
+            check_penalty_mode("decoupled", lora=True)
+        if self.lam == 0 or len(self.bases) == 0:
+            return 0.0
+        shrink = prox_shrink(lr, self.lam)
+        with self._full_precision():
+            return self._prox_step(shrink, step)
+
+    def _prox_step(self, shrink: float, step: int | None) -> float:
+        self._sync_device()
+        keep = 1.0 - shrink
+        norms = []
+        for name, entry in self.bases.entries.items():
+            weight = self.bases.params[name]
+            if entry.full:
+                dtype = torch.promote_types(weight.dtype, torch.promote_types(entry.w0.dtype, torch.float32))
+                diff = weight.to(dtype) - entry.w0.to(dtype)
+                norms.append(_squared_norm(diff))
+                _update_(weight, lambda w, d=diff: w.sub_(d, alpha=shrink), dtype)
+                continue
+            block = self._residual(name, entry)  # S = Uk^T W Vk - Sref, in the bases' dtype
+            norms.append(_squared_norm(block))
+            if entry.k == 0:
+                continue
+            dtype = torch.promote_types(weight.dtype, block.dtype)
+            ur, vt = (entry.u @ (block * shrink)).to(dtype), entry.v.transpose(0, 1).to(dtype)
+            _update_(weight, lambda w, ur=ur, vt=vt: w.addmm_(ur, vt, alpha=-1.0), dtype)
+        squared = torch.stack(norms) * (keep * keep)  # the block after the step is (1 - c) S
+        self._last_residual_norms = squared.sqrt()
+        self.last_step_applied = step
+        return float(self.lam * squared.sum())
+
     # ----------------------------------------------------------------------------------- reporting
 
     @torch.no_grad()
@@ -229,7 +340,8 @@ class RPSFTRegularizer:
         return dict(zip(self.names, norms.tolist()))
 
     def last_drift(self) -> dict[str, float]:
-        """Drift per matrix as measured by the last ``add_grad_`` (free: no extra projection)."""
+        """Drift per matrix as measured by the last ``add_grad_`` (free: no extra projection), or the drift after
+        the last ``prox_step_``."""
         if self._last_residual_norms is None:
             return self.drift()
         return dict(zip(self.names, self._last_residual_norms.tolist()))

@@ -12,6 +12,11 @@ does), the same rows of ``Uk`` and all of ``Vk``. Once per optimizer step:
 At full rank (``l2-init``) the local term is ``2 lambda (W_i - W0[R_i])``: no communication for the gradient;
 the squared norms for the logged penalty and drift ride in the same buffer. ``k = 0`` entries add nothing.
 
+``penalty_mode: decoupled`` (:meth:`ShardedRPSFTPenalty.prox_step_`, after ``optimizer.step()``): the same one
+all-reduce gives ``S``, and rank ``i`` subtracts ``c Uk[R_i] S Vk^T`` from its own rows of ``W``
+(``c = 2 eta lambda / (1 + 2 eta lambda)``; full rank: ``c (W_i - W0[R_i])``), the rows ``R_i`` of the
+single-process proximal step.
+
 RPSFT-LoRA (:class:`ShardedLoRAPenalty`) penalizes the adapter's update of the frozen weight:
 ``lambda ||M||_F^2`` with ``M = s X Y``, ``X = Uk^T B`` (k x r) and ``Y = A Vk`` (r x k), where ``lora_B``
 (m x r) is sharded over its rows ``R_i`` (the rows of ``W``) and ``lora_A`` (r x n) over its ``r`` rows ``J_i``
@@ -38,7 +43,14 @@ import torch
 from torch import Tensor, nn
 
 from rpsft_core.bases import Bases, BasisCacheError, resolve_k
-from rpsft_core.regularizer import _LoraParts, find_lora_parts
+from rpsft_core.regularizer import (
+    PenaltyMode,
+    _LoraParts,
+    _update_,
+    check_penalty_mode,
+    find_lora_parts,
+    prox_shrink,
+)
 
 
 def row_range(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -206,7 +218,12 @@ class _RowShardedPenalty:
     A subclass provides ``_device``, ``_squared`` (one all-reduce; the squared residual norm per matrix) and
     ``_apply_grad`` (the same, and the gradient added to the local gradient shards)."""
 
-    def __init__(self, shards: dict[str, RowShardBasis], lam: float, period: int, group) -> None:
+    lora_penalty = False
+
+    def __init__(
+        self, shards: dict[str, RowShardBasis], lam: float, period: int, group, mode: PenaltyMode = "loss"
+    ) -> None:
+        check_penalty_mode(mode, lora=self.lora_penalty)
         if lam < 0:
             raise ValueError(f"lam: lambda must be >= 0, got {lam}. Fix: use a non-negative strength")
         if period < 1:
@@ -215,6 +232,7 @@ class _RowShardedPenalty:
         self.lam = float(lam)
         self.period = int(period)
         self.group = group
+        self.mode = mode
         self._last_squared: dict[str, float] | None = None
 
     def applies_at(self, step: int) -> bool:
@@ -270,7 +288,7 @@ class _RowShardedPenalty:
 
     def last_drift(self) -> dict[str, float]:
         """The drift as the last :meth:`add_grad_` measured it (before that step's update; no communication),
-        or :meth:`drift` before the first."""
+        the drift after the last ``prox_step_``, or :meth:`drift` before the first."""
         if self._last_squared is None:
             return self.drift()
         return {name: value**0.5 for name, value in self._last_squared.items()}
@@ -294,8 +312,9 @@ class ShardedRPSFTPenalty(_RowShardedPenalty):
         *,
         period: int = 1,
         group=None,
+        mode: PenaltyMode = "loss",
     ) -> None:
-        super().__init__(shards, lam, period, group)
+        super().__init__(shards, lam, period, group, mode)
         missing = [name for name in shards if name not in params]
         if missing:
             raise KeyError(f"bases: parameters {missing[:3]} not found in the model")
@@ -378,6 +397,44 @@ class ShardedRPSFTPenalty(_RowShardedPenalty):
                     grad.addmm_(ur, shard.v.to(device).transpose(0, 1).to(grad.dtype), alpha=scale)
         return squared
 
+    def parameters(self) -> list[Tensor]:
+        """The protected parameters (as the optimizer holds them)."""
+        return list(self.params.values())
+
+    @torch.no_grad()
+    def prox_step_(self, lr: float, step: int | None = None) -> float | None:
+        """The exact proximal step of the penalty at learning rate ``lr`` on this rank's rows (``penalty_mode:
+        decoupled``; :meth:`rpsft_core.regularizer.RPSFTRegularizer.prox_step_`): call it on every rank right
+        after ``optimizer.step()`` with the rate that step used. One all-reduce (of ``S``). Returns the penalty
+        after the step (:meth:`last_drift`: the drift after it), or None when the period skips ``step``."""
+        if step is not None and not self.applies_at(step):
+            return None
+        if self.lam == 0 or not self.shards:
+            return 0.0
+        shrink = prox_shrink(lr, self.lam)
+        blocks, squared = self.residuals()
+        device = self._device()
+        with self._full_precision():
+            for name, shard in self.shards.items():
+                weight = local_tensor(self.params[name])
+                if weight.shape[0] == 0:
+                    continue
+                if shard.full:
+                    w0_dtype = torch.promote_types(shard.w0_rows.dtype, torch.float32)
+                    dtype = torch.promote_types(weight.dtype, w0_dtype)
+                    diff = weight.to(dtype) - shard.w0_rows.to(device, dtype)
+                    _update_(weight, lambda w, d=diff: w.sub_(d, alpha=shrink), dtype)
+                elif name in blocks:
+                    block = blocks[name]
+                    dtype = torch.promote_types(weight.dtype, block.dtype)
+                    u = shard.u_rows.to(device, block.dtype)
+                    ur = (u @ (block * shrink)).to(dtype)
+                    vt = shard.v.to(device, dtype).transpose(0, 1)
+                    _update_(weight, lambda w, ur=ur, vt=vt: w.addmm_(ur, vt, alpha=-1.0), dtype)
+        keep = 1.0 - shrink
+        self._last_squared = {name: float(value) * keep * keep for name, value in squared.items()}
+        return self.lam * sum(self._last_squared.values())
+
 
 # ------------------------------------------------------------------------------------------- RPSFT-LoRA
 
@@ -422,8 +479,10 @@ class ShardedLoRAPenalty(_RowShardedPenalty):
     ``lora`` maps basis names to the adapters (:func:`find_sharded_lora_parts`; ``a`` r x n and ``b`` m x r as
     FSDP2 DTensors, or plain tensors holding this rank's ``torch.chunk`` rows). ``rank`` and ``world_size``
     place the rows of ``A`` (default: those of ``group``, or 0 of 1 without a process group). The drift is
-    ``||Uk^T (W_eff - W0) Vk||_F = ||M||_F`` per matrix (``s ||B A||_F`` in full mode).
+    ``||Uk^T (W_eff - W0) Vk||_F = ||M||_F`` per matrix (``s ||B A||_F`` in full mode). Only ``mode="loss"``.
     """
+
+    lora_penalty = True
 
     def __init__(
         self,
@@ -435,8 +494,9 @@ class ShardedLoRAPenalty(_RowShardedPenalty):
         group=None,
         rank: int | None = None,
         world_size: int | None = None,
+        mode: PenaltyMode = "loss",
     ) -> None:
-        super().__init__(shards, lam, period, group)
+        super().__init__(shards, lam, period, group, mode)
         missing = [name for name in shards if name not in lora]
         if missing:
             raise KeyError(

@@ -246,7 +246,9 @@ def make_penalty(
         )
         if lora is not None:
             return RPSFTRegularizer(bases, config.lam, period=config.period, lora=lora)
-        return RPSFTRegularizer(bases.bind(params), config.lam, period=config.period)
+        return RPSFTRegularizer(
+            bases.bind(params), config.lam, period=config.period, mode=config.penalty_mode
+        )
     if source.from_weights and lora is not None:
         shards = _lora_full_slices(lora, world_size, rank)
     elif source.from_weights:
@@ -268,7 +270,7 @@ def make_penalty(
     shards = {name: shards[name].to(device) for name in names}
     if lora is not None:
         return ShardedLoRAPenalty(shards, lora, config.lam, period=config.period)
-    return ShardedRPSFTPenalty(shards, params, config.lam, period=config.period)
+    return ShardedRPSFTPenalty(shards, params, config.lam, period=config.period, mode=config.penalty_mode)
 
 
 # ------------------------------------------------------------------------------------------ process group
@@ -353,6 +355,12 @@ def check_sharded_settings(config: TrainConfig) -> ShardedMethodPlan:
         raise ConfigError(
             "lr_scheduler: reduce_lr_on_plateau steps on evaluation metrics, which sharded training does not "
             "compute. Fix: cosine, linear or constant"
+        )
+    if config.stop_at_step is not None:
+        raise ConfigError(
+            f"stop_at_step: {config.stop_at_step} under sharded training (resources.workers: {workers}); only "
+            "one-process training stops early on the full run's schedule. Fix: resources.workers: 1, or no "
+            "stop_at_step"
         )
     return plan
 

@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PrinterCallback,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -73,16 +74,31 @@ def training_arguments(config: TrainConfig, progress: bool) -> TrainingArguments
     )
 
 
+class StopAtStep(TrainerCallback):
+    """Ends training after optimizer step ``step`` (``TrainConfig.stop_at_step``): the schedule, the data order
+    and everything else stay those of the full run, so the weights are the full run's at that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
 def checkpoint_step(path: Path) -> int:
     return int(path.name.removeprefix("checkpoint-"))
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` the Trainer wrote under ``output_dir`` (None if none)."""
+def latest_checkpoint(output_dir: str | Path, up_to: int | None = None) -> Path | None:
+    """The newest complete ``checkpoint-<step>`` the Trainer wrote under ``output_dir`` (None if none); with
+    ``up_to``, the newest at or before that step."""
     done = [
         path
         for path in Path(output_dir).glob("checkpoint-*")
-        if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()
+        if path.name.removeprefix("checkpoint-").isdigit()
+        and (path / "trainer_state.json").is_file()
+        and (up_to is None or checkpoint_step(path) <= up_to)
     ]
     return max(done, key=checkpoint_step, default=None)
 
@@ -99,7 +115,8 @@ def train(
 ) -> TrainResult:
     """Train one model as ``config`` says. Pass ``model``/``tokenizer``/``bases`` to reuse loaded ones.
     ``progress``: the Trainer's bar; without it the Trainer prints each log dict, unless ``print_logs`` is
-    False (for a caller that shows progress its own way)."""
+    False (for a caller that shows progress its own way). A callback with a ``bind_regularizer`` method is
+    handed the run's regularizer (``None`` for an unpenalized method) before training starts."""
     set_seed(config.seed)
     if tokenizer is None:
         tokenizer = load_tokenizer(config.model, config.cache_dir)
@@ -118,6 +135,12 @@ def train(
     started = time.perf_counter()
     prepared = prepare_method(model, run_config, selection, bases, progress=progress)
     bases_seconds = time.perf_counter() - started
+    callbacks = list(callbacks or [])
+    for callback in callbacks:
+        if hasattr(callback, "bind_regularizer"):
+            callback.bind_regularizer(prepared.regularizer)
+    if config.stop_at_step is not None:
+        callbacks.append(StopAtStep(config.stop_at_step))
     set_seed(config.seed)
     trainer = RPSFTTrainer(
         model=prepared.model,
@@ -133,7 +156,9 @@ def train(
     )
     if not progress and not print_logs:
         trainer.remove_callback(PrinterCallback)
-    resume_from = latest_checkpoint(config.output_dir) if config.checkpoint_every else None
+    resume_from = (
+        latest_checkpoint(config.output_dir, up_to=config.stop_at_step) if config.checkpoint_every else None
+    )
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started

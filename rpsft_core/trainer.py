@@ -5,10 +5,16 @@
   penalty and drift to the logs. In a stock ``Trainer`` that hook runs *after* gradient clipping.
 * :class:`RPSFTTrainer` applies it *before* clipping (micro-batch backward passes -> penalty gradient ->
   clipping -> optimizer step) and implements the SFT, DFT and IW losses.
+
+With a regularizer of ``mode == "decoupled"`` (``penalty_mode: decoupled``) neither adds a gradient: the callback
+takes the penalty's proximal step in ``on_optimizer_step``, which the Trainer calls right after
+``optimizer.step()`` and before ``lr_scheduler.step()``, so the optimizer's learning rate there is the one the
+step used.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,27 +22,51 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from rpsft_core.losses import LOSS_TYPES, causal_lm_logits, dft_loss, iw_loss, sft_loss, token_logprobs
-from rpsft_core.regularizer import RPSFTRegularizer
+from rpsft_core.regularizer import RPSFTRegularizer, step_learning_rate
 
 
 class RPSFTCallback(TrainerCallback):
-    """Adds the RPSFT penalty gradient once per optimizer step and logs penalty and drift."""
+    """Adds the RPSFT penalty gradient once per optimizer step (or, decoupled, takes its proximal step after
+    the optimizer step) and logs penalty and drift. ``step_skipped``: whether the optimizer step just taken was
+    skipped (a loss scaler's inf/NaN step), so that no proximal step follows it."""
 
-    def __init__(self, regularizer: RPSFTRegularizer) -> None:
+    def __init__(self, regularizer: RPSFTRegularizer, step_skipped: Callable[[], bool] | None = None) -> None:
         self.regularizer = regularizer
+        self.step_skipped = step_skipped
         self.last_penalty: float | None = None
         self.history: list[dict[str, Any]] = []  # per logging step: penalty and drift per matrix
 
+    @property
+    def decoupled(self) -> bool:
+        return self.regularizer.mode == "decoupled"
+
     def apply(self, step: int) -> None:
-        """Apply the penalty gradient for optimizer step ``step`` unless already applied."""
-        if self.regularizer.last_step_applied == step:
+        """Apply the penalty gradient for optimizer step ``step`` unless already applied (or decoupled)."""
+        if self.decoupled or self.regularizer.last_step_applied == step:
             return
         value = self.regularizer.add_grad_(step)
         if value is not None:
             self.last_penalty = value
 
+    def prox(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Decoupled: the proximal step for optimizer step ``step``, at the learning rate ``optimizer`` used."""
+        if not self.decoupled or self.regularizer.last_step_applied == step:
+            return
+        if not self.regularizer.applies_at(step) or (self.step_skipped is not None and self.step_skipped()):
+            return
+        lr = step_learning_rate(optimizer, self.regularizer.parameters())
+        value = self.regularizer.prox_step_(lr, step)
+        if value is not None:
+            self.last_penalty = value
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.apply(state.global_step)
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.decoupled:
+            if optimizer is None:
+                raise ValueError("penalty_mode: decoupled needs the Trainer's optimizer in on_optimizer_step")
+            self.prox(state.global_step, optimizer)
 
     def log_metrics(self) -> dict[str, float]:
         if self.last_penalty is None:
@@ -85,7 +115,11 @@ class RPSFTTrainer(Trainer):
             raise ValueError(f"loss_type: unknown {loss_type!r}. Fix: one of {', '.join(LOSS_TYPES)}")
         if loss_type == "iw" and ref_model is None:
             raise ValueError("ref_model: IW-SFT needs the frozen base model as reference")
-        self.rpsft_callback = RPSFTCallback(regularizer) if regularizer is not None else None
+        self.rpsft_callback = (
+            RPSFTCallback(regularizer, step_skipped=self._optimizer_step_was_skipped)
+            if regularizer is not None
+            else None
+        )
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if self.rpsft_callback is not None:
             callbacks.append(self.rpsft_callback)
@@ -96,6 +130,9 @@ class RPSFTTrainer(Trainer):
         self.iw_clamp = iw_clamp
         if ref_model is not None:
             self.ref_model.to(self.args.device)
+
+    def _optimizer_step_was_skipped(self) -> bool:
+        return bool(getattr(self.accelerator, "optimizer_step_was_skipped", False))
 
     def _clip_grad_norm(self, model):
         if self.rpsft_callback is not None:

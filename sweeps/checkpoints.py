@@ -24,8 +24,9 @@ from typing import Any
 
 from sweeps import tracking
 from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.selection import Selection, select
+from sweeps.selection import Selection, TrialPoint, select
 from sweeps.store import MODEL_DIR, TAG_MODEL_VERSION, StoredSweep, SweepStore, TrialRecord, trial_points
+from sweeps.trajectory import intermediate_step
 from sweeps.uncertainty import _SEED_SUFFIX, TrialGroup, group_points
 
 TAG_KEPT = "rpsft.kept"  # why a trial's weights were kept: operating_point, top-<n>, reference
@@ -73,41 +74,79 @@ def _complete(group: TrialGroup, expected: dict[str, int]) -> bool:
 def kept_roles(
     config: SweepConfig, selection: Selection | None, groups: list[TrialGroup]
 ) -> dict[str, list[str]]:
-    """``{run id: [why it is kept, ...]}``. A configuration of several seeds keeps its first seed's run."""
+    """``{run id: [why it is kept, ...]}``. A configuration of several seeds keeps its first seed's run. An
+    intermediate trajectory point (``<trial id>@<step>``) keeps nothing: its weights never existed on disk
+    (:func:`trajectory_roles`; ``rpsft export`` retrains them)."""
     keep = config.keep
     roles: dict[str, list[str]] = {}
 
-    def add(run_id: str | None, role: str) -> None:
-        if run_id:
-            roles.setdefault(run_id, []).append(role)
+    def add(point: TrialPoint, role: str) -> None:
+        if point.run_id and intermediate_step(point) is None:
+            roles.setdefault(point.run_id, []).append(role)
 
-    if selection is not None:
-        if keep.operating_point:
-            add(selection.best.run_id, "operating_point")
-        for rank, point in enumerate(selection.ranking[: keep.top], start=1):
-            add(point.run_id, f"top-{rank}")
+    for point, role in _chosen_roles(config, selection):
+        add(point, role)
     if keep.references:
         for group in groups:
             if group.members[0].params.get("reference"):
-                add(group.members[0].run_id, "reference")
+                add(group.members[0], "reference")
     return roles
 
 
-def _selection(config: SweepConfig, groups: list[TrialGroup]) -> Selection | None:
-    points = [g.point for g in groups]
+def _chosen_roles(config: SweepConfig, selection: Selection | None) -> list[tuple[TrialPoint, str]]:
+    """The points ``keep.operating_point`` and ``keep.top`` name, with their roles."""
+    if selection is None:
+        return []
+    chosen = [(selection.best, "operating_point")] if config.keep.operating_point else []
+    top = selection.ranking[: config.keep.top]
+    return chosen + [(p, f"top-{rank}") for rank, p in enumerate(top, start=1)]
+
+
+def trajectory_roles(config: SweepConfig, selection: Selection | None) -> list[tuple[TrialPoint, str]]:
+    """The kept roles that fall on intermediate trajectory points (not kept: exported by retraining)."""
+    return [(p, role) for p, role in _chosen_roles(config, selection) if intermediate_step(p) is not None]
+
+
+def _selection(
+    config: SweepConfig, groups: list[TrialGroup], points: list[TrialPoint] | None = None
+) -> Selection | None:
+    """The choice as it stands: on ``points`` (the selection-item points of
+    :func:`sweeps.uncertainty.analyze_sweep`) when given, else on the configurations' means on all items."""
+    points = points if points is not None else [g.point for g in groups]
     usable = [p for p in points if math.isfinite(p.g_id) and math.isfinite(p.f_ood)]
     return select(usable, config.objective.beta) if usable else None
 
 
 def prune(
-    config: SweepConfig, trials: list[TrialRecord], final: bool, selection: Selection | None = None
+    config: SweepConfig,
+    trials: list[TrialRecord],
+    final: bool,
+    selection: Selection | None = None,
+    *,
+    client: Any = None,
+    parent_run_id: str | None = None,
+    item_cache: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, list[str]]:
     """Delete the weights of every ended trial that is not kept; returns the kept ``{run id: roles}``.
 
     During the sweep (``final`` False) a configuration whose seeds have not all finished keeps its weights,
-    since its mean may still rise; a running trial's directory is never touched."""
+    since its mean may still rise; a running trial's directory is never touched. Without ``selection``, the
+    choice is made as the sweep's end makes it: on the selection items when the items are split and
+    ``client`` / ``parent_run_id`` can read the item scores (``item_cache`` saves downloads across calls)."""
     groups = group_points(trial_points(trials))
-    selection = selection if selection is not None else _selection(config, groups)
+    if selection is None:
+        points = None
+        if client is not None and parent_run_id and config.evaluation.split.report_fraction > 0:
+            from sweeps.uncertainty import analyze_sweep
+
+            try:
+                analysis = analyze_sweep(
+                    config, client, parent_run_id, trial_points(trials), draws=1, item_cache=item_cache
+                )
+            except ValueError:  # item scores that cannot be paired or split: delete nothing now
+                return {}
+            points = analysis.points
+        selection = _selection(config, groups, points)
     kept = kept_roles(config, selection, groups)
     protected = set(kept)
     if not final:
@@ -142,7 +181,9 @@ def _ensure_registered_model(client: Any, name: str, sweep: str) -> None:
 def _version_tags(config: SweepConfig, trial: TrialRecord, roles: list[str], beta: float) -> dict[str, str]:
     params = trial.params
     knobs = {
-        key: params[key] for key in ("method", "k", "lambda", "layers", "period", "seed") if key in params
+        key: params[key]
+        for key in ("method", "k", "lambda", "layers", "period", "penalty_mode", "seed")
+        if key in params
     }
     tags = {
         tracking.TAG_SWEEP: config.name,
@@ -168,6 +209,11 @@ def keep_checkpoints(
     if not config.keep.any:
         return {}
     kept = prune(config, trials, final=True, selection=selection)
+    for point, role in trajectory_roles(config, selection):
+        echo(
+            f"[rpsft] keep: the {role} {point.trial_id} is a point of its trial's trajectory, whose weights are "
+            f"not stored; not registered. Fix: `rpsft export {config.name} --trial {point.trial_id}`"
+        )
     by_id = {trial.run_id: trial for trial in trials}
     name = registered_model_name(config.name)
     store = SweepStore.of(config)
@@ -202,6 +248,47 @@ def keep_checkpoints(
 
 
 # ----------------------------------------------------------------------------------------------- export
+
+
+def find_export_point(stored: StoredSweep, selector: str | None) -> tuple[TrialRecord, int | None]:
+    """``(trial, step)``: the finished trial a selector names and, for an intermediate point of its trajectory
+    (``<trial id>@<step>``, or ``op`` / ``best:<method>`` choosing one), that step; ``None`` for the trial's
+    final weights (every selector of :func:`find_trial_run`)."""
+    from sweeps.trajectory import G_ID, final_step, metric_steps, split_point_id
+
+    if selector is None or selector in OPERATING_POINT or selector.startswith("best:"):
+        selection = stored.selection()
+        if selector is None or selector in OPERATING_POINT:
+            point = selection.best
+        else:
+            method = selector.removeprefix("best:")
+            point = next((p for p in selection.ranking if p.params.get("method") == method), None)
+        step = intermediate_step(point) if point is not None else None
+        if step is None:
+            return find_trial_run(stored, selector), None
+        return next(t for t in stored.trials if t.run_id == point.run_id), step
+    trial_id, step = split_point_id(selector)
+    finished = [t for t in stored.trials if t.status == "FINISHED"]
+    trial = next((t for t in finished if t.tags.get(tracking.TAG_TRIAL) == trial_id), None)
+    if step is None or trial is None:
+        return find_trial_run(stored, selector), None
+    if step == final_step(stored.client, trial):
+        return trial, None
+    evaluated = sorted(metric_steps(stored.client, trial, G_ID))
+    if step not in evaluated:
+        raise SweepConfigError(
+            f"trial: {selector!r}: trial {trial_id} has no intermediate evaluation at step {step}. Fix: one of "
+            + ", ".join(f"{trial_id}@{s}" for s in evaluated if s < final_step(stored.client, trial))
+            + f" (evaluation.every), or {trial_id} for its final weights"
+        )
+    return trial, step
+
+
+def export_name(trial: TrialRecord, step: int | None) -> str:
+    """The name of an export: the trial id, or ``<trial id>@<step>`` for a point of its trajectory."""
+    from sweeps.trajectory import point_id
+
+    return trial.trial_id if step is None else point_id(trial.trial_id, step)
 
 
 def find_trial_run(stored: StoredSweep, selector: str | None) -> TrialRecord:
@@ -291,13 +378,22 @@ def export_trial(
 ) -> Export:
     """Write a stored trial's weights (safetensors + tokenizer) to ``out``: downloaded when kept, otherwise
     retrained deterministically and checked against the stored G_id and F_ood (raises
-    :class:`ExportMismatch` past ``tolerance``, after writing the weights and ``rpsft_export.json``)."""
+    :class:`ExportMismatch` past ``tolerance``, after writing the weights and ``rpsft_export.json``). A point
+    of a trial's trajectory (``<trial id>@<step>``) is always retrained, with ``stop_at_step``, and checked
+    against the ``eval/g_id`` and ``eval/f_ood`` its trial logged at that step."""
     client = stored.client
-    trial = find_trial_run(stored, selector)
-    run_id, trial_id = trial.run_id, trial.trial_id
+    trial, step = find_export_point(stored, selector)
+    run_id, trial_id = trial.run_id, export_name(trial, step)
     out = Path(out).expanduser().resolve()
     stored_metrics = {k: trial.metrics[k] for k in COMPARED_METRICS if k in trial.metrics}
-    if trial.kept_version:
+    if step is not None:
+        from sweeps.trajectory import metric_steps
+
+        stored_metrics = {k: metric_steps(client, trial, f"eval/{k}")[step] for k in COMPARED_METRICS}
+        echo(f"[rpsft] export: {trial_id} is a point of its trial's trajectory; retraining up to step {step}")
+        retrained = retrain_trial(stored, trial, out, stop_at_step=step)
+        export = Export(trial_id, run_id, out, "retrained", stored_metrics, retrained, tolerance)
+    elif trial.kept_version:
         with tempfile.TemporaryDirectory() as tmp:
             _move_contents(Path(client.download_artifacts(run_id, MODEL_DIR, tmp)), out)
         export = Export(trial_id, run_id, out, "kept", stored_metrics, {}, tolerance)
@@ -318,9 +414,12 @@ def export_trial(
     return export
 
 
-def retrain_trial(stored: StoredSweep, trial: TrialRecord, out: Path) -> dict[str, float]:
-    """Retrain one trial as the sweep did (its stored TrainConfig, seed and thread count); save the weights to
-    ``out`` and return its G_id and F_ood."""
+def retrain_trial(
+    stored: StoredSweep, trial: TrialRecord, out: Path, stop_at_step: int | None = None
+) -> dict[str, float]:
+    """Retrain one trial as the sweep did (its stored TrainConfig, seed and thread count), up to
+    ``stop_at_step`` when given (the full run's schedule); save the weights to ``out`` and return its G_id and
+    F_ood."""
     from rpsft_core.config import TrainConfig
     from sweeps.scoring import TrialScorer
     from sweeps.trial import _torch_threads, train_and_score
@@ -329,9 +428,8 @@ def retrain_trial(stored: StoredSweep, trial: TrialRecord, out: Path) -> dict[st
     raw = _stored_trial_config(stored.client, trial.run_id)
     _torch_threads(config.resources.cpus)
     with tempfile.TemporaryDirectory() as tmp:
-        train_config = TrainConfig.model_validate(
-            {**raw, "output_dir": tmp, "save_model": False, "checkpoint_every": None}
-        )
+        overrides = {"output_dir": tmp, "save_model": False, "checkpoint_every": None}
+        train_config = TrainConfig.model_validate({**raw, **overrides, "stop_at_step": stop_at_step})
         scorer = TrialScorer(config, context.base_key, context.cache_dir)
         result, metrics, _ = train_and_score(config, context, train_config, scorer)
         scored = {**metrics, **scorer.primary(metrics)}
@@ -343,13 +441,14 @@ def retrain_trial(stored: StoredSweep, trial: TrialRecord, out: Path) -> dict[st
 
 def local_checkpoint(stored: StoredSweep, selector: str | None, work_dir: Path) -> tuple[TrialRecord, Path]:
     """``(trial, directory)`` of a trial's weights for a later stage (RL): a kept trial's, downloaded into
-    ``work_dir``, or an earlier ``rpsft export`` into ``<sweep>/exports/<trial id>``."""
-    trial = find_trial_run(stored, selector)
-    trial_id = trial.trial_id
+    ``work_dir``, or an earlier ``rpsft export`` into ``<sweep>/exports/<trial id>`` (``<trial id>@<step>`` for
+    a point of its trajectory)."""
+    trial, step = find_export_point(stored, selector)
+    trial_id = export_name(trial, step)
     exported = stored.store.export_dir(trial_id)
     if (exported / "config.json").is_file():
         return trial, exported
-    if trial.kept_version:
+    if trial.kept_version and step is None:
         target = work_dir / trial_id
         if not (target / "config.json").is_file():
             with tempfile.TemporaryDirectory() as tmp:

@@ -121,7 +121,9 @@ def select(
 def export(
     name: str = typer.Argument(..., help="The sweep's name."),
     trial: str | None = typer.Option(
-        None, help="op (the operating point, default), a reference such as sft, or a trial id."
+        None,
+        help="op (the operating point, default), a reference such as sft, a trial id, or <trial id>@<step> "
+        "(a point of its trajectory, retrained up to that step).",
     ),
     out: Path | None = typer.Option(
         None,
@@ -134,13 +136,19 @@ def export(
 ) -> None:
     """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
     stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
-    from sweeps.checkpoints import DEFAULT_TOLERANCE, ExportMismatch, export_trial, find_trial_run
+    from sweeps.checkpoints import (
+        DEFAULT_TOLERANCE,
+        ExportMismatch,
+        export_name,
+        export_trial,
+        find_export_point,
+    )
     from sweeps.report import load_stored_sweep
 
     try:
         stored = load_stored_sweep(name, runs_dir)
         if out is None:
-            out = stored.store.export_dir(find_trial_run(stored, trial).trial_id)
+            out = stored.store.export_dir(export_name(*find_export_point(stored, trial)))
         export = export_trial(
             stored, trial, out, tolerance if tolerance is not None else DEFAULT_TOLERANCE, echo=typer.echo
         )

@@ -1,8 +1,8 @@
 """Typed sweep configuration (``rpsft sweep sweep.yaml``), validated before Ray, a model or a trial starts.
 
 A sweep is: a model and SFT data, a training budget shared by all trials, a search space over the RPSFT knobs
-(k, lambda, layer subset, period), reference trials that always run once (sft, l2-init, ...), how trials are
-scored (loss-based trade-off, optionally the lm-eval harness), the objective (max Phi at the first beta, or the
+(k, lambda, layer subset, period, penalty mode), reference trials that always run once (sft, l2-init, ...),
+how trials are scored (loss-based trade-off, optionally the lm-eval harness), the objective (max Phi at the first beta, or the
 Pareto front of ID gain vs OOD forgetting), and where things run and are stored.
 
 Every trial's :class:`TrainConfig` is built by :meth:`SweepConfig.trial_train_config`; the config validator
@@ -34,7 +34,7 @@ from evaluation.multiple_choice import MCSettings
 from evaluation.settings import EvalSettings
 from rpsft_core.config import ConfigError, Resources, TrainConfig, format_validation_error
 from rpsft_core.config import read_yaml_mapping as read_config_mapping
-from rpsft_core.method_table import Method, method_spec
+from rpsft_core.method_table import Method, PenaltyMode, method_spec
 from rpsft_core.selection import LayerSpec, resolve_spec
 
 # TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
@@ -47,6 +47,7 @@ TRIAL_FIELDS = (
     "lam",
     "layers",
     "period",
+    "penalty_mode",
     "seed",
     "output_dir",
     "resources",
@@ -97,6 +98,11 @@ class SearchSpace(BaseModel):
     )
     layers: list[str | LayerSpec] = Field(default_factory=lambda: ["all"])
     period: list[int] = Field(default_factory=lambda: [1])
+    penalty_mode: list[PenaltyMode] = Field(
+        default_factory=lambda: ["loss"],
+        description="how the penalty is applied (TrainConfig.penalty_mode): [loss], [decoupled], or both to "
+        "compare them in one sweep",
+    )
 
     @field_validator("k", mode="before")
     @classmethod
@@ -154,6 +160,24 @@ class SearchSpace(BaseModel):
             raise ValueError(f"period must be >= 1, got {min(value)}. Fix: 1 = every optimizer step")
         return value
 
+    @field_validator("penalty_mode", mode="before")
+    @classmethod
+    def _penalty_mode_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("penalty_mode")
+    @classmethod
+    def _check_penalty_mode(cls, value: list[str]) -> list[str]:
+        if len(set(_non_empty(value, "penalty modes"))) != len(value):
+            raise ValueError(f"{value} repeats a mode. Fix: each of loss, decoupled at most once")
+        return value
+
+    @property
+    def searches_penalty_mode(self) -> bool:
+        """Whether the trials choose a penalty mode (a space of only ``loss``, the default, does not: its trials
+        keep the parameters, labels and seeded draws of a sweep without the knob)."""
+        return self.penalty_mode != ["loss"]
+
     def layer_labels(self) -> list[str]:
         """One string per layer choice: the preset name, or the spec as compact JSON."""
         return [layer_label(item) for item in self.layers]
@@ -190,6 +214,9 @@ class Reference(BaseModel):
     k: int | float | str | None = None
     lam: float | None = Field(None, alias="lambda")
     layers: str | LayerSpec | None = None
+    penalty_mode: PenaltyMode | None = Field(
+        None, description="how a penalized reference applies its penalty (default: loss)"
+    )
     seeds: list[int] | None = Field(
         None,
         description="run this trial once per seed (seed variance enters the intervals); default: the sweep's seed",
@@ -222,6 +249,8 @@ class Reference(BaseModel):
             parts.append(f"lambda={self.lam:g}")
         if self.layers is not None:
             parts.append(f"layers={layer_label(self.layers)}")
+        if self.penalty_mode is not None:
+            parts.append(f"penalty_mode={self.penalty_mode}")
         return " ".join(parts)
 
 
@@ -233,6 +262,27 @@ class Intervals(BaseModel):
     draws: int = Field(2000, ge=100)
     level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
+
+
+class ItemSplitSettings(BaseModel):
+    """The split of the scored items into the part the operating point is chosen on and the part it is reported
+    on (see :mod:`evaluation.item_split`); ``report_fraction: 0`` chooses and reports on the same items."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    report_fraction: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="share of each benchmark's items held out from the choice to report the operating point on "
+        "(0: no split, choose and report on all items, biased upwards)",
+    )
+    seed: int = Field(0, ge=0, description="seed of the per-benchmark permutation of the items")
+
+    def item_split(self) -> Any:
+        from evaluation.item_split import ItemSplit
+
+        return ItemSplit(self.report_fraction, self.seed)
 
 
 # evaluation.loss of a sweep: cheaper than `rpsft eval --loss` (LossSettings' own defaults), since every trial
@@ -297,12 +347,19 @@ class EvaluationConfig(BaseModel):
         "data_dir and subset come from this section",
     )
     intervals: Intervals = Field(default_factory=Intervals)
+    split: ItemSplitSettings = Field(default_factory=ItemSplitSettings)
     harness: EvalSettings | None = Field(
         None,
         description="lm-eval settings (as `rpsft eval`) scored at the end of each trial; data_dir and subset "
         "default to this section's, betas are objective.betas",
     )
     every: int = Field(0, ge=0, description="intermediate evaluation every N optimizer steps (0: at the end)")
+    trajectory: bool = Field(
+        False,
+        description="each trial's intermediate evaluations (evaluation.every) become points of the trade-off "
+        "too: trial@step, from the eval/ metrics and the per-item scores stored at that step "
+        "(trajectory/step-<step>.json); `rpsft export --trial <id>@<step>` retrains one up to that step",
+    )
     auto_k_prompts: str | None = Field(
         None, description="OOD prompts for k: auto (JSONL); default <data_dir>/ood/gpqa_test.jsonl"
     )
@@ -538,6 +595,23 @@ class SweepConfig(BaseModel):
             raise ValueError(
                 "scheduler.type: asha needs intermediate evaluations. Fix: evaluation.every: N optimizer steps"
             )
+        if self.evaluation.trajectory and self.evaluation.every == 0:
+            raise ValueError(
+                "evaluation.trajectory: true needs intermediate evaluations, but evaluation.every is 0. "
+                "Fix: evaluation.every: N optimizer steps, or evaluation.trajectory: false"
+            )
+        if self.evaluation.trajectory and self.objective.metric in ("kl", "accuracy"):
+            raise ValueError(
+                f"evaluation.trajectory: true with objective.metric: {self.objective.metric}; intermediate "
+                "evaluations score the NLL (and evaluation.mc) without the base model or the harness. "
+                "Fix: objective.metric: nll or mc, or evaluation.trajectory: false"
+            )
+        if self.resources.distributed and self.evaluation.trajectory:
+            raise ValueError(
+                f"evaluation.trajectory: true with resources.workers: {self.resources.workers}; a trial over "
+                "several workers is scored once, after training. Fix: evaluation.trajectory: false and "
+                "evaluation.every: 0, or workers: 1"
+            )
         if self.resources.distributed and self.evaluation.every:
             raise ValueError(
                 f"evaluation.every: {self.evaluation.every} with resources.workers: {self.resources.workers}; "
@@ -598,7 +672,13 @@ class SweepConfig(BaseModel):
     def grid_size(self) -> int:
         """Points of the grid over the listed choices (a range counts as its two bounds)."""
         space = self.space
-        return len(space.k_choices()) * len(space.lam_choices()) * len(space.layers) * len(space.period)
+        return (
+            len(space.k_choices())
+            * len(space.lam_choices())
+            * len(space.layers)
+            * len(space.period)
+            * len(space.penalty_mode)
+        )
 
     @property
     def num_reference_trials(self) -> int:
@@ -615,7 +695,7 @@ class SweepConfig(BaseModel):
         return SweepStore.of(self).dir
 
     def trial_train_config(self, params: dict[str, Any], output_dir: str | Path | None = None) -> TrainConfig:
-        """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period)."""
+        """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period, penalty_mode)."""
         raw: dict[str, Any] = {
             "model": self.model,
             "data": self.data,
@@ -629,7 +709,7 @@ class SweepConfig(BaseModel):
         raw["method"] = method
         if params.get("seed") is not None:
             raw["seed"] = params["seed"]
-        for key in ("k", "lambda", "period"):
+        for key in ("k", "lambda", "period", "penalty_mode"):
             if params.get(key) is not None:
                 raw[key] = params[key]
         if params.get("layers") is not None:
@@ -661,6 +741,8 @@ class SweepConfig(BaseModel):
                 params["layers"] = (
                     layer_label(ref.layers) if isinstance(ref.layers, LayerSpec) else ref.layers
                 )
+            if ref.penalty_mode is not None:
+                params["penalty_mode"] = ref.penalty_mode
             for seed in ref.seeds or [None]:
                 if seed is None:
                     out.append(params)
@@ -694,6 +776,11 @@ class SweepConfig(BaseModel):
             self._try(
                 "space.period",
                 {"period": period, "k": self._a_numeric_k(), "lambda": self.space.lam_choices()[0]},
+            )
+        for mode in self.space.penalty_mode:
+            self._try(
+                "space.penalty_mode",
+                {"penalty_mode": mode, "k": self._a_numeric_k(), "lambda": self.space.lam_choices()[0]},
             )
 
     def _a_numeric_k(self) -> int | float:

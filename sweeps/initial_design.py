@@ -13,7 +13,8 @@ import math
 import random
 from typing import Any
 
-KNOBS = ("k", "lambda", "layers", "period")
+# penalty_mode last, so that the other knobs' columns draw as they did before it existed
+KNOBS = ("k", "lambda", "layers", "period", "penalty_mode")
 
 
 def design_size(distributions: dict[str, Any], num_trials: int) -> int:

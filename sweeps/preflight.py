@@ -110,6 +110,7 @@ def check_inputs(config: SweepConfig, scorer: Any) -> None:
     except (EvalConfigError, EvalDataError, OSError, ValueError) as exc:
         raise SweepConfigError(f"evaluation: {exc}") from None
     check_no_overlap(config.data, examples, prompts)
+    check_item_split(config, scorer)
     if config.auto_k_specs():
         source = config.evaluation.auto_k_source()
         if not Path(source).is_file():
@@ -117,6 +118,32 @@ def check_inputs(config: SweepConfig, scorer: Any) -> None:
                 f"evaluation.auto_k_prompts: {source} does not exist; k: auto needs OOD prompts. "
                 "Fix: point it at a JSONL of prompts, or drop 'auto' from space.k"
             )
+
+
+def check_item_split(config: SweepConfig, scorer: Any) -> None:
+    """Every benchmark the objective scores per item can be split into selection and report items
+    (``evaluation.split``; at least 2 items each), so the split fails here, before any trial, not at the end."""
+    from evaluation.item_split import ItemSplitError
+    from evaluation.loss_metrics import loss_items
+
+    split = config.evaluation.split.item_split()
+    metric = config.objective.metric
+    if not split.active or metric not in ("nll", "kl", "mc"):
+        return
+    items = loss_items(scorer.loss_settings)
+    counts = {"id": {b: len(c) for b, c in items.id_conversations.items()}}
+    if metric == "mc" and scorer.mc_settings is not None:
+        from evaluation.multiple_choice import mc_benchmark_docs
+
+        counts["ood"] = {b: len(d) for b, d in mc_benchmark_docs(scorer.mc_settings).items()}
+    else:
+        counts["ood"] = {b: len(p) for b, p in items.ood_prompts.items()}
+    try:
+        split.counts(
+            {suite: {b: [None] * n for b, n in benches.items()} for suite, benches in counts.items()}
+        )
+    except ItemSplitError as exc:
+        raise SweepConfigError(str(exc)) from None
 
 
 def check_no_overlap(source: str, examples: list[Any], prompts: list[str]) -> None:

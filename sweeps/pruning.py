@@ -14,6 +14,10 @@ from sweeps.checkpoints import prune
 class CheckpointPruner(tune.Callback):
     def __init__(self, config: Any, context: Any) -> None:
         self.config, self.context = config, context
+        self.item_cache: dict[str, Any] = {}  # finished runs' item scores (the choice is made on their split)
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles the callback into its experiment state
+        return {**self.__dict__, "item_cache": {}}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from sweeps import tracking
@@ -21,7 +25,16 @@ class CheckpointPruner(tune.Callback):
 
         context = self.context
         client = tracking.client_for(context.tracking_uri)
-        prune(self.config, read_trials(client, context.experiment_id, context.parent_run_id), final=False)
+        records = read_trials(client, context.experiment_id, context.parent_run_id)
+        cache = self.__dict__.setdefault("item_cache", {})  # a pruner pickled before the cache existed
+        prune(
+            self.config,
+            records,
+            final=False,
+            client=client,
+            parent_run_id=context.parent_run_id,
+            item_cache=cache,
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.on_trial_complete(iteration, trials, trial, **info)

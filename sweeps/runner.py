@@ -127,6 +127,9 @@ def init_ray(address: str | None) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
+SEARCHED_KNOBS = ("k", "lambda", "layers", "period", "penalty_mode")  # the space's knobs, in Optuna's order
+
+
 def _integer_ranks(dim: dict[str, Any]) -> bool:
     """A k range of whole ranks (``{low: 8, high: 256}``); otherwise it is a range of rank fractions."""
     return float(dim["low"]).is_integer() and float(dim["high"]).is_integer() and dim["high"] > 1
@@ -138,7 +141,7 @@ def search_distributions(dims: dict[str, Any]) -> dict[str, Any]:
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     out: dict[str, Any] = {}
-    for name in (n for n in ("k", "lambda", "layers", "period") if n in dims):
+    for name in (n for n in SEARCHED_KNOBS if n in dims):
         dim = dims[name]
         if not isinstance(dim, dict):
             out[name] = CategoricalDistribution(dim)
@@ -165,12 +168,16 @@ def optuna_space(space: dict[str, Any], trial: Any) -> None:
 def search_dims(config: SweepConfig) -> dict[str, Any]:
     """The searched knobs as :func:`optuna_space` reads them: a list of choices or a ``{low, high, log}``."""
     space = config.space
-    return {
+    dims = {
         "k": space.k.model_dump() if hasattr(space.k, "model_dump") else list(space.k),
         "lambda": space.lam.model_dump() if hasattr(space.lam, "model_dump") else list(space.lam),
         "layers": space.layer_labels(),
         "period": list(space.period),
     }
+    # a space of only `loss` adds no dimension: its studies, seeded draws and trial parameters stay as they were
+    if space.searches_penalty_mode:
+        dims["penalty_mode"] = list(space.penalty_mode)
+    return dims
 
 
 def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False) -> Any:
@@ -194,7 +201,7 @@ def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False
         "nsga2": lambda: PicklableNSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "grid": lambda: optuna.samplers.GridSampler(
-            {name: dims[name] for name in ("k", "lambda", "layers", "period")}, seed=seed
+            {name: dims[name] for name in SEARCHED_KNOBS if name in dims}, seed=seed
         ),
         "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed),
     }[config.algorithm]()
@@ -599,6 +606,26 @@ def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
     return len(running)
 
 
+def _part_metrics(prefix: str, numbers: Any, beta: float) -> dict[str, float]:
+    out = {f"{prefix}g_id": numbers.g_id, f"{prefix}f_ood": numbers.f_ood, f"{prefix}phi": numbers.phi}
+    if numbers.intervals:
+        for name, key in (("g_id", "g_id"), ("f_ood", "f_ood"), ("phi", f"phi@{beta:g}")):
+            out[f"{prefix}{name}_lo"] = numbers.intervals[key].low
+            out[f"{prefix}{name}_hi"] = numbers.intervals[key].high
+    return out
+
+
+def operating_point_metrics(parts: dict[str, Any], beta: float, n_finished: int) -> dict[str, float]:
+    """The parent run's numbers of the chosen point: ``operating_point/<part>/<g_id|f_ood|phi>`` (with ``_lo`` /
+    ``_hi`` where the part has intervals) of the selection and the report part (which items each is on: the
+    tags ``rpsft.operating_point_<part>_items``), and ``best_*``: the report part's, the numbers reported."""
+    out: dict[str, float] = {"n_finished_trials": n_finished}
+    for part, numbers in parts.items():
+        out.update(_part_metrics(f"operating_point/{part}/", numbers, beta))
+    out.update(_part_metrics("best_", parts["report"], beta))
+    return out
+
+
 def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
     """Select the operating point from MLflow, tag it, log the selection and the intervals on the parent run,
     mark done. Trials that differ only in their seed are one configuration (their mean)."""
@@ -616,29 +643,24 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         tracking.tag_operating_point(client, trials, selection.best.run_id, beta)
         tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
         if analysis.intervals is not None:
-            intervals = analysis.intervals.to_dict(analysis.points)
+            intervals = {**analysis.intervals.to_dict(analysis.all_points), "split": analysis.split_dict()}
             write_json(store.intervals, intervals)
             tracking.log_json_artifact(client, context.parent_run_id, store.intervals.name, intervals)
+        parts = selection.operating_point()
+        split = selection.split()
         tracking.set_tags(
             client,
             context.parent_run_id,
             {
                 "rpsft.operating_point_trial": selection.best.trial_id,
                 "rpsft.operating_point_run": selection.best.run_id,
+                "rpsft.item_split": split["text"],
+                "rpsft.operating_point_selection_items": parts["selection"].items,
+                "rpsft.operating_point_report_items": parts["report"].items,
             },
         )
-        best_metrics = {
-            "best_phi": selection.best.phi(beta),
-            "best_g_id": selection.best.g_id,
-            "best_f_ood": selection.best.f_ood,
-            "n_finished_trials": sum(p.n_seeds for p in analysis.points),
-        }
-        best_intervals = analysis.intervals.of(selection.best) if analysis.intervals else None
-        if best_intervals:
-            for name, key in (("g_id", "g_id"), ("f_ood", "f_ood"), ("phi", f"phi@{beta:g}")):
-                best_metrics[f"best_{name}_lo"] = best_intervals[key].low
-                best_metrics[f"best_{name}_hi"] = best_intervals[key].high
-        tracking.log_metrics(client, context.parent_run_id, best_metrics)
+        n_finished = sum(p.n_seeds for p in analysis.points)
+        tracking.log_metrics(client, context.parent_run_id, operating_point_metrics(parts, beta, n_finished))
     if config.keep.any:
         from sweeps.checkpoints import keep_checkpoints
 

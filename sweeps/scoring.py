@@ -141,6 +141,18 @@ class TrialScorer:
         metrics.update(self.interval_metrics(items, base_items))
         return metrics, items, base_items
 
+    def checkpoint_scores(self, model: Any, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
+        """``(metrics, item scores)`` of a checkpoint during training (an intermediate evaluation): the loss
+        metrics without the base model (no KL) and the multiple-choice scores when configured; no harness, no
+        intervals. The item scores are stored as :meth:`final_scores` stores them (``ood_kl`` left out)."""
+        metrics, trade = self._loss(model, tokenizer)
+        items = _loss_item_scores(trade.tuned)
+        if self.mc_settings is not None:
+            mc_metrics, mc_items, _ = self.mc_metrics(model, tokenizer, metrics)
+            metrics.update(mc_metrics)
+            items["ood_mc"] = mc_items
+        return metrics, items
+
     def interval_metrics(self, items: dict[str, Any], base_items: dict[str, Any]) -> dict[str, float]:
         """This trial's paired bootstrap intervals of the objective's G_id, F_ood and Phi at each beta."""
         from evaluation.intervals import bootstrap_tradeoff, interval_metrics

@@ -1,5 +1,9 @@
 """Operating-point selection from stored trial results: max Phi, the Pareto front, and the beta path.
 
+A sweep's points carry ``G_id`` / ``F_ood`` on the **selection** part of the items (``TrialPoint.items``; see
+:mod:`evaluation.item_split` and :mod:`sweeps.uncertainty`); the chosen point is reported on the held-out
+report part (:meth:`Selection.operating_point`, :meth:`Selection.comparisons`).
+
 Every trial is a point ``(G_id, F_ood)``; ``Phi(beta) = G_id - beta * F_ood`` is a line in beta, so the
 max-Phi trial as beta grows from 0 is the upper envelope of those lines: :func:`beta_path` walks it exactly
 (each breakpoint is where two lines cross), so the choice for *any* beta comes from the stored results alone.
@@ -26,6 +30,9 @@ class TrialPoint:
     run_id: str | None = field(default=None, compare=False)
     n_seeds: int = field(default=1, compare=False)  # > 1: the mean of that many seeds of one configuration
     run_ids: tuple[str, ...] = field(default=(), compare=False)  # every seed's run
+    # which items g_id / f_ood are on: "all", or "selection" (the part of the items the choice is made on,
+    # see evaluation.item_split)
+    items: str = field(default="all", compare=False)
 
     def phi(self, beta: float) -> float:
         return phi(self.g_id, self.f_ood, beta)
@@ -109,15 +116,39 @@ class Selection:
         return self
 
     def comparisons(self) -> list[Any]:
-        """The operating point against the runner-up and the sft reference (``sweeps.uncertainty.Comparison``)."""
+        """The operating point against the runner-up and the sft reference (``sweeps.uncertainty.Comparison``),
+        on the report items when the items are split."""
         if self.analysis is None:
             return []
         return self.analysis.comparisons(self.best, self.ranking, self.beta)
 
     def intervals(self, point: TrialPoint) -> dict[str, Any] | None:
-        if self.analysis is None or self.analysis.intervals is None:
+        """A configuration's intervals on the items its numbers are reported on (the report items when the
+        items are split, else all items)."""
+        if self.analysis is None or self.analysis.report_intervals is None:
             return None
-        return self.analysis.intervals.of(point)
+        return self.analysis.report_intervals.of(point)
+
+    def operating_point(self) -> dict[str, Any]:
+        """``{"selection": ..., "report": ...}`` (``sweeps.uncertainty.PartNumbers``): the chosen point on the
+        items it was chosen on and on the held-out items; without an analysis both are its own numbers."""
+        if self.analysis is not None:
+            return self.analysis.operating_point(self.best, self.beta)
+        from sweeps.uncertainty import PartNumbers
+
+        own = PartNumbers(self.best.items, self.best.g_id, self.best.f_ood, self.best.phi(self.beta))
+        return {"selection": own, "report": own}
+
+    def split(self) -> dict[str, Any]:
+        """The item split the choice and the report used (``report_fraction``, ``seed``, ``active``, ``text``)."""
+        if self.analysis is not None:
+            return self.analysis.split_dict()
+        return {
+            "report_fraction": 0.0,
+            "seed": 0,
+            "active": False,
+            "text": "no split: chosen and reported on the same items",
+        }
 
     def to_dict(self) -> dict[str, Any]:
         def point(p: TrialPoint) -> dict[str, Any]:
@@ -129,6 +160,7 @@ class Selection:
                 "phi": p.phi(self.beta),
                 "n_seeds": p.n_seeds,
                 "run_ids": list(p.run_ids or (p.run_id,)),
+                "items": p.items,
                 "params": p.params,
             }
 
@@ -141,10 +173,13 @@ class Selection:
                 for i in self.path
             ],
             "ranking": [point(p) for p in self.ranking],
+            "split": self.split(),
+            "operating_point": {part: n.to_dict() for part, n in self.operating_point().items()},
         }
         best = self.intervals(self.best)
         if best is not None:
             out["best_intervals"] = {name: interval.to_dict() for name, interval in best.items()}
+            out["best_intervals_items"] = self.analysis.report_intervals.items
             out["comparisons"] = [c.to_dict() for c in self.comparisons()]
         return out
 

@@ -61,7 +61,8 @@ class SweepContext:
 
 
 def trial_label(params: Mapping[str, Any]) -> str:
-    """A short name of a trial from its parameters: ``rpsft k=64 lambda=4.31 layers=attn period=1``."""
+    """A short name of a trial from its parameters: ``rpsft k=64 lambda=4.31 layers=attn period=1`` (and
+    ``penalty_mode=decoupled`` for a decoupled one; the default ``loss`` is not named)."""
     if params.get("reference"):
         return f"[ref] {params['reference']}"
     parts = [params.get("method", "rpsft")]
@@ -73,10 +74,14 @@ def trial_label(params: Mapping[str, Any]) -> str:
             except ValueError:
                 pass
             parts.append(f"{key}={value}")
+    if params.get("penalty_mode") not in (None, "", "None", "loss"):
+        parts.append(f"penalty_mode={params['penalty_mode']}")
     return " ".join(parts)
 
 
-KNOBS = ("method", "k", "lambda", "layers", "period", "max_steps", "learning_rate")
+# "step": a trajectory point's optimizer step (sweeps.trajectory), so two steps of one trial are two
+# configurations; trials' own params never carry it
+KNOBS = ("method", "k", "lambda", "layers", "period", "penalty_mode", "max_steps", "learning_rate", "step")
 
 
 @dataclass(frozen=True)
@@ -358,7 +363,8 @@ class StoredSweep:
 
     @property
     def points(self) -> list[TrialPoint]:
-        """One point per configuration with G_id and F_ood (the mean over its seeds)."""
+        """One point per configuration with G_id and F_ood (the mean over its seeds), on the selection items
+        when the items are split (``evaluation.split``; see :class:`sweeps.uncertainty.SweepAnalysis`)."""
         return self.analysis.points
 
     def selection(self, beta: float | None = None) -> Selection:

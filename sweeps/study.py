@@ -180,7 +180,7 @@ def configurations(stored: Any) -> tuple[list[Configuration], Any]:
         )
     trials = {trial.run_id: trial for trial in stored.trials}
     out = []
-    for point in analysis.points:
+    for point in analysis.all_points:  # the study reads every configuration on all items (no choice is reported)
         summary = analysis.intervals.of(point)
         if summary is None:
             continue

@@ -51,6 +51,11 @@ def trials_table(trials: list[TrialRecord], beta: float, selection: Selection | 
             f"{_num(trial.g_id):>9s} {_num(trial.f_ood):>9s} {_num(trial.phi(beta)):>9s} {_ci(ci):>21s} "
             f"{_num(trial.metrics.get('train_loss'), '{:.3f}'):>7s}{star}"
         )
+    if selection is not None and selection.best.items == "selection":
+        lines.append(
+            "(G_id, F_ood, Phi and the CI above: each trial on all items; the operating point * was chosen on the "
+            "selection items and is reported on the report items below)"
+        )
     return "\n".join(lines)
 
 
@@ -62,31 +67,52 @@ def configuration_label(point: Any) -> str:
     return label
 
 
+# which items an operating point's numbers are on (sweeps.uncertainty.PartNumbers.items), as printed
+PART_TITLES = {
+    "selection": "chosen on the selection items (biased upwards by the choice)",
+    "report": "reported on the report items (held out from the choice)",
+    "all": "on all items (chosen and reported on the same items: biased upwards)",
+}
+ITEMS_NAMES = {"selection": "the selection items", "report": "the report items", "all": "all items"}
+
+
+def _part_line(numbers: Any, beta: float) -> str:
+    """``G_id .. F_ood .. Phi ..`` of one part (``sweeps.uncertainty.PartNumbers``), with intervals if any."""
+    if numbers.intervals is not None:
+        i = numbers.intervals
+        return (
+            f"G_id {i['g_id'].text()}  F_ood {i['f_ood'].text()}  Phi {i[f'phi@{beta:g}'].text()}  "
+            f"({i['g_id'].level:.0%} paired bootstrap intervals)"
+        )
+    return f"G_id {numbers.g_id:+.4f}  F_ood {numbers.f_ood:+.4f}  Phi {numbers.phi:+.4f}"
+
+
 def selection_text(selection: Selection) -> str:
     best = selection.best
     beta = selection.beta
+    split = selection.split()
+    parts = selection.operating_point()
+    chosen, report = parts["selection"], parts["report"]
+    on = " on the selection items" if chosen.items == "selection" else ""
     lines = [
-        f"operating point (max Phi at beta={beta:g}): trial {best.trial_id}  {configuration_label(best)}",
+        f"operating point (max Phi at beta={beta:g}{on}): trial {best.trial_id}  {configuration_label(best)}",
+        f"  items: {split['text']}",
     ]
-    intervals = selection.intervals(best)
-    if intervals is not None:
-        level = intervals["g_id"].level
+    if split["active"] and chosen.items == "selection":
+        lines.append(f"  {PART_TITLES['selection']}:  {_part_line(chosen, beta)}")
+    elif split["active"]:  # a configuration without item scores: nothing to split
+        lines.append("  (this configuration stored no per-item scores, so it was chosen on all items)")
+    lines.append(f"  {PART_TITLES[report.items]}:  {_part_line(report, beta)}")
+    for comparison in selection.comparisons():
+        verdict = {True: "distinguishable", False: "NOT distinguishable", None: "no interval"}[
+            comparison.distinguishable
+        ]
+        diff = comparison.difference.text() if comparison.difference is not None else "-"
         lines.append(
-            f"  G_id {intervals['g_id'].text()}  F_ood {intervals['f_ood'].text()}  "
-            f"Phi {intervals[f'phi@{beta:g}'].text()}   ({level:.0%} paired bootstrap intervals)"
+            f"  vs {comparison.role} ({configuration_label(comparison.other)}): "
+            f"Phi difference on {ITEMS_NAMES.get(comparison.items, comparison.items)} {diff}: {verdict}"
         )
-        for comparison in selection.comparisons():
-            verdict = {True: "distinguishable", False: "NOT distinguishable", None: "no interval"}[
-                comparison.distinguishable
-            ]
-            diff = comparison.difference.text() if comparison.difference is not None else "-"
-            lines.append(
-                f"  vs {comparison.role} ({configuration_label(comparison.other)}): "
-                f"Phi difference {diff}: {verdict}"
-            )
-    else:
-        lines.append(f"  G_id {best.g_id:+.4f}  F_ood {best.f_ood:+.4f}  Phi {best.phi(beta):+.4f}")
-    if best.g_id <= 0:
+    if report.g_id <= 0:
         gainers = [p for p in selection.ranking if p.g_id > 0]
         why = (
             f"the {len(gainers)} configuration(s) that gain on ID forget more than they gain at this beta"
@@ -94,17 +120,18 @@ def selection_text(selection: Selection) -> str:
             else "no trained trial gains on ID at this scale"
         )
         lines.append(f"  note: the operating point does not raise the ID score (G_id <= 0): {why}")
-    if best.phi(beta) <= 0:
+    if report.phi <= 0:
         lines.append(
             f"  note: the best Phi at beta={beta:g} is <= 0: at this scale no trained trial beats the base model "
             "(Phi = 0) at this beta; see the choice as beta varies below"
         )
-    lines.append("Pareto front (G_id up, F_ood down):")
+    on = " on the selection items" if best.items == "selection" else ""
+    lines.append(f"Pareto front{on} (G_id up, F_ood down):")
     for p in selection.front:
         lines.append(
             f"  {p.trial_id[-14:]:14s} G_id {p.g_id:+.4f}  F_ood {p.f_ood:+.4f}  {configuration_label(p)}"
         )
-    lines.append("choice as beta varies:")
+    lines.append(f"choice as beta varies{on}:")
     for interval in selection.path:
         high = "inf" if math.isinf(interval.high) else f"{interval.high:.4g}"
         lines.append(

@@ -103,22 +103,38 @@ class TuneProgress(TrainerCallback):
 
 
 class IntermediateEvaluation(TrainerCallback):
-    """Every ``every`` optimizer steps: the loss-based trade-off, logged and reported to Tune (ASHA's rungs)."""
+    """Every ``every`` optimizer steps: the loss-based trade-off (and the multiple-choice scores when configured)
+    with the protected drift (``drift_mean``, when the method has a regularizer), logged and reported to Tune
+    (ASHA's rungs); the checkpoint's per-item scores go to ``store(items, step)``
+    (:func:`sweeps.trajectory.log_checkpoint_items`)."""
 
-    def __init__(self, scorer: TrialScorer, tokenizer: Any, every: int, report) -> None:
-        self.scorer, self.tokenizer, self.every, self.report = scorer, tokenizer, every, report
+    def __init__(self, scorer: TrialScorer, tokenizer: Any, every: int, report, store=None) -> None:
+        self.scorer, self.tokenizer, self.every = scorer, tokenizer, every
+        self.report, self.store = report, store
+        self.regularizer: Any = None
+
+    def bind_regularizer(self, regularizer: Any) -> None:
+        """The run's regularizer (``rpsft_core.train.train`` hands it over; ``None`` for unpenalized methods)."""
+        self.regularizer = regularizer
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            import torch
+
             from rpsft_core.models import full_precision_forward
 
             was_training = model.training
             model.eval()
             try:
-                with full_precision_forward(model):  # as the base model and the final scores
-                    metrics = self.scorer.loss_metrics(model, self.tokenizer)
+                with torch.no_grad(), full_precision_forward(model):  # as the base model and the final scores
+                    metrics, items = self.scorer.checkpoint_scores(model, self.tokenizer)
+                    if self.regularizer is not None:
+                        drift = list(self.regularizer.drift().values())
+                        metrics["drift_mean"] = sum(drift) / len(drift) if drift else 0.0
             finally:
                 model.train(was_training)
+            if self.store is not None:
+                self.store(items, state.global_step)
             self.report(metrics, state.global_step)
 
 
@@ -318,7 +334,12 @@ def _train_and_score(
         from rpsft_core.models import load_tokenizer
 
         tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
-        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report))
+        from sweeps.trajectory import log_checkpoint_items
+
+        def store(items: dict[str, Any], step: int) -> None:
+            log_checkpoint_items(client, run_id, step, items)
+
+        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report, store))
     try:
         result, metrics, items = train_and_score(config, context, train_config, scorer, callbacks)
     except BaseException:

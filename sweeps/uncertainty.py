@@ -6,6 +6,12 @@ differ only in their seed form one **configuration**: its point is the mean over
 the seeds (:func:`evaluation.intervals.bootstrap_tradeoff` resamples items and seeds). All configurations are
 resampled on the same items, so the difference between two of them has a paired interval: the operating point
 is *distinguishable* from another configuration when the interval of ``Phi_a - Phi_b`` excludes 0.
+
+The items are split (``evaluation.split``, :mod:`evaluation.item_split`): the points that
+:func:`sweeps.selection.select` ranks carry ``G_id`` / ``F_ood`` on the **selection** items, and the chosen
+point's numbers, intervals and comparisons are reported on the held-out **report** items, so the report is not
+biased upwards by the choice (the winner's curse). Configurations without item scores keep their numbers on all
+items (labelled ``all``); ``report_fraction: 0`` chooses and reports on all items, as before the split.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import json
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
+from evaluation.item_split import ALL, REPORT, SELECTION, ItemSplit
+from evaluation.metrics import phi
 from sweeps.selection import TrialPoint
 from sweeps.store import BASE_ITEM_SCORES, KNOBS, SweepStore
 from sweeps.store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
@@ -80,6 +88,7 @@ class SweepIntervals:
     draws: TradeOffDraws
     betas: list[float]
     keys: dict[str, str]  # run id (of any member) -> configuration key
+    items: str = ALL  # which items: "all", "selection" or "report" (evaluation.item_split)
 
     def key_of(self, point: TrialPoint) -> str | None:
         return self.keys.get(point.run_id or "")
@@ -99,8 +108,18 @@ class SweepIntervals:
             return None
         return self.draws.phi_difference(ka, kb, beta)
 
+    def estimates(self, point: TrialPoint) -> tuple[float, float] | None:
+        """``(G_id, F_ood)`` of a configuration on these items (the mean over its seeds)."""
+        key = self.key_of(point)
+        return None if key is None else (self.draws.point_g[key], self.draws.point_f[key])
+
     def to_dict(self, points: Sequence[TrialPoint]) -> dict[str, Any]:
-        out: dict[str, Any] = {"level": self.draws.level, "n_items": self.draws.n_items, "configurations": []}
+        out: dict[str, Any] = {
+            "items": self.items,
+            "level": self.draws.level,
+            "n_items": self.draws.n_items,
+            "configurations": [],
+        }
         for point in points:
             summary = self.of(point)
             if summary is None:
@@ -127,9 +146,12 @@ def sweep_intervals(
     draws: int = 2000,
     level: float = 0.95,
     seed: int = 0,
+    split: ItemSplit | None = None,
+    part: str = ALL,
 ) -> SweepIntervals | None:
     """Bootstrap every configuration whose trials all stored item scores; ``None`` when nothing can be
-    bootstrapped (no base item scores, or an objective without per-item scores)."""
+    bootstrapped (no base item scores, or an objective without per-item scores). ``part`` ``selection`` or
+    ``report`` bootstraps only that part of every benchmark's items under ``split``; ``all`` every item."""
     if base_items is None or metric not in METRIC_ITEMS:
         return None
     base = objective_items(base_items, metric)
@@ -143,8 +165,13 @@ def sweep_intervals(
         keys.update({p.run_id: group.key for p in group.members if p.run_id})
     if not configs:
         return None
+    if part != ALL:
+        if split is None or not split.active:
+            raise IntervalError(f"intervals: the {part!r} items need an active item split")
+        base = split.part(base, part)
+        configs = {key: [split.part(scores, part) for scores in seeds] for key, seeds in configs.items()}
     result = bootstrap_tradeoff(base, configs, draws=draws, seed=seed, level=level)
-    return SweepIntervals(result, list(betas), keys)
+    return SweepIntervals(result, list(betas), keys, part)
 
 
 # ------------------------------------------------------------------------------------------ stored scores
@@ -160,14 +187,22 @@ def download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
         return json.loads(Path(path).read_text())
 
 
-def stored_item_scores(client: Any, points: Sequence[TrialPoint]) -> dict[str, dict[str, Any]]:
+def stored_item_scores(
+    client: Any, points: Sequence[TrialPoint], cache: dict[str, dict[str, Any]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{run id: item scores}`` of the points' runs that stored them; ``cache`` (filled here) saves downloads
+    across calls (a finished run's item scores never change)."""
     out = {}
     for point in points:
         for run_id in point.run_ids or (point.run_id,):
             if run_id and run_id not in out:
-                scores = download_json(client, run_id, ITEM_SCORES)
+                scores = cache.get(run_id) if cache is not None else None
+                if scores is None:
+                    scores = download_json(client, run_id, ITEM_SCORES)
                 if scores is not None:
                     out[run_id] = scores
+                    if cache is not None:
+                        cache[run_id] = scores
     return out
 
 
@@ -176,11 +211,13 @@ def stored_item_scores(client: Any, points: Sequence[TrialPoint]) -> dict[str, d
 
 @dataclass
 class Comparison:
-    """The operating point against another configuration: ``Phi_best - Phi_other`` with its paired interval."""
+    """The operating point against another configuration: ``Phi_best - Phi_other`` with its paired interval, on
+    ``items`` (the report items when the items are split)."""
 
     role: str  # "runner-up", "[ref] sft", ...
     other: TrialPoint
     difference: Interval | None
+    items: str = ALL
 
     @property
     def distinguishable(self) -> bool | None:
@@ -191,58 +228,187 @@ class Comparison:
             "role": self.role,
             "trial_id": self.other.trial_id,
             "params": self.other.params,
+            "items": self.items,
             "phi_difference": None if self.difference is None else self.difference.to_dict(),
             "distinguishable": self.distinguishable,
         }
 
 
 @dataclass
+class PartNumbers:
+    """A configuration's ``G_id``, ``F_ood`` and ``Phi`` on one part of the items (``selection``, ``report``,
+    or ``all`` when the items are not split or the configuration has no item scores), with its intervals."""
+
+    items: str
+    g_id: float
+    f_ood: float
+    phi: float
+    intervals: dict[str, Interval] | None = None
+    n_items: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"items": self.items, "g_id": self.g_id, "f_ood": self.f_ood, "phi": self.phi}
+        if self.n_items:
+            out["n_items"] = dict(self.n_items)
+        if self.intervals is not None:
+            out["intervals"] = {name: interval.to_dict() for name, interval in self.intervals.items()}
+        return out
+
+
+@dataclass
 class SweepAnalysis:
-    """A sweep's configurations (seeds grouped), their intervals, and how to compare them."""
+    """A sweep's configurations (seeds grouped), their intervals, and how to compare them.
+
+    ``points`` are what :func:`sweeps.selection.select` ranks: ``G_id`` / ``F_ood`` on the selection items
+    (``point.items == "selection"``) where the configuration has item scores and the items are split, else on
+    all items. ``intervals`` are every configuration's intervals on all items (descriptive);
+    ``selection_intervals`` / ``report_intervals`` the same on each part (all three the same object when the
+    items are not split)."""
 
     groups: list[TrialGroup]
-    points: list[TrialPoint]  # one per configuration (the mean over its seeds)
-    intervals: SweepIntervals | None
+    points: list[TrialPoint]  # one per configuration (the mean over its seeds), on the selection items
+    intervals: SweepIntervals | None  # all items
+    selection_intervals: SweepIntervals | None = None
+    report_intervals: SweepIntervals | None = None
+    split: ItemSplit | None = None  # None or inactive: chosen and reported on all items
+    all_points: list[TrialPoint] = field(default_factory=list)  # the same configurations on all items
+
+    def __post_init__(self) -> None:
+        if not self.split_active:
+            self.selection_intervals = self.selection_intervals or self.intervals
+            self.report_intervals = self.report_intervals or self.intervals
+        if not self.all_points:
+            self.all_points = [g.point for g in self.groups]
+
+    @property
+    def split_active(self) -> bool:
+        return self.split is not None and self.split.active
+
+    def split_dict(self) -> dict[str, Any]:
+        split = self.split if self.split is not None else ItemSplit(0.0)
+        return {**split.to_dict(), "active": self.split_active, "text": split.describe()}
+
+    def all_items_point(self, point: TrialPoint) -> TrialPoint:
+        """The configuration of ``point`` with its ``G_id`` / ``F_ood`` on all items (the trials' own metrics)."""
+        return next((p for p in self.all_points if p.run_id == point.run_id), point)
+
+    def numbers(self, point: TrialPoint, beta: float, part: str) -> PartNumbers:
+        """``point``'s numbers on the ``selection`` or ``report`` items; on all items (labelled so) when the
+        items are not split or the configuration has no item scores."""
+        intervals = self.selection_intervals if part == SELECTION else self.report_intervals
+        estimates = intervals.estimates(point) if intervals is not None else None
+        if estimates is None:  # no item scores: the trials' own numbers on all items
+            whole = self.all_items_point(point)
+            return PartNumbers(ALL, whole.g_id, whole.f_ood, whole.phi(beta))
+        # not split: exactly the numbers the choice was made on (the trials' own metrics, as before the split)
+        g, f = estimates if self.split_active else (point.g_id, point.f_ood)
+        return PartNumbers(
+            intervals.items, g, f, phi(g, f, beta), intervals.of(point), dict(intervals.draws.n_items)
+        )
+
+    def operating_point(self, best: TrialPoint, beta: float) -> dict[str, PartNumbers]:
+        """The chosen point on the items it was chosen on (``selection``) and on the held-out ones (``report``)."""
+        return {SELECTION: self.numbers(best, beta, SELECTION), REPORT: self.numbers(best, beta, REPORT)}
 
     def comparisons(self, best: TrialPoint, ranking: Sequence[TrialPoint], beta: float) -> list[Comparison]:
-        """The operating point against the runner-up and against every ``sft`` reference configuration."""
+        """The operating point against the runner-up and against every ``sft`` reference configuration, on the
+        report items."""
         out = []
+        items = self.report_intervals.items if self.report_intervals is not None else ALL
         others = [p for p in ranking if p.run_id != best.run_id]
         if others:
-            out.append(Comparison("runner-up", others[0], self._diff(best, others[0], beta)))
+            out.append(Comparison("runner-up", others[0], self._diff(best, others[0], beta), items))
         for point in self.points:
             if point.params.get("method") == "sft" and point.run_id != best.run_id:
-                out.append(Comparison("sft", point, self._diff(best, point, beta)))
+                out.append(Comparison("sft", point, self._diff(best, point, beta), items))
         return out
 
     def _diff(self, a: TrialPoint, b: TrialPoint, beta: float) -> Interval | None:
-        return None if self.intervals is None else self.intervals.difference(a, b, beta)
+        return None if self.report_intervals is None else self.report_intervals.difference(a, b, beta)
+
+
+def selection_points(
+    groups: Sequence[TrialGroup], selection_intervals: SweepIntervals | None
+) -> list[TrialPoint]:
+    """One point per configuration for :func:`sweeps.selection.select`: on the selection items where
+    ``selection_intervals`` (a ``selection`` part) knows the configuration, else its mean on all items."""
+    out = []
+    for group in groups:
+        point = group.point
+        estimates = selection_intervals.estimates(point) if selection_intervals is not None else None
+        if estimates is not None and selection_intervals.items == SELECTION:
+            point = replace(point, g_id=estimates[0], f_ood=estimates[1], items=SELECTION)
+        out.append(point)
+    return out
+
+
+def read_base_item_scores(config: Any, client: Any, parent_run_id: str) -> dict[str, Any] | None:
+    """The base model's item scores: ``<sweep>/base_item_scores.json``, else the parent run's artifact."""
+    path = SweepStore.of(config).base_item_scores
+    if path.is_file():
+        return json.loads(path.read_text())
+    return download_json(client, parent_run_id, BASE_ITEM_SCORES)
+
+
+def analyze_items(
+    points: Sequence[TrialPoint],
+    base_items: Mapping[str, Any] | None,
+    trial_items: Mapping[str, Mapping[str, Any]],
+    metric: str,
+    betas: Sequence[float],
+    *,
+    split: ItemSplit | None = None,
+    draws: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> SweepAnalysis:
+    """Group finished trials by configuration and bootstrap them from their item scores (``trial_items``: run
+    id -> stored item scores): on all items, and on the selection and report parts of ``split``; the analysis'
+    points carry the selection part's ``G_id`` / ``F_ood`` (see :class:`SweepAnalysis`)."""
+    groups = group_points(points)
+    split = split if split is not None else ItemSplit(0.0)
+    intervals = selection = report = None
+    if base_items is not None and metric in METRIC_ITEMS:
+
+        def bootstrap(part: str) -> SweepIntervals | None:
+            return sweep_intervals(
+                groups, base_items, trial_items, metric, betas,
+                draws=draws, level=level, seed=seed, split=split, part=part,
+            )  # fmt: skip
+
+        intervals = bootstrap(ALL)
+        if split.active and intervals is not None:
+            selection, report = bootstrap(SELECTION), bootstrap(REPORT)
+    chosen_on = selection_points(groups, selection) if split.active else [g.point for g in groups]
+    return SweepAnalysis(groups, chosen_on, intervals, selection, report, split)
 
 
 def analyze_sweep(
-    config: Any, client: Any, parent_run_id: str, points: Sequence[TrialPoint]
+    config: Any,
+    client: Any,
+    parent_run_id: str,
+    points: Sequence[TrialPoint],
+    *,
+    draws: int | None = None,
+    item_cache: dict[str, dict[str, Any]] | None = None,
 ) -> SweepAnalysis:
-    """Group a sweep's finished trials by configuration and bootstrap their intervals from the stored item
-    scores (the base model's from ``<sweep>/base_item_scores.json`` or the parent run's artifact)."""
-    groups = group_points(points)
-    grouped = [g.point for g in groups]
-    path = SweepStore.of(config).base_item_scores
-    base = (
-        json.loads(path.read_text())
-        if path.is_file()
-        else download_json(client, parent_run_id, BASE_ITEM_SCORES)
-    )
+    """:func:`analyze_items` of a sweep's finished trials, from the stored item scores (the base model's from
+    ``<sweep>/base_item_scores.json`` or the parent run's artifact) and the sweep's ``evaluation.split`` and
+    ``evaluation.intervals``. ``draws`` overrides the config's (1 when only the points matter);
+    ``item_cache`` keeps downloaded item scores across calls."""
+    metric = config.objective.metric
+    base = read_base_item_scores(config, client, parent_run_id)
+    scored = base is not None and metric in METRIC_ITEMS
+    trial_items = stored_item_scores(client, points, item_cache) if scored else {}
     ev = config.evaluation.intervals
-    intervals = None
-    if base is not None and config.objective.metric in METRIC_ITEMS:
-        intervals = sweep_intervals(
-            groups,
-            base,
-            stored_item_scores(client, points),
-            config.objective.metric,
-            config.objective.betas,
-            draws=ev.draws,
-            level=ev.level,
-            seed=ev.seed,
-        )
-    return SweepAnalysis(groups, grouped, intervals)
+    return analyze_items(
+        points,
+        base,
+        trial_items,
+        metric,
+        config.objective.betas,
+        split=config.evaluation.split.item_split(),
+        draws=ev.draws if draws is None else draws,
+        level=ev.level,
+        seed=ev.seed,
+    )

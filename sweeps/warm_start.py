@@ -121,8 +121,12 @@ def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored:
             values = _values(config, trial)
             if values is None:
                 continue
-            params = {knob: _param(trial.params.get(knob), d) for knob, d in dists.items()}
-            if any(value is None for value in params.values()):
+            # a trial from before the penalty_mode knob applied its penalty as `loss`; a space without the knob
+            # (only `loss`) takes no decoupled trial
+            known = {"penalty_mode": "loss", **trial.params}
+            params = {knob: _param(known.get(knob), d) for knob, d in dists.items()}
+            outside = "penalty_mode" not in dists and known["penalty_mode"] != "loss"
+            if outside or any(value is None for value in params.values()):
                 result.skipped[name] += 1
                 continue
             study.add_trial(

@@ -76,10 +76,12 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     root = tmp_path / "sweeps"
     client = tracking.client_for(outcome.tracking_uri)
     best = outcome.selection.best
+    # the choice's G_id / F_ood are on the selection items (evaluation.split); the trial's own are on all items
+    best_trial = next(t for t in outcome.trials if t.run_id == best.run_id)
     # the operating point is registered, tagged with its trial, knobs and Phi; no trial keeps weights on disk
     (version,) = _versions(client, "keep")
     assert version.tags["rpsft.trial_id"] == best.trial_id and version.tags[TAG_KEPT] == "operating_point"
-    assert float(version.tags["rpsft.phi"]) == pytest.approx(best.phi(1.0), abs=1e-5)
+    assert float(version.tags["rpsft.phi"]) == pytest.approx(best_trial.phi(1.0), abs=1e-5)
     assert version.tags["rpsft.method"] == best.params["method"]
     assert not list((outcome.sweep_dir / "trials").glob("*/model"))
 
@@ -88,8 +90,8 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     kept = export_trial(stored, "op", tmp_path / "op", echo=lambda *a: None)
     assert kept.source == "kept"
     rescored = _rescore(stored, kept.path)
-    assert rescored["g_id"] == pytest.approx(best.g_id, abs=1e-6)
-    assert rescored["f_ood"] == pytest.approx(best.f_ood, abs=1e-6)
+    assert rescored["g_id"] == pytest.approx(best_trial.g_id, abs=1e-6)
+    assert rescored["f_ood"] == pytest.approx(best_trial.f_ood, abs=1e-6)
 
     from sweeps.checkpoints import find_trial_run
 

@@ -88,10 +88,50 @@ def test_seeds_pool_into_one_configuration(outcome):
     assert sum(p.n_seeds for p in selection.ranking) == 5
     roles = [c.role for c in selection.comparisons()]
     assert "runner-up" in roles
+    # the choice is made on the selection items and reported on the report items (evaluation.split defaults:
+    # half of each benchmark's items, seed 0): both recomputed here from the stored items
+    base = json.loads((result.sweep_dir / "base_item_scores.json").read_text())
+    on_selection = {run_id: _phi_by_hand(client, run_id, base, 0, 1.0) for run_id in runs}
+    on_report = {run_id: _phi_by_hand(client, run_id, base, 1, 1.0) for run_id in runs}
+
+    def mean_over_seeds(point, table):
+        return sum(table[r] for r in point.run_ids) / len(point.run_ids)
+
+    for point in selection.ranking:
+        assert point.items == "selection"
+        assert point.phi(1.0) == pytest.approx(mean_over_seeds(point, on_selection), abs=1e-9)
+    report = selection.operating_point()["report"]
+    assert report.items == "report"
+    assert report.phi == pytest.approx(mean_over_seeds(selection.best, on_report), abs=1e-9)
+    parent = client.get_run(result.parent_run_id).data
+    assert parent.metrics["operating_point/report/phi"] == pytest.approx(report.phi, abs=1e-9)
+    assert parent.metrics["operating_point/selection/phi"] == pytest.approx(selection.best.phi(1.0), abs=1e-9)
+    assert parent.tags["rpsft.operating_point_report_items"] == "report"
+    assert "selection" in parent.tags["rpsft.item_split"]
     for c in selection.comparisons():
-        assert c.difference is not None and math.isfinite(c.difference.low)
-        # the paired difference's estimate is the difference of the two configurations' Phi
-        assert c.difference.estimate == pytest.approx(selection.best.phi(1.0) - c.other.phi(1.0), abs=1e-9)
+        assert c.difference is not None and math.isfinite(c.difference.low) and c.items == "report"
+        # the paired difference's estimate is the difference of the two configurations' Phi on the report items
+        want = mean_over_seeds(selection.best, on_report) - mean_over_seeds(c.other, on_report)
+        assert c.difference.estimate == pytest.approx(want, abs=1e-9)
+
+
+def _phi_by_hand(client, run_id, base, part, beta):
+    """A run's Phi on one part (0 selection, 1 report) of the default item split, from its stored items."""
+    from evaluation.item_split import ItemSplit
+    from sweeps.uncertainty import download_json
+
+    items = download_json(client, run_id, "item_scores.json")
+    split = ItemSplit(0.5, 0)
+
+    def gain(key, suite, sign):
+        out = []
+        for bench, rows in base[key].items():
+            idx = split.indices(suite, bench, len(rows))[part]
+            tuned, base_rows = [items[key][bench][i] for i in idx], [rows[i] for i in idx]
+            out.append(sign * (_weighted(tuned) - _weighted(base_rows)))
+        return sum(out) / len(out)
+
+    return gain("id_nll", "id", 1) - beta * gain("ood_mc", "ood", -1)
 
 
 def test_select_prints_intervals_and_distinguishability(outcome):
@@ -104,8 +144,11 @@ def test_select_prints_intervals_and_distinguishability(outcome):
     assert out.exit_code == 0, out.output
     assert "paired bootstrap intervals" in out.output
     assert "vs runner-up" in out.output and "distinguishable" in out.output
+    assert "chosen on the selection items" in out.output and "reported on the report items" in out.output
     as_json = CliRunner().invoke(app, ["sweep", "select", "ci", "--runs-dir", str(result.sweep_dir.parent), "--json"])
     payload = json.loads(as_json.stdout)
+    assert payload["best_intervals_items"] == "report" and payload["split"]["report_fraction"] == 0.5
+    assert payload["operating_point"]["report"]["intervals"] == payload["best_intervals"]
     best = payload["best_intervals"]
     assert best["g_id"]["low"] <= best["g_id"]["estimate"] <= best["g_id"]["high"]
     assert payload["comparisons"] and "distinguishable" in payload["comparisons"][0]

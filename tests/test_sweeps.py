@@ -39,9 +39,31 @@ def trial_runs(outcome):
     return client, tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
 
 
-def independent_best(runs, beta):
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    return max(finished, key=lambda r: r.data.metrics["g_id"] - beta * r.data.metrics["f_ood"])
+def independent_best(client, runs, beta, sweep_dir):
+    """The max-Phi finished trial, its Phi computed here from the stored item scores on the selection items of
+    the default split (evaluation.split: report_fraction 0.5, seed 0), where the sweep chooses."""
+    from evaluation.item_split import ItemSplit
+    from sweeps.uncertainty import download_json
+
+    base = json.loads((Path(sweep_dir) / "base_item_scores.json").read_text())
+    split = ItemSplit(0.5, 0)
+
+    def gain(items, key, suite, sign):
+        diffs = []
+        for bench, rows in base[key].items():
+            idx, _ = split.indices(suite, bench, len(rows))
+
+            def mean(r, idx=idx):
+                return sum(r[i][0] for i in idx) / sum(r[i][1] for i in idx)
+
+            diffs.append(sign * (mean(items[key][bench]) - mean(rows)))
+        return sum(diffs) / len(diffs)
+
+    def phi(run):
+        items = download_json(client, run.info.run_id, "item_scores.json")
+        return gain(items, "id_nll", "id", 1) - beta * gain(items, "ood_nll", "ood", -1)
+
+    return max((r for r in runs if r.info.status == "FINISHED"), key=phi)
 
 
 def optuna_states(name, url):
@@ -83,7 +105,7 @@ def test_sweep_sqlite_asha_end_to_end(tmp_path, tiny_dir):
     assert {"trial_config.json", "result.json", "train_metrics.json"} <= artifacts
 
     # the chosen point is the max-Phi finished trial, and only it carries the tag
-    best = independent_best(runs, 1.0)
+    best = independent_best(client, runs, 1.0, outcome.sweep_dir)
     assert outcome.selection.best.run_id == best.info.run_id
     _, runs = trial_runs(outcome)
     tagged = [r.info.run_id for r in runs if r.data.tags.get("rpsft.operating_point") == "true"]
@@ -102,7 +124,7 @@ def test_sweep_sqlite_asha_end_to_end(tmp_path, tiny_dir):
     from sweeps.report import load_selection
 
     selection, _, _ = load_selection("e2e", root=outcome.sweep_dir.parent, beta=5.0)
-    assert selection.best.run_id == independent_best(runs, 5.0).info.run_id
+    assert selection.best.run_id == independent_best(client, runs, 5.0, outcome.sweep_dir).info.run_id
 
 
 def free_port() -> int:
@@ -167,7 +189,8 @@ def test_sweep_with_tracking_server_and_postgres_optuna(tmp_path, tiny_dir, mlfl
         client, runs = trial_runs(outcome)
         assert outcome.tracking_uri == mlflow_server
         assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
-        assert outcome.selection.best.run_id == independent_best(runs, 1.0).info.run_id
+        best = independent_best(client, runs, 1.0, outcome.sweep_dir)
+        assert outcome.selection.best.run_id == best.info.run_id
         import optuna
 
         study = optuna.load_study(study_name="server", storage=optuna_url)
