@@ -129,7 +129,7 @@ def tradeoff_figure(data: SweepData) -> Any:
         )
         chosen: dict[str, list[float]] = defaultdict(list)  # one star per chosen trial, naming its betas
         for b, selection in data.selections.items():
-            chosen[selection.best.run_id].append(b)
+            chosen[selection.best.trial_id].append(b)  # a trajectory's steps of one run are distinct points
         for i, betas in enumerate(chosen.values()):
             chosen_on = data.selections[betas[0]].best.items
             best = plotted(data.selections[betas[0]].best)
@@ -256,25 +256,31 @@ def _trial_line(trial: TrialRecord, points: list[tuple[float, float]], color: st
 
 
 def training_curves_figure(data: SweepData) -> Any:
-    """Per-step task loss, penalty, protected drift and intermediate Phi of every trial."""
+    """Per-step task loss, penalty, protected drift, and the trade-off at the intermediate evaluations of every
+    trial (four panels a row)."""
     from plotly.subplots import make_subplots
 
     keys = [k for k in CURVES if any(t.history.get(k) for t in data.trials)]
     if not keys:
         return None
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[CURVES[k] for k in keys])
+    cols = min(4, len(keys))
+    rows = -(-len(keys) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[CURVES[k] for k in keys])
     for i, trial in enumerate(data.trials):
         color = PALETTE[i % len(PALETTE)]
-        for col, key in enumerate(keys, start=1):
+        shown = False  # one legend entry per trial
+        for index, key in enumerate(keys):
             series = trial.history.get(key)
             if not series:
                 continue
-            first = not any(trial.history.get(k) for k in keys[: col - 1])  # one legend entry per trial
             fig.add_trace(
-                _trial_line(trial, series, color, showlegend=first, marker={"size": 4}), row=1, col=col
+                _trial_line(trial, series, color, showlegend=not shown, marker={"size": 4}),
+                row=index // cols + 1,
+                col=index % cols + 1,
             )
-        fig.update_xaxes(title_text="step")
-    return _layout(fig, "Training curves", "", "", height=520)
+            shown = True
+    fig.update_xaxes(title_text="step")
+    return _layout(fig, "Training curves", "", "", height=420 * rows + 100)
 
 
 def rotation_figure(data: SweepData) -> Any:

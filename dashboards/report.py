@@ -162,7 +162,7 @@ def _selection_html(data: SweepData) -> str:
     for beta, selection in data.selections.items():
         best = selection.best
         trial = data.by_run_id(best.run_id)
-        label = trial.label if trial else best.trial_id
+        label = trial_label(best.params) if trial else best.trial_id  # with step=N for a trajectory's point
         parts = selection.operating_point()
         rows = [
             f'<li data-part="{part}">{html.escape(PART_TITLES[numbers.items if part == "report" else part])}: '
@@ -184,7 +184,7 @@ def _selection_html(data: SweepData) -> str:
     for interval in data.selections[data.beta].path:
         high = "inf" if math.isinf(interval.high) else f"{interval.high:.4g}"
         trial = data.by_run_id(interval.point.run_id)
-        label = trial.label if trial else interval.point.trial_id
+        label = trial_label(interval.point.params) if trial else interval.point.trial_id
         path_items.append(f"<li>beta in [{interval.low:.4g}, {high}): {html.escape(label)}</li>")
     split = data.selections[data.beta].split()
     on = " on the selection items" if data.selections[data.beta].best.items == "selection" else ""

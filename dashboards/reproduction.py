@@ -83,14 +83,34 @@ def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
     return _layout(fig, f"{result['model']}: Phi(k) (k = 0: SFT; rightmost: full rank)", "k", "Phi")
 
 
+REGIME_COLORS = {"loss": "#1f77b4", "decoupled": "#ff7f0e", "sgd": "#2ca02c"}
+
+
 def drift_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
-    """Protected drift against lambda on log-log axes (C5), with a 1/lambda guide."""
+    """Protected drift against lambda on log-log axes (C5), one line per regime (Adam with the penalty in the
+    loss, Adam decoupled, SGD), with a 1/lambda guide through the paper regime's largest lambda."""
     go = _go()
-    lam = claim["numbers"].get("lambda", [])
-    drift = claim["numbers"].get("drift_mean", [])
+    numbers = claim["numbers"]
+    # claims files from before the regimes hold one slice at the top level
+    regimes = numbers.get("regimes") or {}
+    if not regimes and numbers.get("lambda"):
+        regimes = {"loss": {"lambda": numbers["lambda"], "drift_mean": numbers["drift_mean"]}}
     fig = go.Figure()
-    if lam:
-        fig.add_trace(go.Scatter(x=lam, y=drift, mode="lines+markers", name="drift (mean over matrices)"))
+    for name, fit in regimes.items():
+        fig.add_trace(
+            go.Scatter(
+                x=fit["lambda"],
+                y=fit["drift_mean"],
+                mode="lines+markers",
+                name=fit.get("setting", name)
+                + (f": slope {fit['slope_tail']:+.2f}" if "slope_tail" in fit else ""),
+                line={"color": REGIME_COLORS.get(name)},
+                text=fit.get("labels"),
+            )
+        )
+    guide = regimes.get(numbers.get("paper_regime", "loss")) or next(iter(regimes.values()), None)
+    if guide and guide["lambda"]:
+        lam, drift = guide["lambda"], guide["drift_mean"]
         fig.add_trace(
             go.Scatter(
                 x=lam,
@@ -102,7 +122,9 @@ def drift_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
         )
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    return _layout(fig, f"{result['model']}: protected drift vs lambda", "lambda", "||Uk^T (W - W0) Vk||_F")
+    return _layout(
+        fig, f"{result['model']}: protected drift vs lambda", "lambda", "||Uk^T (W - W0) Vk||_F (mean)"
+    )
 
 
 def rotation_figure(result: dict[str, Any]) -> Any:
@@ -175,6 +197,67 @@ def _configuration_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _c2_section(result: dict[str, Any]) -> list[str]:
+    """C2's family frontiers (``sweeps.frontiers``): a family x beta table of each family's chosen configuration
+    with its Phi on the report items, RPSFT's paired differences, and the paper-protocol comparison. Nothing for a
+    claims file written before the frontiers (its C2 evidence says it all)."""
+    claim = next((c for c in result.get("claims", []) if c.get("id") == "C2"), None)
+    numbers = (claim or {}).get("numbers") or {}
+    frontiers = numbers.get("frontiers")
+    if not frontiers:
+        return []
+    betas = [f"{b:g}" for b in numbers.get("betas", [])]
+    lines = [
+        f"**C2 family frontiers** ({numbers.get('items', '')}): at each beta the family's configuration of "
+        "largest Phi, with its Phi and 95% paired bootstrap interval.",
+        "",
+        "| family | " + " | ".join(f"beta={b}" for b in betas) + " |",
+        "|---" * (len(betas) + 1) + "|",
+    ]
+    for name, per_beta in frontiers.items():
+        cells = []
+        for b in betas:
+            point = per_beta.get(b)
+            if point is None:
+                cells.append("-")
+                continue
+            report = point["report"]
+            phi = _fmt(report.get("phi_interval")) if report.get("phi_interval") else f"{report['phi']:+.4f}"
+            cells.append(f"{phi} ({point['label']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, per_beta in numbers.get("differences", {}).items():
+        lines.append(f"| rpsft - {name} | " + " | ".join(_fmt(per_beta.get(b)) for b in betas) + " |")
+    paper = numbers.get("paper_protocol")
+    if paper:
+        chosen = ", ".join(f"{name}: {label or '-'}" for name, label in paper["configurations"].items())
+        lines += ["", f"Paper protocol (final step, {paper['items']} items; {chosen}): **{paper['verdict']}**."]
+        if paper["differences"]:
+            lines += ["", "| paper protocol | " + " | ".join(f"beta={b}" for b in betas) + " |"]
+            lines.append("|---" * (len(betas) + 1) + "|")
+            for name, per_beta in paper["differences"].items():
+                lines.append(f"| rpsft - {name} | " + " | ".join(_fmt(per_beta.get(b)) for b in betas) + " |")
+    return lines + [""]
+
+
+def _forgetting_section(result: dict[str, Any]) -> list[str]:
+    """F_ood of every configuration under the nll and mc views, and where they disagree."""
+    lines = ["### Forgetting under two views", ""]
+    views = result.get("forgetting_views")
+    if not views:
+        return lines + ["Not in this result file (written before both views were reported).", ""]
+    lines += [
+        "F_ood under `nll` (the rise in NLL of the base model's own answers) and `mc` (the drop in "
+        "log-likelihood multiple-choice accuracy, `evaluation.mc`), with 95% paired bootstrap intervals.",
+        "",
+        "| configuration | F_ood nll | F_ood mc |",
+        "|---|---|---|",
+    ]
+    for row in views["configurations"]:
+        lines.append(f"| {row['label']} | {_fmt(row['f_ood'].get('nll'))} | {_fmt(row['f_ood'].get('mc'))} |")
+    lines += ["", f"**Disagreements.** Rule: {views['rule']}. Found: {views['summary']}.", ""]
+    return lines
+
+
 def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: str = "") -> str:
     lines = [
         "# Reproduction of the RPSFT paper's claims",
@@ -222,7 +305,7 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
         lines += [line for caveat in r.get("caveats", []) for line in (f"> **Caveat.** {caveat}", "")]
         for claim in r["claims"]:
             lines += [f"- **{claim['id']} ({claim['verdict']}).** {claim['claim']}. {claim['evidence']}."]
-        lines += ["", *(_configuration_table(r)), ""]
+        lines += ["", *_c2_section(r), *(_configuration_table(r)), ""]
         for name, title in (
             ("tradeoff", "trade-off"),
             ("phi_k", "Phi(k)"),
@@ -232,6 +315,7 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
             if (Path(r["_path"]).parent / f"{name}.png").is_file():
                 lines.append(f"![{r['model']} {title}]({rel}/{name}.png)")
         lines.append("")
+        lines += _forgetting_section(r)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -16,6 +16,9 @@ CURVES = {
     "rpsft/penalty": "RPSFT penalty",
     "rpsft/drift_mean": "protected drift (mean)",
     "eval/objective": "Phi at the rungs",
+    "eval/g_id": "G_id at the evaluations",
+    "eval/f_ood": "F_ood at the evaluations",
+    "eval/drift_mean": "protected drift at the evaluations",
 }
 ROTATION_MEAN = "rotation/mean_deg"
 ROTATION_LAYER_PREFIX = "rotation/layer_"

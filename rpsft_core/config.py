@@ -18,6 +18,7 @@ from rpsft_core.selection import LayerSpec, resolve_spec
 DEFAULT_AUTO_K_PROMPTS = "../shared/paper-data/ood/gpqa_test.jsonl"  # the sweep's default too
 
 Strategy = Literal["fsdp2", "ddp"]
+OptimizerName = Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"]  # TrainConfig.optimizer
 
 
 class Resources(BaseModel):
@@ -99,7 +100,7 @@ class TrainConfig(BaseModel):
     iw_tau: float = Field(1.0, gt=0)
     iw_clamp: float = Field(16.0, gt=0)
 
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = "adamw_torch"
+    optimizer: OptimizerName = "adamw_torch"
     learning_rate: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = "cosine"

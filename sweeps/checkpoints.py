@@ -132,7 +132,10 @@ def prune(
     During the sweep (``final`` False) a configuration whose seeds have not all finished keeps its weights,
     since its mean may still rise; a running trial's directory is never touched. Without ``selection``, the
     choice is made as the sweep's end makes it: on the selection items when the items are split and
-    ``client`` / ``parent_run_id`` can read the item scores (``item_cache`` saves downloads across calls)."""
+    ``client`` / ``parent_run_id`` can read the item scores (``item_cache`` saves downloads across calls), and
+    among every scored checkpoint with ``evaluation.trajectory: true`` and a ``client``."""
+    from sweeps.trajectory import sweep_points
+
     groups = group_points(trial_points(trials))
     if selection is None:
         points = None
@@ -141,11 +144,18 @@ def prune(
 
             try:
                 analysis = analyze_sweep(
-                    config, client, parent_run_id, trial_points(trials), draws=1, item_cache=item_cache
+                    config,
+                    client,
+                    parent_run_id,
+                    sweep_points(config, trials, client),
+                    draws=1,
+                    item_cache=item_cache,
                 )
             except ValueError:  # item scores that cannot be paired or split: delete nothing now
                 return {}
             points = analysis.points
+        elif client is not None and config.evaluation.trajectory:
+            points = [g.point for g in group_points(sweep_points(config, trials, client))]
         selection = _selection(config, groups, points)
     kept = kept_roles(config, selection, groups)
     protected = set(kept)

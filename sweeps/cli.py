@@ -101,7 +101,8 @@ def select(
     tag: bool = typer.Option(False, help="Move the MLflow operating-point tag to this choice."),
     as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
 ) -> None:
-    """The max-Phi trial, the Pareto front and the beta path, from the stored results only."""
+    """The max-Phi trial, the Pareto front, the beta path and each method family's frontier (its best
+    configuration at each of the sweep's betas), from the stored results only."""
     from sweeps.report import load_selection
 
     try:
@@ -110,12 +111,23 @@ def select(
         raise
     except ValueError as exc:  # sweeps.selection / sweeps.report say "no finished trial" with a ValueError
         raise InputError(str(exc)) from exc
-    if as_json:
-        typer.echo(json.dumps(selection.to_dict(), indent=2))
-        return
-    from sweeps.summary import selection_text, trials_table
+    frontiers = None
+    if selection.analysis is not None:  # each family's best configuration at each of the objective's betas
+        from sweeps.frontiers import family_frontiers
 
-    typer.echo(trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection))
+        frontiers = family_frontiers(selection.analysis)
+    if as_json:
+        payload = selection.to_dict()
+        if frontiers is not None:
+            payload["frontiers"] = frontiers.to_dict()
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    from sweeps.summary import frontiers_text, selection_text, trials_table
+
+    text = trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection)
+    if frontiers is not None:
+        text += "\n" + frontiers_text(frontiers)
+    typer.echo(text)
 
 
 def export(

@@ -32,7 +32,7 @@ from pydantic import (
 from evaluation.loss_metrics import LossSettings
 from evaluation.multiple_choice import MCSettings
 from evaluation.settings import EvalSettings
-from rpsft_core.config import ConfigError, Resources, TrainConfig, format_validation_error
+from rpsft_core.config import ConfigError, OptimizerName, Resources, TrainConfig, format_validation_error
 from rpsft_core.config import read_yaml_mapping as read_config_mapping
 from rpsft_core.method_table import Method, PenaltyMode, method_spec
 from rpsft_core.selection import LayerSpec, resolve_spec
@@ -206,7 +206,9 @@ def layer_label(item: str | LayerSpec) -> str:
 
 
 class Reference(BaseModel):
-    """A baseline trial run once: a method, with optional k / lambda / layers for the penalized ones."""
+    """A baseline trial run once: a method, with optional k / lambda / layers for the penalized ones, and
+    optional ``optimizer`` / ``learning_rate`` overriding the sweep's ``train:`` section for this trial alone
+    (e.g. plain SGD, which needs a much larger learning rate than AdamW)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
 
@@ -216,6 +218,13 @@ class Reference(BaseModel):
     layers: str | LayerSpec | None = None
     penalty_mode: PenaltyMode | None = Field(
         None, description="how a penalized reference applies its penalty (default: loss)"
+    )
+    optimizer: OptimizerName | None = Field(
+        None,
+        description="this trial's optimizer (TrainConfig.optimizer); default: the sweep's train.optimizer",
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="this trial's learning rate; default: the sweep's train.learning_rate"
     )
     seeds: list[int] | None = Field(
         None,
@@ -242,6 +251,11 @@ class Reference(BaseModel):
 
     @property
     def label(self) -> str:
+        return self.label_in({})
+
+    def label_in(self, train: dict[str, Any]) -> str:
+        """The reference's name in a sweep whose ``train:`` section is ``train``: ``optimizer`` and
+        ``learning_rate`` are named only where they differ from the sweep's (or TrainConfig's default)."""
         parts = [self.method]
         if self.k is not None:
             parts.append(f"k={self.k}")
@@ -251,7 +265,16 @@ class Reference(BaseModel):
             parts.append(f"layers={layer_label(self.layers)}")
         if self.penalty_mode is not None:
             parts.append(f"penalty_mode={self.penalty_mode}")
+        if self.optimizer is not None and self.optimizer != _train_value(train, "optimizer"):
+            parts.append(f"optimizer={self.optimizer}")
+        if self.learning_rate is not None and self.learning_rate != _train_value(train, "learning_rate"):
+            parts.append(f"lr={self.learning_rate:g}")
         return " ".join(parts)
+
+
+def _train_value(train: dict[str, Any], name: str) -> Any:
+    """A sweep's ``train.<name>``, or TrainConfig's default."""
+    return train[name] if train.get(name) is not None else TrainConfig.model_fields[name].default
 
 
 class Intervals(BaseModel):
@@ -695,7 +718,8 @@ class SweepConfig(BaseModel):
         return SweepStore.of(self).dir
 
     def trial_train_config(self, params: dict[str, Any], output_dir: str | Path | None = None) -> TrainConfig:
-        """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period, penalty_mode)."""
+        """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period, penalty_mode;
+        a reference's own optimizer and learning_rate over the ``train:`` section)."""
         raw: dict[str, Any] = {
             "model": self.model,
             "data": self.data,
@@ -709,8 +733,8 @@ class SweepConfig(BaseModel):
         raw["method"] = method
         if params.get("seed") is not None:
             raw["seed"] = params["seed"]
-        for key in ("k", "lambda", "period", "penalty_mode"):
-            if params.get(key) is not None:
+        for key in ("k", "lambda", "period", "penalty_mode", "optimizer", "learning_rate"):
+            if params.get(key) is not None:  # optimizer / learning_rate: a reference's own, over train:
                 raw[key] = params[key]
         if params.get("layers") is not None:
             layers = params["layers"]
@@ -732,7 +756,8 @@ class SweepConfig(BaseModel):
         """One parameter set per reference trial (a reference with ``seeds`` runs once per seed)."""
         out = []
         for ref in self.references:
-            params: dict[str, Any] = {"method": ref.method, "reference": ref.label}
+            label = ref.label_in(self.train)
+            params: dict[str, Any] = {"method": ref.method, "reference": label}
             if ref.k is not None:
                 params["k"] = ref.k
             if ref.lam is not None:
@@ -743,11 +768,15 @@ class SweepConfig(BaseModel):
                 )
             if ref.penalty_mode is not None:
                 params["penalty_mode"] = ref.penalty_mode
+            if ref.optimizer is not None:
+                params["optimizer"] = ref.optimizer
+            if ref.learning_rate is not None:
+                params["learning_rate"] = ref.learning_rate
             for seed in ref.seeds or [None]:
                 if seed is None:
                     out.append(params)
                 else:
-                    out.append({**params, "seed": seed, "reference": f"{ref.label} seed={seed}"})
+                    out.append({**params, "seed": seed, "reference": f"{label} seed={seed}"})
         return out
 
     def auto_k_specs(self) -> list[str]:

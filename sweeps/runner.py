@@ -33,7 +33,6 @@ from sweeps.store import (  # LOCK_FILE and STATE_FILE: also named here, for the
     SweepStore,
     TrialRecord,
     read_trials,
-    trial_points,
     write_json,
 )
 from sweeps.trial import run_trial
@@ -504,7 +503,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
             "objective": f"{config.objective.mode}:{config.objective.metric}",
             "betas": config.objective.betas,
             "num_trials": config.search.num_trials,
-            "references": [r.label for r in config.references],
+            "references": [r.label_in(config.train) for r in config.references],
             "algorithm": config.algorithm,
             "scheduler": config.scheduler_type,
             "optuna_storage": optuna_url,
@@ -629,12 +628,14 @@ def operating_point_metrics(parts: dict[str, Any], beta: float, n_finished: int)
 def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
     """Select the operating point from MLflow, tag it, log the selection and the intervals on the parent run,
     mark done. Trials that differ only in their seed are one configuration (their mean)."""
+    from sweeps.trajectory import sweep_points
     from sweeps.uncertainty import analyze_sweep
 
     store = SweepStore.of(config)
     client = tracking.client_for(context.tracking_uri)
     trials = read_trials(client, context.experiment_id, context.parent_run_id)
-    analysis = analyze_sweep(config, client, context.parent_run_id, trial_points(trials))
+    # every scored checkpoint with evaluation.trajectory: true, else each trial's final point
+    analysis = analyze_sweep(config, client, context.parent_run_id, sweep_points(config, trials, client))
     selection = None
     if analysis.points:
         beta = config.objective.beta
@@ -659,7 +660,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
                 "rpsft.operating_point_report_items": parts["report"].items,
             },
         )
-        n_finished = sum(p.n_seeds for p in analysis.points)
+        n_finished = sum(1 for trial in trials if trial.finished)  # trials, not their trajectories' points
         tracking.log_metrics(client, context.parent_run_id, operating_point_metrics(parts, beta, n_finished))
     if config.keep.any:
         from sweeps.checkpoints import keep_checkpoints

@@ -62,9 +62,11 @@ class SweepContext:
 
 def trial_label(params: Mapping[str, Any]) -> str:
     """A short name of a trial from its parameters: ``rpsft k=64 lambda=4.31 layers=attn period=1`` (and
-    ``penalty_mode=decoupled`` for a decoupled one; the default ``loss`` is not named)."""
+    ``penalty_mode=decoupled`` for a decoupled one; the default ``loss`` is not named; ``step=N`` last for a point
+    of a trial's trajectory, :mod:`sweeps.trajectory`)."""
+    step = f" step={params['step']}" if params.get("step") not in (None, "", "None") else ""
     if params.get("reference"):
-        return f"[ref] {params['reference']}"
+        return f"[ref] {params['reference']}{step}"
     parts = [params.get("method", "rpsft")]
     for key in ("k", "lambda", "layers", "period"):
         if key in params:
@@ -76,12 +78,14 @@ def trial_label(params: Mapping[str, Any]) -> str:
             parts.append(f"{key}={value}")
     if params.get("penalty_mode") not in (None, "", "None", "loss"):
         parts.append(f"penalty_mode={params['penalty_mode']}")
-    return " ".join(parts)
+    return " ".join(parts) + step
 
 
 # "step": a trajectory point's optimizer step (sweeps.trajectory), so two steps of one trial are two
-# configurations; trials' own params never carry it
-KNOBS = ("method", "k", "lambda", "layers", "period", "penalty_mode", "max_steps", "learning_rate", "step")
+# configurations; trials' own params never carry it. "optimizer" / "learning_rate": a reference may set its own.
+KNOBS = (
+    "method", "k", "lambda", "layers", "period", "penalty_mode", "optimizer", "max_steps", "learning_rate", "step",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -350,11 +354,13 @@ class StoredSweep:
 
     @classmethod
     def read(cls, store: SweepStore, config: SweepConfig, context: SweepContext) -> StoredSweep:
+        from sweeps.trajectory import sweep_points
         from sweeps.uncertainty import analyze_sweep
 
         client = tracking.client_for(context.tracking_uri)
         trials = read_trials(client, context.experiment_id, context.parent_run_id)
-        analysis = analyze_sweep(config, client, context.parent_run_id, trial_points(trials))
+        points = sweep_points(config, trials, client)  # every scored checkpoint with evaluation.trajectory
+        analysis = analyze_sweep(config, client, context.parent_run_id, points)
         return cls(store, config, context, trials, analysis)
 
     @property

@@ -9,32 +9,43 @@ results are checked against the paper's claims, each with numbers, intervals and
 The claims (see ``docs/reproduction.md``):
 
 * **C1** SFT raises ID and lowers OOD: the intervals of SFT's ``G_id`` and ``F_ood`` are both above 0.
-* **C2** RPSFT at its chosen (k, lambda) has a higher Phi than SFT, L2-init and LoRA over the beta range, and
-  Pareto-dominates SFT: every paired ``Phi_rpsft - Phi_other`` interval is above 0.
+* **C2** RPSFT's frontier is above SFT's, L2-init's and LoRA's over the beta range: at each beta every
+  family's best configuration by Phi on the selection items, compared on the held-out report items (paired
+  ``Phi_rpsft - Phi_other`` intervals above 0; :mod:`sweeps.frontiers`). The paper's protocol (fixed
+  configurations at the shared settings and method defaults, ``claims.paper_protocol``) is reported alongside.
 * **C3** At equal ID gain RPSFT rotates the top singular subspaces less than SFT (App. F.3).
 * **C4** Phi(k) has an interior optimum on the k slice (k = 0 is SFT, full k is L2-init at the same lambda).
-* **C5** The protected drift shrinks as O(1/lambda): slope of log drift against log lambda near -1.
+* **C5** The protected drift shrinks as O(1/lambda): slope of log drift against log lambda near -1. Prop. C.2
+  assumes gradient descent, so the drift slice is fitted per regime: Adam with the penalty in the loss (the
+  paper's setting, which gives the verdict), Adam with the decoupled penalty, and plain SGD (loss form).
 * **C6** The energy rule's k lands near the best k of the grid: its Phi is not distinguishable from the best.
 
 A verdict is ``reproduced``, ``not reproduced`` (the data contradict the claim with intervals that exclude the
 claimed direction) or ``inconclusive`` (the intervals allow both). Nothing here tunes an evaluation.
+
+Forgetting is reported under two views (:func:`forgetting_views`): ``nll`` (the rise in NLL of the base
+model's own answers; the sweeps' objective) and ``mc`` (the drop in log-likelihood multiple-choice accuracy,
+``evaluation.mc``), each with its paired bootstrap interval, and where the two disagree (:data:`VIEW_RULE`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from evaluation.intervals import Interval
+from evaluation.intervals import Interval, IntervalError
+from rpsft_core.config import TrainConfig
 from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
 from sweeps.selection import TrialPoint
 from sweeps.store import TrialRecord
 from sweeps.summary import configuration_label
+from sweeps.uncertainty import METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
 ROTATION = "rotation/mean_deg"
@@ -61,6 +72,10 @@ class Claims(BaseModel):
     betas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0])
     k_slice: KSlice
     drift_slice: DriftSlice
+    # C2's second comparison, the paper's protocol: family (rpsft, sft, l2-init, lora) -> a configuration
+    # label ("rpsft k=32 lambda=100 layers=all") or knobs ({k: 32, lambda: 100}) matched against the logged
+    # params, final step; a family left out: its reference at the method defaults (named by the method alone)
+    paper_protocol: dict[str, str | dict[str, int | float | str]] | None = None
 
 
 class StudyConfig(BaseModel):
@@ -99,6 +114,8 @@ class Configuration:
     point: TrialPoint
     intervals: dict[str, Interval]
     metrics: dict[str, float]  # mean over seeds: drift_mean, rotation/mean_deg, train_loss, ...
+    f_ood_views: dict[str, Interval] = field(default_factory=dict)  # "nll" / "mc" -> F_ood (forgetting_views)
+    default_optimizer: str = TrainConfig.model_fields["optimizer"].default  # the sweep's train.optimizer
 
     @property
     def method(self) -> str:
@@ -134,6 +151,15 @@ class Configuration:
     def auto(self) -> bool:
         return str(self.param("k") or "").startswith("auto")
 
+    @property
+    def optimizer(self) -> str:
+        """The optimizer the configuration trained with (as logged; the sweep's for trials logged before)."""
+        return self.param("optimizer") or self.default_optimizer
+
+    @property
+    def penalty_mode(self) -> str:
+        return self.param("penalty_mode") or "loss"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -143,6 +169,7 @@ class Configuration:
             "g_id": self.point.g_id,
             "f_ood": self.point.f_ood,
             "intervals": {name: i.to_dict() for name, i in self.intervals.items()},
+            "f_ood_views": {view: i.to_dict() for view, i in self.f_ood_views.items()},
             "metrics": self.metrics,
         }
 
@@ -179,13 +206,140 @@ def configurations(stored: Any) -> tuple[list[Configuration], Any]:
             "Fix: objective.metric nll, kl or mc, and rerun the sweep"
         )
     trials = {trial.run_id: trial for trial in stored.trials}
+    optimizer = stored.config.train.get("optimizer") or TrainConfig.model_fields["optimizer"].default
     out = []
     for point in analysis.all_points:  # the study reads every configuration on all items (no choice is reported)
         summary = analysis.intervals.of(point)
         if summary is None:
             continue
-        out.append(Configuration(point, summary, _mean_metrics(trials, point)))
+        out.append(Configuration(point, summary, _mean_metrics(trials, point), default_optimizer=optimizer))
     return out, analysis.intervals
+
+
+# ------------------------------------------------------------------------------------------ forgetting views
+
+VIEWS = ("nll", "mc")  # nll: the rise in NLL of the base model's own answers; mc: the drop in MC accuracy
+VIEW_RULE = (
+    "the views disagree on a configuration when its F_ood intervals under nll and mc both exclude 0 with "
+    "opposite signs, and on a pair of configurations when the paired intervals of F_ood(a) - F_ood(b) under "
+    "nll and under mc both exclude 0 with opposite signs (the ranking flips)"
+)
+
+
+def view_intervals(
+    groups: list[TrialGroup],
+    base_items: dict[str, Any] | None,
+    trial_items: dict[str, dict[str, Any]],
+    view: str,
+    betas: list[float],
+    *,
+    draws: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> SweepIntervals | None:
+    """Paired bootstrap intervals (all items) under one view of forgetting, of the configurations whose trials
+    all stored that view's OOD item scores; ``None`` when the base model or no configuration has them."""
+    ood_key = METRIC_ITEMS[view][1]
+    if not base_items or not base_items.get(ood_key):
+        return None
+    # a trial without the view's scores leaves its configuration out (sweep_intervals skips it)
+    scored = {key: scores for key, scores in trial_items.items() if scores.get(ood_key)}
+    return sweep_intervals(groups, base_items, scored, view, betas, draws=draws, level=level, seed=seed)
+
+
+def stored_view_intervals(stored: Any) -> dict[str, SweepIntervals | None]:
+    """Each view's intervals for a stored sweep: the objective metric's are the analysis' own; the other view
+    is bootstrapped the same way from the stored item scores (``None`` when the sweep has none for it)."""
+    from sweeps.uncertainty import read_base_item_scores, stored_item_scores
+
+    config, analysis = stored.config, stored.analysis
+    out: dict[str, SweepIntervals | None] = {}
+    base = trial_items = None
+    for view in VIEWS:
+        if view == config.objective.metric:
+            out[view] = analysis.intervals
+            continue
+        if base is None:
+            base = read_base_item_scores(config, stored.client, stored.context.parent_run_id) or {}
+            members = [p for group in analysis.groups for p in group.members]
+            trial_items = stored_item_scores(stored.client, members) if base else {}
+        ev = config.evaluation.intervals
+        try:
+            out[view] = view_intervals(
+                analysis.groups, base, trial_items, view, config.objective.betas,
+                draws=ev.draws, level=ev.level, seed=ev.seed,
+            )  # fmt: skip
+        except IntervalError:  # item scores that cannot be paired: the view is reported as missing
+            out[view] = None
+    return out
+
+
+def attach_views(configs: list[Configuration], views: dict[str, SweepIntervals | None]) -> None:
+    """Each configuration's F_ood interval under every view that scored it (``Configuration.f_ood_views``)."""
+    for c in configs:
+        for view, intervals in views.items():
+            key = intervals.key_of(c.point) if intervals is not None else None
+            if key is not None:
+                c.f_ood_views[view] = intervals.draws.f_ood(key)
+
+
+def forgetting_views(configs: list[Configuration], views: dict[str, SweepIntervals | None]) -> dict[str, Any]:
+    """F_ood of every configuration under nll and mc (after :func:`attach_views`) and where the views disagree
+    (:data:`VIEW_RULE`)."""
+    available = {view: views.get(view) is not None for view in VIEWS}
+    out: dict[str, Any] = {
+        "views": list(VIEWS),
+        "available": available,
+        "rule": VIEW_RULE,
+        "configurations": [
+            {"label": c.label, "f_ood": {v: _dict(c.f_ood_views.get(v)) for v in VIEWS}} for c in configs
+        ],
+        "sign_disagreements": [],
+        "ranking_flips": [],
+    }
+    missing = [view for view in VIEWS if not available[view]]
+    if missing:
+        out["summary"] = (
+            f"the sweep has no {' or '.join(missing)} item scores"
+            + (" (evaluation.mc is not set)" if "mc" in missing else "")
+            + ": F_ood is reported under one view only; the views are not compared"
+        )
+        return out
+    both = [c for c in configs if all(v in c.f_ood_views for v in VIEWS)]
+    for c in both:
+        nll, mc = c.f_ood_views["nll"], c.f_ood_views["mc"]
+        if _sign(nll) * _sign(mc) == -1:
+            out["sign_disagreements"].append({"label": c.label, "nll": nll.to_dict(), "mc": mc.to_dict()})
+    keys = {v: views[v] for v in VIEWS}
+    for i, a in enumerate(both):
+        for b in both[i + 1 :]:
+            diffs = {
+                v: keys[v].draws.f_difference(keys[v].key_of(a.point), keys[v].key_of(b.point)) for v in VIEWS
+            }
+            if _sign(diffs["nll"]) * _sign(diffs["mc"]) == -1:
+                out["ranking_flips"].append(
+                    {"a": a.label, "b": b.label, **{v: d.to_dict() for v, d in diffs.items()}}
+                )
+    signs = ", ".join(
+        f"{d['label']} (nll {_text(d['nll'])}, mc {_text(d['mc'])})" for d in out["sign_disagreements"]
+    )
+    flips = ", ".join(
+        f"{d['a']} vs {d['b']} (F_ood difference: nll {_text(d['nll'])}, mc {_text(d['mc'])})"
+        for d in out["ranking_flips"]
+    )
+    out["summary"] = (
+        f"{len(both)} configurations scored under both views; opposite signs: {signs or 'none'}; "
+        f"ranking flips: {flips or 'none'}"
+    )
+    return out
+
+
+def _dict(interval: Interval | None) -> dict[str, float] | None:
+    return None if interval is None else interval.to_dict()
+
+
+def _text(interval: dict[str, float]) -> str:
+    return f"{interval['estimate']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
 
 
 # ------------------------------------------------------------------------------------------ claims
@@ -216,59 +370,214 @@ def claim_c1(configs: list[Configuration]) -> ClaimResult:
     verdict: Verdict = (
         "reproduced" if signs == (1, 1) else "not reproduced" if -1 in signs else "inconclusive"
     )
-    return ClaimResult(
-        "C1", text, verdict, f"SFT: G_id {g.text()}, F_ood {f.text()}", {"g_id": g.to_dict(), "f_ood": f.to_dict()}
-    )
+    numbers: dict[str, Any] = {"g_id": g.to_dict(), "f_ood": f.to_dict()}
+    evidence = f"SFT: G_id {g.text()}, F_ood {f.text()}"
+    if sft.f_ood_views:  # the verdict reads the objective's view (f_ood); both views are reported
+        numbers["f_ood_views"] = {view: i.to_dict() for view, i in sft.f_ood_views.items()}
+        evidence += "; F_ood " + ", ".join(f"under {view}: {i.text()}" for view, i in sft.f_ood_views.items())
+        evidence += "" if "mc" in sft.f_ood_views else " (no mc scores)"
+    return ClaimResult("C1", text, verdict, evidence, numbers)
 
 
-def claim_c2(configs: list[Configuration], intervals: Any, betas: list[float], beta0: float) -> ClaimResult:
-    text = "RPSFT at its chosen (k, lambda) has a higher Phi than SFT, L2-init and LoRA over a range of beta, and Pareto-dominates SFT"
-    rpsft = [c for c in configs if c.method == "rpsft"]
-    best = _best(rpsft, beta0)
-    if best is None:
-        return ClaimResult("C2", text, "inconclusive", "the study has no rpsft configuration")
-    numbers: dict[str, Any] = {"chosen": best.label, "differences": {}}
-    signs = []
-    lines = [f"chosen RPSFT (max Phi at beta={beta0:g}): {best.label}"]
-    for method in ("sft", "l2-init", "lora"):
-        other = _reference(configs, method)
-        if other is None:
-            continue
-        per_beta = {}
-        for beta in betas:
-            diff = intervals.difference(best.point, other.point, beta)
-            per_beta[f"{beta:g}"] = diff.to_dict()
-            signs.append(_sign(diff))
-        numbers["differences"][method] = per_beta
-        wins = [b for b in betas if _sign(intervals.difference(best.point, other.point, b)) == 1]
-        losses = [b for b in betas if _sign(intervals.difference(best.point, other.point, b)) == -1]
-        d1 = intervals.difference(best.point, other.point, beta0)
-        lines.append(
-            f"vs {method}: Phi difference at beta={beta0:g} {d1.text()}; above 0 at beta in "
-            f"{[f'{b:g}' for b in wins] or 'none'}, below 0 at {[f'{b:g}' for b in losses] or 'none'}"
-        )
-    sft = _reference(configs, "sft")
-    dominates = None
-    if sft is not None:
-        dg = intervals.draws.g_difference(intervals.key_of(best.point), intervals.key_of(sft.point))
-        df = intervals.draws.f_difference(intervals.key_of(best.point), intervals.key_of(sft.point))
-        dominates = best.point.g_id >= sft.point.g_id and best.point.f_ood <= sft.point.f_ood
-        numbers["pareto_vs_sft"] = {"g_difference": dg.to_dict(), "f_difference": df.to_dict(), "dominates": dominates}
-        lines.append(
-            f"Pareto vs SFT: G_id difference {dg.text()}, F_ood difference {df.text()} "
-            f"({'dominates' if dominates else 'does not dominate'} on the point estimates)"
-        )
-        if _sign(dg) == -1 and _sign(df) == 1:
-            signs.append(-1)
-    if not signs:
-        return ClaimResult("C2", text, "inconclusive", "no sft, l2-init or lora reference", numbers)
-    if all(s == 1 for s in signs) and dominates:
-        verdict: Verdict = "reproduced"
-    elif any(s == -1 for s in signs):
-        verdict = "not reproduced"
+_SEED_SUFFIX = re.compile(r" seed=-?\d+$")
+C2_OTHERS = ("sft", "l2-init", "lora")  # the families RPSFT's frontier is compared with
+C2_PROTOCOL = ("rpsft", *C2_OTHERS)
+# the knobs a paper_protocol entry may leave unnamed: matched at the method defaults (TrainConfig's) when
+# several configurations match the named ones
+PROTOCOL_DEFAULTS = {
+    "layers": TrainConfig.model_fields["layers"].default,
+    "period": TrainConfig.model_fields["period"].default,
+    "penalty_mode": TrainConfig.model_fields["penalty_mode"].default,
+    "lora_r": TrainConfig.model_fields["lora_r"].default,
+    "lora_alpha": TrainConfig.model_fields["lora_alpha"].default,
+}
+
+
+def _same_value(logged: Any, wanted: Any) -> bool:
+    """A logged parameter (a string) against a protocol value: as numbers when both are, else as text."""
+    if logged in (None, "", "None"):
+        return False
+    try:
+        return math.isclose(float(logged), float(wanted))
+    except (TypeError, ValueError):
+        return str(logged) == str(wanted)
+
+
+def _protocol_names(point: TrialPoint) -> set[str]:
+    """The names a ``paper_protocol`` label may give a configuration: its reference name and its knob label
+    (each with and without ``[ref]``), without seed or step."""
+    from sweeps.store import trial_label
+
+    params = {k: v for k, v in point.params.items() if k not in ("step", "seed")}
+    names = {trial_label({k: v for k, v in params.items() if k != "reference"})}
+    if params.get("reference"):
+        names.add(_SEED_SUFFIX.sub("", str(params["reference"])))
+    return names | {f"[ref] {name}" for name in names}
+
+
+def protocol_point(
+    points: list[TrialPoint], name: str, spec: str | dict[str, Any] | None
+) -> tuple[TrialPoint | None, str]:
+    """The configuration (final step) the paper's protocol uses for family ``name``, and how it was found.
+
+    ``spec`` a label (``"rpsft k=32 lambda=100 layers=all"``, ``"lora"``) or knobs (``{k: 32, lambda: 100}``,
+    matched against the logged parameters; knobs left unnamed at the method defaults when several match, then
+    references first); ``None``: the family's reference at its method defaults (the reference named by the
+    method alone), else its only reference."""
+    from sweeps.frontiers import family
+    from sweeps.trajectory import intermediate_step
+
+    mine = [p for p in points if family(p.params) == name and intermediate_step(p) is None]
+    if spec is None:
+        refs = [p for p in mine if p.params.get("reference")]
+        bare = [p for p in refs if _SEED_SUFFIX.sub("", str(p.params["reference"])) == name]
+        matches = bare or refs
+        if len(matches) == 1:
+            return matches[0], "its reference" if bare else "its only reference"
+        if not matches:
+            return None, "no reference (set claims.paper_protocol)"
+        return None, f"{len(matches)} references, none at the method defaults (set claims.paper_protocol)"
+    if isinstance(spec, str):
+        matches = [p for p in mine if spec in _protocol_names(p)]
     else:
-        verdict = "inconclusive"
-    return ClaimResult("C2", text, verdict, "; ".join(lines), numbers)
+        matches = [p for p in mine if all(_same_value(p.params.get(k), v) for k, v in spec.items())]
+        if len(matches) > 1:  # the knobs the protocol leaves unnamed at the method defaults
+            at_defaults = [
+                p
+                for p in matches
+                if all(
+                    p.params.get(k) in (None, "", "None") or _same_value(p.params[k], v)
+                    for k, v in PROTOCOL_DEFAULTS.items()
+                    if k not in spec
+                )
+            ]
+            matches = at_defaults or matches
+    if len(matches) > 1:
+        matches = [p for p in matches if p.params.get("reference")] or matches
+    if len(matches) == 1:
+        return matches[0], f"claims.paper_protocol {spec!r}"
+    if not matches:
+        return None, f"no {name} configuration matches claims.paper_protocol {spec!r}"
+    labels = ", ".join(configuration_label(p) for p in matches)
+    many = f"{len(matches)} configurations ({labels})"
+    return None, f"claims.paper_protocol {spec!r} matches {many}: name a knob more"
+
+
+def _c2_verdict(signs: list[int]) -> Verdict:
+    if signs and all(s == 1 for s in signs):
+        return "reproduced"
+    return "not reproduced" if any(s == -1 for s in signs) else "inconclusive"
+
+
+def _signs_text(per_beta: dict[float, Interval | None]) -> str:
+    above = [f"{b:g}" for b, d in per_beta.items() if _sign(d) == 1]
+    below = [f"{b:g}" for b, d in per_beta.items() if _sign(d) == -1]
+    return f"above 0 at beta in {above or 'none'}, below 0 at {below or 'none'}"
+
+
+def _unsplit_analysis(configs: list[Configuration], intervals: Any, betas: list[float]) -> Any:
+    """An analysis of ``configs`` on all items (no split) from their intervals alone (callers without one)."""
+    from sweeps.uncertainty import SweepAnalysis
+
+    points = [c.point for c in configs]
+    return SweepAnalysis([], points, intervals, all_points=points, betas=list(betas))
+
+
+def claim_c2(
+    configs: list[Configuration],
+    intervals: Any,
+    betas: list[float],
+    beta0: float,
+    *,
+    analysis: Any = None,
+    protocol: dict[str, Any] | None = None,
+) -> ClaimResult:
+    """C2 by family frontiers (:mod:`sweeps.frontiers`): at each beta, RPSFT's best configuration against
+    SFT's, L2-init's and LoRA's, each chosen by max Phi on the selection items and compared on the held-out
+    report items (paired intervals; the verdict). Alongside, the paper's protocol: fixed configurations at the
+    shared settings and method defaults (``protocol``: ``Claims.paper_protocol``), final step, report items
+    (its own sub-verdict in the numbers). ``analysis``: the sweep's :class:`sweeps.uncertainty.SweepAnalysis`
+    (default: ``configs`` on all items, chosen and reported on the same items)."""
+    from sweeps.frontiers import beta_key, family_frontiers
+    from sweeps.trajectory import intermediate_step
+
+    text = (
+        "RPSFT's frontier (its best configuration at each beta) has a higher Phi than SFT's, L2-init's and "
+        "LoRA's over a range of beta"
+    )
+    analysis = analysis if analysis is not None else _unsplit_analysis(configs, intervals, betas)
+    frontiers = family_frontiers(analysis, betas)
+    split = analysis.split_active
+    items = (
+        "chosen on the selection items, reported on the held-out report items"
+        if split
+        else "chosen and reported on the same items (no split: evaluation.split.report_fraction 0)"
+    )
+    numbers: dict[str, Any] = {
+        "items": items,
+        "split": analysis.split_dict(),
+        "betas": list(betas),
+        "frontiers": frontiers.to_dict()["families"],
+        "chosen": {},
+        "differences": {},
+    }
+    shown = beta0 if beta0 in betas or not betas else betas[0]  # the beta the evidence text names
+    if "rpsft" not in frontiers.points:
+        return ClaimResult("C2", text, "inconclusive", "the study has no rpsft configuration", numbers)
+    numbers["chosen"] = {beta_key(b): p.label for b, p in frontiers.points["rpsft"].items()}
+    lines = [f"frontiers {items}"]
+    signs: list[int] = []
+    for name in C2_OTHERS:
+        if name not in frontiers.differences:
+            continue
+        per_beta = {b: d.difference for b, d in frontiers.differences[name].items()}
+        numbers["differences"][name] = {beta_key(b): _dict(d) for b, d in per_beta.items()}
+        signs += [_sign(d) for d in per_beta.values()]
+        d0 = per_beta.get(shown)
+        other = frontiers.point(name, shown)
+        lines.append(
+            f"vs {name} (at beta={shown:g}: {other.label if other else '-'}): Phi difference "
+            f"{d0.text() if d0 is not None else '-'}; {_signs_text(per_beta)}"
+        )
+    mine = frontiers.point("rpsft", shown)
+    lines.insert(1, f"RPSFT's frontier at beta={shown:g}: {mine.label if mine else '-'}")
+    # the paper's protocol: fixed configurations, final step, report items
+    final = [p for p in analysis.points if intermediate_step(p) is None]
+    chosen = {name: protocol_point(final, name, (protocol or {}).get(name)) for name in C2_PROTOCOL}
+    report = analysis.report_intervals
+    paper: dict[str, Any] = {
+        "items": "report" if split else "all",
+        "configurations": {name: (configuration_label(p) if p else None) for name, (p, _) in chosen.items()},
+        "how": {name: how for name, (_, how) in chosen.items()},
+        "differences": {},
+    }
+    paper_signs: list[int] = []
+    anchor = chosen["rpsft"][0]
+    paper_lines = []
+    for name in C2_OTHERS:
+        other = chosen[name][0]
+        if anchor is None or other is None or report is None:
+            continue
+        per_beta = {b: report.difference(anchor, other, b) for b in betas}
+        paper["differences"][name] = {beta_key(b): _dict(d) for b, d in per_beta.items()}
+        paper_signs += [_sign(d) for d in per_beta.values()]
+        d0 = per_beta.get(shown)
+        paper_lines.append(f"vs {name} {d0.text() if d0 is not None else '-'} ({_signs_text(per_beta)})")
+    paper["verdict"] = _c2_verdict(paper_signs)
+    numbers["paper_protocol"] = paper
+    if anchor is None:
+        lines.append(f"paper protocol: no rpsft configuration ({chosen['rpsft'][1]})")
+    else:
+        lines.append(
+            f"paper protocol (final step, {'report items' if split else 'all items'}; "
+            f"{configuration_label(anchor)}) at beta={shown:g}: "
+            + ("; ".join(paper_lines) or "no sft, l2-init or lora configuration")
+            + f": {paper['verdict']}"
+        )
+    if not signs:
+        evidence = "no sft, l2-init or lora configuration; " + "; ".join(lines)
+        return ClaimResult("C2", text, "inconclusive", evidence, numbers)
+    return ClaimResult("C2", text, _c2_verdict(signs), "; ".join(lines), numbers)
 
 
 def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
@@ -368,46 +677,114 @@ def claim_c4(configs: list[Configuration], intervals: Any, claims: Claims, beta0
     return ClaimResult("C4", text, verdict, evidence, numbers)
 
 
-def claim_c5(configs: list[Configuration], claims: Claims) -> ClaimResult:
-    text = "The protected drift ||Uk^T (W - W0) Vk||_F shrinks as O(1/lambda) (Prop. C.2)"
+PAPER_REGIME = "loss"
+REGIME_TEXT = {
+    "loss": "Adam, penalty in the loss (the paper's setting)",
+    "decoupled": "Adam, decoupled penalty",
+    "sgd": "SGD, penalty in the loss",
+}
+
+
+def drift_regime(c: Configuration) -> str:
+    """The C5 regime of a configuration: ``loss`` / ``decoupled`` (an AdamW optimizer with that penalty mode),
+    ``sgd`` (plain SGD, penalty in the loss), else ``<optimizer>`` or ``<optimizer> <penalty mode>``."""
+    if c.optimizer.startswith("adamw"):
+        return c.penalty_mode
+    return c.optimizer if c.penalty_mode == "loss" else f"{c.optimizer} {c.penalty_mode}"
+
+
+def drift_slices(configs: list[Configuration], claims: Claims) -> dict[str, list[Configuration]]:
+    """The rpsft configurations at the drift slice's k and layers with a drift, per regime, by lambda."""
     k, layers = claims.drift_slice.k, claims.drift_slice.layers
-    rows = sorted(
-        (
-            c
-            for c in configs
-            if c.method == "rpsft"
+    out: dict[str, list[Configuration]] = {}
+    for c in configs:
+        if (
+            c.method == "rpsft"
             and not c.auto
             and c.k_value is not None
             and math.isclose(c.k_value, float(k))
             and (c.param("layers") or "all") == layers
             and "drift_mean" in c.metrics
-        ),
-        key=lambda c: c.lam or 0.0,
-    )
+            and c.lam is not None
+        ):
+            out.setdefault(drift_regime(c), []).append(c)
+    order = [*REGIME_TEXT, *sorted(set(out) - set(REGIME_TEXT))]
+    return {r: sorted(out[r], key=lambda c: c.lam or 0.0) for r in order if r in out}
+
+
+def _tail_verdict(tail: float) -> Verdict:
+    if -1.3 <= tail <= -0.7:
+        return "reproduced"
+    return "not reproduced" if tail > -0.5 or tail < -1.5 else "inconclusive"
+
+
+def drift_fit(regime: str, rows: list[Configuration]) -> dict[str, Any]:
+    """One regime's drift against lambda: the log-log slopes (all points, and between the two largest lambdas,
+    which gives the verdict: the O(1/lambda) regime is where the penalty dominates)."""
+    out: dict[str, Any] = {
+        "regime": regime,
+        "setting": REGIME_TEXT.get(regime, regime),
+        "optimizers": sorted({c.optimizer for c in rows}),
+        "labels": [c.label for c in rows],
+        "lambda": [c.lam for c in rows],
+        "drift_mean": [c.metrics["drift_mean"] for c in rows],
+        "train_loss": [c.metrics.get("train_loss") for c in rows],
+    }
+    lams = [c.lam for c in rows]
+    if len(set(lams)) < len(lams):
+        out.update(verdict="inconclusive", note="configurations at the same lambda differ in another knob")
+        return out
     if len(rows) < 2:
-        return ClaimResult("C5", text, "inconclusive", f"fewer than 2 lambdas at k={k}, layers={layers}")
+        out.update(verdict="inconclusive", note="fewer than 2 lambdas")
+        return out
+    if any(c.lam <= 0 or c.metrics["drift_mean"] <= 0 for c in rows):
+        out.update(verdict="inconclusive", note="a drift or lambda of 0 has no logarithm")
+        return out
     xs = [math.log(c.lam) for c in rows]
     ys = [math.log(c.metrics["drift_mean"]) for c in rows]
     slopes = [(ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]) for i in range(len(rows) - 1)]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     fit = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    numbers = {
-        "lambda": [c.lam for c in rows],
-        "drift_mean": [c.metrics["drift_mean"] for c in rows],
-        "slope_fit": fit,
-        "slope_between_neighbours": slopes,
-    }
-    # the O(1/lambda) regime is where the penalty dominates: the largest lambdas
-    tail = slopes[-1]
-    verdict: Verdict = (
-        "reproduced" if -1.3 <= tail <= -0.7 else "not reproduced" if tail > -0.5 or tail < -1.5 else "inconclusive"
+    out.update(slope_fit=fit, slope_between_neighbours=slopes, slope_tail=slopes[-1])
+    out["verdict"] = _tail_verdict(slopes[-1])
+    return out
+
+
+def _drift_text(fit: dict[str, Any], head: str) -> str:
+    points = ", ".join(
+        f"{d:.4g} at lambda={lam:g}" + (f" (train loss {loss:.4g})" if loss is not None else "")
+        for lam, d, loss in zip(fit["lambda"], fit["drift_mean"], fit["train_loss"])
     )
-    evidence = (
-        "drift " + ", ".join(f"{c.metrics['drift_mean']:.4g} at lambda={c.lam:g}" for c in rows)
-        + f"; log-log slope {fit:+.2f} over all, {tail:+.2f} between the two largest lambdas (O(1/lambda): -1)"
+    if "slope_tail" not in fit:
+        return f"{head}: drift {points}; {fit['note']} ({fit['verdict']})"
+    return (
+        f"{head}: drift {points}; log-log slope {fit['slope_fit']:+.2f} over all, "
+        f"{fit['slope_tail']:+.2f} between the two largest lambdas ({fit['verdict']})"
     )
-    return ClaimResult("C5", text, verdict, evidence, numbers)
+
+
+def claim_c5(configs: list[Configuration], claims: Claims) -> ClaimResult:
+    text = (
+        "The protected drift ||Uk^T (W - W0) Vk||_F shrinks as O(1/lambda) (Prop. C.2, for gradient descent; "
+        "the verdict is Adam's with the penalty in the loss, the paper's setting)"
+    )
+    k, layers = claims.drift_slice.k, claims.drift_slice.layers
+    fits = {regime: drift_fit(regime, rows) for regime, rows in drift_slices(configs, claims).items()}
+    numbers: dict[str, Any] = {"paper_regime": PAPER_REGIME, "regimes": fits}
+    paper = fits.get(PAPER_REGIME)
+    others = [
+        _drift_text(fit, f"under {name} ({fit['setting']})") for name, fit in fits.items() if name != PAPER_REGIME
+    ]
+    if paper is None or "slope_tail" not in paper:
+        lead = f"fewer than 2 lambdas at k={k}, layers={layers} under {REGIME_TEXT[PAPER_REGIME]}"
+        if paper is not None:
+            lead = _drift_text(paper, paper["setting"])
+        return ClaimResult("C5", text, "inconclusive", "; ".join([lead, *others]), numbers)
+    # the paper's regime's numbers at the top level too (as before the regimes; read by the drift figure)
+    top = ("lambda", "drift_mean", "train_loss", "slope_fit", "slope_between_neighbours")
+    numbers.update({name: paper[name] for name in top})
+    evidence = "; ".join([_drift_text(paper, paper["setting"]), *others, "O(1/lambda) is a slope of -1"])
+    return ClaimResult("C5", text, paper["verdict"], evidence, numbers)
 
 
 def claim_c6(configs: list[Configuration], intervals: Any, claims: Claims, beta0: float) -> ClaimResult:
@@ -435,10 +812,14 @@ def claim_c6(configs: list[Configuration], intervals: Any, claims: Claims, beta0
     return ClaimResult("C6", text, verdict, evidence, numbers)
 
 
-def evaluate_claims(configs: list[Configuration], intervals: Any, claims: Claims, beta0: float) -> list[ClaimResult]:
+def evaluate_claims(
+    configs: list[Configuration], intervals: Any, claims: Claims, beta0: float, analysis: Any = None
+) -> list[ClaimResult]:
+    """Every claim's verdict; ``analysis`` (the sweep's :class:`sweeps.uncertainty.SweepAnalysis`) gives C2
+    its selection and report items (without it C2 chooses and reports on the items of ``intervals``)."""
     return [
         claim_c1(configs),
-        claim_c2(configs, intervals, claims.betas, beta0),
+        claim_c2(configs, intervals, claims.betas, beta0, analysis=analysis, protocol=claims.paper_protocol),
         claim_c3(configs, intervals),
         claim_c4(configs, intervals, claims, beta0),
         claim_c5(configs, claims),
@@ -457,6 +838,7 @@ class StudyResult:
     configurations: list[Configuration]
     base_metrics: dict[str, float]
     setup: dict[str, Any]
+    forgetting: dict[str, Any] = field(default_factory=dict)  # forgetting_views(): F_ood under nll and mc
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -469,11 +851,14 @@ class StudyResult:
             "configurations": [c.to_dict() for c in self.configurations],
             "base_metrics": self.base_metrics,
             "setup": self.setup,
+            "forgetting_views": self.forgetting,
         }
 
 
 def study_result(study: StudyConfig, stored: Any, base_metrics: dict[str, float], setup: dict[str, Any]) -> StudyResult:
     configs, intervals = configurations(stored)
+    views = stored_view_intervals(stored)
+    attach_views(configs, views)
     beta0 = stored.config.objective.beta
     return StudyResult(
         name=study.name,
@@ -481,10 +866,11 @@ def study_result(study: StudyConfig, stored: Any, base_metrics: dict[str, float]
         model=stored.config.model,
         data=stored.config.data,
         beta=beta0,
-        claims=evaluate_claims(configs, intervals, study.claims, beta0),
+        claims=evaluate_claims(configs, intervals, study.claims, beta0, analysis=stored.analysis),
         configurations=configs,
         base_metrics=base_metrics,
         setup=setup,
+        forgetting=forgetting_views(configs, views),
     )
 
 
@@ -521,11 +907,15 @@ def run_study(
     setup = {
         "steps": config.max_steps,
         "learning rate": config.train.get("learning_rate"),
+        "optimizer": config.train.get("optimizer") or TrainConfig.model_fields["optimizer"].default,
         "batch size": config.train.get("batch_size"),
         "max length": config.train.get("max_length"),
         "objective": f"{config.objective.metric} (beta {config.objective.beta:g})",
         "ID items per benchmark": ev.loss.n_id,
-        "OOD items per benchmark": ev.mc.n if (ev.mc and config.objective.metric == "mc") else ev.loss.n_ood,
+        "OOD items per benchmark": (
+            ev.loss.n_ood if ev.mc is None else f"{ev.loss.n_ood} (nll), {ev.mc.n} (mc)"
+        ),
+        "forgetting views": "nll, mc" if ev.mc is not None else "nll (no evaluation.mc)",
         "trials finished": f"{sum(p.n_seeds for p in stored.points)} of "
         f"{config.num_reference_trials + config.search.num_trials}",
         "training time (s, all trials)": round(

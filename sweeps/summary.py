@@ -60,11 +60,13 @@ def trials_table(trials: list[TrialRecord], beta: float, selection: Selection | 
 
 
 def configuration_label(point: Any) -> str:
-    """A configuration's name: its trial label without a seed when its seeds are pooled."""
-    label = trial_label(point.params)
+    """A configuration's name: its trial label without a seed when its seeds are pooled, and ``step=N`` for a
+    point of a trajectory (:mod:`sweeps.trajectory`)."""
+    label = trial_label({key: value for key, value in point.params.items() if key != "step"})
     if point.n_seeds > 1:
         label = re.sub(r" seed=-?\d+$", "", label) + f" ({point.n_seeds} seeds)"
-    return label
+    step = point.params.get("step")
+    return label if step in (None, "", "None") else f"{label} step={step}"
 
 
 # which items an operating point's numbers are on (sweeps.uncertainty.PartNumbers.items), as printed
@@ -158,3 +160,49 @@ def rl_table(outcomes: list[Any]) -> str:
             f"{_num(rewards[0] if rewards else None, '{:.3f}'):>10s} {_num(rewards[-1] if rewards else None, '{:.3f}'):>7s}"
         )
     return "\n".join(lines)
+
+
+def _chosen(label: str, family: str) -> str:
+    """A frontier point's label without its family's method (named by the row)."""
+    method = family.split(" ")[0]
+    return label.removeprefix(f"{method} ") if label.startswith(f"{method} ") else label
+
+
+def frontiers_text(frontiers: Any) -> str:
+    """The family x beta table of :class:`sweeps.frontiers.Frontiers`: each cell ``Phi [lo, hi] (chosen: label)``
+    on the report items, then the anchor's paired differences with every other family."""
+    if not frontiers.points:
+        return "family frontiers: no configuration with finite G_id and F_ood"
+    active = frontiers.split_active
+    on = (
+        "chosen by max Phi on the selection items, Phi on the report items"
+        if active
+        else "chosen and reported on the same items (no split: biased upwards)"
+    )
+    level = f", {frontiers.level:.0%} CI" if frontiers.level else ""
+    width = max(len(name) for name in frontiers.families) + 2
+    lines = [f"family frontiers ({on}{level}):"]
+    for name in frontiers.families:
+        cells = []
+        for beta in frontiers.betas:
+            point = frontiers.point(name, beta)
+            if point is None:
+                cells.append(f"beta={beta:g} -")
+                continue
+            phi = point.phi_interval.text() if point.phi_interval is not None else _num(point.report.phi)
+            cells.append(f"beta={beta:g} {phi} (chosen: {_chosen(point.label, name)})")
+        lines.append(f"  {name:{width}s}" + " | ".join(cells))
+    if frontiers.differences:
+        items = ITEMS_NAMES.get(_items(frontiers), "all items")
+        lines.append(f"  {frontiers.anchor} frontier - family frontier (paired, on {items}):")
+        for name, per_beta in frontiers.differences.items():
+            cells = [
+                f"beta={beta:g} {d.difference.text() if d.difference is not None else '-'}"
+                for beta, d in per_beta.items()
+            ]
+            lines.append(f"  {name:{width}s}" + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def _items(frontiers: Any) -> str:
+    return next((d.items for per_beta in frontiers.differences.values() for d in per_beta.values()), "all")

@@ -8,8 +8,10 @@ final point, less ``ood_kl``: intermediate evaluations run without the base mode
 
 :func:`trajectory_points` turns a sweep's finished trials into one :class:`TrialPoint` per evaluated step,
 named ``<trial id>@<step>`` (:func:`point_id`), plus the trial's final point; every point's ``params`` carry
-its ``step``. :func:`point_item_scores` reads the item scores of any such point. A point's weights come from
-retraining its trial with ``stop_at_step`` (``rpsft export <sweep> --trial <trial id>@<step>``).
+its ``step``; :func:`sweep_points` gives them to the sweep's analysis when ``evaluation.trajectory`` is on, so
+every scored checkpoint is a candidate operating point. :func:`point_item_scores` reads the item scores of any
+such point. A point's weights come from retraining its trial with ``stop_at_step`` (``rpsft export <sweep>
+--trial <trial id>@<step>``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sweeps.selection import TrialPoint
-from sweeps.store import TrialRecord
+from sweeps.store import TrialRecord, trial_points
 
 TRAJECTORY_DIR = "trajectory"  # artifact folder of a trial run
 G_ID, F_OOD = "eval/g_id", "eval/f_ood"  # the objective's numbers at an intermediate evaluation
@@ -130,3 +132,12 @@ def trajectory_points(records: Sequence[TrialRecord], client: Any = None) -> lis
     """The trajectory points of a sweep's finished trials (:func:`trial_trajectory` of each, in order).
     ``client`` reads the metric histories the records do not carry."""
     return [point for record in records if record.finished for point in trial_trajectory(client, record)]
+
+
+def sweep_points(config: Any, records: Sequence[TrialRecord], client: Any = None) -> list[TrialPoint]:
+    """The points a sweep's analysis ranks (:func:`sweeps.uncertainty.analyze_sweep`): with
+    ``evaluation.trajectory: true`` every scored checkpoint (:func:`trajectory_points`, each a candidate operating
+    point), else each finished trial's final point (:func:`sweeps.store.trial_points`, as before trajectories)."""
+    if config.evaluation.trajectory:
+        return trajectory_points(records, client)
+    return trial_points(records)

@@ -202,6 +202,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 else train_config.layers,
                 "seed": train_config.seed,
                 "max_steps": train_config.max_steps,
+                "optimizer": train_config.optimizer,
                 "learning_rate": train_config.learning_rate,
                 "reference": params.get("reference"),
                 "trial_id": trial_id,

@@ -30,11 +30,19 @@ from evaluation.metrics import phi
 from sweeps.selection import TrialPoint
 from sweeps.store import BASE_ITEM_SCORES, KNOBS, SweepStore
 from sweeps.store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
+from sweeps.trajectory import intermediate_step, point_item_scores
 
 ITEM_SCORES = "item_scores.json"
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
 METRIC_ITEMS = {"nll": ("id_nll", "ood_nll"), "kl": ("id_nll", "ood_kl"), "mc": ("id_nll", "ood_mc")}
 _SEED_SUFFIX = re.compile(r" seed=-?\d+$")
+
+
+def item_key(point: TrialPoint) -> str:
+    """The key of a point's stored item scores: its run id, or ``<trial id>@<step>`` for an intermediate point
+    of a trial's trajectory (:mod:`sweeps.trajectory`; the points of one run are then told apart, and a trial's
+    final point keeps its run id). Intervals and item scores are keyed by it; ``run_id`` stays the MLflow link."""
+    return point.trial_id if intermediate_step(point) is not None else (point.run_id or "")
 
 
 def knob_key(params: Mapping[str, Any]) -> str:
@@ -87,11 +95,12 @@ class SweepIntervals:
 
     draws: TradeOffDraws
     betas: list[float]
-    keys: dict[str, str]  # run id (of any member) -> configuration key
+    # item_key of any member (its run id, or <trial>@<step> for a trajectory point) -> configuration key
+    keys: dict[str, str]
     items: str = ALL  # which items: "all", "selection" or "report" (evaluation.item_split)
 
     def key_of(self, point: TrialPoint) -> str | None:
-        return self.keys.get(point.run_id or "")
+        return self.keys.get(item_key(point))
 
     def of(self, point: TrialPoint) -> dict[str, Interval] | None:
         key = self.key_of(point)
@@ -151,18 +160,19 @@ def sweep_intervals(
 ) -> SweepIntervals | None:
     """Bootstrap every configuration whose trials all stored item scores; ``None`` when nothing can be
     bootstrapped (no base item scores, or an objective without per-item scores). ``part`` ``selection`` or
-    ``report`` bootstraps only that part of every benchmark's items under ``split``; ``all`` every item."""
+    ``report`` bootstraps only that part of every benchmark's items under ``split``; ``all`` every item.
+    ``trial_items`` are keyed by :func:`item_key` (the run id, or ``<trial>@<step>`` for a trajectory point)."""
     if base_items is None or metric not in METRIC_ITEMS:
         return None
     base = objective_items(base_items, metric)
     configs: dict[str, list[dict[str, Any]]] = {}
     keys: dict[str, str] = {}
     for group in groups:
-        members = [trial_items.get(p.run_id or "") for p in group.members]
+        members = [trial_items.get(item_key(p)) for p in group.members]
         if not members or any(m is None for m in members):
             continue
         configs[group.key] = [objective_items(m, metric) for m in members]
-        keys.update({p.run_id: group.key for p in group.members if p.run_id})
+        keys.update({item_key(p): group.key for p in group.members if item_key(p)})
     if not configs:
         return None
     if part != ALL:
@@ -190,10 +200,24 @@ def download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
 def stored_item_scores(
     client: Any, points: Sequence[TrialPoint], cache: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
-    """``{run id: item scores}`` of the points' runs that stored them; ``cache`` (filled here) saves downloads
-    across calls (a finished run's item scores never change)."""
-    out = {}
+    """``{item key: item scores}`` (:func:`item_key`: the run id, or ``<trial>@<step>``) of the points that stored
+    them: a run's ``item_scores.json``, or an intermediate trajectory point's ``trajectory/step-<step>.json``
+    (pass such points one per member, as :func:`trajectory points <sweeps.trajectory.trajectory_points>` gives
+    them); ``cache`` (filled here) saves downloads across calls (a finished run's item scores never change)."""
+    out: dict[str, dict[str, Any]] = {}
     for point in points:
+        if intermediate_step(point) is not None:
+            key = item_key(point)
+            if key in out:
+                continue
+            scores = cache.get(key) if cache is not None else None
+            if scores is None:
+                scores = point_item_scores(client, point)
+            if scores is not None:
+                out[key] = scores
+                if cache is not None:
+                    cache[key] = scores
+            continue
         for run_id in point.run_ids or (point.run_id,):
             if run_id and run_id not in out:
                 scores = cache.get(run_id) if cache is not None else None
@@ -272,6 +296,7 @@ class SweepAnalysis:
     report_intervals: SweepIntervals | None = None
     split: ItemSplit | None = None  # None or inactive: chosen and reported on all items
     all_points: list[TrialPoint] = field(default_factory=list)  # the same configurations on all items
+    betas: list[float] = field(default_factory=list)  # the objective's betas (intervals carry Phi at each)
 
     def __post_init__(self) -> None:
         if not self.split_active:
@@ -290,7 +315,7 @@ class SweepAnalysis:
 
     def all_items_point(self, point: TrialPoint) -> TrialPoint:
         """The configuration of ``point`` with its ``G_id`` / ``F_ood`` on all items (the trials' own metrics)."""
-        return next((p for p in self.all_points if p.run_id == point.run_id), point)
+        return next((p for p in self.all_points if item_key(p) == item_key(point)), point)
 
     def numbers(self, point: TrialPoint, beta: float, part: str) -> PartNumbers:
         """``point``'s numbers on the ``selection`` or ``report`` items; on all items (labelled so) when the
@@ -315,11 +340,15 @@ class SweepAnalysis:
         report items."""
         out = []
         items = self.report_intervals.items if self.report_intervals is not None else ALL
-        others = [p for p in ranking if p.run_id != best.run_id]
+        others = [p for p in ranking if item_key(p) != item_key(best)]
         if others:
             out.append(Comparison("runner-up", others[0], self._diff(best, others[0], beta), items))
         for point in self.points:
-            if point.params.get("method") == "sft" and point.run_id != best.run_id:
+            if (
+                point.params.get("method") == "sft"
+                and item_key(point) != item_key(best)
+                and intermediate_step(point) is None  # a trajectory's sft steps: its final point only
+            ):
                 out.append(Comparison("sft", point, self._diff(best, point, beta), items))
         return out
 
@@ -380,7 +409,7 @@ def analyze_items(
         if split.active and intervals is not None:
             selection, report = bootstrap(SELECTION), bootstrap(REPORT)
     chosen_on = selection_points(groups, selection) if split.active else [g.point for g in groups]
-    return SweepAnalysis(groups, chosen_on, intervals, selection, report, split)
+    return SweepAnalysis(groups, chosen_on, intervals, selection, report, split, betas=list(betas))
 
 
 def analyze_sweep(
@@ -392,7 +421,8 @@ def analyze_sweep(
     draws: int | None = None,
     item_cache: dict[str, dict[str, Any]] | None = None,
 ) -> SweepAnalysis:
-    """:func:`analyze_items` of a sweep's finished trials, from the stored item scores (the base model's from
+    """:func:`analyze_items` of a sweep's finished trials (``points``: :func:`sweeps.trajectory.sweep_points`, every
+    scored checkpoint with ``evaluation.trajectory: true``), from the stored item scores (the base model's from
     ``<sweep>/base_item_scores.json`` or the parent run's artifact) and the sweep's ``evaluation.split`` and
     ``evaluation.intervals``. ``draws`` overrides the config's (1 when only the points matter);
     ``item_cache`` keeps downloaded item scores across calls."""

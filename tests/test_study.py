@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
+from evaluation.item_split import ItemSplit
 from sweeps.selection import TrialPoint
 from sweeps.study import Claims, Configuration, evaluate_claims
-from sweeps.uncertainty import SweepIntervals, TrialGroup, knob_key, sweep_intervals
+from sweeps.uncertainty import SweepIntervals, TrialGroup, analyze_items, knob_key, sweep_intervals
 
 N_ITEMS = 300
 BASE_ID = np.random.default_rng(0).normal(-1.0, 0.3, N_ITEMS)  # per-item scores (higher is better)
@@ -41,6 +42,51 @@ def _study(spec):
     return configs, intervals
 
 
+SPLIT = ItemSplit(0.5, 0)
+
+
+def _study_analysis(spec, split=SPLIT):
+    """:func:`_study` and the sweep's analysis of the same configurations (as ``StoredSweep.analysis``: chosen on
+    the selection items of ``split``, reported on its report items; no split: all items)."""
+    configs, intervals = _study(spec)
+    base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
+    items = {f"run{i}": _items(g, f, seed=i) for i, (_, g, f, _) in enumerate(spec)}
+    points = [c.point for c in configs]
+    analysis = analyze_items(points, base, items, "nll", [1.0, 0.5, 2.0], split=split, draws=1000)
+    return configs, intervals, analysis
+
+
+def _c2_by_hand(spec, split, betas):
+    """Independently of the code under test: each configuration's G_id / F_ood on the selection and the report
+    items (means of the planted item scores), each family's choice per beta (max Phi on the selection items) and
+    the chosen configurations' Phi on the report items. Returns ``(choice {family: {beta: index}}, report Phi
+    {index: {beta: Phi}})``."""
+    def part(which):
+        if not split.active:
+            return np.arange(N_ITEMS), np.arange(N_ITEMS)
+        return split.indices("id", "math", N_ITEMS)[which], split.indices("ood", "gpqa", N_ITEMS)[which]
+
+    numbers = {}
+    for i, (_, g, f, _) in enumerate(spec):
+        items = _items(g, f, seed=i)
+        tid = np.array([v for v, _ in items["id_nll"]["math"]])
+        tood = np.array([v for v, _ in items["ood_nll"]["gpqa"]])
+        numbers[i] = {
+            which: (tid[ii].mean() - BASE_ID[ii].mean(), BASE_OOD[oi].mean() - tood[oi].mean())
+            for which, (ii, oi) in (("selection", part(0)), ("report", part(1)))
+        }
+    choice = {}
+    for i, (params, *_rest) in enumerate(spec):
+        fam = choice.setdefault(params["method"], {})
+        for beta in betas:
+            g, f = numbers[i]["selection"]
+            best = fam.get(beta)
+            if best is None or g - beta * f > numbers[best]["selection"][0] - beta * numbers[best]["selection"][1]:
+                fam[beta] = i
+    report = {i: {b: n["report"][0] - b * n["report"][1] for b in betas} for i, n in numbers.items()}
+    return choice, report
+
+
 CLAIMS = Claims(betas=[0.5, 1.0, 2.0], k_slice={"lambda": 10, "layers": "all"}, drift_slice={"k": 64, "layers": "all"})
 
 
@@ -52,9 +98,9 @@ def _rpsft(k, lam=10, **kw):
     return {"method": "rpsft", "k": k, "lambda": lam, "layers": "all", "reference": f"rpsft k={k} lambda={lam}", **kw}
 
 
-def _verdicts(spec):
-    configs, intervals = _study(spec)
-    return {c.id: c for c in evaluate_claims(configs, intervals, CLAIMS, beta0=1.0)}
+def _verdicts(spec, split=SPLIT, claims=None):
+    configs, intervals, analysis = _study_analysis(spec, split)
+    return {c.id: c for c in evaluate_claims(configs, intervals, claims or CLAIMS, beta0=1.0, analysis=analysis)}
 
 
 def paper_like():
@@ -82,7 +128,7 @@ def test_planted_paper_effect_is_reproduced():
         "C5": "reproduced",
         "C6": "reproduced",
     }
-    assert verdicts["C2"].numbers["chosen"].startswith("[ref] rpsft k=64 lambda=10")
+    _check_c2(verdicts["C2"], paper_like(), SPLIT)
     assert verdicts["C5"].numbers["slope_fit"] == pytest.approx(-1.0, abs=0.01)
 
 
@@ -102,9 +148,10 @@ def test_planted_failures_are_not_reproduced():
     assert verdicts["C4"].verdict == "not reproduced"
     assert verdicts["C5"].verdict == "not reproduced"
     assert verdicts["C6"].verdict == "not reproduced"
-    # C2: the chosen rpsft (k=256) beats SFT, but L2-init beats it with an interval below 0
+    # C2: RPSFT's frontier (k=256) beats SFT's, but L2-init's beats it with an interval below 0
     assert verdicts["C2"].verdict == "not reproduced"
     assert verdicts["C2"].numbers["differences"]["l2-init"]["1"]["high"] < 0
+    _check_c2(verdicts["C2"], spec, SPLIT)
 
 
 def test_indistinguishable_differences_are_inconclusive():
@@ -120,6 +167,126 @@ def test_indistinguishable_differences_are_inconclusive():
     assert verdicts["C4"].verdict in ("inconclusive", "not reproduced")
     assert verdicts["C3"].verdict == "inconclusive"  # no rotation measured
     assert "rotation" in verdicts["C3"].evidence
+
+
+def _check_c2(result, spec, split, betas=tuple(CLAIMS.betas)):
+    """C2's numbers against :func:`_c2_by_hand`: every family's choice per beta, its Phi on the report items, and
+    RPSFT's frontier minus each other family's."""
+    choice, report = _c2_by_hand(spec, split, betas)
+    labels = [c.label for c in _study(spec)[0]]
+    numbers = result.numbers
+    assert set(numbers["frontiers"]) == set(choice)
+    for fam, per_beta in choice.items():
+        for beta, i in per_beta.items():
+            point = numbers["frontiers"][fam][f"{beta:g}"]
+            assert point["label"] == labels[i], (fam, beta)
+            assert point["report"]["items"] == ("report" if split.active else "all")
+            assert point["report"]["phi_interval"]["estimate"] == pytest.approx(report[i][beta], abs=1e-12)
+            if fam in ("sft", "l2-init", "lora"):
+                want = report[choice["rpsft"][beta]][beta] - report[i][beta]
+                assert numbers["differences"][fam][f"{beta:g}"]["estimate"] == pytest.approx(want, abs=1e-12)
+    assert set(numbers["differences"]) == set(choice) & {"sft", "l2-init", "lora"}
+    assert numbers["chosen"] == {f"{b:g}": labels[choice["rpsft"][b]] for b in betas}
+
+
+@pytest.mark.parametrize("split", [SPLIT, ItemSplit(0.0)], ids=["split", "no-split"])
+def test_c2_compares_family_frontiers_on_the_report_items(split):
+    spec = paper_like()
+    c2 = _verdicts(spec, split)["C2"]
+    _check_c2(c2, spec, split)
+    assert c2.verdict == "reproduced"
+    if split.active:
+        assert c2.evidence.startswith("frontiers chosen on the selection items, reported on the held-out report items")
+        assert c2.numbers["split"]["active"] and c2.numbers["paper_protocol"]["items"] == "report"
+    else:
+        assert "chosen and reported on the same items" in c2.evidence
+        assert not c2.numbers["split"]["active"] and c2.numbers["paper_protocol"]["items"] == "all"
+
+
+def _claims(protocol):
+    return Claims(
+        betas=CLAIMS.betas,
+        k_slice={"lambda": 10, "layers": "all"},
+        drift_slice={"k": 64, "layers": "all"},
+        paper_protocol=protocol,
+    )
+
+
+def test_c2_reports_the_paper_protocol_alongside():
+    attn = {**_rpsft(64), "layers": "attn", "reference": "rpsft k=64 lambda=10 layers=attn"}
+    spec = [*paper_like(), (attn, 0.05, 0.04, {})]  # k=64 lambda=10 at another layer subset (not the default)
+    labels = [c.label for c in _study(spec)[0]]
+    _, report = _c2_by_hand(spec, SPLIT, CLAIMS.betas)
+    c2 = _verdicts(spec, claims=_claims({"rpsft": {"k": 64, "lambda": 10}, "lora": "lora"}))["C2"]
+    paper = c2.numbers["paper_protocol"]
+    # rpsft: the knobs named, layers left at the method default (all); sft, l2-init: their bare references
+    assert paper["configurations"] == {"rpsft": labels[4], "sft": labels[0], "l2-init": labels[1], "lora": labels[2]}
+    for name, j in (("sft", 0), ("l2-init", 1), ("lora", 2)):
+        for beta in CLAIMS.betas:
+            want = report[4][beta] - report[j][beta]
+            assert paper["differences"][name][f"{beta:g}"]["estimate"] == pytest.approx(want, abs=1e-12)
+    assert paper["verdict"] == "reproduced" and paper["items"] == "report"
+    assert f"paper protocol (final step, report items; {labels[4]}) at beta=1: vs sft " in c2.evidence
+    assert c2.verdict == "reproduced"  # the frontiers decide
+
+    # without claims.paper_protocol: the references at the method defaults; rpsft has several, none bare
+    default = _verdicts(spec)["C2"].numbers["paper_protocol"]
+    assert default["configurations"]["rpsft"] is None and default["configurations"]["sft"] == labels[0]
+    assert "set claims.paper_protocol" in default["how"]["rpsft"]
+    assert default["differences"] == {} and default["verdict"] == "inconclusive"
+    # knobs that match several configurations, even at the defaults: none is guessed
+    ambiguous = _verdicts(spec, claims=_claims({"rpsft": {"k": 64}}))["C2"].numbers["paper_protocol"]
+    assert ambiguous["configurations"]["rpsft"] is None and "matches 3 configurations" in ambiguous["how"]["rpsft"]
+
+
+def test_the_paper_protocol_uses_a_trajectorys_final_step():
+    from sweeps.study import protocol_point
+
+    params = {"method": "rpsft", "k": "32", "lambda": "1.0", "layers": "all"}
+    points = [
+        TrialPoint("a@2", 0.5, 0.0, params={**params, "step": 2}, run_id="r"),
+        TrialPoint("a", 0.1, 0.0, params={**params, "step": 6}, run_id="r"),
+        TrialPoint("b", 0.1, 0.0, params={**params, "lambda": "10", "step": 6}, run_id="s"),
+    ]
+    point, how = protocol_point(points, "rpsft", {"k": 32, "lambda": 1})
+    assert point.trial_id == "a" and "paper_protocol" in how
+    assert protocol_point(points, "rpsft", "rpsft k=32 lambda=1 layers=all")[0].trial_id == "a"
+    assert protocol_point(points, "rpsft", {"k": 32, "lambda": 100})[0] is None
+
+
+def test_reproduction_page_renders_c2s_frontiers(tmp_path):
+    import json
+    from pathlib import Path
+
+    from dashboards.reproduction import write_reproduction_page
+    from sweeps.study import StudyResult, write_result
+
+    configs, intervals, analysis = _study_analysis(paper_like())
+    claims = evaluate_claims(configs, intervals, CLAIMS, beta0=1.0, analysis=analysis)
+    result = StudyResult("s", "s", "tiny-model", "champ:train", 1.0, claims, configs, {}, {"steps": 8})
+    write_result(result, tmp_path / "docs" / "results" / "tiny")
+    page = write_reproduction_page(tmp_path / "docs").read_text()
+    c2 = next(c for c in claims if c.id == "C2").numbers
+    assert "**C2 family frontiers** (chosen on the selection items, reported on the held-out report items)" in page
+    assert "| family | beta=0.5 | beta=1 | beta=2 |" in page
+    rpsft = c2["frontiers"]["rpsft"]["1"]
+    phi = rpsft["report"]["phi_interval"]
+    assert f"{phi['estimate']:+.4f} [{phi['low']:+.4f}, {phi['high']:+.4f}] ({rpsft['label']})" in page
+    diff = c2["differences"]["sft"]["2"]
+    row = next(line for line in page.splitlines() if line.startswith("| rpsft - sft |"))
+    assert row.endswith(f"| {diff['estimate']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] |")
+    # a claims file from before the frontiers (the committed results, in their old C2 format) renders without it
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results"
+    old = tmp_path / "old"
+    for path in sorted(committed.glob("*/claims.json")):
+        stored = json.loads(path.read_text())
+        for claim in stored["claims"]:
+            if claim["id"] == "C2":
+                claim["numbers"].pop("frontiers", None)
+        (old / "results" / path.parent.name).mkdir(parents=True)
+        (old / "results" / path.parent.name / "claims.json").write_text(json.dumps(stored))
+    page = write_reproduction_page(old).read_text()
+    assert "C2 family frontiers" not in page and "- **C2 (" in page
 
 
 def test_seeds_group_into_one_configuration():
@@ -176,3 +343,297 @@ def test_a_docs_folder_without_results_is_bad_input(tmp_path):
 
     with pytest.raises(ConfigError, match=r"docs: no study results .* Fix: --docs"):
         write_reproduction_page(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------------ C5 per regime
+
+
+def _drift_config(params, drift, train_loss, default_optimizer="adamw_torch"):
+    point = TrialPoint(f"t-{len(str(params))}-{drift}", 0.1, 0.05, params=params, run_id=f"r-{drift}")
+    return Configuration(point, {}, {"drift_mean": drift, "train_loss": train_loss}, default_optimizer=default_optimizer)
+
+
+def _loglog(lams, drifts):
+    """Independent slopes: the least-squares fit of log drift on log lambda, and the last two points' slope."""
+    x, y = np.log(lams), np.log(drifts)
+    return float(np.polyfit(x, y, 1)[0]), float((y[-1] - y[-2]) / (x[-1] - x[-2]))
+
+
+def _regime_configs(loss_drifts, decoupled_drifts):
+    loss = [  # Adam, penalty in the loss: no optimizer / penalty_mode logged (older trials), or logged explicitly
+        _drift_config(_rpsft(64, lam=1), loss_drifts[0], 1.10),
+        _drift_config(_rpsft(64, lam=10), loss_drifts[1], 1.20),
+        _drift_config(_rpsft(64, lam=100, optimizer="adamw_torch", penalty_mode="loss"), loss_drifts[2], 1.30),
+    ]
+    decoupled = [
+        _drift_config(_rpsft(64, lam=lam, penalty_mode="decoupled"), d, 1.0 + i / 10)
+        for i, (lam, d) in enumerate(zip((1, 10, 100), decoupled_drifts))
+    ]
+    sgd = [
+        _drift_config(_rpsft(64, lam=10, optimizer="sgd", learning_rate=0.05), 2.0, 2.5),
+        _drift_config(_rpsft(64, lam=1000, optimizer="sgd", learning_rate=0.05), 0.5, 2.6),
+    ]
+    others = [  # not on the slice: another k, another layer subset, k: auto, a method without the penalty
+        _drift_config(_rpsft(8, lam=100), 0.3, 1.0),
+        _drift_config({**_rpsft(64, lam=100), "layers": "attn"}, 0.3, 1.0),
+        _drift_config({**_rpsft("auto", lam=100), "k_resolved": 64}, 0.3, 1.0),
+        _drift_config(_ref("l2-init", **{"lambda": 100}), 0.3, 1.0),
+    ]
+    return loss, decoupled, sgd, others
+
+
+def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
+    from sweeps.study import claim_c5
+
+    loss, decoupled, sgd, others = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
+    result = claim_c5(others + sgd + decoupled + loss, CLAIMS)
+    regimes = result.numbers["regimes"]
+    assert list(regimes) == ["loss", "decoupled", "sgd"]
+    for name, members in (("loss", loss), ("decoupled", decoupled), ("sgd", sgd)):
+        assert regimes[name]["labels"] == [c.label for c in members]  # exactly these, in lambda order
+        lams = [float(c.point.params["lambda"]) for c in members]
+        drifts = [c.metrics["drift_mean"] for c in members]
+        fit, tail = _loglog(lams, drifts)
+        assert regimes[name]["lambda"] == lams
+        assert regimes[name]["slope_fit"] == pytest.approx(fit, rel=1e-9)
+        assert regimes[name]["slope_tail"] == pytest.approx(tail, rel=1e-9)
+        assert regimes[name]["train_loss"] == [c.metrics["train_loss"] for c in members]
+    # loss: tail log(0.012/0.1)/log(10) = -0.92; decoupled: -0.08; sgd: log(0.25)/log(100) = -0.30
+    assert {n: r["verdict"] for n, r in regimes.items()} == {
+        "loss": "reproduced",
+        "decoupled": "not reproduced",
+        "sgd": "not reproduced",
+    }
+    assert result.verdict == "reproduced"  # the paper's setting decides, the others are reported
+    assert result.numbers["slope_fit"] == regimes["loss"]["slope_fit"]
+    assert "under decoupled (Adam, decoupled penalty): drift 0.5 at lambda=1 (train loss 1)," in result.evidence
+    assert f"{regimes['sgd']['slope_tail']:+.2f} between the two largest lambdas (not reproduced)" in result.evidence
+
+    # the same data with the regimes' drifts swapped: the verdict follows the Adam / loss regime again
+    loss, decoupled, sgd, others = _regime_configs([0.5, 0.3, 0.25], [1.0, 0.1, 0.012])
+    swapped = claim_c5(loss + decoupled + sgd + others, CLAIMS)
+    assert swapped.numbers["regimes"]["decoupled"]["verdict"] == "reproduced"
+    assert swapped.verdict == "not reproduced"
+
+    # without the paper's regime there is no verdict, whatever the others show
+    alone = claim_c5(decoupled, CLAIMS)
+    assert alone.verdict == "inconclusive" and "under decoupled" in alone.evidence
+
+
+def test_c5_reads_the_sweeps_optimizer_for_trials_that_did_not_log_one():
+    from sweeps.study import drift_slices
+
+    configs = [_drift_config(_rpsft(64, lam=lam), d, 1.0, default_optimizer="sgd") for lam, d in ((1, 1), (10, 0.1))]
+    assert list(drift_slices(configs, CLAIMS)) == ["sgd"]
+
+
+def test_drift_figure_draws_one_line_per_regime():
+    from dashboards.reproduction import drift_figure
+    from sweeps.study import claim_c5
+
+    loss, decoupled, sgd, _ = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
+    claim = claim_c5(loss + decoupled + sgd, CLAIMS).to_dict()
+    names = [trace.name for trace in drift_figure({"model": "m"}, claim).data]
+    assert len(names) == 4 and names[-1] == "1/lambda"
+    assert [n.split(":")[0] for n in names[:3]] == [
+        "Adam, penalty in the loss (the paper's setting)",
+        "Adam, decoupled penalty",
+        "SGD, penalty in the loss",
+    ]
+
+
+# ------------------------------------------------------------------------------------------ forgetting views
+
+BASE_MC = np.random.default_rng(2).integers(0, 2, N_ITEMS).astype(float)  # 0/1 multiple-choice item scores
+
+
+def _flip(scores, frm, fraction, seed):
+    """``scores`` with ``fraction`` of the items scored ``frm`` flipped to ``1 - frm``."""
+    out = scores.copy()
+    idx = np.flatnonzero(scores == frm)
+    rng = np.random.default_rng(seed)
+    out[rng.choice(idx, int(fraction * len(idx)), replace=False)] = 1 - frm
+    return out
+
+
+def _view_items(id_shift, nll_shift, mc, seed):
+    items = _items(id_shift, nll_shift, seed=seed)
+    if mc is not None:
+        items["ood_mc"] = {"arc_c": [(float(v), 1.0) for v in mc]}
+    return items
+
+
+def _views_study(with_mc=True):
+    from sweeps.study import attach_views, view_intervals
+    from sweeps.uncertainty import group_points
+
+    base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
+    if with_mc:
+        base["ood_mc"] = {"arc_c": [(float(v), 1.0) for v in BASE_MC]}
+    mc = {
+        "A": _flip(BASE_MC, 0, 0.4, 1),  # forgets under nll, gains accuracy under mc: the views disagree
+        "B": _flip(BASE_MC, 1, 0.4, 2),  # forgets under both
+        "C": BASE_MC.copy(),  # forgets a little under nll, not at all under mc
+        "D": None,  # no mc scores: under nll only
+        "E": BASE_MC.copy(),  # forgets more than C under nll, the same under mc: no flip with C
+    }
+    spec = {
+        "A": (_rpsft(64), 0.2, 0.20),
+        "B": (_ref("sft"), 0.3, 0.10),
+        "C": (_ref("lora"), 0.1, 0.05),
+        "D": (_ref("dft"), 0.1, 0.05),
+        "E": (_ref("iw"), 0.1, 0.15),
+    }
+    points, items = [], {}
+    for i, (name, (params, g, f)) in enumerate(spec.items()):
+        points.append(TrialPoint(name, g, f, params=params, run_id=f"run-{name}"))
+        items[f"run-{name}"] = _view_items(g, f, mc[name] if with_mc else None, seed=i)
+    groups = group_points(points)
+    views = {v: view_intervals(groups, base, items, v, [1.0], draws=1000) for v in ("nll", "mc")}
+    configs = [Configuration(g.point, views["nll"].of(g.point), {}) for g in groups]
+    attach_views(configs, views)
+    return {c.point.trial_id: c for c in configs}, views, mc
+
+
+def test_forgetting_views_list_the_configurations_where_they_disagree():
+    from sweeps.study import claim_c1, forgetting_views
+
+    configs, views, mc = _views_study()
+    a, b, c, d = (configs[n] for n in "ABCD")
+    # independent numbers: F_ood under mc is the base model's accuracy minus the tuned model's
+    for name in "ABC":
+        expected = BASE_MC.mean() - mc[name].mean()
+        assert configs[name].f_ood_views["mc"].estimate == pytest.approx(expected, abs=1e-12)
+    assert "mc" not in d.f_ood_views and "nll" in d.f_ood_views
+    assert a.f_ood_views["nll"].low > 0 and a.f_ood_views["mc"].high < 0  # planted: opposite signs
+    assert b.f_ood_views["nll"].low > 0 and b.f_ood_views["mc"].low > 0  # planted: both forget
+
+    section = forgetting_views(list(configs.values()), views)
+    assert section["available"] == {"nll": True, "mc": True}
+    assert [row["label"] for row in section["sign_disagreements"]] == [a.label]
+    # rankings, from the planted F_ood (nll: the shift; mc: about -0.2 for A, +0.2 for B, 0 for C and E): a pair
+    # flips when its planted differences have opposite signs, neither 0 (C vs E: 0 under mc, so no flip)
+    planted = {"A": (0.20, -1), "B": (0.10, 1), "C": (0.05, 0), "E": (0.15, 0)}
+    expected = {
+        (configs[x].label, configs[y].label)
+        for i, x in enumerate("ABCE")
+        for y in "ABCE"[i + 1 :]
+        if np.sign(planted[x][0] - planted[y][0]) * np.sign(planted[x][1] - planted[y][1]) == -1
+    }
+    e = configs["E"]
+    assert expected == {(a.label, b.label), (a.label, c.label), (a.label, e.label), (b.label, e.label)}
+    assert {(f["a"], f["b"]) for f in section["ranking_flips"]} == expected
+    for flip in section["ranking_flips"]:  # both paired intervals exclude 0, on opposite sides
+        signs = [1 if flip[v]["low"] > 0 else -1 if flip[v]["high"] < 0 else 0 for v in ("nll", "mc")]
+        assert signs[0] * signs[1] == -1
+    rows = {row["label"]: row["f_ood"] for row in section["configurations"]}
+    assert rows[d.label]["mc"] is None and rows[d.label]["nll"]["estimate"] == d.f_ood_views["nll"].estimate
+    assert f"opposite signs: {a.label} (nll" in section["summary"]
+
+    c1 = claim_c1(list(configs.values()))  # SFT (B) under both views
+    assert c1.numbers["f_ood_views"]["mc"]["estimate"] == pytest.approx(BASE_MC.mean() - mc["B"].mean())
+    assert f"under mc: {b.f_ood_views['mc'].text()}" in c1.evidence
+    assert f"under nll: {b.f_ood_views['nll'].text()}" in c1.evidence
+
+
+def test_forgetting_views_without_mc_scores_say_so():
+    from sweeps.study import forgetting_views
+
+    configs, views, _ = _views_study(with_mc=False)
+    assert views["mc"] is None
+    section = forgetting_views(list(configs.values()), views)
+    assert section["available"] == {"nll": True, "mc": False}
+    assert section["sign_disagreements"] == [] and section["ranking_flips"] == []
+    assert "no mc item scores" in section["summary"] and "not compared" in section["summary"]
+
+
+def test_reproduction_page_renders_the_forgetting_views(tmp_path):
+    import json
+
+    from dashboards.reproduction import write_reproduction_page
+    from sweeps.study import StudyResult, forgetting_views, write_result
+
+    configs, views, _ = _views_study()
+    section = forgetting_views(list(configs.values()), views)
+    result = StudyResult("s", "s", "tiny", "champ:train", 1.0, [], list(configs.values()), {}, {}, section)
+    path = write_result(result, tmp_path / "docs" / "results" / "tiny")
+    stored = json.loads(path.read_text())
+    stored["claims"] = [{"id": "C1", "claim": "c", "verdict": "reproduced", "evidence": "e", "numbers": {}}]
+    path.write_text(json.dumps(stored))
+    page = write_reproduction_page(tmp_path / "docs").read_text()
+    assert "| configuration | F_ood nll | F_ood mc |" in page
+    a = configs["A"].f_ood_views
+    row = f"| {configs['A'].label} | {a['nll'].estimate:+.4f} [{a['nll'].low:+.4f}, {a['nll'].high:+.4f}] | "
+    assert row in page
+    assert f"| {configs['D'].label} | " in page and page.split(f"| {configs['D'].label} | ")[1].split("\n")[0].endswith("| - |")
+    assert "**Disagreements.** Rule: the views disagree on a configuration when" in page
+    assert f"opposite signs: {configs['A'].label}" in page
+
+
+def test_reproduction_page_from_the_committed_claims_files(tmp_path):
+    """The committed results (written before the regimes and the two views) still render, into a copy."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from dashboards.reproduction import study_figures, write_reproduction_page
+
+    committed = Path(__file__).resolve().parents[1] / "docs" / "results"
+    files = sorted(committed.glob("*/claims.json"))
+    assert files
+    for path in files:
+        target = tmp_path / "docs" / "results" / path.parent.name / "claims.json"
+        target.parent.mkdir(parents=True)
+        shutil.copy(path, target)
+    page = write_reproduction_page(tmp_path / "docs").read_text()
+    assert page.count("### Forgetting under two views") == len(files)
+    assert "Not in this result file" in page
+    for path in files:
+        figures = study_figures(json.loads(path.read_text()))
+        assert len(figures["drift_lambda"].data) in (0, 2)  # the one old slice and its 1/lambda guide
+
+
+# ------------------------------------------------------------------------------------------ per-reference optimizer
+
+
+def _sweep(references):
+    from sweeps.config import parse_sweep_config
+
+    raw = {
+        "name": "opt",
+        "train": {"learning_rate": 5.0e-5, "max_steps": 2},
+        "references": references,
+        "search": {"num_trials": 0},
+    }
+    return parse_sweep_config(raw)
+
+
+def test_a_reference_sets_its_own_optimizer_and_learning_rate():
+    from sweeps.store import trial_label
+
+    ref = {"method": "rpsft", "k": 32, "lambda": 100, "layers": "all"}
+    config = _sweep([{**ref, "optimizer": "sgd", "learning_rate": 0.05}, {**ref, "optimizer": "adamw_torch"}, ref])
+    sgd, adamw, plain = config.reference_params()
+    train_sgd = config.trial_train_config(sgd)
+    assert (train_sgd.optimizer, train_sgd.learning_rate) == ("sgd", 0.05)
+    train_adamw = config.trial_train_config(adamw)
+    assert (train_adamw.optimizer, train_adamw.learning_rate) == ("adamw_torch", 5.0e-5)  # the sweep's lr
+    assert trial_label(sgd) == "[ref] rpsft k=32 lambda=100 layers=all optimizer=sgd lr=0.05"
+    assert trial_label(adamw) == trial_label(plain) == "[ref] rpsft k=32 lambda=100 layers=all"  # the sweep's own
+    # as logged by the trial (every trial logs its optimizer and learning rate): two configurations
+    logged = [
+        {**p, "optimizer": t.optimizer, "learning_rate": t.learning_rate}
+        for p, t in ((sgd, train_sgd), (adamw, train_adamw))
+    ]
+    assert knob_key(logged[0]) != knob_key(logged[1])
+    # the same reference name, only the optimizer differs: still two configurations
+    assert knob_key({**logged[1], "optimizer": "sgd"}) != knob_key(logged[1])
+
+
+def test_a_reference_with_an_unknown_optimizer_is_rejected():
+    from sweeps.config import SweepConfigError
+
+    with pytest.raises(SweepConfigError, match=r"references\[0\]\.optimizer: Input should be 'adamw_torch'"):
+        _sweep([{"method": "sft", "optimizer": "sgdm"}])
+    with pytest.raises(SweepConfigError, match=r"references\[0\]\.learning_rate"):
+        _sweep([{"method": "sft", "learning_rate": 0}])

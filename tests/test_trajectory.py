@@ -366,6 +366,10 @@ def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
         )
         assert point_item_scores(client, mine[-1]) == download_json(client, trial.run_id, ITEM_SCORES)
     assert len(group_points(points)) == 6
+    # evaluation.trajectory: the sweep's end chose among every scored checkpoint, as `rpsft sweep select` does
+    assert {p.trial_id for p in outcome.selection.ranking} == {p.trial_id for p in points}
+    assert {p.trial_id for p in stored.points} == {p.trial_id for p in points}
+    assert outcome.selection.best.trial_id == stored.selection().best.trial_id
 
 
 @needs_paper_data
