@@ -88,12 +88,20 @@ def _is_benchmark(name: str) -> bool:
     return len(parts) == 3 and parts[0] in ("nll", "acc") and parts[1] in ("id", "ood")
 
 
+# the intermediate evaluations' series and the final metric that continues each at the trial's last step
+FINAL_OF_EVAL = {"eval/g_id": "g_id", "eval/f_ood": "f_ood", "eval/drift_mean": "drift_mean"}
+
+
 def _histories(client: Any, trial: TrialRecord) -> dict[str, list[tuple[int, float]]]:
     out = {}
     for key in CURVES:
         if key in trial.metrics:
             series = client.get_metric_history(trial.run_id, key)
             out[key] = sorted((m.step, m.value) for m in series if math.isfinite(m.value))
+    last_step = max((step for step, _ in out.get("loss", [])), default=None)
+    for key, final in FINAL_OF_EVAL.items():  # the final scoring is the last point of each evaluation curve
+        if out.get(key) and last_step is not None and math.isfinite(trial.metrics.get(final, math.nan)):
+            out[key] = [*(p for p in out[key] if p[0] < last_step), (last_step, trial.metrics[final])]
     return out
 
 

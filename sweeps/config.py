@@ -219,6 +219,7 @@ class Reference(BaseModel):
     penalty_mode: PenaltyMode | None = Field(
         None, description="how a penalized reference applies its penalty (default: loss)"
     )
+    lora_r: int | None = Field(None, gt=0, description="the adapter rank of a lora or rpsft-lora reference")
     optimizer: OptimizerName | None = Field(
         None,
         description="this trial's optimizer (TrainConfig.optimizer); default: the sweep's train.optimizer",
@@ -249,6 +250,14 @@ class Reference(BaseModel):
                 raise ValueError(f"seeds {value} repeat a seed. Fix: distinct seeds, e.g. [0, 1, 2]")
         return value
 
+    @model_validator(mode="after")
+    def _check_lora_r(self) -> Reference:
+        if self.lora_r is not None and "lora_r" not in method_spec(self.method).knobs:
+            raise ValueError(
+                f"lora_r: method {self.method} has no adapters. Fix: drop lora_r, or method: lora or rpsft-lora"
+            )
+        return self
+
     @property
     def label(self) -> str:
         return self.label_in({})
@@ -265,6 +274,8 @@ class Reference(BaseModel):
             parts.append(f"layers={layer_label(self.layers)}")
         if self.penalty_mode is not None:
             parts.append(f"penalty_mode={self.penalty_mode}")
+        if self.lora_r is not None:
+            parts.append(f"lora_r={self.lora_r}")
         if self.optimizer is not None and self.optimizer != _train_value(train, "optimizer"):
             parts.append(f"optimizer={self.optimizer}")
         if self.learning_rate is not None and self.learning_rate != _train_value(train, "learning_rate"):
@@ -614,6 +625,11 @@ class SweepConfig(BaseModel):
                 "scheduler.type: asha needs a loss-based objective (intermediate evaluations are loss-based). "
                 "Fix: objective.metric: nll or kl, or scheduler.type: fifo"
             )
+        if self.scheduler.type == "asha" and self.max_steps is None:
+            raise ValueError(
+                "scheduler.type: asha needs the number of optimizer steps, but train.max_steps is null (training "
+                "by epochs). Fix: train.max_steps: N, or scheduler.type: fifo"
+            )
         if self.scheduler.type == "asha" and self.evaluation.every == 0:
             raise ValueError(
                 "scheduler.type: asha needs intermediate evaluations. Fix: evaluation.every: N optimizer steps"
@@ -708,7 +724,10 @@ class SweepConfig(BaseModel):
         return len(self.reference_params())
 
     @property
-    def max_steps(self) -> int:
+    def max_steps(self) -> int | None:
+        """The trials' optimizer steps; None when ``train.max_steps: null`` trains by ``train.epochs``."""
+        if "max_steps" in self.train and self.train["max_steps"] is None:
+            return None
         return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
 
     def sweep_dir(self) -> Path:
@@ -733,7 +752,7 @@ class SweepConfig(BaseModel):
         raw["method"] = method
         if params.get("seed") is not None:
             raw["seed"] = params["seed"]
-        for key in ("k", "lambda", "period", "penalty_mode", "optimizer", "learning_rate"):
+        for key in ("k", "lambda", "period", "penalty_mode", "lora_r", "optimizer", "learning_rate"):
             if params.get(key) is not None:  # optimizer / learning_rate: a reference's own, over train:
                 raw[key] = params[key]
         if params.get("layers") is not None:
@@ -768,6 +787,8 @@ class SweepConfig(BaseModel):
                 )
             if ref.penalty_mode is not None:
                 params["penalty_mode"] = ref.penalty_mode
+            if ref.lora_r is not None:
+                params["lora_r"] = ref.lora_r
             if ref.optimizer is not None:
                 params["optimizer"] = ref.optimizer
             if ref.learning_rate is not None:

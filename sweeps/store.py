@@ -84,7 +84,8 @@ def trial_label(params: Mapping[str, Any]) -> str:
 # "step": a trajectory point's optimizer step (sweeps.trajectory), so two steps of one trial are two
 # configurations; trials' own params never carry it. "optimizer" / "learning_rate": a reference may set its own.
 KNOBS = (
-    "method", "k", "lambda", "layers", "period", "penalty_mode", "optimizer", "max_steps", "learning_rate", "step",
+    "method", "k", "lambda", "layers", "period", "penalty_mode", "lora_r", "optimizer", "max_steps", "learning_rate",
+    "step",
 )  # fmt: skip
 
 

@@ -45,6 +45,7 @@ from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, rea
 from sweeps.selection import TrialPoint
 from sweeps.store import TrialRecord
 from sweeps.summary import configuration_label
+from sweeps.trajectory import intermediate_step
 from sweeps.uncertainty import METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
@@ -208,7 +209,11 @@ def configurations(stored: Any) -> tuple[list[Configuration], Any]:
     trials = {trial.run_id: trial for trial in stored.trials}
     optimizer = stored.config.train.get("optimizer") or TrainConfig.model_fields["optimizer"].default
     out = []
-    for point in analysis.all_points:  # the study reads every configuration on all items (no choice is reported)
+    # every configuration on all items (no choice is reported). C1 and C3-C6 are claims about trained models, so
+    # they read each trial's final checkpoint; C2 compares family frontiers over every scored checkpoint.
+    for point in analysis.all_points:
+        if intermediate_step(point) is not None:
+            continue
         summary = analysis.intervals.of(point)
         if summary is None:
             continue
@@ -905,7 +910,8 @@ def run_study(
     base = stored.base_metrics()
     ev = config.evaluation
     setup = {
-        "steps": config.max_steps,
+        "training examples": config.train.get("data_limit") or "all",
+        "steps": config.max_steps or f"{config.train.get('epochs', 1):g} epochs",
         "learning rate": config.train.get("learning_rate"),
         "optimizer": config.train.get("optimizer") or TrainConfig.model_fields["optimizer"].default,
         "batch size": config.train.get("batch_size"),
@@ -916,7 +922,7 @@ def run_study(
             ev.loss.n_ood if ev.mc is None else f"{ev.loss.n_ood} (nll), {ev.mc.n} (mc)"
         ),
         "forgetting views": "nll, mc" if ev.mc is not None else "nll (no evaluation.mc)",
-        "trials finished": f"{sum(p.n_seeds for p in stored.points)} of "
+        "trials finished": f"{sum(1 for trial in stored.trials if trial.finished)} of "
         f"{config.num_reference_trials + config.search.num_trials}",
         "training time (s, all trials)": round(
             sum(trial.metrics.get("train_seconds", 0.0) for trial in stored.trials)

@@ -178,7 +178,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         out = {k: v for k, v in scored.items() if k != "objective"}
         if "objective" in scored:
             out[objective_key] = scored["objective"]
-        shown = {"progress": f"{step}/{config.max_steps}", "eta": "done" if final else ""}
+        shown = {"progress": f"{step}/{config.max_steps or '?'}", "eta": "done" if final else ""}
         tune.report({**out, **shown, "step": step, "final": final})
 
     if run.info.status == "FINISHED":  # finished before a crash: report its stored results, do not retrain

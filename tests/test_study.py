@@ -637,3 +637,15 @@ def test_a_reference_with_an_unknown_optimizer_is_rejected():
         _sweep([{"method": "sft", "optimizer": "sgdm"}])
     with pytest.raises(SweepConfigError, match=r"references\[0\]\.learning_rate"):
         _sweep([{"method": "sft", "learning_rate": 0}])
+
+
+def test_lora_references_at_two_ranks_are_two_configurations():
+    from sweeps.config import SweepConfigError
+
+    config = _sweep([{"method": "lora", "lora_r": 8}, {"method": "lora", "lora_r": 32}])
+    r8, r32 = config.reference_params()
+    assert (config.trial_train_config(r8).lora_r, config.trial_train_config(r32).lora_r) == (8, 32)
+    assert knob_key(r8) != knob_key(r32)
+    assert r8["reference"] == "lora lora_r=8"
+    with pytest.raises(SweepConfigError, match="lora_r: method sft has no adapters"):
+        _sweep([{"method": "sft", "lora_r": 8}])
