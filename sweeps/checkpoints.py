@@ -373,7 +373,7 @@ def _move_contents(src: Path, out: Path) -> None:
 
 
 def _stored_trial_config(client: Any, run_id: str) -> dict[str, Any]:
-    from sweeps.uncertainty import download_json
+    from sweeps.tracking import download_json
 
     raw = download_json(client, run_id, "trial_config.json")
     if raw is None:

@@ -609,6 +609,11 @@ class SweepConfig(BaseModel):
                 f"{', '.join(own)} are set per trial. Fix: put model/data/seed/resources at the top level and "
                 "the searched knobs under space:"
             )
+        if value.get("stop_at_step") is not None:
+            raise ValueError(
+                "stop_at_step would stop every trial early. Fix: remove it; to score checkpoints along training use "
+                "evaluation.every with evaluation.trajectory: true, and rpsft export --trial <trial id>@<step>"
+            )
         return value
 
     @model_validator(mode="after")

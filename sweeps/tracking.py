@@ -145,11 +145,24 @@ def metric_name(name: str) -> str:
     return name.replace("@", "_at_").replace(":", "_")
 
 
-def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any) -> None:
+def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any, *, compact: bool = False) -> None:
+    """``payload`` as the JSON artifact ``name`` of a run (``name`` may sit in a folder: ``trajectory/x.json``)."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_text(json.dumps(payload, indent=2, default=str))
-        client.log_artifact(run_id, str(path))
+        path = Path(tmp) / Path(name).name
+        text = json.dumps(payload, separators=(",", ":")) if compact else json.dumps(payload, indent=2, default=str)
+        path.write_text(text)
+        folder = str(Path(name).parent)
+        client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+
+
+def download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
+    """A JSON artifact of a run, or ``None`` if the run has none of that name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, name, tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
+            return None
+        return json.loads(Path(path).read_text())
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

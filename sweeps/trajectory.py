@@ -16,15 +16,13 @@ such point. A point's weights come from retraining its trial with ``stop_at_step
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
+from sweeps import tracking
 from sweeps.selection import TrialPoint
 from sweeps.store import TrialRecord, trial_points
 
@@ -61,20 +59,7 @@ def intermediate_step(point: TrialPoint) -> int | None:
 
 def log_checkpoint_items(client: Any, run_id: str, step: int, items: dict[str, Any]) -> None:
     """Store the item scores of the checkpoint at ``step`` on the trial run (compact JSON, one small file)."""
-    name = trajectory_artifact(step)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(name).name
-        path.write_text(json.dumps(items, separators=(",", ":")))
-        client.log_artifact(run_id, str(path), artifact_path=str(Path(name).parent))
-
-
-def _download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, name, tmp)
-        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-            return None
-        return json.loads(Path(path).read_text())
+    tracking.log_json_artifact(client, run_id, trajectory_artifact(step), items, compact=True)
 
 
 def point_item_scores(client: Any, point: TrialPoint) -> dict[str, Any] | None:
@@ -85,7 +70,7 @@ def point_item_scores(client: Any, point: TrialPoint) -> dict[str, Any] | None:
     if not point.run_id:
         return None
     step = intermediate_step(point)
-    return _download_json(client, point.run_id, ITEM_SCORES if step is None else trajectory_artifact(step))
+    return tracking.download_json(client, point.run_id, ITEM_SCORES if step is None else trajectory_artifact(step))
 
 
 def metric_steps(client: Any, record: TrialRecord, key: str) -> dict[int, float]:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
 from evaluation.item_split import ALL, REPORT, SELECTION, ItemSplit
 from evaluation.metrics import phi
+from sweeps import tracking
 from sweeps.selection import TrialPoint
 from sweeps.store import BASE_ITEM_SCORES, KNOBS, SweepStore
 from sweeps.store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
@@ -187,16 +186,6 @@ def sweep_intervals(
 # ------------------------------------------------------------------------------------------ stored scores
 
 
-def download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
-    """A JSON artifact of a run, or ``None`` if the run has none of that name."""
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(run_id, name, tmp)
-        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-            return None
-        return json.loads(Path(path).read_text())
-
-
 def stored_item_scores(
     client: Any, points: Sequence[TrialPoint], cache: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -222,7 +211,7 @@ def stored_item_scores(
             if run_id and run_id not in out:
                 scores = cache.get(run_id) if cache is not None else None
                 if scores is None:
-                    scores = download_json(client, run_id, ITEM_SCORES)
+                    scores = tracking.download_json(client, run_id, ITEM_SCORES)
                 if scores is not None:
                     out[run_id] = scores
                     if cache is not None:
@@ -376,7 +365,7 @@ def read_base_item_scores(config: Any, client: Any, parent_run_id: str) -> dict[
     path = SweepStore.of(config).base_item_scores
     if path.is_file():
         return json.loads(path.read_text())
-    return download_json(client, parent_run_id, BASE_ITEM_SCORES)
+    return tracking.download_json(client, parent_run_id, BASE_ITEM_SCORES)
 
 
 def analyze_items(

@@ -45,7 +45,7 @@ def outcome(tmp_path_factory, tiny_dir):
 
 def test_item_scores_and_intervals_are_stored_and_consistent(outcome):
     from sweeps.tracking import child_runs, client_for
-    from sweeps.uncertainty import download_json
+    from sweeps.tracking import download_json
 
     result, _ = outcome
     client = client_for(result.tracking_uri)
@@ -118,7 +118,7 @@ def test_seeds_pool_into_one_configuration(outcome):
 def _phi_by_hand(client, run_id, base, part, beta):
     """A run's Phi on one part (0 selection, 1 report) of the default item split, from its stored items."""
     from evaluation.item_split import ItemSplit
-    from sweeps.uncertainty import download_json
+    from sweeps.tracking import download_json
 
     items = download_json(client, run_id, "item_scores.json")
     split = ItemSplit(0.5, 0)

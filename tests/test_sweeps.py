@@ -43,7 +43,7 @@ def independent_best(client, runs, beta, sweep_dir):
     """The max-Phi finished trial, its Phi computed here from the stored item scores on the selection items of
     the default split (evaluation.split: report_fraction 0.5, seed 0), where the sweep chooses."""
     from evaluation.item_split import ItemSplit
-    from sweeps.uncertainty import download_json
+    from sweeps.tracking import download_json
 
     base = json.loads((Path(sweep_dir) / "base_item_scores.json").read_text())
     split = ItemSplit(0.5, 0)

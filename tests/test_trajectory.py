@@ -323,8 +323,9 @@ def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
     from evaluation.intervals import bootstrap_tradeoff
     from sweeps import tracking
     from sweeps.report import load_stored_sweep
+    from sweeps.tracking import download_json
     from sweeps.trajectory import metric_steps, point_item_scores
-    from sweeps.uncertainty import ITEM_SCORES, download_json, group_points, objective_items
+    from sweeps.uncertainty import ITEM_SCORES, group_points, objective_items
 
     outcome, root = trajectory_sweep
     client = tracking.client_for(outcome.tracking_uri)
@@ -395,3 +396,10 @@ def test_export_retrains_a_trajectory_point(trajectory_sweep):
     assert record["matches"] and record["stored"]["g_id"] != pytest.approx(trial.g_id, abs=1e-9)
     result = CliRunner().invoke(app, [*args, f"{trial.trial_id}@7"])
     assert result.exit_code == 2 and "no intermediate evaluation at step 7" in result.output
+
+
+def test_a_sweep_refuses_stop_at_step_in_its_train_section():
+    from sweeps.config import SweepConfigError, parse_sweep_config
+
+    with pytest.raises(SweepConfigError, match="train: stop_at_step would stop every trial early. Fix: remove it"):
+        parse_sweep_config({"name": "s", "train": {"stop_at_step": 2}, "references": ["sft"]})
