@@ -98,7 +98,7 @@ def _histories(client: Any, trial: TrialRecord) -> dict[str, list[tuple[int, flo
         if key in trial.metrics:
             series = client.get_metric_history(trial.run_id, key)
             out[key] = sorted((m.step, m.value) for m in series if math.isfinite(m.value))
-    last_step = max((step for step, _ in out.get("loss", [])), default=None)
+    last_step = trial.metrics.get("global_steps") or max((step for step, _ in out.get("loss", [])), default=None)
     for key, final in FINAL_OF_EVAL.items():  # the final scoring is the last point of each evaluation curve
         if out.get(key) and last_step is not None and math.isfinite(trial.metrics.get(final, math.nan)):
             out[key] = [*(p for p in out[key] if p[0] < last_step), (last_step, trial.metrics[final])]

@@ -9,14 +9,14 @@ the parameters a trial logs to MLflow (:func:`MethodSpec.logged_knobs`), and the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from rpsft_core.losses import LossType
 
 Adapter = Literal["lora", "osf"]
 # TrainConfig.penalty_mode: the penalty's gradient before clipping, or its proximal step after the update
 PenaltyMode = Literal["loss", "decoupled"]
-PENALTY_MODES: tuple[str, ...] = ("loss", "decoupled")
+PENALTY_MODES: tuple[str, ...] = get_args(PenaltyMode)
 
 
 @dataclass(frozen=True)

@@ -251,10 +251,16 @@ class Reference(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _check_lora_r(self) -> Reference:
-        if self.lora_r is not None and "lora_r" not in method_spec(self.method).knobs:
+    def _check_method_knobs(self) -> Reference:
+        knobs = method_spec(self.method).knobs
+        if self.lora_r is not None and "lora_r" not in knobs:
             raise ValueError(
                 f"lora_r: method {self.method} has no adapters. Fix: drop lora_r, or method: lora or rpsft-lora"
+            )
+        if self.penalty_mode is not None and not method_spec(self.method).uses_lambda:
+            raise ValueError(
+                f"penalty_mode: method {self.method} has no penalty to decouple. Fix: drop penalty_mode, or "
+                "method: rpsft or l2-init"
             )
         return self
 

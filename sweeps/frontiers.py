@@ -2,8 +2,9 @@
 
 A **family** is a method (``params["method"]``: sft, l2-init, lora, rpsft, rpsft-lora, dft, iw, ...); a penalized
 method with ``penalty_mode: decoupled`` (rpsft, l2-init) is its own family, ``"rpsft (decoupled)"`` /
-``"l2-init (decoupled)"``: the exact proximal step is another training procedure than the paper's penalty in the
-loss, so folding it into ``rpsft`` would let RPSFT's frontier pick whichever of the two procedures won.
+``"l2-init (decoupled)"``, and so is a configuration trained with another optimizer than AdamW (``"rpsft (sgd)"``):
+each is another training procedure, so folding it into ``rpsft`` would let RPSFT's frontier pick whichever
+procedure won.
 
 A family's **frontier point** at ``beta`` is its configuration of largest ``Phi(beta)`` on the **selection** items
 (:func:`sweeps.selection.max_phi` over all its knobs: every k, lambda, layers, trajectory step, with seeds pooled
@@ -30,13 +31,14 @@ ANCHOR = "rpsft"  # the family every other family is compared with
 
 
 def family(params: Mapping[str, Any]) -> str:
-    """A configuration's family: its method, with the penalty mode when it is not the default ``loss``
-    (``rpsft (decoupled)``)."""
+    """A configuration's family: its method, with the penalty mode when it is not the default ``loss`` and the
+    optimizer when it is not AdamW (``rpsft (decoupled)``, ``rpsft (sgd)``): each is another training procedure."""
     method = str(params.get("method") or "rpsft")
     mode = params.get("penalty_mode")
-    if mode in (None, "", "None", "loss"):
-        return method
-    return f"{method} ({mode})"
+    optimizer = str(params.get("optimizer") or "adamw_torch")
+    variants = [str(mode)] if mode not in (None, "", "None", "loss") else []
+    variants += [] if optimizer.startswith("adamw") else [optimizer]
+    return f"{method} ({', '.join(variants)})" if variants else method
 
 
 def beta_key(beta: float) -> str:

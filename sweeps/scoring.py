@@ -144,10 +144,13 @@ class TrialScorer:
     def checkpoint_scores(self, model: Any, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
         """``(metrics, item scores)`` of a checkpoint during training (an intermediate evaluation): the loss
         metrics without the base model (no KL) and the multiple-choice scores when configured; no harness, no
-        intervals. The item scores are stored as :meth:`final_scores` stores them (``ood_kl`` left out)."""
+        intervals. The item scores are stored as :meth:`final_scores` stores them (``ood_kl`` left out). The
+        multiple-choice scores are computed only where they are used: for trajectory points
+        (``evaluation.trajectory``) or as the objective (``objective.metric: mc``)."""
         metrics, trade = self._loss(model, tokenizer)
         items = _loss_item_scores(trade.tuned)
-        if self.mc_settings is not None:
+        used = self.config.evaluation.trajectory or self.config.objective.metric == "mc"
+        if self.mc_settings is not None and used:
             mc_metrics, mc_items, _ = self.mc_metrics(model, tokenizer, metrics)
             metrics.update(mc_metrics)
             items["ood_mc"] = mc_items

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +45,7 @@ from sweeps.selection import TrialPoint
 from sweeps.store import TrialRecord
 from sweeps.summary import configuration_label
 from sweeps.trajectory import intermediate_step
-from sweeps.uncertainty import METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
+from sweeps.uncertainty import _SEED_SUFFIX, METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
 ROTATION = "rotation/mean_deg"
@@ -117,6 +116,7 @@ class Configuration:
     metrics: dict[str, float]  # mean over seeds: drift_mean, rotation/mean_deg, train_loss, ...
     f_ood_views: dict[str, Interval] = field(default_factory=dict)  # "nll" / "mc" -> F_ood (forgetting_views)
     default_optimizer: str = TrainConfig.model_fields["optimizer"].default  # the sweep's train.optimizer
+    default_learning_rate: float = TrainConfig.model_fields["learning_rate"].default  # the sweep's train.learning_rate
 
     @property
     def method(self) -> str:
@@ -160,6 +160,14 @@ class Configuration:
     @property
     def penalty_mode(self) -> str:
         return self.param("penalty_mode") or "loss"
+
+    @property
+    def paper_setting(self) -> bool:
+        """Trained as the paper trains: AdamW with the penalty in the loss, at the sweep's learning rate (not a
+        reference's own optimizer, learning rate or decoupled penalty). C3, C4 and C6 read only these."""
+        lr = self.param("learning_rate")
+        same_lr = lr is None or math.isclose(float(lr), self.default_learning_rate)
+        return self.optimizer.startswith("adamw") and self.penalty_mode == "loss" and same_lr
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +216,7 @@ def configurations(stored: Any) -> tuple[list[Configuration], Any]:
         )
     trials = {trial.run_id: trial for trial in stored.trials}
     optimizer = stored.config.train.get("optimizer") or TrainConfig.model_fields["optimizer"].default
+    learning_rate = stored.config.train.get("learning_rate") or TrainConfig.model_fields["learning_rate"].default
     out = []
     # every configuration on all items (no choice is reported). C1 and C3-C6 are claims about trained models, so
     # they read each trial's final checkpoint; C2 compares family frontiers over every scored checkpoint.
@@ -217,7 +226,15 @@ def configurations(stored: Any) -> tuple[list[Configuration], Any]:
         summary = analysis.intervals.of(point)
         if summary is None:
             continue
-        out.append(Configuration(point, summary, _mean_metrics(trials, point), default_optimizer=optimizer))
+        out.append(
+            Configuration(
+                point,
+                summary,
+                _mean_metrics(trials, point),
+                default_optimizer=optimizer,
+                default_learning_rate=float(learning_rate),
+            )
+        )
     return out, analysis.intervals
 
 
@@ -384,7 +401,6 @@ def claim_c1(configs: list[Configuration]) -> ClaimResult:
     return ClaimResult("C1", text, verdict, evidence, numbers)
 
 
-_SEED_SUFFIX = re.compile(r" seed=-?\d+$")
 C2_OTHERS = ("sft", "l2-init", "lora")  # the families RPSFT's frontier is compared with
 C2_PROTOCOL = ("rpsft", *C2_OTHERS)
 # the knobs a paper_protocol entry may leave unnamed: matched at the method defaults (TrainConfig's) when
@@ -591,7 +607,7 @@ def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
         f"{EQUAL_GAIN:.0%} of SFT's G_id)"
     )
     sft = _reference(configs, "sft")
-    rpsft = [c for c in configs if c.method == "rpsft" and ROTATION in c.metrics]
+    rpsft = [c for c in configs if c.method == "rpsft" and c.paper_setting and ROTATION in c.metrics]
     if sft is None or ROTATION not in sft.metrics or not rpsft:
         return ClaimResult("C3", text, "inconclusive", "no rotation measured (evaluation.rotation: true)")
     key_sft = intervals.key_of(sft.point)
@@ -632,10 +648,13 @@ def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
 
 
 def k_slice(configs: list[Configuration], claims: Claims) -> list[Configuration]:
-    """Phi(k) at the slice's lambda and layers: k = 0 (SFT), the rpsft ks, full k (L2-init at that lambda)."""
+    """Phi(k) at the slice's lambda and layers: k = 0 (SFT), the rpsft ks, full k (L2-init at that lambda); only
+    configurations trained in the paper's setting (:attr:`Configuration.paper_setting`)."""
     lam, layers = claims.k_slice.lam, claims.k_slice.layers
     out = []
     for c in configs:
+        if not c.paper_setting:
+            continue
         same_layers = (c.param("layers") or "all") == layers
         if c.method == "sft" and c.param("reference"):
             out.append(c)

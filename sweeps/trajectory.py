@@ -85,7 +85,10 @@ def metric_steps(client: Any, record: TrialRecord, key: str) -> dict[int, float]
 
 
 def final_step(client: Any, record: TrialRecord) -> int:
-    """The step of a trial's final point: its ``max_steps``, else the last step it logged a loss at."""
+    """The step of a trial's final point: the steps it trained (``global_steps``), else its ``max_steps``, else the
+    last step it logged a loss at."""
+    if record.metrics.get("global_steps"):
+        return int(record.metrics["global_steps"])
     try:
         return int(record.params["max_steps"])
     except (KeyError, ValueError):

@@ -217,7 +217,8 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 config, context, train_config, scorer, client, run_id, report, extra_callbacks=fault_callbacks
             )
         result = {**metrics, **scorer.primary(metrics)}
-        tracking.log_metrics(client, run_id, result, step=train_config.max_steps or 0)
+        final_step = int(result.get("global_steps") or train_config.max_steps or 0)  # epochs: the steps trained
+        tracking.log_metrics(client, run_id, result, step=final_step)
         tracking.log_json_artifact(
             client, run_id, "trial_config.json", train_config.model_dump(mode="json", by_alias=True)
         )
@@ -231,7 +232,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         tracking.record_failure(client, run_id, exc)
         tracking.finish_run(client, run_id, "FAILED", state="failed")
         raise
-    report(metrics, train_config.max_steps or 0, final=True)
+    report(metrics, final_step, final=True)
 
 
 def train_and_score(
@@ -295,6 +296,7 @@ def training_summary(train_metrics: dict[str, Any], drift: dict[str, float]) -> 
         "train_loss": train_metrics["train_loss"],
         "train_seconds": train_metrics["train_seconds"],
         "resumed_from_step": train_metrics["resumed_from_step"],
+        "global_steps": train_metrics["global_steps"],
         "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
         "drift_max": max(drift.values()) if drift else 0.0,
     }
@@ -340,7 +342,8 @@ def _train_and_score(
         def store(items: dict[str, Any], step: int) -> None:
             log_checkpoint_items(client, run_id, step, items)
 
-        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report, store))
+        keep_items = store if config.evaluation.trajectory else None  # item scores only for trajectory points
+        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report, keep_items))
     try:
         result, metrics, items = train_and_score(config, context, train_config, scorer, callbacks)
     except BaseException:

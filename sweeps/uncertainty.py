@@ -35,6 +35,7 @@ ITEM_SCORES = "item_scores.json"
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
 METRIC_ITEMS = {"nll": ("id_nll", "ood_nll"), "kl": ("id_nll", "ood_kl"), "mc": ("id_nll", "ood_mc")}
 _SEED_SUFFIX = re.compile(r" seed=-?\d+$")
+_KNOB_DEFAULTS = {"penalty_mode": "loss", "optimizer": "adamw_torch"}  # as TrainConfig's defaults
 
 
 def item_key(point: TrialPoint) -> str:
@@ -45,9 +46,15 @@ def item_key(point: TrialPoint) -> str:
 
 
 def knob_key(params: Mapping[str, Any]) -> str:
-    """What makes two trials the same configuration: their knobs and reference name, not their seed."""
+    """What makes two trials the same configuration: their knobs and reference name, not their seed. A knob at
+    its default (``penalty_mode: loss``, ``optimizer: adamw_torch``) counts as unset, so a trial logged before
+    that knob existed groups with the later seeds of its configuration."""
     reference = _SEED_SUFFIX.sub("", str(params.get("reference") or ""))
-    knobs = {key: str(params[key]) for key in KNOBS if params.get(key) not in (None, "", "None")}
+    knobs = {
+        key: str(params[key])
+        for key in KNOBS
+        if params.get(key) not in (None, "", "None") and str(params[key]) != _KNOB_DEFAULTS.get(key)
+    }
     return json.dumps({"reference": reference, **knobs}, sort_keys=True)
 
 

@@ -494,3 +494,13 @@ def test_fsdp2_train_steps_take_the_prox_step_like_one_process(k, tmp_path):
     assert sharded["drift"] == pytest.approx(drift, rel=1e-9)
     # the record's penalty is the one after the step's prox: lambda * the drift^2 at the end
     assert history[-1]["penalty"] == pytest.approx(LAM * 20 * sum(d * d for d in drift.values()), rel=1e-9)
+
+
+def test_a_trial_logged_without_the_default_knobs_groups_with_one_that_logs_them():
+    from sweeps.uncertainty import knob_key
+
+    old = {"method": "rpsft", "k": "32", "lambda": "100.0", "reference": "rpsft k=32 seed=0"}
+    new = {**old, "penalty_mode": "loss", "optimizer": "adamw_torch", "reference": "rpsft k=32 seed=1"}
+    assert knob_key(old) == knob_key(new)
+    assert knob_key({**new, "penalty_mode": "decoupled"}) != knob_key(old)
+    assert knob_key({**new, "optimizer": "sgd"}) != knob_key(old)

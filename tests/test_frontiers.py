@@ -106,6 +106,9 @@ def test_families():
     assert family({"method": "rpsft", "penalty_mode": "decoupled"}) == "rpsft (decoupled)"
     assert family({"method": "l2-init", "penalty_mode": "decoupled"}) == "l2-init (decoupled)"
     assert family({}) == "rpsft"  # a trial logged before methods: rpsft, as trial_label says
+    assert family({"method": "rpsft", "optimizer": "adamw_torch_fused"}) == "rpsft"
+    assert family({"method": "rpsft", "optimizer": "sgd"}) == "rpsft (sgd)"
+    assert family({"method": "l2-init", "optimizer": "sgd", "penalty_mode": "decoupled"}) == "l2-init (decoupled, sgd)"
 
 
 @pytest.mark.parametrize("split", [SPLIT, ItemSplit(0.0)], ids=["split", "no-split"])

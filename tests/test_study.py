@@ -649,3 +649,28 @@ def test_lora_references_at_two_ranks_are_two_configurations():
     assert r8["reference"] == "lora lora_r=8"
     with pytest.raises(SweepConfigError, match="lora_r: method sft has no adapters"):
         _sweep([{"method": "sft", "lora_r": 8}])
+
+
+def test_a_reference_without_a_penalty_refuses_penalty_mode():
+    from sweeps.config import SweepConfigError
+
+    with pytest.raises(SweepConfigError, match="penalty_mode: method sft has no penalty to decouple. Fix:"):
+        _sweep([{"method": "sft", "penalty_mode": "decoupled"}])
+    assert _sweep([{"method": "l2-init", "lambda": 10, "penalty_mode": "decoupled"}]).reference_params()
+
+
+def test_k_slice_and_rotation_claims_read_only_the_papers_setting():
+    from sweeps.study import k_slice
+
+    other_settings = [  # at the slice's lambda, far better than anything: would decide C4 and C6 if admitted
+        (_rpsft(32, optimizer="sgd", learning_rate=5e-3), 0.60, 0.01, {"rotation/mean_deg": 0.1}),
+        (_rpsft(32, penalty_mode="decoupled"), 0.60, 0.01, {"rotation/mean_deg": 0.1}),
+        (_rpsft(32, learning_rate=1.0), 0.60, 0.01, {"rotation/mean_deg": 0.1}),  # Adam at another lr
+    ]
+    plain = _verdicts(paper_like())
+    mixed = _verdicts(paper_like() + other_settings)
+    for claim in ("C3", "C4", "C6"):
+        assert (mixed[claim].verdict, mixed[claim].evidence) == (plain[claim].verdict, plain[claim].evidence)
+    configs, _ = _study(paper_like() + other_settings)
+    assert all(c.param("k") != "32" for c in k_slice(configs, CLAIMS))
+    assert [c.paper_setting for c in configs[-3:]] == [False, False, False]

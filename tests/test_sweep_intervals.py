@@ -44,8 +44,7 @@ def outcome(tmp_path_factory, tiny_dir):
 
 
 def test_item_scores_and_intervals_are_stored_and_consistent(outcome):
-    from sweeps.tracking import child_runs, client_for
-    from sweeps.tracking import download_json
+    from sweeps.tracking import child_runs, client_for, download_json
 
     result, _ = outcome
     client = client_for(result.tracking_uri)

@@ -203,6 +203,15 @@ def test_checkpoint_scores_are_the_loss_items_and_the_mc_items_without_base_mode
         "ood_nll": {"gpqa": [(-2.0, 4)]},
         "ood_mc": {"arc": [(1.0, 1)]},
     }
+    # an nll objective without trajectory points does not use the mc scores at a checkpoint: none are computed
+    config = SweepConfig.model_validate(
+        {"name": "mc", "evaluation": {"mc": {"n": 2}, "every": 1}, "objective": {"metric": "nll"}, "cache_dir": "/tmp"}
+    )
+    scorer = TrialScorer(config, "base", "/tmp")
+    monkeypatch.setattr(scorer, "_loss", loss)
+    monkeypatch.setattr(scorer, "mc_metrics", lambda *a: pytest.fail("mc scored where nothing uses it"))
+    metrics, items = scorer.checkpoint_scores(object(), object())
+    assert metrics == {"nll/g_id": 0.5} and "ood_mc" not in items
 
 
 # ----------------------------------------------------------------------------------------------- points
