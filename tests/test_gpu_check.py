@@ -74,7 +74,7 @@ def test_cpu_mode_figures(cpu_run):
     assert bases["n_matrices"] == 14 and "alpha" in bases["spectrum"]["description"]
 
     modes = merged["sections"]["step"]["modes"]
-    assert set(modes) == {"sft", "closed", "autograd"}
+    assert set(modes) == {"sft", "closed", "autograd", "decoupled"}
     for mode in modes.values():
         assert math.isfinite(mode["x_sft"]) and mode["x_sft"] > 0 and mode["median"] > 0
     assert merged["sections"]["step"]["tokens_per_step"] == 2 * 16 * 2
