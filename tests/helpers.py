@@ -19,3 +19,21 @@ def mean_angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean principal angle between the column spaces of two orthonormal bases."""
     cos = torch.linalg.svdvals(a.double().T @ b.double()).clamp(-1, 1)
     return torch.rad2deg(torch.arccos(cos)).mean().item()
+
+
+def tradeoff_by_hand(base, record, benches, indices=None):
+    """G_id and F_ood computed by hand, independently of evaluation.intervals: per benchmark the weighted mean of
+    the tuned minus the base model's NLL item scores (ID) or the base's minus the tuned (OOD), on ``indices``
+    (``{(suite, bench): item indices}``) or all items; then the mean over each suite's ``benches``."""
+    import numpy as np
+
+    out = {}
+    for suite, sign in (("id", 1.0), ("ood", -1.0)):
+        diffs = []
+        for bench in benches[suite]:
+            b = np.asarray(base[f"{suite}_nll"][bench])
+            t = np.asarray(record[f"{suite}_nll"][bench])
+            idx = slice(None) if indices is None else indices[(suite, bench)]
+            diffs.append(sign * (t[idx, 0].sum() / t[idx, 1].sum() - b[idx, 0].sum() / b[idx, 1].sum()))
+        out[suite] = float(np.mean(diffs))
+    return out["id"], out["ood"]

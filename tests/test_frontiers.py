@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import tradeoff_by_hand
 
 from evaluation.item_split import ItemSplit
 from sweeps.frontiers import family, family_frontiers
@@ -31,17 +32,7 @@ def _record(rng, difficulty, g, f, n, noise):
 
 
 def _tradeoff(base, record, indices=None):
-    """G_id and F_ood by hand on ``indices`` (``{(suite, bench): item indices}``) or all items."""
-    out = {}
-    for suite, sign in (("id", 1.0), ("ood", -1.0)):
-        diffs = []
-        for bench in BENCHES[suite]:
-            b = np.asarray(base[f"{suite}_nll"][bench])
-            t = np.asarray(record[f"{suite}_nll"][bench])
-            idx = slice(None) if indices is None else indices[(suite, bench)]
-            diffs.append(sign * (t[idx, 0].sum() / t[idx, 1].sum() - b[idx, 0].sum() / b[idx, 1].sum()))
-        out[suite] = float(np.mean(diffs))
-    return out["id"], out["ood"]
+    return tradeoff_by_hand(base, record, BENCHES, indices)
 
 
 def _sweep(rng, spec, n=40, noise=0.3):

@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import tradeoff_by_hand
 
 from evaluation.item_split import ItemSplit
 
@@ -30,18 +31,7 @@ def _scores(rng, difficulty, shift, noise=0.02):
 
 
 def _tradeoff(base, record, indices=None):
-    """G_id and F_ood by hand: per benchmark the weighted mean of the tuned minus the base model's scores (ID) or
-    the base's minus the tuned (OOD), on ``indices`` (``{(suite, bench): item indices}``) or all items; macro mean."""
-    out = {}
-    for suite, sign in (("id", 1.0), ("ood", -1.0)):
-        diffs = []
-        for bench in BENCHES[suite]:
-            b = np.asarray(base[f"{suite}_nll"][bench])
-            t = np.asarray(record[f"{suite}_nll"][bench])
-            idx = slice(None) if indices is None else indices[(suite, bench)]
-            diffs.append(sign * (t[idx, 0].sum() / t[idx, 1].sum() - b[idx, 0].sum() / b[idx, 1].sum()))
-        out[suite] = float(np.mean(diffs))
-    return out["id"], out["ood"]
+    return tradeoff_by_hand(base, record, BENCHES, indices)
 
 
 @pytest.fixture
