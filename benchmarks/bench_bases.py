@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark the top-k singular bases (``rpsft_core.bases.top_k_bases``): time and accuracy per method.
+"""Benchmark the top-k singular bases (``rpsft.core.bases.top_k_bases``): time and accuracy per method.
 
 For each unique matrix shape of an architecture (q/k/v/o/gate/up/down x layers, from a ``transformers`` config
 built in code), a test matrix with a *decaying spectrum* is synthesized, ``W = U diag(s) V^T`` with random
@@ -17,7 +17,7 @@ With ``--shapes smollm2`` (the default) it also measures the real SmolLM2-135M w
 matrix per shape, ``compute_bases`` end to end on all 210 matrices per method, and a cold vs warm
 ``load_or_compute_bases`` (cache in a temporary directory).
 
-``--variants`` adds candidate implementations that live in this file (not in ``rpsft_core``): randomized SVD
+``--variants`` adds candidate implementations that live in this file (not in ``rpsft.core``): randomized SVD
 with other power-iteration / oversampling settings, a sketch + ``eigh`` of the small Gram, a Gram + subspace
 iteration, and the Gram method in float64. They show what a change to ``top_k_bases`` would buy.
 
@@ -52,8 +52,7 @@ from bench_common import (  # noqa: E402
     timed,
     write_json,
 )
-
-from rpsft_core.bases import (  # noqa: E402
+from rpsft.core.bases import (  # noqa: E402
     BASIS_METHODS,
     compute_bases,
     load_or_compute_bases,
@@ -350,8 +349,8 @@ def _max(rows: list[dict], key: str) -> float | None:
 
 def bench_real_smollm2(args, device, methods) -> tuple[list[dict], list[dict], list[dict]]:
     """Real SmolLM2-135M weights: one matrix per shape, compute_bases end to end, cache cold vs warm."""
-    from rpsft_core.models import load_model
-    from rpsft_core.selection import select_matrices
+    from rpsft.core.models import load_model
+    from rpsft.core.selection import select_matrices
 
     model, _ = load_model("smollm2-135m-instruct", device=device)
     selection = select_matrices(model, args.selection)
@@ -388,7 +387,7 @@ def bench_real_smollm2(args, device, methods) -> tuple[list[dict], list[dict], l
             })
     print("  done real per-shape", file=sys.stderr, flush=True)
 
-    # compute_bases end to end, every matrix of the selection, per rpsft_core method
+    # compute_bases end to end, every matrix of the selection, per rpsft.core method
     e2e = []
     reference = None
     for method in [m for m in methods if m in BASIS_METHODS]:
@@ -460,7 +459,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None,
                    help="timed runs per method and matrix, interleaved across methods; the best is kept "
                         "(default 3, or 1 for big shapes on CPU)")
-    p.add_argument("--methods", default=",".join(BASIS_METHODS), help="rpsft_core methods (exact first)")
+    p.add_argument("--methods", default=",".join(BASIS_METHODS), help="rpsft.core methods (exact first)")
     p.add_argument("--variants", default="default",
                    help="benchmark-local candidate methods: 'default' (" + ", ".join(DEFAULT_VARIANTS)
                         + "), 'all', 'none' or a comma list of " + ", ".join(VARIANTS))
@@ -469,7 +468,7 @@ def parse_args(argv=None):
     p.add_argument("--max-matrices", type=int, default=1,
                    help="synthetic matrices timed per shape (the total extrapolates by the model's count)")
     p.add_argument("--only-shapes", default=None, help="comma list like 4096x4096,1024x4096 to restrict shapes")
-    p.add_argument("--selection", default="all", help="matrix selection preset (rpsft_core.selection)")
+    p.add_argument("--selection", default="all", help="matrix selection preset (rpsft.core.selection)")
     p.add_argument("--real", action=argparse.BooleanOptionalAction, default=None,
                    help="also benchmark the real SmolLM2-135M weights (default: on for --shapes smollm2)")
     p.add_argument("--cache-method", default="exact", choices=BASIS_METHODS,
@@ -508,7 +507,7 @@ def main(argv=None) -> None:
         v.strip() for v in _split_list(args.variants) if v.strip()]
     unknown = [m for m in methods + variants if m not in BASIS_METHODS and m not in VARIANTS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; rpsft_core: {BASIS_METHODS}; variants: {list(VARIANTS)}")
+        raise SystemExit(f"unknown method(s) {unknown}; rpsft.core: {BASIS_METHODS}; variants: {list(VARIANTS)}")
     all_methods = methods + [v for v in variants if v not in methods]
 
     cfg = arch_config(args.shapes)

@@ -1,7 +1,7 @@
 """Shared helpers of the RPSFT benchmarks: architecture shapes, devices, timing, tables, JSON.
 
 Architectures are built from ``transformers`` configs in code (no downloads). Their matrix shapes and counts
-come from a model instantiated on the ``meta`` device and :func:`rpsft_core.selection.select_matrices`, so they
+come from a model instantiated on the ``meta`` device and :func:`rpsft.core.selection.select_matrices`, so they
 are exactly the matrices RPSFT would protect.
 """
 
@@ -60,9 +60,8 @@ def arch_config(name: str, *, layers: int | None = None, vocab: int | None = Non
 
 def matrix_shapes(cfg, selection: str = "all") -> OrderedDict[tuple[int, int], dict[str, Any]]:
     """``{(m, n): {"count": c, "types": [...], "example": name}}`` of the selected matrices of ``cfg``."""
+    from rpsft.core.selection import select_matrices
     from transformers import AutoModelForCausalLM
-
-    from rpsft_core.selection import select_matrices
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)

@@ -30,9 +30,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from evaluation.intervals import bootstrap_tradeoff
-    from sweeps.store import load_stored_sweep
-    from sweeps.uncertainty import objective_items, stored_item_scores
+    from rpsft.evaluation.intervals import bootstrap_tradeoff
+    from rpsft.sweeps.analysis.uncertainty import objective_items, stored_item_scores
+    from rpsft.sweeps.store.sweep_store import load_stored_sweep
 
     stored = load_stored_sweep(args.sweep, args.runs_dir)
     config = stored.config

@@ -23,8 +23,8 @@ def step_seconds(model, batch: torch.Tensor, bf16: bool) -> float:
 
 
 def main() -> None:
-    from rpsft_core.models import load_model
-    from rpsft_core.precision import cpu_has_native_bf16, resolve_mixed_precision
+    from rpsft.core.models import load_model
+    from rpsft.core.precision import cpu_has_native_bf16, resolve_mixed_precision
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)

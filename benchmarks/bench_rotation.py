@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import environment, mib, resolve_device, table, timed, write_json  # noqa: E402
-
-from evaluation.diagnostics.rotation import left_subspaces, rotation_summary  # noqa: E402
-from rpsft_core.models import load_model  # noqa: E402
+from rpsft.core.models import load_model  # noqa: E402
+from rpsft.evaluation.diagnostics.rotation import left_subspaces, rotation_summary  # noqa: E402
 
 
 def main() -> None:

@@ -3,10 +3,10 @@
 
 ``--workers`` ranks (gloo on CPU, NCCL with ``--device cuda``, one GPU per rank) train a random-init model of
 a real architecture (``bench_common.arch_config``, cut to ``--layers`` blocks) with
-:func:`rpsft_core.fsdp.shard_model` and :func:`rpsft_core.fsdp.train_steps`, once per method:
+:func:`rpsft.core.fsdp.shard_model` and :func:`rpsft.core.fsdp.train_steps`, once per method:
 
 * ``sft``: no penalty;
-* ``rpsft k=<k>``: :class:`rpsft_core.sharded_penalty.ShardedRPSFTPenalty` over every projection matrix,
+* ``rpsft k=<k>``: :class:`rpsft.core.sharded_penalty.ShardedRPSFTPenalty` over every projection matrix,
   its slices read from one bases file (:func:`load_row_shard`);
 * ``l2-init``: the same at full rank (``W - W0`` per shard, no communication for the gradient).
 
@@ -30,11 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import arch_config, environment, median, table, write_json  # noqa: E402
-
-from rpsft_core.bases import compute_bases, save_bases  # noqa: E402
-from rpsft_core.fsdp import adamw, parameter_names, shard_model, spawn_local, train_steps  # noqa: E402
-from rpsft_core.selection import select_matrices  # noqa: E402
-from rpsft_core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard  # noqa: E402
+from rpsft.core.bases import compute_bases, save_bases  # noqa: E402
+from rpsft.core.fsdp import adamw, parameter_names, shard_model, spawn_local, train_steps  # noqa: E402
+from rpsft.core.selection import select_matrices  # noqa: E402
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard  # noqa: E402
 
 
 class TimedPenalty:

@@ -5,7 +5,7 @@ Modes (same model, optimizer, data; interleaved in one process so the ratios sha
 
 * ``sft``: ``grad_accum`` micro-batches of forward + backward (loss / grad_accum), clip, AdamW step.
 * ``closed``: RPSFT closed form, the same + ``RPSFTRegularizer.add_grad_()`` once per optimizer step, after the
-  backward passes and before clipping (the fast path of ``rpsft_core``).
+  backward passes and before clipping (the fast path of ``rpsft.core``).
 * ``autograd``: RPSFT reference, ``(loss + regularizer.penalty()) / grad_accum`` on every micro-batch (the
   reference implementation's way: the penalty goes through autograd on each micro-batch).
 * ``decoupled``: ``penalty_mode: decoupled``, SFT's step + ``RPSFTRegularizer.prox_step_(lr)`` once per
@@ -46,10 +46,9 @@ from bench_common import (  # noqa: E402
     timed,
     write_json,
 )
-
-from rpsft_core.bases import BASIS_METHODS, compute_bases  # noqa: E402
-from rpsft_core.regularizer import RPSFTRegularizer  # noqa: E402
-from rpsft_core.selection import select_matrices  # noqa: E402
+from rpsft.core.bases import BASIS_METHODS, compute_bases  # noqa: E402
+from rpsft.core.regularizer import RPSFTRegularizer  # noqa: E402
+from rpsft.core.selection import select_matrices  # noqa: E402
 
 MODES = {
     "sft": "SFT: fwd+bwd x grad_accum, clip, AdamW",
@@ -136,7 +135,7 @@ def build_model(args, device: torch.device):
 
     dtype = getattr(torch, args.dtype)
     if args.shapes == "smollm2" and not args.random_init:
-        from rpsft_core.models import load_model
+        from rpsft.core.models import load_model
 
         model, _ = load_model("smollm2-135m-instruct", dtype=dtype, device=device)
         source = "real SmolLM2-135M-Instruct weights (load_model)"

@@ -12,7 +12,7 @@ Sections (``python benchmarks/gpu_check.py SECTION --mode gpu|cpu --out DIR``):
 * ``step``: ``benchmarks/bench_step.py`` (SFT, RPSFT closed form, autograd reference) on a Qwen2.5-3B-shaped
   random-init model in bf16 at 32k tokens per optimizer step; retried with gradient checkpointing for all
   modes if the first attempt runs out of memory.
-* ``train``: a short real ``rpsft_core.train.train`` of a random-init Qwen2.5-0.5B-shaped model saved as a
+* ``train``: a short real ``rpsft.core.train.train`` of a random-init Qwen2.5-0.5B-shaped model saved as a
   local HF directory, on the device in bf16 with the penalty, plus the checks around it (penalty exactly zero
   at init, cached bases on the device, closed form = autograd, the Trainer moving a CPU model and its bases,
   drift logged, checkpoint loads back equal). PASS / FAIL lines; a FAIL makes the section exit 1.
@@ -319,7 +319,7 @@ def section_preflight(rec: Recorder, profile: dict, args) -> None:
         print(f"# device: {rec.data['cuda']['device']}, {rec.data['cuda']['memory_gib']:.0f} GiB")
     rec.check("torch, transformers, peft, accelerate importable",
               all(info[m] for m in ("torch", "transformers", "peft", "accelerate")))
-    rec.check("pydantic and pyyaml importable (rpsft_core.config / selection)", bool(info["pydantic"] and info["yaml"]),
+    rec.check("pydantic and pyyaml importable (rpsft.core.config / selection)", bool(info["pydantic"] and info["yaml"]),
               "" if info["pydantic"] else "Fix: RPSFT_WHEELS=<dir from `gpu_check.py prepare`>")
     if args.mode == "gpu":
         rec.check("CUDA device visible to torch", cuda)
@@ -331,10 +331,9 @@ def section_bases(rec: Recorder, profile: dict, args) -> None:
     import torch
     from bench_bases import angles_deg
     from bench_common import arch_config, environment, resolve_device, table, timed
+    from rpsft.core.bases import compute_bases, resolve_k, top_k_bases, weights_fingerprint
+    from rpsft.core.selection import select_matrices
     from transformers import AutoModelForCausalLM
-
-    from rpsft_core.bases import compute_bases, resolve_k, top_k_bases, weights_fingerprint
-    from rpsft_core.selection import select_matrices
 
     prof = profile["bases"]
     device = resolve_device(profile["device"])
@@ -550,9 +549,8 @@ def section_step(rec: Recorder, profile: dict, args) -> None:
 
 def _resolve_tokenizer(wheels: Path | None, texts: list[str]):
     """(tokenizer, source): $RPSFT_TOKENIZER, <wheels>/tokenizer, the embedded SmolLM2, or an offline BPE."""
+    from rpsft.core.models import _finish_tokenizer, load_tokenizer
     from transformers import AutoTokenizer
-
-    from rpsft_core.models import _finish_tokenizer, load_tokenizer
 
     candidates = [os.environ.get("RPSFT_TOKENIZER"), str(wheels / "tokenizer") if wheels else None]
     for path in candidates:
@@ -568,10 +566,9 @@ def _resolve_tokenizer(wheels: Path | None, texts: list[str]):
 
 def offline_tokenizer(texts: list[str], vocab_size: int = 2048):
     """A byte-level BPE tokenizer trained on ``texts``, with ChatML special tokens (no files, no network)."""
+    from rpsft.core.models import FALLBACK_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from rpsft_core.models import FALLBACK_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -604,16 +601,15 @@ def section_train(rec: Recorder, profile: dict, args) -> None:
     import torch
     import transformers
     from bench_common import environment, resolve_device, timed
+    from rpsft.core.bases import compute_bases, load_or_compute_bases
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.data import SFTCollator, build_sft_dataset, load_examples
+    from rpsft.core.models import load_model
+    from rpsft.core.regularizer import RPSFTRegularizer
+    from rpsft.core.selection import LayerSpec, select_matrices
+    from rpsft.core.train import train, training_arguments
+    from rpsft.core.trainer import RPSFTTrainer
     from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from rpsft_core.bases import compute_bases, load_or_compute_bases
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
-    from rpsft_core.models import load_model
-    from rpsft_core.regularizer import RPSFTRegularizer
-    from rpsft_core.selection import LayerSpec, select_matrices
-    from rpsft_core.train import train, training_arguments
-    from rpsft_core.trainer import RPSFTTrainer
 
     p = profile["train"]
     device = resolve_device(profile["device"])
@@ -893,8 +889,8 @@ def section_report(args) -> int:
 
 def mode_prepare(args) -> int:
     """Write the wheel directory for a GPU machine without PyPI: wheels, tokenizer, demo data."""
-    from rpsft_core.data import load_examples, write_jsonl
-    from rpsft_core.models import load_tokenizer
+    from rpsft.core.data import load_examples, write_jsonl
+    from rpsft.core.models import load_tokenizer
 
     wheels = Path(args.wheels)
     wheels.mkdir(parents=True, exist_ok=True)

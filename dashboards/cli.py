@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
-from rpsft_core.cli_compat import legacy_spellings
-from rpsft_core.errors import InputError
-from sweeps.cli import RUNS_DIR_RENAMED, runs_dir_option
+from rpsft.core.cli_compat import legacy_spellings
+from rpsft.core.errors import InputError
+from rpsft.sweeps.cli import RUNS_DIR_RENAMED, runs_dir_option
 
 
 def report(
@@ -30,8 +29,8 @@ def report(
 ) -> None:
     """HTML report of a sweep (trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours,
     per-benchmark table, training curves, rotation) + PNGs."""
-    from dashboards.report import build_report, log_report
-    from dashboards.sweep_data import load_sweep_data
+    from rpsft.dashboards.report import build_report, log_report
+    from rpsft.dashboards.sweep_data import load_sweep_data
 
     if importance not in ("ped-anova", "fanova"):
         raise InputError(f"--importance: {importance!r} is not an evaluator. Fix: ped-anova or fanova")
@@ -65,8 +64,8 @@ def study(
     run: bool = typer.Option(True, help="--no-run: only check the claims on the trials stored so far."),
 ) -> None:
     """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
-    from dashboards.reproduction import write_reproduction_page, write_study_figures
-    from sweeps.study import load_study_config, run_study, write_result
+    from rpsft.dashboards.reproduction import write_reproduction_page, write_study_figures
+    from rpsft.sweeps.stages.study import load_study_config, run_study, write_result
 
     spec = load_study_config(config)
     result, _ = run_study(spec, address=address, run=run, echo=typer.echo)

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from typing import Any
 
-from dashboards.sweep_data import CURVES, ROTATION_LAYER_PREFIX, ROTATION_MEAN, SweepData, TrialRecord
+from rpsft.dashboards.sweep_data import CURVES, ROTATION_LAYER_PREFIX, ROTATION_MEAN, SweepData, TrialRecord
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 REFERENCE_SYMBOLS = ["square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "x"]
@@ -108,8 +108,8 @@ def tradeoff_figure(data: SweepData) -> Any:
     )
     if data.selections:
         # the figure plots every trial on all items; the choice may have been made on the selection items
-        # (evaluation.item_split): the front, the stars and the Phi line are drawn on all items too
-        from sweeps.selection import pareto_front
+        # (rpsft.evaluation.item_split): the front, the stars and the Phi line are drawn on all items too
+        from rpsft.sweeps.analysis.selection import pareto_front
 
         analysis = data.selections[beta].analysis
 
@@ -329,7 +329,7 @@ def rotation_figure(data: SweepData) -> Any:
 def rl_figure(data: SweepData) -> Any:
     """The trade-off before and after RL: each RL run's initial checkpoint and its RL checkpoint (G_id against
     F_ood), joined by an arrow; the base model is the origin."""
-    from dashboards.tables import rl_rows
+    from rpsft.dashboards.tables import rl_rows
 
     rows = [r for r in rl_rows(data) if None not in (r["id_init"], r["ood_init"], r["id_rl"], r["ood_rl"])]
     if not rows:
@@ -383,8 +383,8 @@ def rl_figure(data: SweepData) -> Any:
 
 def report_figures(data: SweepData, importances: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """``{file stem: figure}`` of every figure that has data, in report order; ``importances`` (from
-    :func:`dashboards.importance.param_importances`) adds their bar chart."""
-    from dashboards import importance
+    :func:`rpsft.dashboards.importance.param_importances`) adds their bar chart."""
+    from rpsft.dashboards import importance
 
     figures = {
         "tradeoff": tradeoff_figure(data) if data.selections else None,

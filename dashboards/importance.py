@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
-from dashboards.sweep_data import SweepData, TrialRecord
+from rpsft.dashboards.sweep_data import SweepData, TrialRecord
 
 KNOBS = ("k", "lambda", "layers", "period")
 Evaluator = Literal["ped-anova", "fanova"]

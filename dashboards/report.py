@@ -16,10 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dashboards.figures import report_figures
-from dashboards.sweep_data import SweepData
-from dashboards.tables import benchmark_rows, rl_rows, trial_rows
-from sweeps.summary import ITEMS_NAMES, PART_TITLES, trial_label
+from rpsft.dashboards.figures import report_figures
+from rpsft.dashboards.sweep_data import SweepData
+from rpsft.dashboards.tables import benchmark_rows, rl_rows, trial_rows
+from rpsft.sweeps.analysis.summary import ITEMS_NAMES, PART_TITLES, trial_label
 
 REPORT_HTML = "report.html"
 ARTIFACT_DIR = "report"
@@ -59,7 +59,7 @@ def figure_title(name: str) -> str:
 def _importance_table(importances: dict[str, dict[str, float]], evaluator: str) -> str:
     if not importances:
         return ""
-    from dashboards.importance import knobs_of
+    from rpsft.dashboards.importance import knobs_of
 
     knobs = knobs_of(importances)
     head = "".join(f"<th>{html.escape(t)}</th>" for t in importances)
@@ -196,7 +196,7 @@ def _selection_html(data: SweepData) -> str:
 
 
 def _part_numbers(numbers: Any, beta: float) -> str:
-    """G_id, F_ood and Phi of one part of the items (``sweeps.uncertainty.PartNumbers``), with intervals."""
+    """G_id, F_ood and Phi of one part of the items (``rpsft.sweeps.analysis.uncertainty.PartNumbers``), with intervals."""
     i = numbers.intervals
     if i is None:
         return f"G_id {fmt(numbers.g_id)}, F_ood {fmt(numbers.f_ood)}, Phi {fmt(numbers.phi)}"
@@ -210,7 +210,7 @@ def _diagnostics_html(diagnostics_dir: Path | None) -> tuple[str, list[Path]]:
     """Figures (and the summary table) of an ``rpsft diagnose`` output directory, embedded as images."""
     if diagnostics_dir is None:
         return "", []
-    from evaluation.diagnostics.run import format_table
+    from rpsft.evaluation.diagnostics.run import format_table
 
     results = json.loads((diagnostics_dir / "diagnostics.json").read_text())
     figures = [
@@ -339,7 +339,7 @@ def build_report(
         raise FileNotFoundError(
             f"--diagnostics: {diagnostics} has no diagnostics.json. Fix: the --out directory of `rpsft diagnose`"
         )
-    from dashboards.importance import param_importances
+    from rpsft.dashboards.importance import param_importances
 
     importances = param_importances(data, evaluator=importance)
     figures = report_figures(data, importances)
@@ -358,8 +358,8 @@ def build_report(
 def log_report(data: SweepData, files: ReportFiles) -> str:
     """Log the report (HTML + PNGs) as artifacts of the sweep's MLflow parent run, under ``report/``, and the
     parameter importances as its metrics (``importance/<target>/<knob>``)."""
-    from dashboards.importance import importance_metrics
-    from sweeps import tracking
+    from rpsft.dashboards.importance import importance_metrics
+    from rpsft.sweeps.store import tracking
 
     client = tracking.client_for(data.tracking_uri)
     tracking.log_metrics(client, data.parent_run_id, importance_metrics(files.importances))

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dashboards.figures import _go, _layout
+from rpsft.dashboards.figures import _go, _layout
 
 METHOD_COLORS = {
     "sft": "#d62728",
@@ -161,7 +161,7 @@ def study_figures(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> list[Path]:
-    from dashboards.report import write_pngs
+    from rpsft.dashboards.report import write_pngs
 
     paths, error = write_pngs(study_figures(result), Path(results_dir))
     if error:
@@ -198,7 +198,7 @@ def _configuration_table(result: dict[str, Any]) -> list[str]:
 
 
 def _c2_section(result: dict[str, Any]) -> list[str]:
-    """C2's family frontiers (``sweeps.frontiers``): a family x beta table of each family's chosen configuration
+    """C2's family frontiers (``rpsft.sweeps.analysis.frontiers``): a family x beta table of each family's chosen configuration
     with its Phi on the report items, RPSFT's paired differences, and the paper-protocol comparison. Nothing for a
     claims file written before the frontiers (its C2 evidence says it all)."""
     claim = next((c for c in result.get("claims", []) if c.get("id") == "C2"), None)
@@ -328,7 +328,7 @@ def write_reproduction_page(docs_dir: str | Path = "docs", intro: str = "") -> P
         result["_path"] = str(path)
         results.append(result)
     if not results:
-        from rpsft_core.errors import ConfigError
+        from rpsft.core.errors import ConfigError
 
         raise ConfigError(
             f"docs: no study results (results/<model>/claims.json) under {docs_dir}. Fix: --docs the folder that "

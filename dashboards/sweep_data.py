@@ -7,8 +7,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sweeps.selection import Selection
-from sweeps.store import DEFAULT_ROOT, TrialRecord, load_stored_sweep
+from rpsft.sweeps.analysis.selection import Selection
+from rpsft.sweeps.store.sweep_store import DEFAULT_ROOT, TrialRecord, load_stored_sweep
 
 # per-step series drawn as training curves (MLflow metric name -> panel title)
 CURVES = {

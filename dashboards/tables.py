@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dashboards.sweep_data import ROTATION_MEAN, SweepData
-from evaluation.metrics import phi as tradeoff_phi
+from rpsft.dashboards.sweep_data import ROTATION_MEAN, SweepData
+from rpsft.evaluation.metrics import phi as tradeoff_phi
 
 SUITE_NAMES = {"id": "ID", "ood": "OOD"}
 KIND_NAMES = {"nll": "NLL (lower is better)", "acc": "accuracy (higher is better)"}

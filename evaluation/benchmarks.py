@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from rpsft_core.errors import InputError
+from rpsft.core.errors import InputError
 
 Suite = Literal["id", "ood"]
 Scorer = Literal["math", "mc", "ifeval"]

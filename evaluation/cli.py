@@ -10,9 +10,8 @@ import re
 from pathlib import Path
 
 import typer
-
-from rpsft_core.cli_compat import legacy_spellings
-from rpsft_core.errors import InputError
+from rpsft.core.cli_compat import legacy_spellings
+from rpsft.core.errors import InputError
 
 
 def _label(model: str) -> str:
@@ -65,7 +64,7 @@ def eval_command(
     verbose: bool = typer.Option(False, help="Show lm-eval's log messages."),
 ) -> None:
     """Score a model on the benchmarks (lm-eval), print a table, write JSON."""
-    from evaluation.settings import load_eval_settings, plan_evaluation
+    from rpsft.evaluation.settings import load_eval_settings, plan_evaluation
 
     overrides = dict(
         suite=suite,
@@ -87,7 +86,7 @@ def eval_command(
     settings = load_eval_settings(config, overrides)
     plan = plan_evaluation(settings)
     if write_tasks is not None:
-        from evaluation.lm_eval_tasks import write_task_dir
+        from rpsft.evaluation.lm_eval_tasks import write_task_dir
 
         write_task_dir(plan, write_tasks)
         typer.echo(f"wrote {len(plan.tasks)} task(s) to {write_tasks}: {', '.join(plan.task_names)}")
@@ -98,7 +97,7 @@ def eval_command(
     if loss:
         if base is None:
             raise InputError("--loss compares against a base model. Fix: add --base MODEL")
-        from evaluation.loss_metrics import LossSettings, loss_items
+        from rpsft.evaluation.loss_metrics import LossSettings, loss_items
 
         loss_settings = LossSettings(
             data_dir=settings.data_dir,
@@ -110,8 +109,8 @@ def eval_command(
         )
         loss_items(loss_settings)
 
-    from evaluation.runner import evaluate
-    from rpsft_core.models import load_model
+    from rpsft.core.models import load_model
+    from rpsft.evaluation.runner import evaluate
 
     tuned_model, tokenizer = load_model(model)
     result = evaluate(
@@ -127,7 +126,7 @@ def eval_command(
     typer.echo(result.table())
     payload: dict = {"result": json.loads(result.model_dump_json())}
     if base is not None:
-        from evaluation.scoring import base_scores, compute_tradeoff
+        from rpsft.evaluation.scoring import base_scores, compute_tradeoff
 
         base_model, base_tok = load_model(base)
         base_result, hit = base_scores(
@@ -140,7 +139,7 @@ def eval_command(
         payload["base"] = json.loads(base_result.model_dump_json())
         payload["tradeoff"] = json.loads(trade.model_dump_json())
         if loss_settings is not None:
-            from evaluation.loss_metrics import loss_tradeoff
+            from rpsft.evaluation.loss_metrics import loss_tradeoff
 
             lt = loss_tradeoff(
                 tuned_model, tokenizer, loss_settings, base_model=base_model, betas=settings.betas

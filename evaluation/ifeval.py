@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.benchmarks import EvalConfigError
 
 PUNKT_INSTRUCTIONS = frozenset({"length_constraints:number_sentences", "change_case:capital_word_frequency"})
 PUNKT_FIX = "python -m nltk.downloader punkt_tab"

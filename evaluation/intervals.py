@@ -3,7 +3,7 @@
 A model's scores are kept **per item**: for each suite (``id``, ``ood``) and benchmark, one ``(value, weight)``
 pair per item. A benchmark's score is the weighted mean ``sum(value) / sum(weight)`` over its items: for the
 loss metrics ``value`` is minus the summed token NLL of the item and ``weight`` its token count (the
-token-weighted mean of :mod:`evaluation.loss_metrics`); for accuracies ``weight`` is 1. Suites average their
+token-weighted mean of :mod:`rpsft.evaluation.loss_metrics`); for accuracies ``weight`` is 1. Suites average their
 benchmarks (macro average), and
 
     G_id  = mean_b in id  [score_tuned(b) - score_base(b)]
@@ -24,8 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from evaluation.metrics import phi
+from rpsft.evaluation.metrics import phi
 
 # suite -> benchmark -> [(value, weight), ...] one pair per item
 ItemScores = Mapping[str, Mapping[str, Sequence[Sequence[float]]]]

@@ -5,7 +5,7 @@ same items is biased upwards (the winner's curse): the noise of the items that m
 it. A sweep therefore chooses on one part of every benchmark's items and reports the chosen point on the other.
 
 Item scores are ``suite -> benchmark -> [(value, weight), ...]`` in one fixed item order shared by the base and
-every trial (:mod:`evaluation.intervals`). The split is by **index within each benchmark** (stratified): the
+every trial (:mod:`rpsft.evaluation.intervals`). The split is by **index within each benchmark** (stratified): the
 indices ``0..n-1`` are permuted by a generator seeded from ``(seed, suite, benchmark)`` (a SHA-256 of the names,
 so it does not depend on the trial order, the process or ``PYTHONHASHSEED``), the first
 ``round_half_up(n * report_fraction)`` of the permutation, clamped to ``[1, n - 1]``, are the report items and

@@ -22,9 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from evaluation.answers import normalize_gold, parse_choices
-from evaluation.benchmarks import MC_INSTRUCTION, Benchmark, EvalConfigError
-from rpsft_core.data import iter_jsonl, parse_messages
+from rpsft.core.data import iter_jsonl, parse_messages
+from rpsft.evaluation.answers import normalize_gold, parse_choices
+from rpsft.evaluation.benchmarks import MC_INSTRUCTION, Benchmark, EvalConfigError
 
 _PROMPT_FORMS = 'the question text, or "prompt": [{"role": "system", "content": "..."}, {"role": "user", "content": "..."}]'
 
@@ -99,7 +99,7 @@ def resolve_file(bench: Benchmark, data_dir: str | Path | None, subset: str = "f
 
 
 def _split_prompt(prompt: Any, where: str) -> tuple[str, str]:
-    """``(system, user)`` of a row's ``prompt`` (read by :func:`rpsft_core.data.parse_messages`): optional
+    """``(system, user)`` of a row's ``prompt`` (read by :func:`rpsft.core.data.parse_messages`): optional
     system messages, then one user message."""
     messages = parse_messages(prompt, where, "prompt", text=True, error=EvalDataError, formats=_PROMPT_FORMS)
     system_parts: list[str] = []

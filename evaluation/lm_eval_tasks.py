@@ -2,13 +2,13 @@
 
 Every benchmark becomes one lm-eval YAML task, ``rpsft_<name>`` (tags ``rpsft``, ``rpsft_id``/``rpsft_ood``):
 
-* ``custom_dataset: !function evaluation.lm_eval_tasks.load_docs`` reads the benchmark's JSONL under the data
-  dir (or its hub dataset) through :mod:`evaluation.items`, the same validated items ``rpsft eval`` plans with;
+* ``custom_dataset: !function rpsft.evaluation.lm_eval_tasks.load_docs`` reads the benchmark's JSONL under the data
+  dir (or its hub dataset) through :mod:`rpsft.evaluation.items`, the same validated items ``rpsft eval`` plans with;
 * ``description: system`` / ``doc_to_text: user``: with ``apply_chat_template`` lm-eval renders exactly the
   item's system and user messages with the model's chat template (no few-shot);
 * ``repeats: n`` samples per item, and a ``take_first_k`` filter with ``k = n`` that keeps **all** of them
   (lm-eval's default ``take_first`` filter would score only the first sample; lm-eval #1232, #3080);
-* ``process_results: !function evaluation.lm_eval_tasks.process_results`` scores every sample (math-verify,
+* ``process_results: !function rpsft.evaluation.lm_eval_tasks.process_results`` scores every sample (math-verify,
   option letter, or lm-eval's loose IFEval checkers) and returns per-item ``avg@k`` and unbiased ``pass@k``
   (plus ``inst_loose@k`` for IFEval), averaged over items by ``mean``.
 
@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from evaluation.benchmarks import Benchmark
-from evaluation.settings import EvalPlan, EvalSettings, PlannedTask
+from rpsft.evaluation.benchmarks import Benchmark
+from rpsft.evaluation.settings import EvalPlan, EvalSettings, PlannedTask
 
 TASK_FORMAT_VERSION = 1
 FILTER_NAME = "all_repeats"
@@ -58,7 +57,7 @@ def task_config(planned: PlannedTask, settings: EvalSettings, *, data_dir_key: b
         metrics.append(
             {
                 "metric": METRIC_INST,
-                "aggregation": FunctionRef("evaluation.metrics.flatten_mean"),
+                "aggregation": FunctionRef("rpsft.evaluation.metrics.flatten_mean"),
                 "higher_is_better": True,
             }
         )
@@ -74,7 +73,7 @@ def task_config(planned: PlannedTask, settings: EvalSettings, *, data_dir_key: b
     return {
         "task": bench.task_name,
         "tag": ["rpsft", f"rpsft_{bench.suite}"],
-        "custom_dataset": FunctionRef("evaluation.lm_eval_tasks.load_docs"),
+        "custom_dataset": FunctionRef("rpsft.evaluation.lm_eval_tasks.load_docs"),
         "dataset_kwargs": dataset_kwargs,
         "test_split": "test",
         "output_type": "generate_until",
@@ -85,7 +84,7 @@ def task_config(planned: PlannedTask, settings: EvalSettings, *, data_dir_key: b
         "repeats": n,
         "filter_list": [{"name": FILTER_NAME, "filter": [{"function": "take_first_k", "k": n}]}],
         "generation_kwargs": settings.generation_kwargs(n),
-        "process_results": FunctionRef("evaluation.lm_eval_tasks.process_results"),
+        "process_results": FunctionRef("rpsft.evaluation.lm_eval_tasks.process_results"),
         "metric_list": metrics,
         "metadata": {"version": 1, "rpsft_suite": bench.suite, "rpsft_scorer": bench.scorer, "rpsft_k": n},
     }
@@ -138,8 +137,7 @@ def load_docs(
 ):
     """``custom_dataset`` of the tasks: the validated items of one benchmark as a ``DatasetDict``."""
     import datasets
-
-    from evaluation.items import load_items
+    from rpsft.evaluation.items import load_items
 
     if benchmark is None:
         raise ValueError("load_docs: dataset_kwargs.benchmark is missing. Fix: regenerate the task YAML")
@@ -156,7 +154,7 @@ def score_response(doc: dict[str, Any], response: str) -> tuple[bool, list[bool]
     """Score one sample: (correct, per-instruction results for IFEval else [])."""
     scorer = doc["scorer"]
     if scorer == "math":
-        from evaluation.answers import score_math
+        from rpsft.evaluation.answers import score_math
 
         return score_math(
             response,
@@ -165,11 +163,11 @@ def score_response(doc: dict[str, Any], response: str) -> tuple[bool, list[bool]
             multiple=bool(doc.get("multiple")) or None,
         ), []
     if scorer == "mc":
-        from evaluation.answers import score_mc
+        from rpsft.evaluation.answers import score_mc
 
         return score_mc(response, doc["target"], json.loads(doc.get("choices") or "{}")), []
     if scorer == "ifeval":
-        from evaluation.ifeval import ifeval_loose
+        from rpsft.evaluation.ifeval import ifeval_loose
 
         out = ifeval_loose(
             response, json.loads(doc["instruction_ids"]), json.loads(doc["instruction_kwargs"]), doc["user"]
@@ -180,7 +178,7 @@ def score_response(doc: dict[str, Any], response: str) -> tuple[bool, list[bool]
 
 def process_results(doc: dict[str, Any], results: list[Any]) -> dict[str, Any]:
     """Score every sample of one item; ``results[0]`` is the list of all its samples (``take_first_k``)."""
-    from evaluation.metrics import avg_at_k, pass_at_k
+    from rpsft.evaluation.metrics import avg_at_k, pass_at_k
 
     samples = results[0] if results else []
     if isinstance(samples, str):  # a task run with lm-eval's default take_first filter: one sample

@@ -4,7 +4,7 @@
   log-likelihood of the *reference solutions* of held-out ID items (MATH-500, Minerva and OlympiadBench carry
   solutions), each rendered as ``system + user`` prompt and the solution as the assistant turn with the
   model's chat template, exactly as SFT scores a response (assistant tokens and the turn-closing token; see
-  :func:`rpsft_core.data.tokenize_example`).
+  :func:`rpsft.core.data.tokenize_example`).
 * **OOD forgetting** ``F_ood^loss = NLL_tuned(OOD) - NLL_base(OOD)``: the rise in NLL of the *base model's own
   greedy responses* to the OOD prompts. The responses are generated once per base model (``max_new_tokens``)
   and cached under ``<cache_dir>/loss/`` keyed by the base model fingerprint, the prompts and the generation
@@ -12,7 +12,7 @@
   distributions over those same response positions (0 for the base itself; needs the base model in memory).
 
 Both are token-weighted means per benchmark, macro-averaged over benchmarks, and combined as
-``Phi = G_id - beta * F_ood`` by :func:`evaluation.metrics.tradeoff` (scores = -NLL, or -KL).
+``Phi = G_id - beta * F_ood`` by :func:`rpsft.evaluation.metrics.tradeoff` (scores = -NLL, or -KL).
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from evaluation.benchmarks import EvalConfigError, build_registry
-from evaluation.items import load_items
-from evaluation.metrics import TradeOff, tradeoff
-from evaluation.progress import advance
+from rpsft.evaluation.benchmarks import EvalConfigError, build_registry
+from rpsft.evaluation.items import load_items
+from rpsft.evaluation.metrics import TradeOff, tradeoff
+from rpsft.evaluation.progress import advance
 
 Messages = list[dict[str, str]]
 
@@ -57,7 +56,7 @@ class LossSettings(BaseModel):
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        from rpsft_core.models import default_cache_dir
+        from rpsft.core.models import default_cache_dir
 
         return default_cache_dir() / "eval"
 
@@ -127,8 +126,7 @@ def _scoring_batches(
     Each model's train/eval mode is restored afterwards.
     """
     import torch
-
-    from rpsft_core.data import SFTCollator, tokenize_example
+    from rpsft.core.data import SFTCollator, tokenize_example
 
     encoded = [tokenize_example(list(c), tokenizer, max_length) for c in conversations]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))
@@ -163,7 +161,7 @@ def token_nll(
     max_length: int = 1024,
 ) -> list[tuple[float, int]]:
     """``(sum of NLL, number of scored tokens)`` of the assistant turns of each conversation."""
-    from rpsft_core.losses import causal_lm_logits, token_logprobs
+    from rpsft.core.losses import causal_lm_logits, token_logprobs
 
     pieces = []
     for indices, batch in _scoring_batches([model], tokenizer, conversations, batch_size, max_length):
@@ -185,8 +183,7 @@ def token_kl(
 ) -> list[tuple[float, int]]:
     """``(sum over response tokens of KL(base || tuned), number of tokens)`` per conversation."""
     import torch
-
-    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits
+    from rpsft.core.losses import IGNORE_INDEX, causal_lm_logits
 
     pieces = []
     models = [base_model, tuned_model]
@@ -236,7 +233,7 @@ def greedy_responses(
 
 
 def _json_cache(path: Path, compute):
-    from rpsft_core.json_cache import cached_json
+    from rpsft.core.json_cache import cached_json
 
     return cached_json(path, compute)
 
@@ -250,7 +247,7 @@ def base_greedy_responses(
     base_key: str | None = None,
 ) -> dict[str, list[str]]:
     """The base model's greedy responses to the OOD prompts, generated once and cached on disk."""
-    from evaluation.scoring import model_fingerprint
+    from rpsft.evaluation.scoring import model_fingerprint
 
     key = base_key or model_fingerprint(base_model)
     spec = hashlib.sha256(
@@ -301,7 +298,7 @@ class LossScores(BaseModel):
     ood_kl_items: dict[str, ItemPairs] | None = None
 
     def item_scores(self, ood: str = "nll") -> dict[str, dict[str, list[tuple[float, int]]]]:
-        """Per-item ``(value, weight)`` for :mod:`evaluation.intervals`: value = minus the summed NLL (or KL),
+        """Per-item ``(value, weight)`` for :mod:`rpsft.evaluation.intervals`: value = minus the summed NLL (or KL),
         weight = tokens, so a benchmark's weighted mean is its score (higher is better)."""
         ood_items = self.ood_kl_items if ood == "kl" else self.ood_nll_items
 
@@ -373,7 +370,7 @@ def base_loss_scores(
 ) -> tuple[LossScores, dict[str, list[str]]]:
     """The base model's NLLs (per benchmark and per item) and its OOD responses, computed once and cached on
     disk; ``base_model`` may be ``None`` when both are cached under ``base_key``."""
-    from evaluation.scoring import model_fingerprint
+    from rpsft.evaluation.scoring import model_fingerprint
 
     items = items or loss_items(settings)
     key = base_key or model_fingerprint(base_model)
@@ -409,7 +406,7 @@ def loss_tradeoff(
     ``base_model`` may be ``None`` when ``base_key`` names a base whose responses and NLLs are cached and
     ``settings.kl`` is off (the KL needs both models).
     """
-    from evaluation.scoring import model_fingerprint
+    from rpsft.evaluation.scoring import model_fingerprint
 
     items = loss_items(settings)
     if base_model is None and base_key is None:

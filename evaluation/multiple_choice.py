@@ -5,7 +5,7 @@ B. ...\\n\\nPlease answer with the single correct option letter (e.g., A).``) be
 
 * ``stem``: the question text, i.e. the user message without its ``Choices:`` block and the closing
   "Please answer ..." instruction (format-based: the options are read by
-  :func:`evaluation.answers.parse_choices`, so letters ``A.``, numbers ``1.``, multi-line options work);
+  :func:`rpsft.evaluation.answers.parse_choices`, so letters ``A.``, numbers ``1.``, multi-line options work);
 * ``options``: the option texts in label order, ``gold``: the index of the gold label;
 * context ``"Question: {stem}\\nAnswer:"`` and one continuation ``" " + option`` per option.
 
@@ -40,11 +40,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from evaluation.answers import _CHOICE_LINE, parse_choices
-from evaluation.benchmarks import Benchmark, EvalConfigError, build_registry
-from evaluation.items import EvalDataError, Item, load_items, resolve_file
-from evaluation.lm_eval_tasks import FunctionRef, _Dumper
+from rpsft.evaluation.answers import _CHOICE_LINE, parse_choices
+from rpsft.evaluation.benchmarks import Benchmark, EvalConfigError, build_registry
+from rpsft.evaluation.items import EvalDataError, Item, load_items, resolve_file
+from rpsft.evaluation.lm_eval_tasks import FunctionRef, _Dumper
 
 __all__ = [
     "MC_TASK_PREFIX",
@@ -168,7 +167,7 @@ def _where(bench: Benchmark, data_dir: str | Path | None, subset: str, index: in
     if path is None:
         source = bench.hub.path if bench.hub else "?"
         return f"{bench.name}: hub {source} row {index}"
-    from rpsft_core.data import iter_jsonl
+    from rpsft.core.data import iter_jsonl
 
     for i, (where, _) in enumerate(iter_jsonl(path, error=EvalDataError, label=bench.name)):
         if i == index:
@@ -299,7 +298,7 @@ def mc_task_config(
     return {
         "task": mc_task_name(bench),
         "tag": [MC_TAG],
-        "custom_dataset": FunctionRef("evaluation.multiple_choice.load_mc_docs"),
+        "custom_dataset": FunctionRef("rpsft.evaluation.multiple_choice.load_mc_docs"),
         "dataset_kwargs": {
             "benchmark": json.loads(bench.model_dump_json()),
             "data_dir": str(Path(data_dir).expanduser().resolve()) if data_dir is not None else None,
@@ -425,8 +424,7 @@ def pair_loglikelihoods(
     eval mode without gradients and gets its train/eval mode back afterwards.
     """
     import torch
-
-    from rpsft_core.data import collate_features
+    from rpsft.core.data import collate_features
 
     if batch_size < 1 or max_length < 1:
         raise ValueError("batch_size and max_length must be >= 1")

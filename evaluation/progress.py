@@ -1,7 +1,7 @@
 """One progress bar that the long scoring loops advance without knowing who shows it.
 
 A caller that wants a bar opens :func:`progress_bar` around the work; :func:`advance`, called by the
-generation and scoring loops of ``evaluation.loss_metrics``, moves it (and does nothing when no bar is open, as
+generation and scoring loops of ``rpsft.evaluation.loss_metrics``, moves it (and does nothing when no bar is open, as
 inside a trial). The bar is tqdm's, with its rate and ETA.
 """
 

@@ -1,6 +1,6 @@
 """RL rewards, in TRL's reward-function form (``f(completions, **dataset columns) -> list[float]``).
 
-:class:`BoxedAnswerReward` is the evaluation's own math scorer (:func:`evaluation.answers.score_math`: the
+:class:`BoxedAnswerReward` is the evaluation's own math scorer (:func:`rpsft.evaluation.answers.score_math`: the
 last ``\\boxed{}`` of the completion against the reference by math-verify equivalence) as a 0/1 reward, so RL
 is rewarded by exactly what the ID benchmarks score. The overlong penalty is TRL's DAPO soft overlong
 punishment (:func:`overlong_penalty`).
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from evaluation.answers import score_math
+from rpsft.evaluation.answers import score_math
 
 
 def completion_text(completion: Any) -> str:

@@ -6,7 +6,7 @@ completion's last ``\\boxed{}`` with.
 
 Sources (:func:`load_rl_prompts`):
 
-* ``champ[:split[:N]]`` (offline): the CHAMP problems (see :mod:`rpsft_core.math_data`) whose answer is a
+* ``champ[:split[:N]]`` (offline): the CHAMP problems (see :mod:`rpsft.core.math_data`) whose answer is a
   closed form: it holds a digit and no word of three or more letters other than a math function name, so
   ``3/2``, ``2^(m+1)`` and ``(x=8, y=2), (x=2, y=8)`` stay and ``No`` or ``0 is the only possible value`` go.
   Same deterministic split and order as the SFT data; ``N`` counts the kept problems.
@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rpsft_core.data import (
+from rpsft.core.data import (
     MATH_SYSTEM_PROMPT,
     DataError,
     Messages,
@@ -101,7 +101,7 @@ def row_to_rl_prompt(row: Any, where: str) -> RLPrompt:
 
 def sft_to_rl_prompt(messages: Messages, where: str) -> RLPrompt:
     """An SFT conversation as an RL prompt: its user turn, and the last boxed answer of its assistant reply."""
-    from evaluation.answers import last_boxed
+    from rpsft.evaluation.answers import last_boxed
 
     users = [m["content"] for m in messages if m["role"] == "user"]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
@@ -112,7 +112,7 @@ def sft_to_rl_prompt(messages: Messages, where: str) -> RLPrompt:
 
 
 def _champ_prompts(source: str) -> list[RLPrompt]:
-    from rpsft_core.math_data import champ_split_problems, parse_champ_spec
+    from rpsft.core.math_data import champ_split_problems, parse_champ_spec
 
     split, n = parse_champ_spec(source)
     prompts = [

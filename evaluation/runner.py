@@ -1,7 +1,7 @@
 """Run the benchmark tasks through lm-evaluation-harness on an in-memory model (or a path, or any lm-eval LM).
 
 ``evaluate(model, tokenizer, settings)`` validates the request (:func:`plan_evaluation`), writes the task
-YAML of :mod:`evaluation.lm_eval_tasks` to a temporary directory, loads it with a ``TaskManager``, wraps the
+YAML of :mod:`rpsft.evaluation.lm_eval_tasks` to a temporary directory, loads it with a ``TaskManager``, wraps the
 model in lm-eval's ``HFLM(pretrained=model, tokenizer=tokenizer, batch_size=...)`` (no save and reload) and
 calls ``lm_eval.simple_evaluate(..., apply_chat_template=True)``. The model's train/eval mode and the global
 random states (Python, NumPy, torch) are restored afterwards, so it can be called in the middle of training.
@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
-
-from evaluation.benchmarks import EvalConfigError
-from evaluation.lm_eval_tasks import (
+from rpsft.evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.lm_eval_tasks import (
     FILTER_NAME,
     METRIC_AVG,
     METRIC_INST,
@@ -29,8 +28,8 @@ from evaluation.lm_eval_tasks import (
     plan_config_hash,
     write_task_dir,
 )
-from evaluation.metrics import macro_average
-from evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
+from rpsft.evaluation.metrics import macro_average
+from rpsft.evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -191,13 +190,12 @@ def make_lm(model: Any, tokenizer: Any, settings: EvalSettings):
     if isinstance(model, (str, Path)):
         if settings.backend == "vllm":
             from lm_eval.models.vllm_causallms import VLLM
-
-            from rpsft_core.models import resolve_model_dir
+            from rpsft.core.models import resolve_model_dir
 
             return VLLM(
                 pretrained=resolve_model_dir(str(model)), batch_size=settings.batch_size, seed=settings.seed
             )
-        from rpsft_core.models import load_model
+        from rpsft.core.models import load_model
 
         model, tokenizer = load_model(str(model), device=settings.device)
     from lm_eval.models.huggingface import HFLM
@@ -324,7 +322,7 @@ def evaluate(
     """Score a model on the selected benchmarks.
 
     ``model``: an in-memory ``transformers`` model (with ``tokenizer``), a model name/path for
-    :func:`rpsft_core.models.load_model`, or an ``lm_eval.api.model.LM``. Everything is validated before a
+    :func:`rpsft.core.models.load_model`, or an ``lm_eval.api.model.LM``. Everything is validated before a
     model is loaded (an ``EvalConfigError`` names the field and the fix).
     """
     settings = settings or EvalSettings()

@@ -3,7 +3,7 @@
 A sweep evaluates its base model once: :func:`base_scores` stores the base's :class:`EvalResult` under
 ``<cache_dir>/base/<model key>-<task config hash>.json``. The model key is a sha256 of the weights
 (:func:`model_fingerprint`) for an in-memory model, or of the path and file sizes/mtimes for a model named by
-path (:func:`name_fingerprint`); the task config hash (:func:`evaluation.lm_eval_tasks.plan_config_hash`)
+path (:func:`name_fingerprint`); the task config hash (:func:`rpsft.evaluation.lm_eval_tasks.plan_config_hash`)
 covers the generated lm-eval task configs (k, generation settings, scorer), the data files' sha256, the limit,
 the batch size and the lm-eval version. Anything that changes the numbers changes the key.
 """
@@ -16,16 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks import EvalConfigError
-from evaluation.lm_eval_tasks import plan_config_hash
-from evaluation.metrics import TradeOff, tradeoff
-from evaluation.runner import EvalResult, evaluate
-from evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
+from rpsft.evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.lm_eval_tasks import plan_config_hash
+from rpsft.evaluation.metrics import TradeOff, tradeoff
+from rpsft.evaluation.runner import EvalResult, evaluate
+from rpsft.evaluation.settings import EvalPlan, EvalSettings, plan_evaluation
 
 
 def model_fingerprint(model: Any) -> str:
     """sha256 over the model class, its config and the bytes of every parameter and buffer."""
-    from rpsft_core.fingerprint import tensors_sha256
+    from rpsft.core.fingerprint import tensors_sha256
 
     header = type(model).__name__
     config = getattr(model, "config", None)
@@ -42,7 +42,7 @@ def model_fingerprint(model: Any) -> str:
 
 def name_fingerprint(name_or_path: str | Path) -> str:
     """A cheap key for a model named by path or embedded name: the resolved path and its files' sizes/mtimes."""
-    from rpsft_core.models import resolve_model_dir
+    from rpsft.core.models import resolve_model_dir
 
     source = resolve_model_dir(str(name_or_path))
     digest = hashlib.sha256(f"name:{source}".encode())

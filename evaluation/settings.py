@@ -13,16 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from evaluation.benchmarks import (
+from rpsft.core.config import format_validation_error, read_yaml_mapping
+from rpsft.evaluation.benchmarks import (
     Benchmark,
     EvalConfigError,
     build_registry,
     load_benchmark_entries,
     resolve_benchmarks,
 )
-from evaluation.items import Item, load_items, source_digest
-from rpsft_core.config import format_validation_error, read_yaml_mapping
+from rpsft.evaluation.items import Item, load_items, source_digest
 
 
 def _split_names(value: Any) -> list[str]:
@@ -76,7 +75,7 @@ class EvalSettings(BaseModel):
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        from rpsft_core.models import default_cache_dir
+        from rpsft.core.models import default_cache_dir
 
         return default_cache_dir() / "eval"
 
@@ -181,7 +180,7 @@ def plan_evaluation(settings: EvalSettings, *, check_ifeval: bool = True) -> Eva
     if check_ifeval:
         for t in tasks:
             if t.bench.scorer == "ifeval":
-                from evaluation.ifeval import check_ifeval_ready
+                from rpsft.evaluation.ifeval import check_ifeval_ready
 
                 ids = {i for item in t.items for i in json.loads(item.instruction_ids)}
                 check_ifeval_ready(ids, where=t.bench.name)

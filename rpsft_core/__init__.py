@@ -1,4 +1,4 @@
-"""rpsft_core: Rotation-Preserving Supervised Fine-Tuning as a library.
+"""rpsft.core: Rotation-Preserving Supervised Fine-Tuning as a library.
 
 model, tokenizer = load_model("smollm2-135m-instruct")
 selection = select_matrices(model, "all")          # {name: Parameter}
@@ -40,27 +40,27 @@ __all__ = sorted(_EXPORTS)
 
 
 def _defining_module(module: str) -> ModuleType:
-    """The submodule ``rpsft_core.<module>``, each named by a plain import (no import by string)."""
+    """The submodule ``rpsft.core.<module>``, each named by a plain import (no import by string)."""
     if module == "bases":
-        import rpsft_core.bases as loaded
+        import rpsft.core.bases as loaded
     elif module == "config":
-        import rpsft_core.config as loaded
+        import rpsft.core.config as loaded
     elif module == "models":
-        import rpsft_core.models as loaded
+        import rpsft.core.models as loaded
     elif module == "rank_rule":
-        import rpsft_core.rank_rule as loaded
+        import rpsft.core.rank_rule as loaded
     elif module == "regularizer":
-        import rpsft_core.regularizer as loaded
+        import rpsft.core.regularizer as loaded
     elif module == "selection":
-        import rpsft_core.selection as loaded
+        import rpsft.core.selection as loaded
     elif module == "train":
-        import rpsft_core.train as loaded
+        import rpsft.core.train as loaded
     else:
-        import rpsft_core.trainer as loaded
+        import rpsft.core.trainer as loaded
     return loaded
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(_defining_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'rpsft_core' has no attribute {name!r}")
+    raise AttributeError(f"module 'rpsft.core' has no attribute {name!r}")

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from rpsft.core.fingerprint import tensors_sha256
+from rpsft.core.rank_rule import parse_k_spec
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-
-from rpsft_core.fingerprint import tensors_sha256
-from rpsft_core.rank_rule import parse_k_spec
 
 BasisMethod = Literal["exact", "gram", "randomized"]
 BASIS_METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
@@ -37,11 +36,11 @@ class BasisCacheError(RuntimeError):
 
 def check_k(k: KSpec) -> KSpec:
     """Validate a resolved rank spec: an int >= 0, or a fraction of each matrix's rank in (0, 1]
-    (:func:`rpsft_core.rank_rule.parse_k_spec`; an ``auto`` spec must be resolved before bases exist)."""
+    (:func:`rpsft.core.rank_rule.parse_k_spec`; an ``auto`` spec must be resolved before bases exist)."""
     if isinstance(k, bool) or not isinstance(k, int | float):
         raise ValueError(
             f"k: expected an int rank or a fraction in (0, 1], got {k!r}. Fix: resolve an 'auto' spec first "
-            "(rpsft_core.rank_rule.resolve_auto_k)"
+            "(rpsft.core.rank_rule.resolve_auto_k)"
         )
     return parse_k_spec(k)
 

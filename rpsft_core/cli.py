@@ -10,11 +10,10 @@ import json
 from pathlib import Path
 
 import typer
-
-from rpsft_core.cli_compat import legacy_spellings
-from rpsft_core.cli_errors import InputErrorGroup
-from rpsft_core.errors import InputError
-from rpsft_core.method_table import METHOD_NAMES
+from rpsft.core.cli_compat import legacy_spellings
+from rpsft.core.cli_errors import InputErrorGroup
+from rpsft.core.errors import InputError
+from rpsft.core.method_table import METHOD_NAMES
 
 
 def train(
@@ -40,8 +39,8 @@ def train(
     ),
 ) -> None:
     """Fine-tune one model; writes <out>/model (HF checkpoint) and <out>/metrics.json."""
-    from rpsft_core.config import load_train_config
-    from rpsft_core.rank_rule import k_spec_value
+    from rpsft.core.config import load_train_config
+    from rpsft.core.rank_rule import k_spec_value
 
     k_value = None
     if k is not None:
@@ -63,15 +62,15 @@ def train(
     if workers is not None:
         overrides["resources"] = {"workers": workers}
     cfg = load_train_config(config, overrides)
-    from rpsft_core.memory import preflight_train_memory
+    from rpsft.core.memory import preflight_train_memory
 
     preflight_train_memory(cfg)  # a run that cannot fit fails here, with the numbers and the fixes
     if cfg.resources.distributed:
-        from rpsft_core.sharded_train import train_local_workers
+        from rpsft.core.sharded_train import train_local_workers
 
         result = train_local_workers(cfg)
     else:
-        from rpsft_core.train import train as run_train
+        from rpsft.core.train import train as run_train
 
         result = run_train(cfg)
     summary = {
@@ -92,7 +91,7 @@ def train(
 
 def methods() -> None:
     """The training methods: what each trains, its penalty, its loss and the knobs it reads (Markdown)."""
-    from rpsft_core.method_table import methods_markdown
+    from rpsft.core.method_table import methods_markdown
 
     typer.echo(methods_markdown())
 
@@ -101,7 +100,7 @@ def models(
     prepare: str | None = typer.Option(None, help="Dequantize and cache this embedded model now."),
 ) -> None:
     """List the embedded models (and optionally cache one)."""
-    from rpsft_core.models import EMBEDDED_MODELS, default_cache_dir, resolve_model_dir
+    from rpsft.core.models import EMBEDDED_MODELS, default_cache_dir, resolve_model_dir
 
     for name, entry in EMBEDDED_MODELS.items():
         cached = (default_cache_dir() / "models" / name).exists()

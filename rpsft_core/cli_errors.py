@@ -1,6 +1,6 @@
 """How every ``rpsft`` command reports bad input: the message in red on stderr and exit status 2.
 
-Commands raise :class:`~rpsft_core.errors.InputError` (a config, a path, a data row the user can fix);
+Commands raise :class:`~rpsft.core.errors.InputError` (a config, a path, a data row the user can fix);
 :class:`InputErrorGroup`, the group class of the ``rpsft`` app, is the one place that turns it into a message
 and exit status 2. Any other exception is a bug or a resource failure (an out-of-memory error, a dead service)
 and keeps its traceback and exit status 1.
@@ -13,9 +13,8 @@ from typing import Any, NoReturn
 
 import click
 import typer
+from rpsft.core.errors import InputError
 from typer.core import TyperGroup
-
-from rpsft_core.errors import InputError
 
 BAD_INPUT_EXIT = 2
 
@@ -34,7 +33,7 @@ class InputErrorGroup(TyperGroup):
 def fail(message: str) -> NoReturn:
     """Deprecated: ``raise InputError(message)`` instead (the app's handler prints it and exits with 2)."""
     warnings.warn(
-        "rpsft_core.cli_errors.fail is deprecated; raise rpsft_core.errors.InputError instead",
+        "rpsft.core.cli_errors.fail is deprecated; raise rpsft.core.errors.InputError instead",
         DeprecationWarning,
         stacklevel=2,
     )

@@ -7,13 +7,12 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from rpsft_core.bases import BASIS_METHODS
-from rpsft_core.errors import ConfigError
-from rpsft_core.method_table import Method, MethodSpec, PenaltyMode, method_spec
-from rpsft_core.precision import MixedPrecisionSetting
-from rpsft_core.rank_rule import KSpecValue, is_auto_k, k_spec_value
-from rpsft_core.selection import LayerSpec, resolve_spec
+from rpsft.core.bases import BASIS_METHODS
+from rpsft.core.errors import ConfigError
+from rpsft.core.method_table import Method, MethodSpec, PenaltyMode, method_spec
+from rpsft.core.precision import MixedPrecisionSetting
+from rpsft.core.rank_rule import KSpecValue, is_auto_k, k_spec_value
+from rpsft.core.selection import LayerSpec, resolve_spec
 
 DEFAULT_AUTO_K_PROMPTS = "../shared/paper-data/ood/gpqa_test.jsonl"  # the sweep's default too
 
@@ -210,7 +209,7 @@ class TrainConfig(BaseModel):
 
     @property
     def spec(self) -> MethodSpec:
-        """The method's row of :data:`rpsft_core.method_table.METHODS`."""
+        """The method's row of :data:`rpsft.core.method_table.METHODS`."""
         return method_spec(self.method)
 
     @property

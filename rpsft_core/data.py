@@ -7,7 +7,7 @@ Accepted row formats (JSONL lines or dataset rows), checked in this order:
 * ``{"problem": str, "solution": str}``  (OpenR1-Math style)
 
 Sources (:func:`load_examples`): JSONL files, ``demo-math[:N]``, ``champ[:split[:N]]`` (CHAMP competition
-problems with human-written solutions, offline; see :mod:`rpsft_core.math_data`), ``hf:<id>[:split]``.
+problems with human-written solutions, offline; see :mod:`rpsft.core.math_data`), ``hf:<id>[:split]``.
 
 Labels are ``-100`` everywhere except the assistant turns: their content and the turn-closing token(s)
 the chat template emits after it (e.g. ``<|im_end|>``), never the ``<|im_start|>assistant\\n`` header.
@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rpsft.core.errors import DataError
+from rpsft.core.losses import IGNORE_INDEX
 from torch.utils.data import Dataset
-
-from rpsft_core.errors import DataError
-from rpsft_core.losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -368,7 +367,7 @@ def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> li
             n = min(n, limit)
         return demo_math_examples(n, seed)
     if source == "champ" or source.startswith("champ:"):
-        from rpsft_core.math_data import load_champ
+        from rpsft.core.math_data import load_champ
 
         return load_champ(source, limit)
     if source.lower().endswith(".jsonl") or Path(source).is_file():

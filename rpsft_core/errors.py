@@ -1,7 +1,7 @@
 """The errors that mean "bad input": each message names the field and the fix.
 
 The ``rpsft`` app turns an :class:`InputError` raised by any command into a red message and exit status 2
-(:class:`rpsft_core.cli_errors.InputErrorGroup`); any other exception is a bug or a resource failure (an out-of-memory
+(:class:`rpsft.core.cli_errors.InputErrorGroup`); any other exception is a bug or a resource failure (an out-of-memory
 error, a dead service) and keeps its traceback.
 """
 

@@ -1,8 +1,8 @@
 """The one tensor fingerprint: sha256 over labelled tensors and their bytes (cache keys, integrity checks).
 
 Every hash of tensor contents in the package goes through :func:`tensors_sha256`: the basis cache's key and
-content check (:mod:`rpsft_core.bases`) and the model key of the evaluation caches
-(:func:`evaluation.scoring.model_fingerprint`). Each caller chooses the labels (name, shape, dtype), which
+content check (:mod:`rpsft.core.bases`) and the model key of the evaluation caches
+(:func:`rpsft.evaluation.scoring.model_fingerprint`). Each caller chooses the labels (name, shape, dtype), which
 are hashed before each tensor's bytes.
 """
 

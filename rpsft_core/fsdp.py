@@ -3,7 +3,7 @@
 :func:`shard_model` applies ``fully_shard`` to each decoder block, then to the root (which holds the embeddings,
 the final norm and a tied output head), with an optional bf16 :class:`MixedPrecisionPolicy` and activation
 checkpointing. Parameters become DTensors sharded by rows (``Shard(0)``), the layout
-:mod:`rpsft_core.sharded_penalty` works on.
+:mod:`rpsft.core.sharded_penalty` works on.
 
 :func:`spawn_local` runs a function on N local processes joined by a process group (gloo on CPU): the tests and
 the benchmark use it; sweeps start their workers through Ray Train instead.
@@ -173,7 +173,7 @@ def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 def local_rows(batch: dict[str, torch.Tensor], world_size: int, rank: int) -> dict[str, torch.Tensor]:
     """This rank's rows of a global batch (the data is sharded across the workers, ``torch.chunk`` order)."""
-    from rpsft_core.sharded_penalty import row_range
+    from rpsft.core.sharded_penalty import row_range
 
     start, end = row_range(next(iter(batch.values())).shape[0], world_size, rank)
     return {key: value[start:end] for key, value in batch.items()}
@@ -217,10 +217,10 @@ def train_steps(
     gradient norm before clipping and
     the learning rate the update used. The all-reduced buffers live on the parameters' device (NCCL needs
     CUDA tensors). A non-finite loss raises
-    :class:`rpsft_core.trainer.NonFiniteLossError` on every rank before the update."""
-    from rpsft_core.losses import IGNORE_INDEX, causal_lm_logits, dft_loss, sft_loss, token_logprobs
-    from rpsft_core.regularizer import step_learning_rate
-    from rpsft_core.trainer import NonFiniteLossError
+    :class:`rpsft.core.trainer.NonFiniteLossError` on every rank before the update."""
+    from rpsft.core.losses import IGNORE_INDEX, causal_lm_logits, dft_loss, sft_loss, token_logprobs
+    from rpsft.core.regularizer import step_learning_rate
+    from rpsft.core.trainer import NonFiniteLossError
 
     if loss_type not in ("sft", "dft"):
         raise ValueError(f"loss_type: {loss_type!r} under FSDP2/DDP. Fix: sft or dft")

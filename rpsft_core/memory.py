@@ -13,7 +13,7 @@ fragmentation, loading the model and scoring it after training are what the ``he
   of their bases (``Uk``, ``Vk``, ``Sref``, or ``W0`` at full rank).
 * :func:`estimate_worker_memory`: the per-worker breakdown for a strategy (``fsdp2``, ``ddp``, ``single``), a
   parameter dtype, mixed precision, batch and activation checkpointing; :func:`estimate_train_memory` reads
-  them from a :class:`~rpsft_core.config.TrainConfig`.
+  them from a :class:`~rpsft.core.config.TrainConfig`.
 * :func:`check_fits`: raises :class:`MemoryPreflightError` with the per-part table and the computed fixes;
   :func:`preflight_train_memory` runs the whole check for one ``TrainConfig`` on this machine.
 * :func:`measure_peak_bytes`: the peak tensor bytes of a callable, measured by torch's ``MemTracker``; the
@@ -32,14 +32,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from rpsft.core.errors import ConfigError, ModelSourceError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from rpsft_core.errors import ConfigError, ModelSourceError
-
 if TYPE_CHECKING:
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.selection import SelectionSpec
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.selection import SelectionSpec
 
 Strategy = Literal["fsdp2", "ddp", "single"]
 ParamDtype = Literal["float32", "bfloat16", "float16"]
@@ -116,7 +115,7 @@ def model_dims(config: PretrainedConfig) -> ModelDims:
 
     The parameters are counted on the model built on the meta device, so the count is exact for every
     architecture ``AutoModelForCausalLM`` knows; ``config`` itself is not modified."""
-    from rpsft_core.fsdp import decoder_blocks
+    from rpsft.core.fsdp import decoder_blocks
 
     text = copy.deepcopy(_text_config(config))
     with torch.device("meta"):
@@ -150,7 +149,7 @@ def _config_source(name_or_path: str, cache_dir: str | os.PathLike | None) -> tu
 
     An embedded name reads the ``config.json`` of its model cache, or else the header of its GGUF; a ``.gguf``
     path reads its header: neither is dequantized for a config. Anything else is a directory or a hub id."""
-    from rpsft_core.models import EMBEDDED_MODELS, default_cache_dir
+    from rpsft.core.models import EMBEDDED_MODELS, default_cache_dir
 
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     if name_or_path in EMBEDDED_MODELS:
@@ -179,7 +178,7 @@ def model_dims_for(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
 ) -> ModelDims:
-    """:func:`model_dims` of a model named the way :func:`rpsft_core.models.load_model` takes it: an embedded
+    """:func:`model_dims` of a model named the way :func:`rpsft.core.models.load_model` takes it: an embedded
     name (``smollm2-135m-instruct``), a local directory, a ``.gguf`` file or a hub id. Only the config is
     read; no weights are loaded. A hub id is read from the local HF cache when ``local_files_only`` (or
     ``HF_HUB_OFFLINE=1``); otherwise its ``config.json`` may be downloaded."""
@@ -218,9 +217,9 @@ _BLOCK_MATRICES = (
 def protected_shapes(dims: ModelDims, layers: SelectionSpec = "all") -> dict[str, tuple[int, int]]:
     """The ``(rows, columns)`` of every matrix a ``layers`` selection picks, by Llama-style parameter name
     (``model.layers.3.self_attn.q_proj.weight``), with the rules of
-    :func:`~rpsft_core.selection.select_matrices`: types, layer range, regex, and a tied output head once
+    :func:`~rpsft.core.selection.select_matrices`: types, layer range, regex, and a tied output head once
     (as the embedding when both are selected)."""
-    from rpsft_core.selection import name_filter
+    from rpsft.core.selection import name_filter
 
     names: dict[str, tuple[int, int]] = {"model.embed_tokens.weight": (dims.vocab, dims.hidden)}
     for index in range(dims.n_layers):
@@ -238,14 +237,14 @@ def bases_bytes(
     shapes: dict[str, tuple[int, int]], k: int | float, *, w0_bytes: int = BASES_DTYPE_BYTES
 ) -> tuple[int, int]:
     """``(total, replicated)`` bytes of the bases of ``shapes`` at ``k`` (an int rank or a rank fraction,
-    resolved per matrix by :func:`rpsft_core.bases.resolve_k`).
+    resolved per matrix by :func:`rpsft.core.bases.resolve_k`).
 
     A matrix ``m x n`` at ``k < min(m, n)`` keeps ``Uk`` (``m x k``), ``Vk`` (``n x k``) and ``Sref``
     (``k x k``) in float32; at full rank it keeps ``W0`` (``m x n``) with ``w0_bytes`` per element (the
     weights' dtype in one process, float32 in FSDP2's row slices). ``replicated`` is what every FSDP2 rank
-    holds whole (``Vk`` and ``Sref``, :mod:`rpsft_core.sharded_penalty`); the rest (``Uk``, ``W0``) is
+    holds whole (``Vk`` and ``Sref``, :mod:`rpsft.core.sharded_penalty`); the rest (``Uk``, ``W0``) is
     sharded by rows."""
-    from rpsft_core.bases import resolve_k
+    from rpsft.core.bases import resolve_k
 
     total = replicated = 0
     for shape in shapes.values():
@@ -494,7 +493,7 @@ def estimate_worker_memory(
     The phases (``total`` is the largest):
 
     * ``load_peak`` (``fsdp2``): ``n_params * p``, the whole model, which each rank loads onto its device
-      before sharding it (:func:`rpsft_core.sharded_train.train_on_rank`); the other strategies hold it whole
+      before sharding it (:func:`rpsft.core.sharded_train.train_on_rank`); the other strategies hold it whole
       in every phase;
     * ``forward_backward_peak``: weights, optimizer states, bases, reference model, grad buckets, buffers and
       activations, plus, without checkpointing, the logits: the peak is at the start of backward, where the
@@ -635,12 +634,12 @@ def estimate_worker_memory(
 
 def _planned_precision(config: TrainConfig) -> str:
     """``mixed_precision`` as the run will resolve it: ``auto`` is bf16 on GPUs, and on CPUs what this
-    machine's CPU supports natively (:func:`rpsft_core.precision.resolve_mixed_precision`)."""
+    machine's CPU supports natively (:func:`rpsft.core.precision.resolve_mixed_precision`)."""
     if config.mixed_precision != "auto":
         return config.mixed_precision
     if config.resources.gpus_per_process > 0:
         return "bf16"
-    from rpsft_core.precision import resolve_mixed_precision
+    from rpsft.core.precision import resolve_mixed_precision
 
     return resolve_mixed_precision("auto", "cpu")
 
@@ -653,7 +652,7 @@ def estimate_train_memory(
     ``activation_checkpointing`` and ``optimizer``; the bases of the ``layers`` selection at the method's
     ``k`` (a ``k: auto`` counts as ``auto_k``, the energy rule resolves it later); a LoRA method trains
     ``lora_r (m + n)`` parameters per selected matrix; ``iw`` keeps a reference model."""
-    from rpsft_core.rank_rule import is_auto_k
+    from rpsft.core.rank_rule import is_auto_k
 
     resources = config.resources
     strategy: Strategy = resources.strategy if resources.distributed else "single"
@@ -937,7 +936,7 @@ def preflight_train_memory(
     The model's sizes come from its config only (:func:`model_dims_for`, offline: an embedded name, a local
     directory, a ``.gguf`` file or a hub id in the local HF cache); when they cannot be read, a
     :class:`MemoryPreflightWarning` says so and ``None`` is returned. ``device_bytes`` defaults to the
-    memory of GPU 0 when CUDA is available (where :func:`rpsft_core.train.train` runs), else to this
+    memory of GPU 0 when CUDA is available (where :func:`rpsft.core.train.train` runs), else to this
     machine's available memory shared by ``resources.workers`` processes. Returns the estimate when it
     fits; raises :class:`MemoryPreflightError` (a ``ConfigError``) with the numbers and the fixes when not."""
     if dims is None:

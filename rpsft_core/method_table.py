@@ -1,7 +1,7 @@
 """The one table of training methods: what each trains, which knobs it reads, its penalty and its loss.
 
 Everything that depends on the method reads it from :data:`METHODS`: config validation
-(:class:`rpsft_core.config.TrainConfig`), model set-up (:mod:`rpsft_core.methods`), the sweep's references and
+(:class:`rpsft.core.config.TrainConfig`), model set-up (:mod:`rpsft.core.methods`), the sweep's references and
 the parameters a trial logs to MLflow (:func:`MethodSpec.logged_knobs`), and the README's method table
 (``rpsft methods``).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from rpsft_core.losses import LossType
+from rpsft.core.losses import LossType
 
 Adapter = Literal["lora", "osf"]
 # TrainConfig.penalty_mode: the penalty's gradient before clipping, or its proximal step after the update
@@ -23,7 +23,7 @@ PENALTY_MODES: tuple[str, ...] = get_args(PenaltyMode)
 class MethodSpec:
     """One training method.
 
-    ``knobs`` are the :class:`~rpsft_core.config.TrainConfig` fields the method reads beyond the shared
+    ``knobs`` are the :class:`~rpsft.core.config.TrainConfig` fields the method reads beyond the shared
     optimization settings (``lambda`` is the field's alias ``lam``); a trial logs exactly these.
     """
 

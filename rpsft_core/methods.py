@@ -1,6 +1,6 @@
 """Set a model up for one training method: which parameters train, which penalty and which loss apply.
 
-What each method does is the table :data:`rpsft_core.method_table.METHODS`; this module carries it out. LoRA,
+What each method does is the table :data:`rpsft.core.method_table.METHODS`; this module carries it out. LoRA,
 RPSFT-LoRA and OSF adapters target the selected matrices. ``rpsft`` with ``k = 0`` is exactly ``sft``.
 """
 
@@ -10,12 +10,11 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
+from rpsft.core.bases import Bases, load_or_compute_bases
+from rpsft.core.config import TrainConfig
+from rpsft.core.models import default_cache_dir
+from rpsft.core.regularizer import RPSFTRegularizer, find_lora_parts
 from torch import nn
-
-from rpsft_core.bases import Bases, load_or_compute_bases
-from rpsft_core.config import TrainConfig
-from rpsft_core.models import default_cache_dir
-from rpsft_core.regularizer import RPSFTRegularizer, find_lora_parts
 
 
 @dataclass

@@ -47,7 +47,7 @@ def named_weights(source: WeightSource) -> dict[str, Tensor]:
 
 def resolve_names(base: WeightSource, selection) -> list[str]:
     """Parameter names from a selection: a preset/spec (needs a model), a selection dict, or names."""
-    from rpsft_core.selection import LayerSpec, select_matrices
+    from rpsft.core.selection import LayerSpec, select_matrices
 
     if selection is None:
         selection = "all"

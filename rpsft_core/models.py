@@ -30,9 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rpsft.core.errors import ModelSourceError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-
-from rpsft_core.errors import ModelSourceError
 
 _CACHE_MARKER = "rpsft_cache.json"
 _CACHE_FORMAT = "rpsft-model-cache-v2"  # v2: the marker holds each file's sha256

@@ -8,7 +8,7 @@ reply (``target``). Sources:
   Minerva), else ``"The answer is \\boxed{<ground truth>}."``, else none (IFEval);
 * SFT rows (``messages`` / ``prompt`` + ``response`` / ``problem`` + ``solution``): the last assistant turn is
   the reference reply;
-* ``demo-math[:N]`` and ``hf:<id>[:split]`` through :func:`rpsft_core.data.load_examples`.
+* ``demo-math[:N]`` and ``hf:<id>[:split]`` through :func:`rpsft.core.data.load_examples`.
 
 Gradient diagnostics (energy, first-order signal) score the reference reply (assistant tokens only, as SFT
 does); a prompt without one is scored as plain language modelling over all its tokens. Hidden-state and
@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from rpsft_core.data import DataError, Messages, iter_jsonl, load_examples, parse_messages, tokenize_example
+from rpsft.core.data import DataError, Messages, iter_jsonl, load_examples, parse_messages, tokenize_example
 
 
 @dataclass

@@ -10,7 +10,7 @@ For a probed matrix ``W`` (m x n, pretrained ``W = U S V^T``, ``R = min(m, n)``)
     y(r) = sum_t ||U_r^T G_t V_r||_F^2 / sum_t ||G_t||_F^2,        x(r) = r^2 / R^2.
 
 The suggested rank is the smallest r with ``y(r) >= target`` (default 20%); as a model-wide ``k`` it is the
-rank fraction ``r / R`` (``rpsft_core.bases.resolve_k`` turns a fraction into each matrix's own rank), and
+rank fraction ``r / R`` (``rpsft.core.bases.resolve_k`` turns a fraction into each matrix's own rank), and
 with several probed matrices the median of their fractions.
 
 Per-sample gradients are never materialized as model-sized tensors: for a linear layer ``Y = X W^T``, a
@@ -29,16 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from rpsft_core.losses import IGNORE_INDEX
-from rpsft_core.model_parts import (
+from rpsft.core.losses import IGNORE_INDEX
+from rpsft.core.model_parts import (
     eval_mode,
     grad_enabled_for,
     linear_module,
     model_device,
     resolve_names,
 )
+from torch import Tensor, nn
 
 DEFAULT_TARGET = 0.2
 AUTO_K_PROMPTS = 16  # OOD prompts the rule reads from a source
@@ -134,7 +133,7 @@ def is_auto_k(value: Any) -> bool:
 
 def lm_sample_losses(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     """Per-sample mean token NLL over labelled tokens, shape ``[batch]`` (0 for a sample without labels)."""
-    from rpsft_core.losses import token_logprobs
+    from rpsft.core.losses import token_logprobs
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
     logp, mask = token_logprobs(logits, batch["labels"])
@@ -348,7 +347,7 @@ class EnergyReport:
 
 def full_bases(weight: Tensor) -> tuple[Tensor, Tensor]:
     """All R = min(m, n) left/right singular vectors of ``weight`` (exact SVD in float64)."""
-    from rpsft_core.bases import top_k_bases
+    from rpsft.core.bases import top_k_bases
 
     w = weight.detach().to(torch.float64)
     return top_k_bases(w, min(w.shape), method="exact")
@@ -425,7 +424,7 @@ def probe_names(model: nn.Module, matrices: Any = None) -> list[str]:
         named = dict(model.named_parameters(remove_duplicate=False))
         if all(p in named for p in parts):
             return parts
-        from rpsft_core.selection import PRESETS
+        from rpsft.core.selection import PRESETS
 
         if matrices in PRESETS:
             return resolve_names(model, matrices)
@@ -450,10 +449,10 @@ def energy_curves(
     """Energy curves of ``matrices`` (default: layer-1 ``q_proj``) on prompts/conversations ``examples``.
 
     Each example is scored on its reference reply when it has one, else as language modelling of the prompt
-    (see :mod:`rpsft_core.prompts`).
+    (see :mod:`rpsft.core.prompts`).
     """
-    from rpsft_core.data import collate_features
-    from rpsft_core.prompts import as_prompt_examples, batches, gradient_features
+    from rpsft.core.data import collate_features
+    from rpsft.core.prompts import as_prompt_examples, batches, gradient_features
 
     examples = as_prompt_examples(examples)
     if limit is not None:
@@ -485,7 +484,7 @@ def resolve_auto_k(
     """Resolve a ``k`` spec: ints and fractions pass through; ``auto`` / ``auto@x`` run the energy rule.
 
     The rule probes ``matrices`` (default layer-1 ``q_proj``) on ``ood_examples`` (a few OOD prompts, e.g.
-    :func:`~rpsft_core.prompts.load_prompt_examples` of a GPQA file) and returns the suggested
+    :func:`~rpsft.core.prompts.load_prompt_examples` of a GPQA file) and returns the suggested
     rank as a fraction of the matrix rank, ``r / R`` (a float in (0, 1], which ``resolve_k`` turns into each
     matrix's own rank). With ``return_report=True`` returns ``(k, EnergyReport | None)``.
     """
@@ -516,7 +515,7 @@ def resolve_k_from_prompts(
 
     Both ``rpsft train --k auto`` and a sweep's ``k: auto`` resolve through this, once, before training.
     """
-    from rpsft_core.prompts import load_prompt_examples
+    from rpsft.core.prompts import load_prompt_examples
 
     if not isinstance(parse_k_spec(spec), AutoK):
         return parse_k_spec(spec)

@@ -29,10 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from rpsft.core.bases import Bases, MatrixBasis, project_block
+from rpsft.core.method_table import PENALTY_MODES, PenaltyMode
 from torch import Tensor, nn
-
-from rpsft_core.bases import Bases, MatrixBasis, project_block
-from rpsft_core.method_table import PENALTY_MODES, PenaltyMode
 
 
 @dataclass

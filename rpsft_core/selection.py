@@ -12,9 +12,8 @@ from collections.abc import Callable
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from rpsft.core.errors import ConfigError
 from torch import nn
-
-from rpsft_core.errors import ConfigError
 
 MatrixType = Literal["q", "k", "v", "o", "gate", "up", "down", "embed", "lm_head"]
 BLOCK_TYPES: tuple[MatrixType, ...] = ("q", "k", "v", "o", "gate", "up", "down")

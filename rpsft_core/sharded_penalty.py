@@ -7,7 +7,7 @@ does), the same rows of ``Uk`` and all of ``Vk``. Once per optimizer step:
 * one all-reduce (every matrix's partial products in one flat buffer) gives ``S = sum_i P_i - Sref``, which is
   ``Uk^T W Vk - Sref``, and the penalty is ``lambda ||S||_F^2``;
 * rank ``i`` adds ``2 lambda Uk[R_i] S Vk^T`` to its own gradient shard: exactly the rows ``R_i`` of the
-  single-process gradient ``2 lambda Uk S Vk^T`` (:class:`rpsft_core.regularizer.RPSFTRegularizer`).
+  single-process gradient ``2 lambda Uk S Vk^T`` (:class:`rpsft.core.regularizer.RPSFTRegularizer`).
 
 At full rank (``l2-init``) the local term is ``2 lambda (W_i - W0[R_i])``: no communication for the gradient;
 the squared norms for the logged penalty and drift ride in the same buffer. ``k = 0`` entries add nothing.
@@ -29,7 +29,7 @@ of ``A``, with no further communication. At full rank the penalty is
 
 :func:`load_row_shard` reads a rank's slices straight from the bases file (``safe_open`` slices), so no rank
 ever holds the full ``Uk`` of a sharded matrix. The file's integrity is checked once, where the bases are
-computed (:func:`rpsft_core.bases.load_or_compute_bases`); this reader checks its fingerprint and shapes.
+computed (:func:`rpsft.core.bases.load_or_compute_bases`); this reader checks its fingerprint and shapes.
 """
 
 from __future__ import annotations
@@ -40,10 +40,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
-from rpsft_core.bases import Bases, BasisCacheError, resolve_k
-from rpsft_core.regularizer import (
+from rpsft.core.bases import Bases, BasisCacheError, resolve_k
+from rpsft.core.regularizer import (
     PenaltyMode,
     _LoraParts,
     _update_,
@@ -51,6 +49,7 @@ from rpsft_core.regularizer import (
     find_lora_parts,
     prox_shrink,
 )
+from torch import Tensor, nn
 
 
 def row_range(rows: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -139,7 +138,7 @@ def load_row_shard(
     expected_fingerprint: str | None = None,
     lora: bool = False,
 ) -> dict[str, RowShardBasis]:
-    """Rank ``rank``'s slices read from a bases file of :func:`rpsft_core.bases.save_bases`, truncated to
+    """Rank ``rank``'s slices read from a bases file of :func:`rpsft.core.bases.save_bases`, truncated to
     ``k`` (an int or a rank fraction, resolved per matrix; ``None``: as stored). Only the rank's rows of
     ``Uk`` / ``W0`` are read; ``lora``: slices for :class:`ShardedLoRAPenalty`, and neither ``W0`` nor ``Sref``
     is read."""
@@ -404,7 +403,7 @@ class ShardedRPSFTPenalty(_RowShardedPenalty):
     @torch.no_grad()
     def prox_step_(self, lr: float, step: int | None = None) -> float | None:
         """The exact proximal step of the penalty at learning rate ``lr`` on this rank's rows (``penalty_mode:
-        decoupled``; :meth:`rpsft_core.regularizer.RPSFTRegularizer.prox_step_`): call it on every rank right
+        decoupled``; :meth:`rpsft.core.regularizer.RPSFTRegularizer.prox_step_`): call it on every rank right
         after ``optimizer.step()`` with the rate that step used. One all-reduce (of ``S``). Returns the penalty
         after the step (:meth:`last_drift`: the drift after it), or None when the period skips ``step``."""
         if step is not None and not self.applies_at(step):
@@ -453,8 +452,8 @@ class _PlainModuleNames:
 
 
 def find_sharded_lora_parts(model: nn.Module, names: list[str]) -> dict[str, _LoraParts]:
-    """:func:`rpsft_core.regularizer.find_lora_parts` on a PEFT model sharded by
-    :func:`rpsft_core.fsdp.shard_model` (activation-checkpointed blocks included): basis names
+    """:func:`rpsft.core.regularizer.find_lora_parts` on a PEFT model sharded by
+    :func:`rpsft.core.fsdp.shard_model` (activation-checkpointed blocks included): basis names
     (``...q_proj.weight``) to the sharded ``lora_A`` / ``lora_B`` parameters and the scaling of the active
     adapter. Call it after sharding and outside a forward pass, when the modules hold the sharded parameters."""
     return find_lora_parts(_PlainModuleNames(model), names)  # type: ignore[arg-type]
@@ -473,7 +472,7 @@ def _world(group, rank: int | None, world_size: int | None) -> tuple[int, int]:
 class ShardedLoRAPenalty(_RowShardedPenalty):
     """RPSFT-LoRA on row-sharded adapters: ``lambda * sum_l ||s_l (Uk^T B_l)(A_l Vk)||_F^2``
     (``lambda s^2 ||B A||_F^2`` at full rank), the penalty of
-    :class:`rpsft_core.regularizer.RPSFTRegularizer` with ``lora=``, applied by adding its gradient to the
+    :class:`rpsft.core.regularizer.RPSFTRegularizer` with ``lora=``, applied by adding its gradient to the
     local gradient shards of ``lora_A`` and ``lora_B`` once per optimizer step (:meth:`add_grad_`).
 
     ``lora`` maps basis names to the adapters (:func:`find_sharded_lora_parts`; ``a`` r x n and ``b`` m x r as

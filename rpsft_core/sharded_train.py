@@ -1,29 +1,29 @@
 """One training run from a :class:`TrainConfig`, executed on every rank of an initialized process group.
 
 :func:`train_on_rank` is what each worker of a sharded trial runs (Ray Train initializes the process group:
-gloo on CPU, NCCL on GPU; :func:`rpsft_core.fsdp.spawn_local` does the same on one machine). A process group
+gloo on CPU, NCCL on GPU; :func:`rpsft.core.fsdp.spawn_local` does the same on one machine). A process group
 of one rank works too.
 
 * Data: the examples of ``config.data`` in a deterministic order (a permutation per epoch, seeded by
   ``config.seed``; the epochs follow one another as one stream, so every optimizer step sees
   ``batch_size * world_size * grad_accum`` examples). ``batch_size`` is per device, as with the HF Trainer. Each
   optimizer step is ``grad_accum`` micro-batches; each rank takes its rows of each micro-batch
-  (:func:`rpsft_core.fsdp.local_rows` order).
+  (:func:`rpsft.core.fsdp.local_rows` order).
 * Loss: the mean token loss over every scored token of the step (all micro-batches, all ranks), so any world
-  size and any split into micro-batches give the same update (:func:`rpsft_core.fsdp.train_steps`).
-* ``resources.strategy: fsdp2`` shards the model with :func:`rpsft_core.fsdp.shard_model` and applies
-  :class:`rpsft_core.sharded_penalty.ShardedRPSFTPenalty` on row slices of the bases file (no rank holds a full
+  size and any split into micro-batches give the same update (:func:`rpsft.core.fsdp.train_steps`).
+* ``resources.strategy: fsdp2`` shards the model with :func:`rpsft.core.fsdp.shard_model` and applies
+  :class:`rpsft.core.sharded_penalty.ShardedRPSFTPenalty` on row slices of the bases file (no rank holds a full
   ``Uk``); ``ddp`` replicates the model under ``DistributedDataParallel`` with
-  :class:`rpsft_core.regularizer.RPSFTRegularizer` on full bases.
+  :class:`rpsft.core.regularizer.RPSFTRegularizer` on full bases.
 * ``lora`` and ``rpsft-lora``: the PEFT LoRA model of the single-process path
-  (:func:`rpsft_core.methods.add_adapters`) is built before sharding (FSDP2 shards the adapters with their
+  (:func:`rpsft.core.methods.add_adapters`) is built before sharding (FSDP2 shards the adapters with their
   blocks) and only the adapters train; ``rpsft-lora`` applies
-  :class:`rpsft_core.sharded_penalty.ShardedLoRAPenalty` under FSDP2 (``RPSFTRegularizer(lora=...)`` under DDP).
+  :class:`rpsft.core.sharded_penalty.ShardedLoRAPenalty` under FSDP2 (``RPSFTRegularizer(lora=...)`` under DDP).
 * Checkpoints: ``torch.distributed.checkpoint`` under ``<output_dir>/dcp/step-<N>`` every
   ``checkpoint_every`` steps (model, optimizer, scheduler, step, data position, log history), a marker file
   once a save is complete, only the latest kept; a rerun resumes from the latest complete one.
 * At the end: rank 0 writes ``<output_dir>/metrics.json`` and, with ``save_model``, a consolidated HF
-  checkpoint ``<output_dir>/model`` (safetensors + tokenizer) that :func:`rpsft_core.models.load_model` reads;
+  checkpoint ``<output_dir>/model`` (safetensors + tokenizer) that :func:`rpsft.core.models.load_model` reads;
   for LoRA its weights are the merged ``W0 + s B A`` (as ``merge_and_unload`` gives).
 
 Supported methods: ``sft``, ``dft``, ``rpsft``, ``l2-init``, ``lora``, ``rpsft-lora``
@@ -44,18 +44,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
-from rpsft_core.bases import (
+from rpsft.core.bases import (
     Bases,
     ensure_bases_file,
     full_rank_everywhere,
     load_bases,
     load_or_compute_bases,
 )
-from rpsft_core.config import TrainConfig
-from rpsft_core.errors import ConfigError
-from rpsft_core.fsdp import (
+from rpsft.core.config import TrainConfig
+from rpsft.core.errors import ConfigError
+from rpsft.core.fsdp import (
     CHECKPOINT_PREFIX,
     adamw,
     checkpoint_blocks,
@@ -63,8 +61,8 @@ from rpsft_core.fsdp import (
     shard_model,
     train_steps,
 )
-from rpsft_core.precision import resolve_mixed_precision
-from rpsft_core.sharded_penalty import (
+from rpsft.core.precision import resolve_mixed_precision
+from rpsft.core.sharded_penalty import (
     RowShardBasis,
     ShardedLoRAPenalty,
     ShardedRPSFTPenalty,
@@ -74,6 +72,7 @@ from rpsft_core.sharded_penalty import (
     local_tensor,
     row_range,
 )
+from torch import nn
 
 SHARDED_METHODS: tuple[str, ...] = ("sft", "dft", "rpsft", "l2-init", "lora", "rpsft-lora")
 SHARDED_ADAPTERS: tuple[str | None, ...] = (None, "lora")
@@ -86,7 +85,7 @@ COMPLETE_MARKER = "complete.json"
 class ShardedTrainResult:
     """What :func:`train_on_rank` returns on every rank. ``metrics`` are the ones rank 0 writes to
     ``metrics.json``; ``drift`` is measured from the reduced protected blocks at the end (the same on every
-    rank); ``model`` is the trained model: sharded in place under FSDP2 (:func:`rpsft_core.fsdp.full_state`
+    rank); ``model`` is the trained model: sharded in place under FSDP2 (:func:`rpsft.core.fsdp.full_state`
     gathers it, collectively), the module inside the wrapper under DDP; the PEFT model for ``lora`` and
     ``rpsft-lora``."""
 
@@ -127,7 +126,7 @@ def sharded_method_plan(config: TrainConfig) -> ShardedMethodPlan:
             f"method: {config.method!r} with resources.workers: {config.resources.workers} "
             f"(strategy {config.resources.strategy}); it trains {what}, and sharded training runs only "
             f"{', '.join(SHARDED_METHODS)}. Fix: resources.workers: 1, which trains it in one process "
-            "(rpsft_core.train.train), or one of those methods"
+            "(rpsft.core.train.train), or one of those methods"
         )
     return ShardedMethodPlan(config.method, spec.loss, spec.uses_bases, spec.adapter)
 
@@ -154,9 +153,9 @@ def prepare_bases_source(
 ) -> BasesSource | None:
     """Before the model is sharded: where this rank's bases come from. Without ``bases_file``, rank 0
     computes (or reuses) the cached bases file in ``bases_dir`` (default: the config's cache,
-    :func:`rpsft_core.methods.bases_cache_dir`) and every rank waits for it; a full-rank penalty needs no file
+    :func:`rpsft.core.methods.bases_cache_dir`) and every rank waits for it; a full-rank penalty needs no file
     under FSDP2 (each rank keeps its rows of the pretrained weights)."""
-    from rpsft_core.methods import bases_cache_dir
+    from rpsft.core.methods import bases_cache_dir
 
     if not plan.uses_bases:
         return None
@@ -223,7 +222,7 @@ def make_penalty(
     """After the model is wrapped: the penalty over the matrices ``names`` of ``model`` (the unwrapped module
     under DDP), or None for an unpenalized method. For a LoRA plan it penalizes the adapters that wrap those
     matrices (``names`` are the base model's, as the bases are)."""
-    from rpsft_core.regularizer import RPSFTRegularizer
+    from rpsft.core.regularizer import RPSFTRegularizer
 
     if not plan.uses_bases or source is None:
         return None
@@ -375,7 +374,7 @@ def check_sharded_config(config: TrainConfig) -> ShardedMethodPlan:
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "torch.distributed: no process group is initialized. Fix: call train_on_rank on every worker of a "
-            "process group (Ray Train, torchrun, or rpsft_core.fsdp.spawn_local)"
+            "process group (Ray Train, torchrun, or rpsft.core.fsdp.spawn_local)"
         )
     world_size = dist.get_world_size()
     if world_size != workers:
@@ -425,7 +424,7 @@ def rank_step_batches(
     """This rank's micro-batches of each optimizer step: step ``s`` covers the stream positions
     ``[start + s G, start + (s + 1) G)`` with ``G = batch_size * world_size * grad_accum``; micro-batch ``j`` is
     ``batch_size * world_size`` of them, of which this rank collates its rows (:func:`row_range` order)."""
-    from rpsft_core.data import collate_features
+    from rpsft.core.data import collate_features
 
     micro = batch_size * world_size
     start, end = row_range(micro, world_size, rank)
@@ -653,7 +652,7 @@ def _wrap(model: nn.Module, config: TrainConfig, device: torch.device, world_siz
 def _resolve_auto_k(config: TrainConfig, model: nn.Module, tokenizer: Any) -> int | float | None:
     if not config.auto_k:
         return None
-    from rpsft_core.rank_rule import resolve_k_from_prompts
+    from rpsft.core.rank_rule import resolve_k_from_prompts
 
     return _from_rank0(
         lambda: resolve_k_from_prompts(model, tokenizer, config.effective_k, config.auto_k_prompts), "k: auto"
@@ -676,7 +675,7 @@ def train_on_rank(
     on_step_every_rank: bool = False,
 ) -> ShardedTrainResult:
     """Train ``config`` on this rank; call it on every rank of the process group (of ``resources.workers``
-    ranks). ``bases_file``: a bases file of :func:`rpsft_core.bases.save_bases` (a sweep's shared one; each rank
+    ranks). ``bases_file``: a bases file of :func:`rpsft.core.bases.save_bases` (a sweep's shared one; each rank
     reads its slices; without it rank 0 computes the bases, or reuses the cached file in ``bases_dir``, default
     the config's cache, that covers k). ``on_step(record)`` runs on rank 0 after each optimizer step (and after
     that step's checkpoint) with ``step``, ``max_steps``, ``epoch``, ``loss``, ``learning_rate``,
@@ -686,11 +685,10 @@ def train_on_rank(
     instead of loading ``config.model`` (the model is moved to this rank's device and trained in place; for
     ``lora`` and ``rpsft-lora`` its selected modules are wrapped in LoRA adapters in place)."""
     plan = check_sharded_config(config)
+    from rpsft.core.data import SFTCollator, build_sft_dataset, load_examples
+    from rpsft.core.models import load_model, load_tokenizer, resolve_model_dir
+    from rpsft.core.selection import select_matrices
     from transformers import get_scheduler, set_seed
-
-    from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
-    from rpsft_core.models import load_model, load_tokenizer, resolve_model_dir
-    from rpsft_core.selection import select_matrices
 
     rank, world_size = _world()
     device = rank_device()
@@ -716,7 +714,7 @@ def train_on_rank(
     k_resolved = _resolve_auto_k(config, model, tokenizer)
     k = config.effective_k if k_resolved is None else k_resolved
     if plan.adapter is not None:
-        from rpsft_core.methods import add_adapters
+        from rpsft.core.methods import add_adapters
 
         set_seed(config.seed)  # every rank draws the same initial adapters
         model = add_adapters(model, config, selection)
@@ -875,8 +873,8 @@ def _train_local_rank(rank: int, world_size: int, config_json: str, threads: int
 def train_local_workers(config: TrainConfig) -> LocalWorkersResult:
     """Train ``config`` on ``resources.workers`` processes of this machine, one process group (gloo on CPU,
     NCCL with one GPU per worker when CUDA is available): what ``rpsft train --workers N`` runs. Sweeps start
-    their workers through Ray Train instead (``sweeps.distributed_trial``)."""
-    from rpsft_core.fsdp import spawn_local
+    their workers through Ray Train instead (``rpsft.sweeps.trial.distributed``)."""
+    from rpsft.core.fsdp import spawn_local
 
     check_sharded_settings(config)
     workers = config.resources.workers

@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rpsft.core.bases import Bases
+from rpsft.core.config import TrainConfig
+from rpsft.core.data import SFTCollator, build_sft_dataset, load_examples
+from rpsft.core.methods import prepare_method
+from rpsft.core.models import drop_autocast_wrapper, load_model, load_tokenizer
+from rpsft.core.precision import resolve_mixed_precision
+from rpsft.core.rank_rule import resolve_k_from_prompts
+from rpsft.core.selection import select_matrices
+from rpsft.core.trainer import RPSFTTrainer
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -20,16 +29,6 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
-
-from rpsft_core.bases import Bases
-from rpsft_core.config import TrainConfig
-from rpsft_core.data import SFTCollator, build_sft_dataset, load_examples
-from rpsft_core.methods import prepare_method
-from rpsft_core.models import drop_autocast_wrapper, load_model, load_tokenizer
-from rpsft_core.precision import resolve_mixed_precision
-from rpsft_core.rank_rule import resolve_k_from_prompts
-from rpsft_core.selection import select_matrices
-from rpsft_core.trainer import RPSFTTrainer
 
 
 @dataclass

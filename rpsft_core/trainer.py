@@ -18,11 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from rpsft.core.losses import LOSS_TYPES, causal_lm_logits, dft_loss, iw_loss, sft_loss, token_logprobs
+from rpsft.core.regularizer import RPSFTRegularizer, step_learning_rate
 from torch import nn
 from transformers import Trainer, TrainerCallback
-
-from rpsft_core.losses import LOSS_TYPES, causal_lm_logits, dft_loss, iw_loss, sft_loss, token_logprobs
-from rpsft_core.regularizer import RPSFTRegularizer, step_learning_rate
 
 
 class RPSFTCallback(TrainerCallback):

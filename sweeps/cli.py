@@ -12,10 +12,9 @@ from typing import Any
 
 import click
 import typer
-
-from rpsft_core.cli_compat import legacy_spellings, notice
-from rpsft_core.cli_errors import InputErrorGroup
-from rpsft_core.errors import InputError
+from rpsft.core.cli_compat import legacy_spellings, notice
+from rpsft.core.cli_errors import InputErrorGroup
+from rpsft.core.errors import InputError
 
 DEFAULT_RUNS_DIR = Path("runs/sweeps")
 # the old names of --runs-dir
@@ -40,7 +39,7 @@ class SweepGroup(InputErrorGroup):
 
 
 def sweep_group() -> typer.Typer:
-    """The ``rpsft sweep`` group that :func:`register` (and ``dashboards.cli.register``) fill."""
+    """The ``rpsft sweep`` group that :func:`register` (and ``rpsft.dashboards.cli.register``) fill."""
     return typer.Typer(
         cls=SweepGroup,
         no_args_is_help=True,
@@ -49,7 +48,7 @@ def sweep_group() -> typer.Typer:
 
 
 def _print_outcome(outcome, beta: float) -> None:
-    from sweeps.summary import selection_text, trials_table
+    from rpsft.sweeps.analysis.summary import selection_text, trials_table
 
     typer.echo("\n" + trials_table(outcome.trials, beta, outcome.selection))
     if outcome.selection:
@@ -71,8 +70,8 @@ def run(
     ),
 ) -> None:
     """Run a (k, lambda, layers) sweep with Ray Tune + Optuna, tracked in MLflow."""
-    from sweeps.config import load_sweep_config
-    from sweeps.runner import run_sweep
+    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.runner import run_sweep
 
     outcome = run_sweep(load_sweep_config(config, {"name": name}), address=address, echo=typer.echo)
     _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
@@ -86,7 +85,7 @@ def resume(
     runs_dir: Path = runs_dir_option(),
 ) -> None:
     """Resume a sweep after a crash or a kill: finished trials are not rerun."""
-    from sweeps.runner import resume_sweep
+    from rpsft.sweeps.runner import resume_sweep
 
     outcome = resume_sweep(name, root=runs_dir, address=address, echo=typer.echo)
     _print_outcome(outcome, outcome.selection.beta if outcome.selection else 1.0)
@@ -103,17 +102,17 @@ def select(
 ) -> None:
     """The max-Phi trial, the Pareto front, the beta path and each method family's frontier (its best
     configuration at each of the sweep's betas), from the stored results only."""
-    from sweeps.report import load_selection
+    from rpsft.sweeps.stages.report import load_selection
 
     try:
         selection, trials, context = load_selection(name, root=runs_dir, beta=beta, retag=tag)
     except InputError:
         raise
-    except ValueError as exc:  # sweeps.selection / sweeps.report say "no finished trial" with a ValueError
+    except ValueError as exc:  # rpsft.sweeps.analysis.selection / rpsft.sweeps.stages.report say "no finished trial" with a ValueError
         raise InputError(str(exc)) from exc
     frontiers = None
     if selection.analysis is not None:  # each family's best configuration at each of the objective's betas
-        from sweeps.frontiers import family_frontiers
+        from rpsft.sweeps.analysis.frontiers import family_frontiers
 
         frontiers = family_frontiers(selection.analysis)
     if as_json:
@@ -122,7 +121,7 @@ def select(
             payload["frontiers"] = frontiers.to_dict()
         typer.echo(json.dumps(payload, indent=2))
         return
-    from sweeps.summary import frontiers_text, selection_text, trials_table
+    from rpsft.sweeps.analysis.summary import frontiers_text, selection_text, trials_table
 
     text = trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection)
     if frontiers is not None:
@@ -148,14 +147,14 @@ def export(
 ) -> None:
     """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
     stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
-    from sweeps.checkpoints import (
+    from rpsft.sweeps.stages.checkpoints import (
         DEFAULT_TOLERANCE,
         ExportMismatch,
         export_name,
         export_trial,
         find_export_point,
     )
-    from sweeps.report import load_stored_sweep
+    from rpsft.sweeps.stages.report import load_stored_sweep
 
     try:
         stored = load_stored_sweep(name, runs_dir)
@@ -169,7 +168,7 @@ def export(
         raise typer.Exit(code=1) from None
     except InputError:
         raise
-    except ValueError as exc:  # sweeps.report / sweeps.selection report a sweep without trials so
+    except ValueError as exc:  # rpsft.sweeps.stages.report / rpsft.sweeps.analysis.selection report a sweep without trials so
         raise InputError(str(exc)) from exc
     typer.echo(json.dumps(export.to_dict(), indent=2))
     typer.echo(f"checkpoint: {export.path}")
@@ -187,7 +186,7 @@ def rl(
 ) -> None:
     """DAPO (TRL GRPOTrainer, loss_type dapo) from kept or exported sweep checkpoints, tracked as MLflow
     child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
-    from sweeps.rl import load_rl_settings, run_rl
+    from rpsft.sweeps.stages.rl import load_rl_settings, run_rl
 
     try:
         settings = load_rl_settings(config, {"max_steps": steps})
@@ -201,9 +200,9 @@ def rl(
         )
     except InputError:
         raise
-    except ValueError as exc:  # sweeps.rl / sweeps.selection report bad settings so
+    except ValueError as exc:  # rpsft.sweeps.stages.rl / rpsft.sweeps.analysis.selection report bad settings so
         raise InputError(str(exc)) from exc
-    from sweeps.summary import rl_table
+    from rpsft.sweeps.analysis.summary import rl_table
 
     typer.echo("\n" + rl_table(outcomes))
 
@@ -223,8 +222,8 @@ def regress(
     ),
 ) -> None:
     """Run a fixed small sweep and compare its metrics with a baseline; exit 1 on a regression."""
-    from sweeps.regression import diff_table
-    from sweeps.regression import regress as run_regression
+    from rpsft.sweeps.stages.regression import diff_table
+    from rpsft.sweeps.stages.regression import regress as run_regression
 
     outcome = run_regression(
         config, baseline, update_baseline=update_baseline, work_dir=runs_dir, echo=typer.echo

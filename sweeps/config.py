@@ -28,14 +28,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from evaluation.loss_metrics import LossSettings
-from evaluation.multiple_choice import MCSettings
-from evaluation.settings import EvalSettings
-from rpsft_core.config import ConfigError, OptimizerName, Resources, TrainConfig, format_validation_error
-from rpsft_core.config import read_yaml_mapping as read_config_mapping
-from rpsft_core.method_table import Method, PenaltyMode, method_spec
-from rpsft_core.selection import LayerSpec, resolve_spec
+from rpsft.core.config import ConfigError, OptimizerName, Resources, TrainConfig, format_validation_error
+from rpsft.core.config import read_yaml_mapping as read_config_mapping
+from rpsft.core.method_table import Method, PenaltyMode, method_spec
+from rpsft.core.selection import LayerSpec, resolve_spec
+from rpsft.evaluation.loss_metrics import LossSettings
+from rpsft.evaluation.multiple_choice import MCSettings
+from rpsft.evaluation.settings import EvalSettings
 
 # TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
 TRIAL_FIELDS = (
@@ -112,7 +111,7 @@ class SearchSpace(BaseModel):
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: list[int | float | str] | NumberRange) -> list[int | float | str] | NumberRange:
-        from rpsft_core.rank_rule import k_spec_value
+        from rpsft.core.rank_rule import k_spec_value
 
         if isinstance(value, NumberRange):
             if value.low < 0:
@@ -237,7 +236,7 @@ class Reference(BaseModel):
     def _check_k(cls, value: int | float | str | None) -> int | float | str | None:
         if value is None:
             return None
-        from rpsft_core.rank_rule import k_spec_value
+        from rpsft.core.rank_rule import k_spec_value
 
         return k_spec_value(value)
 
@@ -295,7 +294,7 @@ def _train_value(train: dict[str, Any], name: str) -> Any:
 
 
 class Intervals(BaseModel):
-    """Paired bootstrap intervals of G_id, F_ood and Phi (see :mod:`evaluation.intervals`)."""
+    """Paired bootstrap intervals of G_id, F_ood and Phi (see :mod:`rpsft.evaluation.intervals`)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -306,7 +305,7 @@ class Intervals(BaseModel):
 
 class ItemSplitSettings(BaseModel):
     """The split of the scored items into the part the operating point is chosen on and the part it is reported
-    on (see :mod:`evaluation.item_split`); ``report_fraction: 0`` chooses and reports on the same items."""
+    on (see :mod:`rpsft.evaluation.item_split`); ``report_fraction: 0`` chooses and reports on the same items."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -320,7 +319,7 @@ class ItemSplitSettings(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the per-benchmark permutation of the items")
 
     def item_split(self) -> Any:
-        from evaluation.item_split import ItemSplit
+        from rpsft.evaluation.item_split import ItemSplit
 
         return ItemSplit(self.report_fraction, self.seed)
 
@@ -377,7 +376,7 @@ class EvaluationConfig(BaseModel):
     subset: Literal["full", "test"] = "full"
     loss: LossSettings = Field(
         default_factory=sweep_loss_settings,
-        description="loss-based trade-off (evaluation.loss_metrics): forward passes, cheap, moves on small "
+        description="loss-based trade-off (rpsft.evaluation.loss_metrics): forward passes, cheap, moves on small "
         "models; unset fields take SWEEP_LOSS_DEFAULTS; ood_benchmarks: [] turns the OOD NLL/KL off (no base "
         "generations); data_dir and subset come from this section",
     )
@@ -471,8 +470,8 @@ class EvaluationConfig(BaseModel):
 def __getattr__(name: str) -> Any:
     if name == "LossEval":
         warnings.warn(
-            "sweeps.config.LossEval is deprecated: evaluation.loss is an evaluation.loss_metrics.LossSettings; "
-            "use sweeps.config.sweep_loss_settings(fields) for one with the sweep's defaults",
+            "rpsft.sweeps.config.LossEval is deprecated: evaluation.loss is an rpsft.evaluation.loss_metrics.LossSettings; "
+            "use rpsft.sweeps.config.sweep_loss_settings(fields) for one with the sweep's defaults",
             DeprecationWarning,
             stacklevel=2,
         )
@@ -742,8 +741,8 @@ class SweepConfig(BaseModel):
         return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
 
     def sweep_dir(self) -> Path:
-        """``<output_dir>/<name>``: the sweep's directory (its layout: :class:`sweeps.store.SweepStore`)."""
-        from sweeps.store import SweepStore
+        """``<output_dir>/<name>``: the sweep's directory (its layout: :class:`rpsft.sweeps.store.sweep_store.SweepStore`)."""
+        from rpsft.sweeps.store.sweep_store import SweepStore
 
         return SweepStore.of(self).dir
 
@@ -776,7 +775,7 @@ class SweepConfig(BaseModel):
         if method_spec(method).uses_lambda and "lambda" not in params:  # a penalized reference without lambda
             raw["lambda"] = self.space.lam_choices()[-1]
         if output_dir is None:
-            from sweeps.store import SweepStore
+            from rpsft.sweeps.store.sweep_store import SweepStore
 
             output_dir = SweepStore.of(self).trial_dir("check")
         raw["output_dir"] = str(output_dir)
@@ -852,7 +851,7 @@ class SweepConfig(BaseModel):
         try:
             train_config = self.trial_train_config(params)
             if train_config.resources.distributed:  # what sharded training cannot run fails here too
-                from rpsft_core.sharded_train import check_sharded_settings
+                from rpsft.core.sharded_train import check_sharded_settings
 
                 try:
                     check_sharded_settings(train_config)
@@ -868,7 +867,7 @@ class SweepConfig(BaseModel):
 
 
 def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "sweep YAML") -> dict[str, Any]:
-    """The mapping a sweep-side YAML file holds (:func:`rpsft_core.config.read_yaml_mapping`)."""
+    """The mapping a sweep-side YAML file holds (:func:`rpsft.core.config.read_yaml_mapping`)."""
     return read_config_mapping(path, field, what, error=SweepConfigError)
 
 

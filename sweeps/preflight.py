@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.optuna_storage import optuna_storage
+from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.store.optuna_storage import optuna_storage
 
 if TYPE_CHECKING:
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.memory import MemoryEstimate, ModelDims
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.memory import MemoryEstimate, ModelDims
 
 
 def _first_line(exc: BaseException) -> str:
@@ -94,9 +94,9 @@ def check_mlflow(uri: str) -> None:
 
 def check_inputs(config: SweepConfig, scorer: Any) -> None:
     """Training data and every evaluation item load and parse (no model needed)."""
-    from evaluation.benchmarks import EvalConfigError
-    from evaluation.items import EvalDataError
-    from rpsft_core.data import DataError, load_examples
+    from rpsft.core.data import DataError, load_examples
+    from rpsft.evaluation.benchmarks import EvalConfigError
+    from rpsft.evaluation.items import EvalDataError
 
     limit = config.train.get("data_limit")
     try:
@@ -123,8 +123,8 @@ def check_inputs(config: SweepConfig, scorer: Any) -> None:
 def check_item_split(config: SweepConfig, scorer: Any) -> None:
     """Every benchmark the objective scores per item can be split into selection and report items
     (``evaluation.split``; at least 2 items each), so the split fails here, before any trial, not at the end."""
-    from evaluation.item_split import ItemSplitError
-    from evaluation.loss_metrics import loss_items
+    from rpsft.evaluation.item_split import ItemSplitError
+    from rpsft.evaluation.loss_metrics import loss_items
 
     split = config.evaluation.split.item_split()
     metric = config.objective.metric
@@ -133,7 +133,7 @@ def check_item_split(config: SweepConfig, scorer: Any) -> None:
     items = loss_items(scorer.loss_settings)
     counts = {"id": {b: len(c) for b, c in items.id_conversations.items()}}
     if metric == "mc" and scorer.mc_settings is not None:
-        from evaluation.multiple_choice import mc_benchmark_docs
+        from rpsft.evaluation.multiple_choice import mc_benchmark_docs
 
         counts["ood"] = {b: len(d) for b, d in mc_benchmark_docs(scorer.mc_settings).items()}
     else:
@@ -148,7 +148,7 @@ def check_item_split(config: SweepConfig, scorer: Any) -> None:
 
 def check_no_overlap(source: str, examples: list[Any], prompts: list[str]) -> None:
     """No training example repeats a scored item (exact or near-duplicate user text)."""
-    from rpsft_core.math_data import find_overlap
+    from rpsft.core.math_data import find_overlap
 
     pairs = find_overlap(examples, prompts)
     if pairs:
@@ -215,8 +215,8 @@ class MemoryCheck:
 def _trial_candidates(config: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every trial config whose memory can differ: each reference, and each (k, layers) of the space (the
     method, k and layers set the bases and the trained parameters; lambda and period do not). A ``k: auto``
-    counts as :data:`rpsft_core.memory.AUTO_K_FRACTION`."""
-    from rpsft_core.memory import AUTO_K_FRACTION
+    counts as :data:`rpsft.core.memory.AUTO_K_FRACTION`."""
+    from rpsft.core.memory import AUTO_K_FRACTION
 
     out: list[tuple[str, dict[str, Any]]] = []
     for i, params in enumerate(config.reference_params()):
@@ -235,8 +235,7 @@ def _trial_candidates(config: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
 def largest_trial_memory(config: SweepConfig, dims: ModelDims) -> tuple[str, MemoryEstimate, TrainConfig]:
     """The trial config of the sweep with the largest per-worker estimate: ``(where, estimate, config)``."""
     from pydantic import ValidationError
-
-    from rpsft_core.memory import estimate_train_memory
+    from rpsft.core.memory import estimate_train_memory
 
     best: tuple[str, MemoryEstimate, TrainConfig] | None = None
     for where, params in _trial_candidates(config):
@@ -254,8 +253,8 @@ def largest_trial_memory(config: SweepConfig, dims: ModelDims) -> tuple[str, Mem
 
 def _runs_sharded(train_config: TrainConfig) -> bool:
     """Whether the trial's method can train over several workers (:func:`sharded_method_plan` decides)."""
-    from rpsft_core.errors import ConfigError
-    from rpsft_core.sharded_train import sharded_method_plan
+    from rpsft.core.errors import ConfigError
+    from rpsft.core.sharded_train import sharded_method_plan
 
     try:
         sharded_method_plan(train_config)
@@ -312,7 +311,7 @@ def cpu_memory_per_process(
 
 
 def _skip(reason: str) -> None:
-    from rpsft_core.memory import MemoryPreflightWarning
+    from rpsft.core.memory import MemoryPreflightWarning
 
     warnings.warn(f"memory preflight skipped: {reason}", MemoryPreflightWarning, stacklevel=3)
 
@@ -329,17 +328,17 @@ def check_memory(
     """The largest trial of the sweep fits the memory of one worker's device, or a :class:`SweepConfigError`
     with the per-part table and the fixes, before any trial.
 
-    The model's sizes come from its config only (:func:`rpsft_core.memory.model_dims_for`, offline: a local
+    The model's sizes come from its config only (:func:`rpsft.core.memory.model_dims_for`, offline: a local
     directory, an embedded name, a ``.gguf`` file, or a hub id in the local HF cache); every trial config
-    (:func:`largest_trial_memory`) is estimated by :func:`rpsft_core.memory.estimate_train_memory`. The
+    (:func:`largest_trial_memory`) is estimated by :func:`rpsft.core.memory.estimate_train_memory`. The
     device: when a trial uses GPUs (``resources.gpus_per_process > 0``), the memory of a GPU as a Ray task
     reads it (:func:`gpu_memory_bytes`; a fraction of it when trials share GPUs); on CPU, Ray's node memory
     divided by the processes that run at once (:func:`cpu_memory_per_process`). ``device_bytes`` and
     ``dims`` replace what would be read. When the sizes or the GPU's memory cannot be read, a
-    :class:`rpsft_core.memory.MemoryPreflightWarning` says so and ``None`` is returned: the check never
+    :class:`rpsft.core.memory.MemoryPreflightWarning` says so and ``None`` is returned: the check never
     stops a sweep it cannot size. Returns the :class:`MemoryCheck` that passed (``echo``: a line about it
     and the estimate's table)."""
-    from rpsft_core.memory import GIB, MemoryPreflightError, check_fits, model_dims_for
+    from rpsft.core.memory import GIB, MemoryPreflightError, check_fits, model_dims_for
 
     if dims is None:
         try:

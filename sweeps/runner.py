@@ -1,10 +1,12 @@
 """The sweep driver: validate, prepare shared state once, run the trials with Ray Tune, select, summarize.
 
-    from sweeps import load_sweep_config, run_sweep, resume_sweep
+    from rpsft.sweeps import load_sweep_config
+    from rpsft.sweeps import run_sweep
+    from rpsft.sweeps import resume_sweep
     outcome = run_sweep(load_sweep_config("sweeps/configs/demo.yaml"))
     outcome = resume_sweep("demo")          # after a crash or kill: finished trials are not rerun
 
-State lives under ``<output_dir>/<name>/`` (the layout is :class:`sweeps.store.SweepStore`'s): ``sweep.json``
+State lives under ``<output_dir>/<name>/`` (the layout is :class:`rpsft.sweeps.store.sweep_store.SweepStore`'s): ``sweep.json``
 (config, MLflow ids, shared context), ``tune/`` (Ray Tune's experiment, restored by :func:`resume_sweep`),
 ``optuna.db`` (default Optuna storage), ``trials/<trial id>/``, ``bases/``, ``exports/<trial id>/`` and ``rl/``.
 """
@@ -20,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rpsft_core.method_table import method_spec
-from sweeps import preflight, tracking
-from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.selection import Selection, select
-from sweeps.store import (  # LOCK_FILE and STATE_FILE: also named here, for the runner's callers
+from rpsft.core.method_table import method_spec
+from rpsft.sweeps import preflight
+from rpsft.sweeps.analysis.selection import Selection, select
+from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import (  # LOCK_FILE and STATE_FILE: also named here, for the runner's callers
     DEFAULT_ROOT,
     LOCK_FILE,  # noqa: F401
     STATE_FILE,  # noqa: F401
@@ -35,7 +38,7 @@ from sweeps.store import (  # LOCK_FILE and STATE_FILE: also named here, for the
     read_trials,
     write_json,
 )
-from sweeps.trial import run_trial
+from rpsft.sweeps.trial.run import run_trial
 
 
 @dataclass
@@ -81,7 +84,7 @@ def storage_urls(config: SweepConfig) -> tuple[str, str]:
 
 
 def cache_root(config: SweepConfig) -> Path:
-    from rpsft_core.models import default_cache_dir
+    from rpsft.core.models import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
@@ -184,9 +187,8 @@ def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False
     design, unless earlier sweeps' trials already inform it (``warm_started``)."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
-
-    from sweeps.initial_design import initial_design
-    from sweeps.searcher import PicklableNSGAIISampler, ReferencesFirst
+    from rpsft.sweeps.search.initial_design import initial_design
+    from rpsft.sweeps.search.searcher import PicklableNSGAIISampler, ReferencesFirst
 
     dims = search_dims(config)
     seed = config.search.seed
@@ -276,7 +278,7 @@ def run_tuner(
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the compact CLIReporter table
     path = SweepStore.of(config).tune_dir
-    from sweeps.pruning import CheckpointPruner
+    from rpsft.sweeps.search.pruning import CheckpointPruner
 
     callbacks = [CheckpointPruner(config, context)] if config.keep.any else []
     if restore and tune.Tuner.can_restore(str(path)):
@@ -317,10 +319,9 @@ def prepare_shared_state(
     The base model's per-item scores (for the intervals) go to ``<sweep>/base_item_scores.json``.
     """
     import torch
-
-    from rpsft_core.bases import load_or_compute_bases, resolve_k
-    from rpsft_core.models import load_model, load_tokenizer
-    from rpsft_core.selection import select_matrices
+    from rpsft.core.bases import load_or_compute_bases, resolve_k
+    from rpsft.core.models import load_model, load_tokenizer
+    from rpsft.core.selection import select_matrices
 
     cfg0 = config.trial_train_config({"k": 1, "lambda": 1.0})
     tokenizer = load_tokenizer(config.model, config.cache_dir)
@@ -330,7 +331,7 @@ def prepare_shared_state(
     auto_k: dict[str, float] = {}
     auto_specs = config.auto_k_specs()
     if auto_specs:
-        from rpsft_core.rank_rule import resolve_k_from_prompts
+        from rpsft.core.rank_rule import resolve_k_from_prompts
 
         for spec in auto_specs:
             auto_k[spec] = float(
@@ -364,12 +365,12 @@ def prepare_shared_state(
                     selection, k_cover, cache_dir=bases_dir, method=cfg0.basis_method, progress=progress
                 )
     if config.evaluation.rotation:
-        from evaluation.diagnostics.rotation import left_subspaces
+        from rpsft.evaluation.diagnostics.rotation import left_subspaces
 
         with torch.no_grad():
             subspaces = left_subspaces(model, "all", top_k=config.evaluation.rotation_top_k)
         torch.save({name: u.float() for name, u in subspaces.items()}, store.rotation_base)
-    from evaluation.progress import progress_bar
+    from rpsft.evaluation.progress import progress_bar
 
     with progress_bar("base model: OOD responses and NLLs", scorer.base_work(), enabled=progress):
         base_metrics = scorer.warm_base(model, tokenizer)
@@ -384,9 +385,9 @@ def prepare_shared_state(
 
 
 def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
-    """Deprecated: :meth:`sweeps.store.SweepStore.write_state`."""
+    """Deprecated: :meth:`rpsft.sweeps.store.sweep_store.SweepStore.write_state`."""
     warnings.warn(
-        "sweeps.runner.write_state is deprecated; use sweeps.store.SweepStore.of(config).write_state",
+        "rpsft.sweeps.runner.write_state is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore.of(config).write_state",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -394,9 +395,9 @@ def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_
 
 
 def read_state(name: str, root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
-    """Deprecated: :meth:`sweeps.store.SweepStore.read_state`."""
+    """Deprecated: :meth:`rpsft.sweeps.store.sweep_store.SweepStore.read_state`."""
     warnings.warn(
-        "sweeps.runner.read_state is deprecated; use sweeps.store.SweepStore(root, name).read_state",
+        "rpsft.sweeps.runner.read_state is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore(root, name).read_state",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -404,7 +405,7 @@ def read_state(name: str, root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
 
 
 def _base_key(config: SweepConfig) -> str:
-    from evaluation.scoring import name_fingerprint
+    from rpsft.evaluation.scoring import name_fingerprint
 
     return name_fingerprint(config.model)
 
@@ -463,12 +464,12 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     preflight.check_storage_rules(config, optuna_url, mlflow_uri)
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(mlflow_uri)
-    from sweeps.scoring import TrialScorer
+    from rpsft.sweeps.trial.scoring import TrialScorer
 
     cache_dir = str(cache_root(config) / "eval")
     scorer = TrialScorer(config, base_key="", cache_dir=cache_dir)
     preflight.check_inputs(config, scorer)
-    from sweeps.warm_start import carry_over, check_warm_start
+    from rpsft.sweeps.search.warm_start import carry_over, check_warm_start
 
     earlier_sweeps = check_warm_start(config)
     cluster = init_ray(address or config.storage.ray_address)
@@ -476,7 +477,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     preflight.check_memory(config, cluster, echo=echo)
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
-    from rpsft_core.models import resolve_model_dir
+    from rpsft.core.models import resolve_model_dir
 
     try:
         resolve_model_dir(config.model, config.cache_dir)
@@ -576,9 +577,9 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
 
 
 def collect(config: SweepConfig, context: SweepContext) -> list[TrialRecord]:
-    """Deprecated: :func:`sweeps.store.read_trials` (one :class:`sweeps.store.TrialRecord` per trial run)."""
+    """Deprecated: :func:`rpsft.sweeps.store.sweep_store.read_trials` (one :class:`rpsft.sweeps.store.sweep_store.TrialRecord` per trial run)."""
     warnings.warn(
-        "sweeps.runner.collect is deprecated; use sweeps.store.read_trials, which returns TrialRecord objects",
+        "rpsft.sweeps.runner.collect is deprecated; use rpsft.sweeps.store.sweep_store.read_trials, which returns TrialRecord objects",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -592,8 +593,7 @@ def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
     many were closed."""
     import optuna
     from optuna.trial import TrialState
-
-    from sweeps.optuna_storage import optuna_storage
+    from rpsft.sweeps.store.optuna_storage import optuna_storage
 
     try:
         study = optuna.load_study(study_name=study_name, storage=optuna_storage(optuna_url))
@@ -628,8 +628,8 @@ def operating_point_metrics(parts: dict[str, Any], beta: float, n_finished: int)
 def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
     """Select the operating point from MLflow, tag it, log the selection and the intervals on the parent run,
     mark done. Trials that differ only in their seed are one configuration (their mean)."""
-    from sweeps.trajectory import sweep_points
-    from sweeps.uncertainty import analyze_sweep
+    from rpsft.sweeps.analysis.trajectory import sweep_points
+    from rpsft.sweeps.analysis.uncertainty import analyze_sweep
 
     store = SweepStore.of(config)
     client = tracking.client_for(context.tracking_uri)
@@ -663,7 +663,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         n_finished = sum(1 for trial in trials if trial.finished)  # trials, not their trajectories' points
         tracking.log_metrics(client, context.parent_run_id, operating_point_metrics(parts, beta, n_finished))
     if config.keep.any:
-        from sweeps.checkpoints import keep_checkpoints
+        from rpsft.sweeps.stages.checkpoints import keep_checkpoints
 
         keep_checkpoints(config, client, trials, selection, echo=echo)  # the trials read above
     tracking.finish_run(client, context.parent_run_id, "FINISHED")

@@ -15,7 +15,7 @@ PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper-data"
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """Tokenizer of the embedded SmolLM2-135M-Instruct (real chat template)."""
-    from rpsft_core.models import load_tokenizer
+    from rpsft.core.models import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
 
@@ -23,7 +23,7 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def smol_model_dir():
     """Cached HF directory of the embedded SmolLM2-135M-Instruct (dequantized on first use)."""
-    from rpsft_core.models import resolve_model_dir
+    from rpsft.core.models import resolve_model_dir
 
     return resolve_model_dir("smollm2-135m-instruct")
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: matrices with a decaying spectrum and subspace angles (independent of rpsft_core)."""
+"""Shared test helpers: matrices with a decaying spectrum and subspace angles (independent of rpsft.core)."""
 
 import torch
 
@@ -22,7 +22,7 @@ def mean_angle_degrees(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tradeoff_by_hand(base, record, benches, indices=None):
-    """G_id and F_ood computed by hand, independently of evaluation.intervals: per benchmark the weighted mean of
+    """G_id and F_ood computed by hand, independently of rpsft.evaluation.intervals: per benchmark the weighted mean of
     the tuned minus the base model's NLL item scores (ID) or the base's minus the tuned (OOD), on ``indices``
     (``{(suite, bench): item indices}``) or all items; then the mean over each suite's ``benches``."""
     import numpy as np

@@ -50,7 +50,7 @@ def drop_pg_schema(schema: str) -> None:
 
 
 def tiny_model_dir(root: Path, tokenizer) -> Path:
-    from rpsft_core.models import tiny_model
+    from rpsft.core.models import tiny_model
 
     path = root / "tiny-llama"
     if not (path / "config.json").exists():
@@ -105,8 +105,8 @@ def sweep_dict(name: str, model_dir: Path, root: Path, **overrides: Any) -> dict
 
 def run_quietly(raw: dict[str, Any]):
     """Run a sweep from a raw config dict without console output; returns its SweepOutcome."""
-    from sweeps.config import parse_sweep_config
-    from sweeps.runner import run_sweep
+    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.runner import run_sweep
 
     return run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
 

@@ -1,10 +1,8 @@
 import pytest
+import rpsft.core.bases as bases_module
 import torch
 from helpers import decaying_matrix, mean_angle_degrees
-from torch import nn
-
-import rpsft_core.bases as bases_module
-from rpsft_core.bases import (
+from rpsft.core.bases import (
     BasisCacheError,
     compute_bases,
     load_bases,
@@ -12,6 +10,7 @@ from rpsft_core.bases import (
     save_bases,
     top_k_bases,
 )
+from torch import nn
 
 
 def _selection(shapes=((48, 32), (32, 48), (40, 40)), dtype=torch.float32, seed=0):
@@ -159,7 +158,7 @@ def test_a_damaged_cache_file_is_recomputed_never_used(tmp_path, monkeypatch, da
 def test_ensure_bases_file_finds_the_shared_file_without_loading_it(tmp_path, monkeypatch):
     """A sharded run's rank 0 finds the sweep's file (the one ``load_or_compute_bases`` wrote) from its header
     alone: no tensor is loaded, nothing is recomputed; a larger k or damaged file is computed anew."""
-    from rpsft_core.bases import ensure_bases_file
+    from rpsft.core.bases import ensure_bases_file
 
     selection = _selection()
     load_or_compute_bases(selection, 8, cache_dir=tmp_path)  # the sweep's shared file, at k = 8

@@ -10,10 +10,10 @@ import sys
 import click
 import pytest
 import typer
+from rpsft.core.errors import InputError
 from typer.testing import CliRunner
 
 from rpsft.cli import app
-from rpsft_core.errors import InputError
 
 runner = CliRunner()
 RENAMED = {"--root", "--output", "--output-dir", "--work-dir"}
@@ -61,13 +61,13 @@ def test_one_option_name_per_concept():
 STOPPED = "stopped before any work"
 # where each command hands over its parsed input: (module, function)
 HANDOVERS = (
-    ("rpsft_core.config", "load_train_config"),
-    ("evaluation.settings", "load_eval_settings"),
-    ("sweeps.config", "load_sweep_config"),
-    ("sweeps.runner", "resume_sweep"),
-    ("sweeps.report", "load_selection"),
-    ("dashboards.sweep_data", "load_sweep_data"),
-    ("sweeps.regression", "regress"),
+    ("rpsft.core.config", "load_train_config"),
+    ("rpsft.evaluation.settings", "load_eval_settings"),
+    ("rpsft.sweeps.config", "load_sweep_config"),
+    ("rpsft.sweeps.runner", "resume_sweep"),
+    ("rpsft.sweeps.stages.report", "load_selection"),
+    ("rpsft.dashboards.sweep_data", "load_sweep_data"),
+    ("rpsft.sweeps.stages.regression", "regress"),
 )
 
 
@@ -148,7 +148,7 @@ def test_options_reach_the_package_under_their_own_field(handovers):
 
 
 def test_bad_input_exits_2_without_a_traceback_and_a_bug_keeps_it(monkeypatch):
-    import rpsft_core.config
+    import rpsft.core.config
 
     result = runner.invoke(app, ["train", "--k", "abc"])
     assert result.exit_code == 2 and "error: --k: 'abc' is not a number" in result.output
@@ -157,7 +157,7 @@ def test_bad_input_exits_2_without_a_traceback_and_a_bug_keeps_it(monkeypatch):
     def bug(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(rpsft_core.config, "load_train_config", bug)
+    monkeypatch.setattr(rpsft.core.config, "load_train_config", bug)
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)  # not turned into exit 2
 

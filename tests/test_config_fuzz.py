@@ -16,11 +16,11 @@ import yaml
 from conftest import PAPER_DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rpsft.core.config import ConfigError, TrainConfig, load_train_config
+from rpsft.core.data import DataError, row_to_messages
 from typer.testing import CliRunner
 
 from rpsft.cli import app
-from rpsft_core.config import ConfigError, TrainConfig, load_train_config
-from rpsft_core.data import DataError, row_to_messages
 
 runner = CliRunner()
 TALLY: collections.Counter = collections.Counter()  # (reader, outcome) -> examples, printed by the last test
@@ -129,7 +129,7 @@ SWEEP_PATHS = [
 @FUZZ
 @given(where=st.sampled_from(SWEEP_PATHS), value=values)
 def test_sweep_config(tmp_path_factory, where, value):
-    from sweeps.config import SweepConfig, SweepConfigError, load_sweep_config
+    from rpsft.sweeps.config import SweepConfig, SweepConfigError, load_sweep_config
 
     tmp_path = tmp_path_factory.mktemp("sweep")
     raw = _valid_sweep(tmp_path)
@@ -160,8 +160,8 @@ EVAL_FIELDS = ["suite", "exclude", "subset", "k", "pass_k", "max_new_tokens", "b
 @FUZZ
 @given(field=st.sampled_from(EVAL_FIELDS), value=values)
 def test_eval_settings(tmp_path_factory, field, value):
-    from evaluation.benchmarks import EvalConfigError
-    from evaluation.settings import EvalSettings, load_eval_settings
+    from rpsft.evaluation.benchmarks import EvalConfigError
+    from rpsft.evaluation.settings import EvalSettings, load_eval_settings
 
     path = _yaml_file(tmp_path_factory.mktemp("eval"), {field: value})
     try:
@@ -179,8 +179,8 @@ def test_eval_settings(tmp_path_factory, field, value):
 @given(field=st.sampled_from(["tolerances", "operating_point", "bogus", "metric", "abs", "rel", "direction"]),
        value=values)  # fmt: skip
 def test_regression_config(tmp_path_factory, field, value):
-    from sweeps.config import SweepConfigError
-    from sweeps.regression import RegressionConfig, load_regression_config
+    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.stages.regression import RegressionConfig, load_regression_config
 
     tmp_path = tmp_path_factory.mktemp("regress")
     raw = {"sweep": _valid_sweep(tmp_path), "tolerances": [{"metric": "g_id", "abs": 0.01}]}

@@ -1,4 +1,4 @@
-"""Tests of rpsft_core.data: reading, assistant-only labels, truncation, demo data, collation."""
+"""Tests of rpsft.core.data: reading, assistant-only labels, truncation, demo data, collation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PAPER_DATA
-
-from rpsft_core.data import (
+from rpsft.core.data import (
     MATH_SYSTEM_PROMPT,
     DataError,
     SFTCollator,
@@ -127,7 +126,7 @@ def test_truncation_and_dropping(smol_tokenizer, caplog):
     full = tokenize_example(short, smol_tokenizer, max_length=10_000)
     assert cut["input_ids"] == full["input_ids"][: full_len - 3]
 
-    with caplog.at_level(logging.WARNING, logger="rpsft_core.data"):
+    with caplog.at_level(logging.WARNING, logger="rpsft.core.data"):
         dataset = build_sft_dataset([short, long_prompt, short], smol_tokenizer, max_length=64)
     assert isinstance(dataset, SFTDataset)
     assert len(dataset) == 2 and dataset.n_dropped == 1
@@ -305,9 +304,9 @@ def test_demo_math_answers_are_correct():
 def test_one_reader_of_chat_messages_for_sft_eval_and_rl_rows(messages, problem):
     """SFT rows, evaluation items and RL prompts read a ``prompt`` message list with the same reader, so a
     bad message is refused by each with the same reason (its position and the fix)."""
-    from evaluation.benchmarks import BUILTIN_BENCHMARKS
-    from evaluation.items import EvalDataError, _row_to_item
-    from evaluation.rl_prompts import row_to_rl_prompt
+    from rpsft.evaluation.benchmarks import BUILTIN_BENCHMARKS
+    from rpsft.evaluation.items import EvalDataError, _row_to_item
+    from rpsft.evaluation.rl_prompts import row_to_rl_prompt
 
     bench = next(b for b in BUILTIN_BENCHMARKS if b.scorer == "math")
     readers = [
@@ -351,8 +350,8 @@ def test_collator_right_pads():
 
 
 def test_collate_features_pads_only_the_keys_given():
-    from rpsft_core.data import collate_features
-    from rpsft_core.losses import IGNORE_INDEX
+    from rpsft.core.data import collate_features
+    from rpsft.core.losses import IGNORE_INDEX
 
     features = [{"input_ids": [5, 6]}, {"input_ids": [1, 2, 3, 4]}]
     batch = collate_features(features, pad_token_id=0)

@@ -9,14 +9,13 @@ row-sharded form on 2 gloo ranks, and the config and sweep knob.
 import pytest
 import torch
 from helpers import decaying_matrix
+from rpsft.core.bases import compute_bases, save_bases
+from rpsft.core.config import ConfigError, TrainConfig, load_train_config
+from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
+from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.selection import select_matrices
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
 from torch import nn
-
-from rpsft_core.bases import compute_bases, save_bases
-from rpsft_core.config import ConfigError, TrainConfig, load_train_config
-from rpsft_core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
-from rpsft_core.regularizer import RPSFTRegularizer
-from rpsft_core.selection import select_matrices
-from rpsft_core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
 
 SHAPES = [(7, 5), (6, 9), (3, 4), (12, 12)]  # 7 rows over 2 ranks: 4 + 3
 LAM, ETA = 0.7, 0.3
@@ -145,7 +144,7 @@ def test_lambda_zero_and_a_skipped_period_leave_the_weights_as_the_optimizer_lef
 
 
 def test_decoupled_adds_no_penalty_gradient():
-    from rpsft_core.trainer import RPSFTCallback
+    from rpsft.core.trainer import RPSFTCallback
 
     for mode in ("loss", "decoupled"):
         params = _params()
@@ -189,7 +188,7 @@ def test_the_penalized_methods_read_the_mode_and_the_others_ignore_it():
 
 
 def _sweep(**changes):
-    from sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config import parse_sweep_config
 
     raw = {
         "name": "modes",
@@ -205,8 +204,8 @@ def _sweep(**changes):
 
 def _logged_key(config, params):
     """The configuration key of a trial as its MLflow params give it (run_trial logs these)."""
-    from sweeps.trial import trial_knobs
-    from sweeps.uncertainty import knob_key
+    from rpsft.sweeps.analysis.uncertainty import knob_key
+    from rpsft.sweeps.trial.run import trial_knobs
 
     train = config.trial_train_config(params)
     logged = {"method": train.method, **trial_knobs(train, params), "layers": "all"}
@@ -216,9 +215,9 @@ def _logged_key(config, params):
 
 
 def test_a_sweep_searches_both_modes_as_two_configurations():
-    from sweeps.initial_design import initial_design
-    from sweeps.runner import search_dims, search_distributions
-    from sweeps.store import trial_label
+    from rpsft.sweeps.runner import search_dims, search_distributions
+    from rpsft.sweeps.search.initial_design import initial_design
+    from rpsft.sweeps.store.sweep_store import trial_label
 
     config = _sweep(space={"k": [4], "lambda": [1.0], "penalty_mode": ["loss", "decoupled"]})
     assert config.grid_size() == 2
@@ -251,7 +250,7 @@ def test_references_differing_only_in_penalty_mode_are_different_configurations(
 
 
 def test_a_sweep_refuses_decoupled_rpsft_lora_and_a_shared_train_mode():
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     with pytest.raises(SweepConfigError, match=r"references\[0\].*penalty_mode: decoupled is not defined"):
         _sweep(references=[{"method": "rpsft-lora", "penalty_mode": "decoupled"}])
@@ -294,9 +293,8 @@ def _trainer_run(tmp_path, mode, lam, *, perturb=True, steps=3):
     """RPSFTTrainer on a tiny float64 Llama (linear schedule: a new rate every step), from weights moved off
     the pretrained ones (so that a penalty gradient would show at the first step); returns the trainer, the
     regularizer (or None) and the learning rates each prox step received."""
+    from rpsft.core.trainer import RPSFTTrainer
     from transformers import PrinterCallback, TrainingArguments
-
-    from rpsft_core.trainer import RPSFTTrainer
 
     model = tiny_llama()
     selection = select_matrices(model, "all")
@@ -497,7 +495,7 @@ def test_fsdp2_train_steps_take_the_prox_step_like_one_process(k, tmp_path):
 
 
 def test_a_trial_logged_without_the_default_knobs_groups_with_one_that_logs_them():
-    from sweeps.uncertainty import knob_key
+    from rpsft.sweeps.analysis.uncertainty import knob_key
 
     old = {"method": "rpsft", "k": "32", "lambda": "100.0", "reference": "rpsft k=32 seed=0"}
     new = {**old, "penalty_mode": "loss", "optimizer": "adamw_torch", "reference": "rpsft k=32 seed=1"}

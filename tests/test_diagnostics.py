@@ -1,4 +1,4 @@
-"""Diagnostics (paper App. C.5, F): the core's energy rank rule, and evaluation.diagnostics' rotation,
+"""Diagnostics (paper App. C.5, F): the core's energy rank rule, and rpsft.evaluation.diagnostics' rotation,
 first-order signal, hidden drift, entropy and the ``rpsft diagnose`` run."""
 
 import copy
@@ -11,10 +11,21 @@ import numpy as np
 import pytest
 import torch
 from conftest import PAPER_DATA
-from torch import nn
-from typer.testing import CliRunner
-
-from evaluation.diagnostics import (
+from rpsft.core.data import collate_features, demo_math_examples
+from rpsft.core.models import tiny_model
+from rpsft.core.prompts import PromptExample, gradient_features, read_prompt_examples
+from rpsft.core.rank_rule import (
+    AutoK,
+    EnergyAccumulator,
+    energy_curves,
+    gradient_energy,
+    is_auto_k,
+    lm_sample_losses,
+    parse_k_spec,
+    per_sample_gradients,
+    resolve_auto_k,
+)
+from rpsft.evaluation.diagnostics import (
     centroid_drift,
     dataset_gradients,
     first_order_signal,
@@ -30,20 +41,8 @@ from evaluation.diagnostics import (
     rotation_metrics,
     rotation_summary,
 )
-from rpsft_core.data import collate_features, demo_math_examples
-from rpsft_core.models import tiny_model
-from rpsft_core.prompts import PromptExample, gradient_features, read_prompt_examples
-from rpsft_core.rank_rule import (
-    AutoK,
-    EnergyAccumulator,
-    energy_curves,
-    gradient_energy,
-    is_auto_k,
-    lm_sample_losses,
-    parse_k_spec,
-    per_sample_gradients,
-    resolve_auto_k,
-)
+from torch import nn
+from typer.testing import CliRunner
 
 Q1 = "model.layers.1.self_attn.q_proj.weight"
 
@@ -186,8 +185,8 @@ def test_rotation_summary_is_layerwise_and_skips_trivial_matrices(smol_tokenizer
 
 
 def test_protected_drift_matches_the_regularizers_drift(tmp_path, smol_tokenizer):
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.train import train
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.train import train
 
     base = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
     cfg = TrainConfig.model_validate(
@@ -373,7 +372,7 @@ def test_hidden_drift_of_a_model_against_itself_is_zero(smol_tokenizer):
     drift = centroid_drift({"base": states, "same": same, "moved": moved})
     assert drift["base"] == 0.0 and drift["same"] == 0.0 and drift["moved"] > 1e-3
     # Independent pooling of one prompt, unbatched: masked mean over its own tokens.
-    from rpsft_core.prompts import prompt_token_ids
+    from rpsft.core.prompts import prompt_token_ids
 
     ids = torch.tensor([prompt_token_ids(examples[:1], smol_tokenizer, 512)[0]])
     with torch.no_grad():
@@ -401,7 +400,7 @@ def _manual_greedy_entropies(model, prompt_ids, steps):
 
 
 def test_entropy_follows_the_greedy_path_and_stops_at_eos(smol_tokenizer):
-    from rpsft_core.prompts import prompt_token_ids
+    from rpsft.core.prompts import prompt_token_ids
 
     model = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0).double()
     with torch.no_grad():  # sharpen the random model so the entropies differ between prompts
@@ -436,7 +435,7 @@ def test_kde_uses_the_papers_bandwidth():
 
 def test_import_does_not_pull_ray_or_mlflow():
     code = (
-        "import sys, evaluation.diagnostics, evaluation.diagnostics.cli\n"
+        "import sys, rpsft.evaluation.diagnostics, rpsft.evaluation.diagnostics.cli\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]\n"
         "assert not bad, bad\n"
     )
@@ -445,28 +444,17 @@ def test_import_does_not_pull_ray_or_mlflow():
 
 def test_the_core_rank_rule_needs_neither_the_analysis_nor_matplotlib():
     code = (
-        "import sys, rpsft_core.rank_rule, rpsft_core.prompts, rpsft_core.config, rpsft_core.train\n"
-        "import rpsft_core.diagnostics\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('evaluation', 'matplotlib', 'sweeps')]\n"
+        "import sys, rpsft.core.rank_rule, rpsft.core.prompts, rpsft.core.config, rpsft.core.train\n"
+        "bad = [m for m in sys.modules if m.startswith(('rpsft.evaluation', 'rpsft.sweeps', 'matplotlib'))]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_old_diagnostics_names_warn_or_name_their_new_module():
-    import rpsft_core.diagnostics as old
-    from rpsft_core import rank_rule
-
-    with pytest.warns(DeprecationWarning, match="rpsft_core.rank_rule.parse_k_spec"):
-        assert old.parse_k_spec is rank_rule.parse_k_spec
-    with pytest.raises(AttributeError, match="from evaluation.diagnostics.rotation import rotation_summary"):
-        old.rotation_summary  # noqa: B018
-
-
 def test_every_diagnostic_follows_the_protocol():
-    from evaluation.diagnostics.catalog import DIAGNOSTICS
-    from evaluation.diagnostics.protocol import Diagnostic
-    from evaluation.diagnostics.run import ALL_DIAGNOSTICS, parse_what
+    from rpsft.evaluation.diagnostics.catalog import DIAGNOSTICS
+    from rpsft.evaluation.diagnostics.protocol import Diagnostic
+    from rpsft.evaluation.diagnostics.run import ALL_DIAGNOSTICS, parse_what
 
     assert [d.name for d in DIAGNOSTICS] == list(ALL_DIAGNOSTICS) == list(parse_what("all"))
     for diagnostic in DIAGNOSTICS:
@@ -476,8 +464,8 @@ def test_every_diagnostic_follows_the_protocol():
 
 
 def test_figures_without_matplotlib_name_the_extra(tmp_path, smol_tokenizer, monkeypatch):
-    from evaluation.diagnostics import plots
-    from evaluation.diagnostics.run import diagnose
+    from rpsft.evaluation.diagnostics import plots
+    from rpsft.evaluation.diagnostics.run import diagnose
 
     base = tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0)
     base.save_pretrained(tmp_path / "same")
@@ -599,10 +587,11 @@ def test_diagnose_cli_on_tiny_models(tmp_path, smol_tokenizer):
 def test_rpsft_rotates_less_than_sft_on_smollm2(tmp_path, smol_tokenizer):
     """Brief SFT and RPSFT fine-tunes of SmolLM2-135M (same data, seed, steps, learning rate), then
     ``rpsft diagnose`` on both: the penalized matrices rotate less under RPSFT."""
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.models import load_model
+    from rpsft.core.train import train
+
     from rpsft.cli import app
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.models import load_model
-    from rpsft_core.train import train
 
     aime = PAPER_DATA / "id" / "aime-25.jsonl"
     gpqa = PAPER_DATA / "ood" / "gpqa_test.jsonl"

@@ -6,8 +6,7 @@ Every expected value here is written out by hand; nothing is computed with the c
 import math
 
 import pytest
-
-from evaluation.answers import (
+from rpsft.evaluation.answers import (
     extract_boxed,
     extract_choice_letter,
     math_equal,
@@ -15,8 +14,8 @@ from evaluation.answers import (
     score_math,
     strip_units,
 )
-from evaluation.benchmarks import EvalConfigError
-from evaluation.metrics import avg_at_k, flatten_mean, pass_at_k, tradeoff
+from rpsft.evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.metrics import avg_at_k, flatten_mean, pass_at_k, tradeoff
 
 # ------------------------------------------------------------------------------------------ boxed answers
 
@@ -152,7 +151,7 @@ FIRST_PAPER_ROW_INSTRUCTIONS = [  # ood/ifeval_loose.jsonl row 0, kwargs as stor
 
 
 def _ifeval(response, instructions, prompt="Write something."):
-    from evaluation.ifeval import ifeval_loose
+    from rpsft.evaluation.ifeval import ifeval_loose
 
     ids = [i for i, _ in instructions]
     kwargs = [k for _, k in instructions]
@@ -177,8 +176,7 @@ def test_ifeval_loose_known_passing_and_failing_outputs():
 
 def test_ifeval_agrees_with_lm_evals_own_process_results():
     from lm_eval.tasks.ifeval import utils as lm_ifeval
-
-    from evaluation.ifeval import clean_kwargs
+    from rpsft.evaluation.ifeval import clean_kwargs
 
     cases = ["Sure, here:\nhello world", "hello, world", "*a* *b* *c* " + "w " * 300]
     for response in cases:
@@ -195,7 +193,7 @@ def test_ifeval_agrees_with_lm_evals_own_process_results():
 
 
 def test_ifeval_missing_punkt_fails_with_the_fix(monkeypatch):
-    import evaluation.ifeval as ifeval
+    import rpsft.evaluation.ifeval as ifeval
 
     monkeypatch.setattr(ifeval, "punkt_available", lambda: False)
     ifeval.check_ifeval_ready(["punctuation:no_comma"])  # needs no punkt

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
+from rpsft.evaluation.benchmarks import builtin_registry
 from typer.testing import CliRunner
-
-from evaluation.benchmarks import builtin_registry
 
 PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper-data"
 pytestmark = [

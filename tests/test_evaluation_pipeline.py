@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from rpsft.evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.settings import EvalSettings, load_eval_settings, plan_evaluation
 from typer.testing import CliRunner
-
-from evaluation.benchmarks import EvalConfigError
-from evaluation.settings import EvalSettings, load_eval_settings, plan_evaluation
 
 PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper-data"
 needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
@@ -123,7 +122,7 @@ def _only_extras(config, **overrides):
 
 
 def test_all_repeats_are_scored_and_config_only_benchmarks_run(synth_dir, tmp_path):
-    from evaluation.runner import evaluate
+    from rpsft.evaluation.runner import evaluate
 
     correct = {  # (benchmark, index) -> samples (of 4 / of 2) that answer correctly
         ("synth_arith", 0): {0, 2},
@@ -196,7 +195,7 @@ def test_plan_hash_covers_what_changes_the_scores_and_not_where_the_data_lives(s
     import ast
     import shutil
 
-    from evaluation.lm_eval_tasks import plan_config_hash
+    from rpsft.evaluation.lm_eval_tasks import plan_config_hash
 
     plan = plan_evaluation(_only_extras(synth_dir))
     assert plan_config_hash(plan) == plan_config_hash(plan_evaluation(_only_extras(synth_dir)))
@@ -220,7 +219,7 @@ def test_plan_hash_covers_what_changes_the_scores_and_not_where_the_data_lives(s
         if isinstance(node, (ast.Import, ast.ImportFrom))
         for alias in node.names
     }
-    assert "evaluation.lm_eval_tasks" not in imported and "lm_eval" not in imported
+    assert "rpsft.evaluation.lm_eval_tasks" not in imported and "lm_eval" not in imported
 
 
 @needs_paper_data
@@ -253,12 +252,12 @@ def test_paper_k_defaults_and_subsets():
 
 def _cli_fails(monkeypatch, args):
     """Run `rpsft eval` and assert it fails with exit 2 before any model is loaded."""
-    import rpsft_core.models
+    import rpsft.core.models
 
     def no_load(*a, **k):
         raise AssertionError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(rpsft_core.models, "load_model", no_load)
+    monkeypatch.setattr(rpsft.core.models, "load_model", no_load)
     from rpsft.cli import app
 
     result = CliRunner().invoke(app, ["eval", "--model", "smollm2-135m-instruct", *args])
@@ -316,8 +315,8 @@ def test_no_data_dir_and_no_hub_source_fails():
 
 def test_hub_source_mapping_from_a_local_dataset_dir(tmp_path):
     """A hub-style dataset (other field names, options in a list, one-hot labels) becomes paper-format items."""
-    from evaluation.benchmarks import Benchmark, HubSource
-    from evaluation.items import load_items
+    from rpsft.evaluation.benchmarks import Benchmark, HubSource
+    from rpsft.evaluation.items import load_items
 
     _write_jsonl(
         tmp_path / "hubmc" / "train.jsonl",
@@ -368,8 +367,8 @@ def test_hub_source_mapping_from_a_local_dataset_dir(tmp_path):
 
 
 def test_base_scores_are_cached_per_model_and_task_config(synth_dir, tmp_path):
-    from evaluation.runner import evaluate
-    from evaluation.scoring import base_scores, compute_tradeoff
+    from rpsft.evaluation.runner import evaluate
+    from rpsft.evaluation.scoring import base_scores, compute_tradeoff
 
     settings = _only_extras(synth_dir, cache_dir=str(tmp_path / "cache"), k=2)
 
@@ -408,13 +407,13 @@ def test_base_scores_are_cached_per_model_and_task_config(synth_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_pair(smol_tokenizer):
-    from rpsft_core.models import tiny_model
+    from rpsft.core.models import tiny_model
 
     return tiny_model("llama", vocab_size=len(smol_tokenizer), seed=0), smol_tokenizer
 
 
 def test_in_memory_model_runs_through_hflm_and_state_is_restored(synth_dir, tiny_pair):
-    from evaluation.runner import evaluate
+    from rpsft.evaluation.runner import evaluate
 
     model, tokenizer = tiny_pair
     model.train()
@@ -439,8 +438,8 @@ def test_in_memory_model_runs_through_hflm_and_state_is_restored(synth_dir, tiny
 def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_pair):
     import copy
 
-    import evaluation.loss_metrics as lm_mod
-    from evaluation.loss_metrics import LossSettings, loss_items, loss_tradeoff, token_kl, token_nll
+    import rpsft.evaluation.loss_metrics as lm_mod
+    from rpsft.evaluation.loss_metrics import LossSettings, loss_items, loss_tradeoff, token_kl, token_nll
 
     model, tokenizer = tiny_pair
     base = copy.deepcopy(model).eval()
@@ -463,7 +462,7 @@ def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_p
     items = loss_items(settings)
     conv = items.id_conversations["math500"][0]
     # NLL by hand: HF's own mean token loss over the same labels
-    from rpsft_core.data import tokenize_example
+    from rpsft.core.data import tokenize_example
 
     enc = tokenize_example(conv, tokenizer, 1024)
     with torch.no_grad():
@@ -481,7 +480,7 @@ def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_p
     # the tuned model: a few SGD steps on the ID reference solutions -> their NLL drops (G_id > 0)
     tuned = copy.deepcopy(model)
     opt = torch.optim.SGD(tuned.parameters(), lr=0.5)
-    from rpsft_core.data import SFTCollator
+    from rpsft.core.data import SFTCollator
 
     batch = SFTCollator(tokenizer.pad_token_id)(
         [tokenize_example(c, tokenizer, 1024) for c in items.id_conversations["math500"]]
@@ -515,7 +514,7 @@ def test_loss_metrics_by_hand_and_moving_in_the_right_direction(tmp_path, tiny_p
         lm_mod, "greedy_responses", lambda *a, **k: (_ for _ in ()).throw(AssertionError("regenerated"))
     )
     try:
-        key = __import__("evaluation.scoring", fromlist=["model_fingerprint"]).model_fingerprint(base)
+        key = __import__("rpsft.evaluation.scoring", fromlist=["model_fingerprint"]).model_fingerprint(base)
         again = loss_tradeoff(tuned, tokenizer, settings.model_copy(update={"kl": False}), base_key=key)
     finally:
         monkey.undo()

@@ -17,7 +17,7 @@ pytestmark = [
 
 
 def _runs_by_reference(outcome):
-    from sweeps import tracking
+    from rpsft.sweeps.store import tracking
 
     client = tracking.client_for(outcome.tracking_uri)
     runs = tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
@@ -45,7 +45,7 @@ def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(
 ):
     import json
 
-    from sweeps.runner import resume_sweep
+    from rpsft.sweeps.runner import resume_sweep
 
     monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")
     monkeypatch.setenv("RPSFT_INJECT_FAULT_TIMES", "1")
@@ -124,8 +124,8 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
     import sys
     import time
 
-    from sweeps.config import SweepConfigError, parse_sweep_config
-    from sweeps.runner import LOCK_FILE, run_sweep
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.runner import LOCK_FILE, run_sweep
 
     config = parse_sweep_config(_sweep("locked", tiny_dir, tmp_path))
     sweep_dir = config.sweep_dir()
@@ -133,8 +133,8 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from sweeps.runner import driver_lock\n"
-            "from sweeps.store import SweepStore\n"
+            "import sys, time; from pathlib import Path; from rpsft.sweeps.runner import driver_lock\n"
+            "from rpsft.sweeps.store.sweep_store import SweepStore\n"
             "with driver_lock(SweepStore(Path(sys.argv[1]).parent, 'locked')):\n"
             "    print('held', flush=True); time.sleep(600)",
             str(sweep_dir),
@@ -150,7 +150,7 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         ):
             run_sweep(config, echo=lambda *a, **k: None, progress=False)
         assert not (sweep_dir / "sweep.json").exists()  # refused before any work
-        from sweeps.runner import resume_sweep
+        from rpsft.sweeps.runner import resume_sweep
 
         (sweep_dir / "sweep.json").write_text("{}")
         with pytest.raises(SweepConfigError, match="being run by another driver"):
@@ -160,8 +160,8 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
     time.sleep(0.2)
-    from sweeps.runner import driver_lock
-    from sweeps.store import SweepStore
+    from rpsft.sweeps.runner import driver_lock
+    from rpsft.sweeps.store.sweep_store import SweepStore
 
     with driver_lock(SweepStore.of(config)):  # the killed holder left no stale lock
         assert "pid" in (sweep_dir / LOCK_FILE).read_text()

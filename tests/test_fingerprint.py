@@ -1,4 +1,4 @@
-"""The one tensor fingerprint (rpsft_core.fingerprint) against sha256 computed from numpy's bytes, and the
+"""The one tensor fingerprint (rpsft.core.fingerprint) against sha256 computed from numpy's bytes, and the
 cache keys built on it."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import hashlib
 
 import numpy as np
 import torch
-
-from rpsft_core.fingerprint import tensor_bytes, tensors_sha256
+from rpsft.core.fingerprint import tensor_bytes, tensors_sha256
 
 
 def _numpy_bytes(tensor: torch.Tensor) -> bytes:
@@ -43,8 +42,8 @@ def test_tensors_sha256_hashes_header_labels_and_bytes_in_order():
 
 
 def test_weights_and_model_fingerprints_follow_every_byte():
-    from evaluation.scoring import model_fingerprint
-    from rpsft_core.bases import weights_fingerprint
+    from rpsft.core.bases import weights_fingerprint
+    from rpsft.evaluation.scoring import model_fingerprint
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

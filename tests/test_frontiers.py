@@ -1,4 +1,4 @@
-"""Method families compared by their frontiers (:mod:`sweeps.frontiers`): each family's configuration of largest
+"""Method families compared by their frontiers (:mod:`rpsft.sweeps.analysis.frontiers`): each family's configuration of largest
 Phi(beta) on the selection items, reported on the report items; checked against an independent computation on
 planted item scores, and for the winner's curse (many noisy configurations of equal true Phi)."""
 
@@ -7,11 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import tradeoff_by_hand
-
-from evaluation.item_split import ItemSplit
-from sweeps.frontiers import family, family_frontiers
-from sweeps.selection import TrialPoint
-from sweeps.uncertainty import analyze_items
+from rpsft.evaluation.item_split import ItemSplit
+from rpsft.sweeps.analysis.frontiers import family, family_frontiers
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.uncertainty import analyze_items
 
 BENCHES = {"id": ("a", "b"), "ood": ("c", "d")}
 BETAS = [0.5, 1.0, 4.0]
@@ -150,7 +149,7 @@ def test_each_familys_frontier_point_and_its_report_numbers(split):
         frontiers.differences["lora"][0.5].difference.estimate
     )
 
-    from sweeps.summary import frontiers_text
+    from rpsft.sweeps.analysis.summary import frontiers_text
 
     text = frontiers_text(frontiers)
     p = frontiers.point("rpsft", 1.0)

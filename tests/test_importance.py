@@ -8,9 +8,8 @@ import random
 from types import SimpleNamespace
 
 import pytest
-
-from dashboards import importance
-from dashboards.sweep_data import SweepData, TrialRecord
+from rpsft.dashboards import importance
+from rpsft.dashboards.sweep_data import SweepData, TrialRecord
 
 
 def _sweep(n: int, phi_of, seed: int = 0, references: int = 2) -> SweepData:
@@ -109,7 +108,7 @@ def test_the_report_shows_the_importances_its_figures_and_embeds_the_numbers(tmp
     import json
     import re
 
-    from dashboards.report import build_report
+    from rpsft.dashboards.report import build_report
 
     data = _sweep(24, _only_lambda)
     data.config = SimpleNamespace(

@@ -5,8 +5,7 @@ import math
 
 import numpy as np
 import pytest
-
-from evaluation.intervals import IntervalError, bootstrap_tradeoff, interval_metrics
+from rpsft.evaluation.intervals import IntervalError, bootstrap_tradeoff, interval_metrics
 
 
 def _items(values, weights=None):

@@ -1,4 +1,4 @@
-"""The item split (:mod:`evaluation.item_split`) and the operating point chosen on the selection items and
+"""The item split (:mod:`rpsft.evaluation.item_split`) and the operating point chosen on the selection items and
 reported on the held-out report items: the split's properties, the winner's curse it removes (synthetic
 configurations of equal true Phi on noisy items), and the real analysis path of a stored sweep (MLflow, SQLite)
 against an independent computation on the items."""
@@ -10,10 +10,9 @@ import time
 
 import numpy as np
 import pytest
-
-from evaluation.item_split import ItemSplit, ItemSplitError, report_count, split_item_scores
-from sweeps.selection import TrialPoint, select
-from sweeps.uncertainty import analyze_items
+from rpsft.evaluation.item_split import ItemSplit, ItemSplitError, report_count, split_item_scores
+from rpsft.sweeps.analysis.selection import TrialPoint, select
+from rpsft.sweeps.analysis.uncertainty import analyze_items
 
 BETA = 1.0
 LAYOUT = {"id": {"math500": 10, "gsm8k": 7}, "ood": {"gpqa": 2, "mmlu": 33}}
@@ -80,7 +79,7 @@ def test_no_split_is_every_item_in_both_parts_and_one_item_cannot_be_split():
 
 
 def test_the_config_field_is_typed():
-    from sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
 
     raw = {"name": "s", "references": ["sft"]}
     assert parse_sweep_config(raw).evaluation.split.item_split() == ItemSplit(0.5, 0)
@@ -184,7 +183,7 @@ def test_no_split_reproduces_the_choice_on_all_items_exactly():
 
 
 def _log_run(client, experiment_id, parent, trial_id, params, metrics, items=None, tags=None):
-    from sweeps import tracking
+    from rpsft.sweeps.store import tracking
 
     run = client.create_run(
         experiment_id,
@@ -210,9 +209,9 @@ def stored_sweep(tmp_path):
     """Two stored sweeps over the same MLflow runs (SQLite): ``split`` (report_fraction 0.5, seed 1) and
     ``whole`` (report_fraction 0). Six configurations with item scores (sft with two seeds) and one without
     (``run6``, the worst)."""
-    from sweeps import tracking
-    from sweeps.config import parse_sweep_config
-    from sweeps.store import SweepContext, SweepStore
+    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.store import tracking
+    from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore
 
     rng = np.random.default_rng(12)  # noise under which the split's choice differs from the all-items choice
     base, trials, _ = _synthetic(rng, n_configs=7, n_items=12, noise=0.3)
@@ -290,11 +289,11 @@ def _by_hand(base, configs, split):
 
 
 def test_a_stored_sweep_is_chosen_on_the_selection_items_and_reported_on_the_report_items(stored_sweep):
+    from rpsft.sweeps.analysis.summary import selection_text
+    from rpsft.sweeps.runner import operating_point_metrics
     from typer.testing import CliRunner
 
     from rpsft.cli import app
-    from sweeps.runner import operating_point_metrics
-    from sweeps.summary import selection_text
 
     stores, base, configs = stored_sweep
     stored = stores["split"].load()
@@ -368,9 +367,9 @@ def test_a_stored_sweep_is_chosen_on_the_selection_items_and_reported_on_the_rep
     assert selection_text(selection) in text
 
     # `rpsft sweep report`: the operating point's two parts, and the figure's star where its trial is plotted
-    from dashboards.figures import tradeoff_figure
-    from dashboards.report import _selection_html
-    from dashboards.sweep_data import load_sweep_data
+    from rpsft.dashboards.figures import tradeoff_figure
+    from rpsft.dashboards.report import _selection_html
+    from rpsft.dashboards.sweep_data import load_sweep_data
 
     data = load_sweep_data("split", stores["split"].root, histories=False)
     page = _selection_html(data)
@@ -386,8 +385,8 @@ def test_a_stored_sweep_is_chosen_on_the_selection_items_and_reported_on_the_rep
 
 
 def test_a_stored_sweep_without_a_split_chooses_and_reports_on_all_items(stored_sweep):
-    from sweeps.summary import selection_text
-    from sweeps.uncertainty import group_points
+    from rpsft.sweeps.analysis.summary import selection_text
+    from rpsft.sweeps.analysis.uncertainty import group_points
 
     stores, base, configs = stored_sweep
     stored = stores["whole"].load()
@@ -413,8 +412,8 @@ def test_a_stored_sweep_without_a_split_chooses_and_reports_on_all_items(stored_
 def test_the_choice_differs_from_all_items_here_and_pruning_during_the_sweep_keeps_the_split_choice(
     stored_sweep,
 ):
-    from sweeps.checkpoints import prune
-    from sweeps.config import Keep
+    from rpsft.sweeps.config import Keep
+    from rpsft.sweeps.stages.checkpoints import prune
 
     stores, _, _ = stored_sweep
     split, whole = stores["split"].load(), stores["whole"].load()

@@ -5,8 +5,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from rpsft_core.json_cache import cached_json, read_cached_json, write_cached_json
+from rpsft.core.json_cache import cached_json, read_cached_json, write_cached_json
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

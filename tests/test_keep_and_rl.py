@@ -50,9 +50,8 @@ def _versions(client, name):
 def _rescore(stored, model_dir):
     """G_id and F_ood of the checkpoint in ``model_dir`` by the sweep's own scorer (an independent load)."""
     import torch
-
-    from rpsft_core.models import load_model
-    from sweeps.scoring import TrialScorer
+    from rpsft.core.models import load_model
+    from rpsft.sweeps.trial.scoring import TrialScorer
 
     scorer = TrialScorer(stored.config, stored.context.base_key, stored.context.cache_dir)
     model, tokenizer = load_model(str(model_dir))
@@ -63,14 +62,14 @@ def _rescore(stored, model_dir):
 
 @needs_paper_data
 def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
+    from rpsft.dashboards.report import build_report
+    from rpsft.dashboards.sweep_data import load_sweep_data
+    from rpsft.sweeps.stages.checkpoints import TAG_KEPT, export_trial
+    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.store import tracking
     from typer.testing import CliRunner
 
-    from dashboards.report import build_report
-    from dashboards.sweep_data import load_sweep_data
     from rpsft.cli import app
-    from sweeps import tracking
-    from sweeps.checkpoints import TAG_KEPT, export_trial
-    from sweeps.report import load_stored_sweep
 
     outcome = run_quietly(_keep_sweep("keep", tiny_dir, tmp_path, {"operating_point": True}))
     root = tmp_path / "sweeps"
@@ -93,7 +92,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     assert rescored["g_id"] == pytest.approx(best_trial.g_id, abs=1e-6)
     assert rescored["f_ood"] == pytest.approx(best_trial.f_ood, abs=1e-6)
 
-    from sweeps.checkpoints import find_trial_run
+    from rpsft.sweeps.stages.checkpoints import find_trial_run
 
     best_rpsft = next(p for p in stored.selection().ranking if p.params.get("method") == "rpsft")
     assert find_trial_run(stored, "best:rpsft").run_id == best_rpsft.run_id
@@ -133,7 +132,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     assert len(tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id, role="rl")) == 2
 
     # resuming the finished sweep registers nothing twice and leaves the RL runs out of its trials
-    from sweeps.runner import resume_sweep
+    from rpsft.sweeps.runner import resume_sweep
 
     resumed = resume_sweep("keep", root=root, echo=lambda *a: None)
     assert len(_versions(client, "keep")) == 1 and len(resumed.trials) == 3
@@ -144,7 +143,7 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     # the report's init -> RL table holds the runs' numbers
     data = load_sweep_data("keep", root, histories=False)
     assert len(data.rl) == 2
-    from dashboards.tables import rl_rows
+    from rpsft.dashboards.tables import rl_rows
 
     by_run = {r.info.run_id: r for r in rl_runs}
     for row in rl_rows(data):
@@ -158,9 +157,9 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
 
 @needs_paper_data
 def test_kept_checkpoints_are_registered_on_a_tracking_server(tiny_dir, tmp_path):
-    from sweeps import tracking
-    from sweeps.checkpoints import export_trial
-    from sweeps.report import load_stored_sweep
+    from rpsft.sweeps.stages.checkpoints import export_trial
+    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.store import tracking
 
     server = MlflowServer(tmp_path / "mlflow")
     server.start()

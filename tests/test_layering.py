@@ -1,8 +1,8 @@
-"""The layering seen in the tree: rpsft_core < evaluation < sweeps < dashboards < rpsft (the app).
+"""The layering seen in the tree: rpsft.core < rpsft.evaluation < rpsft.sweeps < rpsft.dashboards < rpsft (the app).
 
 Every module is parsed, not imported: no package imports a higher one (at module level or inside a function),
-``rpsft_core`` imports nothing by string, and no module of ``rpsft_core`` imports Ray, MLflow or Optuna. A
-subprocess then imports every module of ``rpsft_core`` and checks that none of them pulled those in.
+``rpsft.core`` imports nothing by string, and no module of ``rpsft.core`` imports Ray, MLflow or Optuna. A
+subprocess then imports every module of ``rpsft.core`` and checks that none of them pulled those in.
 """
 
 from __future__ import annotations
@@ -16,19 +16,40 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-LAYERS = ("rpsft_core", "evaluation", "sweeps", "dashboards", "rpsft")
+# Each layer's import name and the folder it is installed from (pyproject.toml's package-dir), lowest first.
+FOLDERS = {
+    "rpsft.core": "rpsft_core",
+    "rpsft.evaluation": "evaluation",
+    "rpsft.sweeps": "sweeps",
+    "rpsft.dashboards": "dashboards",
+    "rpsft": "rpsft",
+}
+LAYERS = tuple(FOLDERS)
 SERVICE_PACKAGES = {"ray", "mlflow", "optuna"}
 
 
 def modules(package: str) -> list[Path]:
-    paths = sorted((REPO / package).rglob("*.py"))
+    paths = sorted((REPO / FOLDERS[package]).rglob("*.py"))
     assert paths, f"{package} has no modules"
     return paths
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
+    """The import name of a file: its folder's package name (``FOLDERS``) and its path inside."""
     parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    if root == REPO:
+        package = {folder: name for name, folder in FOLDERS.items()}[parts[0]]
+        parts = [*package.split("."), *parts[1:]]
+    return ".".join(parts)
+
+
+def layer_of(name: str) -> str | None:
+    """The layer an imported module belongs to (the longest matching package name), or None outside rpsft."""
+    for layer in sorted(LAYERS, key=len, reverse=True):
+        if name == layer or name.startswith(layer + "."):
+            return layer
+    return None
 
 
 def imported_modules(path: Path, root: Path = REPO) -> list[tuple[int, str]]:
@@ -69,11 +90,11 @@ def test_the_import_parser_sees_every_kind_of_import(tmp_path):
     pkg.mkdir(parents=True)
     source = pkg / "mod.py"
     source.write_text(
-        "import dashboards.report\nfrom evaluation import x\nfrom ..other import y\nfrom . import z\n"
+        "import rpsft.dashboards.report\nfrom evaluation import x\nfrom ..other import y\nfrom . import z\n"
         "def f():\n    import importlib\n    importlib.import_module('dashboards')\n    __import__('ray')\n"
     )
     names = [name for _, name in imported_modules(source, root=tmp_path)]
-    assert names == ["dashboards.report", "evaluation", "sweeps.other", "sweeps.sub", "importlib"]
+    assert names == ["rpsft.dashboards.report", "evaluation", "sweeps.other", "sweeps.sub", "importlib"]
     assert string_imports(source) == [7, 8]
 
 
@@ -82,18 +103,18 @@ def test_no_package_imports_a_higher_layer():
     for rank, package in enumerate(LAYERS):
         for path in modules(package):
             for line, name in imported_modules(path):
-                top = name.split(".")[0]
-                if top in LAYERS and LAYERS.index(top) > rank:
+                layer = layer_of(name)
+                if layer is not None and LAYERS.index(layer) > rank:
                     violations.append(f"{path.relative_to(REPO)}:{line} imports {name}")
     assert not violations, "\n".join(violations)
 
 
 def test_the_core_imports_nothing_by_string_and_no_service_client():
-    by_string = [f"{p.relative_to(REPO)}:{line}" for p in modules("rpsft_core") for line in string_imports(p)]
+    by_string = [f"{p.relative_to(REPO)}:{line}" for p in modules("rpsft.core") for line in string_imports(p)]
     assert not by_string, by_string
     services = [
         f"{p.relative_to(REPO)}:{line} imports {name}"
-        for p in modules("rpsft_core")
+        for p in modules("rpsft.core")
         for line, name in imported_modules(p)
         if name.split(".")[0] in SERVICE_PACKAGES
     ]
@@ -102,7 +123,7 @@ def test_the_core_imports_nothing_by_string_and_no_service_client():
 
 @pytest.mark.slow  # imports torch, transformers and TRL: a minute or more on a loaded CPU
 def test_importing_every_core_module_loads_no_ray_mlflow_or_optuna():
-    names = [module_name(p) for p in modules("rpsft_core")]
+    names = [module_name(p) for p in modules("rpsft.core")]
     script = (
         "import importlib, json, sys\n"
         f"for name in {names!r}:\n"

@@ -2,8 +2,7 @@ import math
 
 import pytest
 import torch
-
-from rpsft_core.losses import dft_loss, iw_loss, iw_weights, sft_loss, token_logprobs
+from rpsft.core.losses import dft_loss, iw_loss, iw_weights, sft_loss, token_logprobs
 
 # one sequence, vocab of 3, 4 positions -> 3 next-token predictions; the first is a prompt token (-100)
 LOGITS = [[1.0, 0.0, -1.0], [0.5, 2.0, 0.0], [0.0, 0.0, 3.0], [9.0, 9.0, 9.0]]
@@ -70,7 +69,7 @@ def test_num_items_normalizes_across_microbatches():
 
 
 def test_label_window_starts_at_the_position_that_predicts_the_first_label():
-    from rpsft_core.losses import label_window
+    from rpsft.core.losses import label_window
 
     labels = torch.tensor([[-100, -100, -100, 5, 6], [-100, -100, 7, 8, -100]])
     assert label_window(labels) == 4  # row 1 scores position 2, predicted by position 1: keep 1..4
@@ -80,8 +79,8 @@ def test_label_window_starts_at_the_position_that_predicts_the_first_label():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_windowed_logits_give_the_full_sequence_loss_and_gradient(arch):
-    from rpsft_core.losses import causal_lm_logits
-    from rpsft_core.models import tiny_model
+    from rpsft.core.losses import causal_lm_logits
+    from rpsft.core.models import tiny_model
 
     torch.manual_seed(0)
     model = tiny_model(arch, vocab_size=97, seed=1)

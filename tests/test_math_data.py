@@ -1,4 +1,4 @@
-"""Tests of rpsft_core.math_data: the CHAMP source (split, rendering, labels) and the overlap guard."""
+"""Tests of rpsft.core.math_data: the CHAMP source (split, rendering, labels) and the overlap guard."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import sys
 
 import pytest
 from conftest import PAPER_DATA
-
-from rpsft_core.data import IGNORE_INDEX, MATH_SYSTEM_PROMPT, DataError, load_examples, tokenize_example
-from rpsft_core.math_data import (
+from rpsft.core.data import IGNORE_INDEX, MATH_SYSTEM_PROMPT, DataError, load_examples, tokenize_example
+from rpsft.core.math_data import (
     champ_problems,
     champ_split_of,
     champ_split_problems,
@@ -25,7 +24,7 @@ from rpsft_core.math_data import (
 
 @pytest.fixture(scope="module")
 def raw_problems() -> dict[str, dict]:
-    """CHAMP's problems read straight from the installed wheel's file (not through rpsft_core)."""
+    """CHAMP's problems read straight from the installed wheel's file (not through rpsft.core)."""
     dist = importlib.metadata.distribution("champ-dataset")
     path = dist.locate_file("champ_dataset/dataset_files/v0.json")
     with open(path, encoding="utf-8") as fh:
@@ -87,7 +86,7 @@ def test_split_does_not_depend_on_input_order(raw_problems):
 
 def test_split_does_not_depend_on_python_hash_seed():
     code = (
-        "import json; from rpsft_core.math_data import champ_split_problems; "
+        "import json; from rpsft.core.math_data import champ_split_problems; "
         "print(json.dumps([p.identifier for p in champ_split_problems('heldout')]))"
     )
     here = [p.identifier for p in champ_split_problems("heldout")]
@@ -189,7 +188,7 @@ def test_labels_under_smollm2_chat_template(smol_tokenizer):
 
 @pytest.mark.slow
 def test_labels_under_gemma3_chat_template():
-    from rpsft_core.models import load_tokenizer
+    from rpsft.core.models import load_tokenizer
 
     _check_assistant_only_labels(load_tokenizer("gemma3-270m"), "<|im_end|>")
 

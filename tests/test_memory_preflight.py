@@ -13,11 +13,9 @@ import pytest
 import torch
 import yaml
 from conftest import PAPER_DATA
-from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, LlamaConfig
-
-from rpsft_core.config import TrainConfig
-from rpsft_core.errors import ConfigError, ModelSourceError
-from rpsft_core.memory import (
+from rpsft.core.config import TrainConfig
+from rpsft.core.errors import ConfigError, ModelSourceError
+from rpsft.core.memory import (
     MemoryEstimate,
     MemoryPreflightError,
     MemoryPreflightWarning,
@@ -32,7 +30,8 @@ from rpsft_core.memory import (
     preflight_train_memory,
     protected_shapes,
 )
-from sweeps.config import SweepConfigError
+from rpsft.sweeps.config import SweepConfigError
+from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_8B_GPU = REPO / "sweeps" / "configs" / "paper-8b-gpu.yaml"
@@ -184,7 +183,7 @@ SELECTIONS = [
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("layers", SELECTIONS, ids=lambda s: s if isinstance(s, str) else "spec")
 def test_protected_shapes_are_what_select_matrices_picks(tied: bool, layers: object) -> None:
-    from rpsft_core.selection import select_matrices
+    from rpsft.core.selection import select_matrices
 
     config = tiny_config(tied=tied, num_hidden_layers=3)
     model = AutoModelForCausalLM.from_config(config)
@@ -194,9 +193,9 @@ def test_protected_shapes_are_what_select_matrices_picks(tied: bool, layers: obj
 
 @pytest.mark.parametrize("k", [0, 4, 0.25, 1.0], ids=["k0", "k4", "fraction", "full"])
 def test_bases_bytes_are_what_the_bases_hold(k: int | float) -> None:
-    from rpsft_core.bases import compute_bases
-    from rpsft_core.selection import select_matrices
-    from rpsft_core.sharded_penalty import shard_bases
+    from rpsft.core.bases import compute_bases
+    from rpsft.core.selection import select_matrices
+    from rpsft.core.sharded_penalty import shard_bases
 
     config = tiny_config()
     model = AutoModelForCausalLM.from_config(config)
@@ -497,7 +496,7 @@ def test_headroom_is_the_share_of_device_memory_used(dims_8b: ModelDims) -> None
 
 
 def paper_8b_variant(**changes: object) -> object:
-    from sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config import parse_sweep_config
 
     raw = yaml.safe_load(PAPER_8B_GPU.read_text())
     for key, value in changes.items():
@@ -510,8 +509,8 @@ def paper_8b_variant(**changes: object) -> object:
 
 
 def test_paper_8b_gpu_config_fits_8_gpus_of_80g(dims_8b: ModelDims) -> None:
-    from sweeps import preflight
-    from sweeps.config import load_sweep_config
+    from rpsft.sweeps import preflight
+    from rpsft.sweeps.config import load_sweep_config
 
     config = load_sweep_config(PAPER_8B_GPU)
     assert config.model == "meta-llama/Llama-3.1-8B-Instruct"
@@ -539,7 +538,7 @@ def test_paper_8b_gpu_config_fits_8_gpus_of_80g(dims_8b: ModelDims) -> None:
 
 
 def test_paper_8b_gpu_config_in_one_float32_process_is_refused_with_the_fix(dims_8b: ModelDims) -> None:
-    from sweeps import preflight
+    from rpsft.sweeps import preflight
 
     planted = paper_8b_variant(resources={"workers": 1, "gpus": 1, "cpus": 8}, train__mixed_precision="no")
     with pytest.raises(SweepConfigError) as caught:
@@ -558,8 +557,8 @@ def test_paper_8b_gpu_config_in_one_float32_process_is_refused_with_the_fix(dims
 
 
 def test_check_resources_counts_every_worker_of_a_trial() -> None:
-    from sweeps import preflight
-    from sweeps.config import load_sweep_config
+    from rpsft.sweeps import preflight
+    from rpsft.sweeps.config import load_sweep_config
 
     config = load_sweep_config(PAPER_8B_GPU)
     with pytest.raises(SweepConfigError, match=r"8 workers .* \(8 GPUs\) but the Ray cluster has 4.*<= 4"):
@@ -569,7 +568,7 @@ def test_check_resources_counts_every_worker_of_a_trial() -> None:
 
 
 def test_check_memory_skips_with_a_warning_when_the_sizes_are_unknown() -> None:
-    from sweeps import preflight
+    from rpsft.sweeps import preflight
 
     config = paper_8b_variant(model="no-such-org/no-such-model")
     with pytest.warns(MemoryPreflightWarning, match="no-such-org/no-such-model"):
@@ -577,7 +576,7 @@ def test_check_memory_skips_with_a_warning_when_the_sizes_are_unknown() -> None:
 
 
 def test_trials_sharing_a_gpu_share_its_memory(monkeypatch, dims_8b: ModelDims) -> None:
-    from sweeps import preflight
+    from rpsft.sweeps import preflight
 
     asked: list[float] = []
     monkeypatch.setattr(preflight, "gpu_memory_bytes", lambda gpus: asked.append(gpus) or 141 * GIB)
@@ -592,7 +591,7 @@ def test_trials_sharing_a_gpu_share_its_memory(monkeypatch, dims_8b: ModelDims) 
 
 
 def test_a_gpu_that_does_not_answer_skips_the_check(monkeypatch, dims_8b: ModelDims) -> None:
-    from sweeps import preflight
+    from rpsft.sweeps import preflight
 
     def no_gpu(gpus: float) -> int:
         raise TimeoutError("no GPU task ran within 120 s")
@@ -628,9 +627,8 @@ def config_only_model(tmp_path_factory) -> Path:
 
 
 def tiny_sweep(name: str, model_dir: Path, root: Path, **overrides: object):
+    from rpsft.sweeps.config import parse_sweep_config
     from sweep_helpers import sweep_dict
-
-    from sweeps.config import parse_sweep_config
 
     return parse_sweep_config(sweep_dict(name, model_dir, root, **overrides), name)
 
@@ -638,8 +636,7 @@ def tiny_sweep(name: str, model_dir: Path, root: Path, **overrides: object):
 @pytest.mark.integration
 def test_a_tiny_sweep_fits_the_node_memory_ray_reports(ray_cpu, config_only_model, tmp_path) -> None:
     import ray
-
-    from sweeps import preflight
+    from rpsft.sweeps import preflight
 
     config = tiny_sweep("memory-ok", config_only_model, tmp_path)
     lines: list[str] = []
@@ -656,9 +653,8 @@ def test_a_tiny_sweep_fits_the_node_memory_ray_reports(ray_cpu, config_only_mode
 @pytest.mark.integration
 @pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
 def test_a_sweep_that_cannot_fit_fails_before_any_trial(ray_cpu, config_only_model, tmp_path) -> None:
+    from rpsft.sweeps.store.sweep_store import SweepStore
     from sweep_helpers import run_quietly, sweep_dict
-
-    from sweeps.store import SweepStore
 
     # 100,000 sequences of 1024 tokens per worker: the logits alone need 12 x 1024 x 256 B = 3 MiB a sequence
     raw = sweep_dict(
@@ -751,9 +747,9 @@ def test_estimate_is_within_25_percent_of_a_measured_step(
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointed"])
 def test_estimate_of_a_padded_batch_with_the_token_loss(checkpointing: bool) -> None:
-    """The trainer's own loss (:func:`rpsft_core.losses.token_logprobs`) on a padded batch: with an attention
+    """The trainer's own loss (:func:`rpsft.core.losses.token_logprobs`) on a padded batch: with an attention
     mask transformers repeats the keys and values to the query width, which ``repeat_kv`` counts."""
-    from rpsft_core.losses import sft_loss, token_logprobs
+    from rpsft.core.losses import sft_loss, token_logprobs
 
     config = tiny_config()
     torch.manual_seed(0)

@@ -6,20 +6,20 @@ import typing
 from pathlib import Path
 
 import pytest
+from rpsft.core.config import ConfigError, TrainConfig, load_train_config
+from rpsft.core.errors import DataError, InputError
+from rpsft.core.method_table import METHOD_NAMES, METHODS, Method, method_spec, methods_markdown
+from rpsft.sweeps.trial.run import trial_knobs
 from typer.testing import CliRunner
 
 from rpsft.cli import app
-from rpsft_core.config import ConfigError, TrainConfig, load_train_config
-from rpsft_core.errors import DataError, InputError
-from rpsft_core.method_table import METHOD_NAMES, METHODS, Method, method_spec, methods_markdown
-from sweeps.trial import trial_knobs
 
 runner = CliRunner()
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_the_config_literal_and_the_sweep_references_accept_exactly_the_table():
-    from sweeps.config import Reference
+    from rpsft.sweeps.config import Reference
 
     assert set(typing.get_args(Method)) == set(METHODS) == set(METHOD_NAMES)
     for name in METHODS:
@@ -99,12 +99,12 @@ def test_a_yaml_syntax_error_is_bad_input_naming_the_file(tmp_path):
 
 
 def test_a_failure_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypatch):
-    import rpsft_core.train
+    import rpsft.core.train
 
     def out_of_memory(config):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(rpsft_core.train, "train", out_of_memory)
+    monkeypatch.setattr(rpsft.core.train, "train", out_of_memory)
     result = runner.invoke(app, ["train", "--method", "sft", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert isinstance(result.exception, RuntimeError) and "out of memory" in str(result.exception)
@@ -112,15 +112,15 @@ def test_a_failure_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypat
     def bad_data(config):
         raise DataError("data: row 3 has no assistant turn. Fix: ...")
 
-    monkeypatch.setattr(rpsft_core.train, "train", bad_data)
+    monkeypatch.setattr(rpsft.core.train, "train", bad_data)
     result = runner.invoke(app, ["train", "--method", "sft", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "row 3 has no assistant turn" in result.output
 
 
 def test_input_errors_are_the_value_and_file_errors_callers_already_catch():
-    from rpsft_core.data import DataError
-    from rpsft_core.errors import ModelSourceError
-    from sweeps.config import SweepConfigError
+    from rpsft.core.data import DataError
+    from rpsft.core.errors import ModelSourceError
+    from rpsft.sweeps.config import SweepConfigError
 
     for error in (ConfigError, DataError, SweepConfigError):
         assert issubclass(error, InputError) and issubclass(error, ValueError)

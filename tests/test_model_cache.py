@@ -5,8 +5,7 @@ import json
 
 import pytest
 import torch
-
-from rpsft_core.models import EMBEDDED_MODELS, cache_is_intact, load_model, resolve_model_dir
+from rpsft.core.models import EMBEDDED_MODELS, cache_is_intact, load_model, resolve_model_dir
 
 pytestmark = pytest.mark.slow
 

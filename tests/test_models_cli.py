@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
+from rpsft.core.models import EMBEDDED_MODELS, load_model, tiny_model
+from rpsft.core.selection import select_matrices
 from typer.testing import CliRunner
 
 from rpsft.cli import app
-from rpsft_core.models import EMBEDDED_MODELS, load_model, tiny_model
-from rpsft_core.selection import select_matrices
 
 runner = CliRunner()
 
@@ -59,7 +59,7 @@ def test_local_directory_and_bad_paths(tmp_path, smol_tokenizer):
 
 
 def test_cli_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch):
-    import rpsft_core.train
+    import rpsft.core.train
 
     loaded = []
 
@@ -67,7 +67,7 @@ def test_cli_bad_input_fails_before_loading_a_model(tmp_path, monkeypatch):
         loaded.append(args)
         raise RuntimeError("a model was loaded before the input was validated")
 
-    monkeypatch.setattr(rpsft_core.train, "load_model", load_model)
+    monkeypatch.setattr(rpsft.core.train, "load_model", load_model)
     cases = [
         (["--k", "-2"], "k: "),
         (["--layers", "bogus"], "unknown preset 'bogus'"),

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PAPER_DATA
-
-from evaluation.benchmarks import Benchmark, EvalConfigError, build_registry
-from evaluation.items import EvalDataError, Item
-from evaluation.multiple_choice import (
+from rpsft.evaluation.benchmarks import Benchmark, EvalConfigError, build_registry
+from rpsft.evaluation.items import EvalDataError, Item
+from rpsft.evaluation.multiple_choice import (
     MC_TAG,
     MCDoc,
     encode_pair,
@@ -132,7 +131,7 @@ def test_task_config_shape(tmp_path):
     )
     assert [m["metric"] for m in config["metric_list"]] == ["acc", "acc_norm"]
     text = (write_mc_task_dir([bench], tmp_path, "full", tmp_path / "t") / "rpsft_mc_syn.yaml").read_text()
-    assert "!function" in text and "evaluation.multiple_choice.load_mc_docs" in text
+    assert "!function" in text and "rpsft.evaluation.multiple_choice.load_mc_docs" in text
 
 
 # --------------------------------------------------------------------------------------- scorer by hand

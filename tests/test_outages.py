@@ -41,7 +41,7 @@ def _stamp(path) -> float:
 
 def _check_complete(outcome, client) -> None:
     """Every trial has exactly one run, FINISHED, with the loss of every step; the sweep chose a point."""
-    from sweeps import tracking
+    from rpsft.sweeps.store import tracking
 
     runs = tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
     trial_ids = [run.data.tags[tracking.TAG_TRIAL] for run in runs]
@@ -91,7 +91,7 @@ def test_the_optuna_postgresql_restarted_as_a_trial_reports(tmp_path, tiny_dir, 
         script = cluster.outage_script(DOWN_SECONDS)
         monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")  # the last reference: a searched trial follows
         monkeypatch.setenv("RPSFT_INJECT_COMMAND", f"bash {script}")
-        with caplog.at_level(logging.WARNING, logger="sweeps.optuna_storage"):
+        with caplog.at_level(logging.WARNING, logger="rpsft.sweeps.store.optuna_storage"):
             outcome = run_quietly(_sweep("pg-outage", tiny_dir, tmp_path, {"optuna": cluster.url}))
         retried = [r.getMessage() for r in caplog.records if "lost its connection" in r.getMessage()]
         assert retried, "the driver made no storage call during the outage"
@@ -121,8 +121,7 @@ def test_the_storage_waits_out_a_restart_and_fails_at_once_on_anything_else(own_
 
     import optuna
     import sqlalchemy.exc
-
-    from sweeps.optuna_storage import ReconnectingRDBStorage, optuna_storage
+    from rpsft.sweeps.store.optuna_storage import ReconnectingRDBStorage, optuna_storage
 
     storage = optuna_storage(own_postgres.url)
     assert isinstance(storage, ReconnectingRDBStorage)

@@ -6,9 +6,8 @@ import warnings
 
 import pytest
 import torch
-
-from rpsft_core import precision
-from rpsft_core.config import TrainConfig
+from rpsft.core import precision
+from rpsft.core.config import TrainConfig
 
 
 @pytest.fixture
@@ -59,7 +58,7 @@ def test_the_cpuinfo_fallback_reads_the_flags(monkeypatch, tmp_path):
 
 
 def test_the_training_arguments_follow_the_resolved_precision(cpu_bf16, tmp_path):
-    from rpsft_core.train import training_arguments
+    from rpsft.core.train import training_arguments
 
     for native in (True, False):
         cpu_bf16(native)

@@ -14,9 +14,8 @@ import time
 import pytest
 import yaml
 from conftest import PAPER_DATA
+from rpsft.evaluation.progress import advance, progress_bar
 from sweep_helpers import sweep_dict, tiny_model_dir
-
-from evaluation.progress import advance, progress_bar
 
 BAR = "base model: OOD responses and NLLs"
 

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import PAPER_DATA
+from rpsft.sweeps.stages.regression import RegressionConfig, Tolerance, compare_metrics
 from sweep_helpers import sweep_dict, tiny_model_dir
 from typer.testing import CliRunner
-
-from sweeps.regression import RegressionConfig, Tolerance, compare_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +118,7 @@ def test_regress_bad_input_fails_before_training(regression_config, tmp_path):
 
 
 def test_shipped_regression_config_and_baseline_agree():
-    from sweeps.regression import load_regression_config, read_baseline
+    from rpsft.sweeps.stages.regression import load_regression_config, read_baseline
 
     config = load_regression_config(REPO / "sweeps" / "configs" / "regress-smoke.yaml")
     baseline = read_baseline(REPO / "sweeps" / "baselines" / "regress-smoke.json")

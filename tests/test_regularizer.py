@@ -1,10 +1,9 @@
 import pytest
 import torch
 from helpers import decaying_matrix
+from rpsft.core.bases import compute_bases, resolve_k
+from rpsft.core.regularizer import RPSFTRegularizer, find_lora_parts
 from torch import nn
-
-from rpsft_core.bases import compute_bases, resolve_k
-from rpsft_core.regularizer import RPSFTRegularizer, find_lora_parts
 
 SHAPES = [(24, 24), (40, 16), (16, 40)]
 

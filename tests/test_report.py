@@ -180,7 +180,8 @@ def test_trials_log_their_rotation_against_cached_base_subspaces(finished_sweep)
 
 
 def test_report_embeds_rpsft_diagnose_figures(finished_sweep, tmp_path):
-    from evaluation.diagnostics.run import diagnose
+    from rpsft.evaluation.diagnostics.run import diagnose
+
     from rpsft.cli import app
 
     outcome, root = finished_sweep

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from rpsft.core.errors import DataError
+from rpsft.evaluation.rewards import BoxedAnswerReward, completion_text, overlong_penalty
+from rpsft.evaluation.rl_prompts import is_closed_form, load_rl_prompts, row_to_rl_prompt
+from rpsft.sweeps.config import SweepConfigError
+from rpsft.sweeps.stages.rl import RLSettings, load_rl_settings
 from test_evaluation_answers import HARD_MATH_CASES
-
-from evaluation.rewards import BoxedAnswerReward, completion_text, overlong_penalty
-from evaluation.rl_prompts import is_closed_form, load_rl_prompts, row_to_rl_prompt
-from rpsft_core.errors import DataError
-from sweeps.config import SweepConfigError
-from sweeps.rl import RLSettings, load_rl_settings
 
 # ------------------------------------------------------------------------------------------------ rewards
 
@@ -62,7 +61,7 @@ def test_champ_prompts_are_deterministic_closed_form_and_boxed_style():
 
 
 def test_demo_math_prompts_take_the_reference_solutions_boxed_answer():
-    from rpsft_core.data import load_examples
+    from rpsft.core.data import load_examples
 
     examples = load_examples("demo-math:6")
     prompts = load_rl_prompts("demo-math:6")
@@ -132,10 +131,9 @@ def test_settings_checks_name_the_field(tmp_path):
 def planted_task():
     """A 6-token vocabulary and a random tiny Llama: the prompt shows the answer; reward 1 only for a
     completion whose last box holds 7 (``\\boxed{ 7 }``: three tokens in order)."""
+    from rpsft.core.models import tiny_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from rpsft_core.models import tiny_model
 
     vocab = ["<pad>", "<eos>", "\\boxed{", "}", "3", "7"]
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
@@ -166,7 +164,7 @@ def planted_settings(**overrides):
 
 @pytest.mark.slow
 def test_dapo_raises_the_reward_on_a_planted_task(tmp_path):
-    from sweeps.rl import grpo_trainer
+    from rpsft.sweeps.stages.rl import grpo_trainer
 
     model, tokenizer, prompts = planted_task()
     trainer = grpo_trainer(model, tokenizer, prompts, planted_settings(max_steps=40), tmp_path / "out")
@@ -195,7 +193,7 @@ def _protected_drift(model, initial, k):
 
 @pytest.mark.slow
 def test_rl_penalty_keeps_the_protected_block_near_the_start(tmp_path):
-    from sweeps.rl import RLPenalty, grpo_trainer
+    from rpsft.sweeps.stages.rl import RLPenalty, grpo_trainer
 
     drifts = {}
     for label, penalty in (("off", None), ("on", RLPenalty(k=4, lam=1000.0, layers="all"))):
@@ -206,7 +204,7 @@ def test_rl_penalty_keeps_the_protected_block_near_the_start(tmp_path):
         trainer.train()
         drifts[label] = _protected_drift(trainer.model, initial, k=4)
         if penalty is not None:  # the penalty gradient went in at every optimizer step
-            from rpsft_core.trainer import RPSFTCallback
+            from rpsft.core.trainer import RPSFTCallback
 
             (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, RPSFTCallback)]
             assert callback.regularizer.last_step_applied == 14 and callback.last_penalty > 0
@@ -215,8 +213,8 @@ def test_rl_penalty_keeps_the_protected_block_near_the_start(tmp_path):
 
 @pytest.mark.slow
 def test_rl_from_a_checkpoint_without_a_sweep(tiny_dir, tmp_path, monkeypatch):
-    from sweeps import tracking
-    from sweeps.rl import run_rl
+    from rpsft.sweeps.stages.rl import run_rl
+    from rpsft.sweeps.store import tracking
 
     monkeypatch.chdir(tmp_path)
     settings = RLSettings(

@@ -1,7 +1,6 @@
 import pytest
-
-from rpsft_core.models import tiny_model
-from rpsft_core.selection import PRESETS, LayerSpec, select_matrices
+from rpsft.core.models import tiny_model
+from rpsft.core.selection import PRESETS, LayerSpec, select_matrices
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])

@@ -4,12 +4,10 @@ on one process, and a PEFT LoRA Llama under FSDP2 on 2 gloo ranks."""
 import pytest
 import torch
 from helpers import decaying_matrix
-from torch import nn
-
-from rpsft_core.bases import Bases, compute_bases, save_bases
-from rpsft_core.fsdp import parameter_names, shard_model, spawn_local
-from rpsft_core.regularizer import RPSFTRegularizer, _LoraParts, find_lora_parts
-from rpsft_core.sharded_penalty import (
+from rpsft.core.bases import Bases, compute_bases, save_bases
+from rpsft.core.fsdp import parameter_names, shard_model, spawn_local
+from rpsft.core.regularizer import RPSFTRegularizer, _LoraParts, find_lora_parts
+from rpsft.core.sharded_penalty import (
     ShardedLoRAPenalty,
     ShardedRPSFTPenalty,
     find_sharded_lora_parts,
@@ -17,6 +15,7 @@ from rpsft_core.sharded_penalty import (
     row_range,
     shard_bases,
 )
+from torch import nn
 
 # (shape, LoRA rank r, scaling): uneven rows, and r below the world size (ranks with no rows of A)
 MATRICES = [((7, 5), 3, 2.0), ((6, 9), 2, 0.5), ((3, 4), 1, 1.0), ((12, 12), 4, 1.5)]
@@ -213,9 +212,8 @@ def lora_llama():
     """A tiny random Llama (hidden 32, 2 layers, float64) with LoRA on q (r = 3) and v (r = 1), both factors
     random, and its bases: q at k = 4, v at full rank."""
     from peft import LoraConfig, get_peft_model
+    from rpsft.core.selection import select_matrices
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rpsft_core.selection import select_matrices
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -289,9 +287,8 @@ def _lora_worker(rank, world_size, bases_path, out):
 
 
 def test_find_sharded_lora_parts_sees_through_activation_checkpointing():
+    from rpsft.core.fsdp import decoder_blocks
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    from rpsft_core.fsdp import decoder_blocks
 
     model, bases = lora_llama()
     names = list(bases.entries)

@@ -5,12 +5,11 @@ import torch
 from helpers import decaying_matrix
 from hypothesis import given
 from hypothesis import strategies as st
+from rpsft.core.bases import compute_bases, save_bases
+from rpsft.core.fsdp import spawn_local
+from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
 from torch import nn
-
-from rpsft_core.bases import compute_bases, save_bases
-from rpsft_core.fsdp import spawn_local
-from rpsft_core.regularizer import RPSFTRegularizer
-from rpsft_core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
 
 # uneven rows: 7 rows over 2 ranks is 4 + 3, 3 rows over 4 ranks leaves one rank empty
 SHAPES = [(7, 5), (6, 9), (3, 4), (12, 12)]
@@ -140,7 +139,7 @@ def test_load_row_shard_reads_the_same_slices_as_shard_bases(tmp_path):
 
 
 def test_load_row_shard_refuses_a_larger_k_and_another_fingerprint(tmp_path):
-    from rpsft_core.bases import BasisCacheError
+    from rpsft.core.bases import BasisCacheError
 
     bases = compute_bases(_params(), 1)
     bases.fingerprint = "abc"

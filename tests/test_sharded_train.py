@@ -1,4 +1,4 @@
-"""Sharded training from a TrainConfig (rpsft_core.sharded_train) on gloo ranks with a tiny Llama.
+"""Sharded training from a TrainConfig (rpsft.core.sharded_train) on gloo ranks with a tiny Llama.
 
 Two FSDP2 ranks equal one rank (and gradient accumulation equals a larger batch) for rpsft, l2-init, dft,
 lora and rpsft-lora (only the adapters train); ``k: auto`` resolved on rank 0 reaches every rank; DDP
@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rpsft_core.config import TrainConfig
-from rpsft_core.errors import ConfigError
-from rpsft_core.fsdp import full_state, spawn_local
-from rpsft_core.sharded_train import resumed_batch_mismatch, train_on_rank
+from rpsft.core.config import TrainConfig
+from rpsft.core.errors import ConfigError
+from rpsft.core.fsdp import full_state, spawn_local
+from rpsft.core.sharded_train import resumed_batch_mismatch, train_on_rank
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +33,9 @@ PENALTY_KEYS = {"rpsft/penalty", "rpsft/drift_mean", "rpsft/drift_max"}
 
 def byte_tokenizer():
     """A byte-level tokenizer (256 byte tokens, ChatML special tokens), built offline."""
+    from rpsft.core.models import FALLBACK_CHAT_TEMPLATE
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from rpsft_core.models import FALLBACK_CHAT_TEMPLATE
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
@@ -184,10 +182,9 @@ def run_jobs(world_size, jobs, out_dir):
 @pytest.fixture(scope="module")
 def runs(assets):
     """Every run of the comparisons: one-rank references, then two-rank FSDP2 / DDP runs in one spawn."""
+    from rpsft.core.bases import compute_bases, save_bases
+    from rpsft.core.selection import select_matrices
     from transformers import AutoModelForCausalLM
-
-    from rpsft_core.bases import compute_bases, save_bases
-    from rpsft_core.selection import select_matrices
 
     root = assets[0]
     out = root / "results"
@@ -281,12 +278,11 @@ def runs(assets):
 
 
 def lora_model(assets, method="rpsft-lora"):
-    """The float64 PEFT LoRA model a LoRA run starts from: the shared set-up (rpsft_core.methods.add_adapters)
+    """The float64 PEFT LoRA model a LoRA run starts from: the shared set-up (rpsft.core.methods.add_adapters)
     right after ``set_seed(config.seed)``, as every rank builds it."""
+    from rpsft.core.methods import add_adapters
+    from rpsft.core.selection import select_matrices
     from transformers import AutoModelForCausalLM, set_seed
-
-    from rpsft_core.methods import add_adapters
-    from rpsft_core.selection import select_matrices
 
     config = make_config(assets, "initial", method=method)
     model = AutoModelForCausalLM.from_pretrained(assets[1], dtype=torch.float64)
@@ -299,9 +295,8 @@ def lora_model(assets, method="rpsft-lora"):
 def initial(assets):
     """The initial weights by plain name: ``initial[method]`` (the PEFT model's names for the LoRA methods,
     whose adapters start alike)."""
+    from rpsft.core.fsdp import parameter_names
     from transformers import AutoModelForCausalLM
-
-    from rpsft_core.fsdp import parameter_names
 
     model = AutoModelForCausalLM.from_pretrained(assets[1], dtype=torch.float64)
     base = {name: p.detach().clone() for name, p in parameter_names(model).items()}
@@ -461,9 +456,8 @@ def test_a_run_killed_on_two_ranks_resumes_on_one_rank_at_the_same_global_batch(
 
 
 def test_the_consolidated_checkpoint_loads_with_load_model_and_holds_the_trained_weights(runs):
+    from rpsft.core.models import load_model
     from safetensors import safe_open
-
-    from rpsft_core.models import load_model
 
     run = runs["fsdp-rpsft"]  # two FSDP2 ranks with activation checkpointing
     model_dir = run["model_dir"]
@@ -501,10 +495,9 @@ def test_the_consolidated_lora_checkpoint_holds_the_weights_merge_and_unload_giv
     """Both consolidated rpsft-lora checkpoints (1 rank; 2 FSDP2 ranks with activation checkpointing) are
     plain HF checkpoints of the merged weights: the 1-rank one is exactly merge_and_unload of its adapters,
     the 2-rank one within the world-size tolerance of it."""
+    from rpsft.core.fsdp import parameter_names
+    from rpsft.core.models import load_model
     from safetensors import safe_open
-
-    from rpsft_core.fsdp import parameter_names
-    from rpsft_core.models import load_model
 
     ref, got = runs["ref-rpsft-lora"], runs["fsdp-rpsft-lora"]
     peft_model = lora_model(assets)
@@ -547,7 +540,7 @@ def test_methods_sharded_training_cannot_run_name_resources_workers_and_the_fix(
 
 
 def test_the_lora_methods_pass_the_sharded_checks():
-    from rpsft_core.sharded_train import sharded_method_plan
+    from rpsft.core.sharded_train import sharded_method_plan
 
     for method in LORA_METHODS:
         plan = sharded_method_plan(TrainConfig(method=method, resources={"workers": 2}))
@@ -560,7 +553,7 @@ def test_rpsft_train_workers_2_runs_two_local_ranks_and_writes_the_checkpoint(as
     import subprocess
     import sys
 
-    from rpsft_core.models import load_model
+    from rpsft.core.models import load_model
 
     root, model_dir, data = assets
     out = tmp_path / "cli-run"

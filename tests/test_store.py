@@ -9,13 +9,12 @@ import time
 
 import numpy as np
 import pytest
-
-from evaluation.intervals import TradeOffDraws
-from evaluation.metrics import phi
-from sweeps import tracking
-from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.selection import TrialPoint, select
-from sweeps.store import SweepContext, SweepStore, TrialRecord, read_trials, trial_points
+from rpsft.evaluation.intervals import TradeOffDraws
+from rpsft.evaluation.metrics import phi
+from rpsft.sweeps.analysis.selection import TrialPoint, select
+from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord, read_trials, trial_points
 
 
 def _config(tmp_path, name="store-unit") -> SweepConfig:
@@ -47,7 +46,7 @@ def test_one_layout_for_every_path_of_a_sweep(tmp_path):
     for path, relative in expected.items():
         assert path == top / relative
     # the places that used to build these paths themselves now agree with the store
-    from sweeps.runner import storage_urls
+    from rpsft.sweeps.runner import storage_urls
 
     assert storage_urls(config)[0] == f"sqlite:///{store.optuna_db}"
     assert config.trial_train_config({"k": 4, "lambda": 1.0}).output_dir == str(store.trial_dir("check"))
@@ -192,7 +191,7 @@ def test_a_loaded_sweep_serves_selection_and_base_metrics(logged_sweep):
         want = max(finished, key=lambda t: finished[t]["g_id"] - beta * finished[t]["f_ood"])
         assert stored.selection(beta).best.run_id == run_ids[want]
     assert [t.trial_id for t in stored.rl_runs()] == ["rl-0"]
-    from sweeps.checkpoints import find_trial_run
+    from rpsft.sweeps.stages.checkpoints import find_trial_run
 
     assert find_trial_run(stored, "sft").run_id == run_ids["sft"]
     assert find_trial_run(stored, "k32").trial_id == "k32"
@@ -226,9 +225,9 @@ def test_phi_is_one_function_on_floats_and_arrays_and_the_intervals_agree():
 
 def test_old_names_warn_and_still_work(logged_sweep, tmp_path):
     store, client, context, logged, run_ids = logged_sweep
-    from sweeps import runner
-    from sweeps.checkpoints import trial_model_dir
-    from sweeps.trial import rotation_base_path
+    from rpsft.sweeps import runner
+    from rpsft.sweeps.stages.checkpoints import trial_model_dir
+    from rpsft.sweeps.trial.run import rotation_base_path
 
     config = store.config()
     with pytest.warns(DeprecationWarning, match="read_trials"):

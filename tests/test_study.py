@@ -2,11 +2,16 @@
 
 import numpy as np
 import pytest
-
-from evaluation.item_split import ItemSplit
-from sweeps.selection import TrialPoint
-from sweeps.study import Claims, Configuration, evaluate_claims
-from sweeps.uncertainty import SweepIntervals, TrialGroup, analyze_items, knob_key, sweep_intervals
+from rpsft.evaluation.item_split import ItemSplit
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.uncertainty import (
+    SweepIntervals,
+    TrialGroup,
+    analyze_items,
+    knob_key,
+    sweep_intervals,
+)
+from rpsft.sweeps.stages.study import Claims, Configuration, evaluate_claims
 
 N_ITEMS = 300
 BASE_ID = np.random.default_rng(0).normal(-1.0, 0.3, N_ITEMS)  # per-item scores (higher is better)
@@ -240,7 +245,7 @@ def test_c2_reports_the_paper_protocol_alongside():
 
 
 def test_the_paper_protocol_uses_a_trajectorys_final_step():
-    from sweeps.study import protocol_point
+    from rpsft.sweeps.stages.study import protocol_point
 
     params = {"method": "rpsft", "k": "32", "lambda": "1.0", "layers": "all"}
     points = [
@@ -258,8 +263,8 @@ def test_reproduction_page_renders_c2s_frontiers(tmp_path):
     import json
     from pathlib import Path
 
-    from dashboards.reproduction import write_reproduction_page
-    from sweeps.study import StudyResult, write_result
+    from rpsft.dashboards.reproduction import write_reproduction_page
+    from rpsft.sweeps.stages.study import StudyResult, write_result
 
     configs, intervals, analysis = _study_analysis(paper_like())
     claims = evaluate_claims(configs, intervals, CLAIMS, beta0=1.0, analysis=analysis)
@@ -295,7 +300,7 @@ def test_seeds_group_into_one_configuration():
     c = TrialPoint("t3", 0.4, 0.3, params={"method": "rpsft", "k": "8", "lambda": "1"}, run_id="r3")
     keys = {knob_key(p.params) for p in (a, b)}
     assert len(keys) == 1 and knob_key(c.params) not in keys
-    from sweeps.uncertainty import group_points
+    from rpsft.sweeps.analysis.uncertainty import group_points
 
     groups = group_points([a, b, c])
     assert len(groups) == 2
@@ -307,8 +312,8 @@ def test_seeds_group_into_one_configuration():
 def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     import json
 
-    from dashboards.reproduction import study_figures, write_reproduction_page
-    from sweeps.study import StudyResult, write_result
+    from rpsft.dashboards.reproduction import study_figures, write_reproduction_page
+    from rpsft.sweeps.stages.study import StudyResult, write_result
 
     configs, intervals = _study(paper_like())
     claims = evaluate_claims(configs, intervals, CLAIMS, beta0=1.0)
@@ -338,8 +343,8 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
 
 
 def test_a_docs_folder_without_results_is_bad_input(tmp_path):
-    from dashboards.reproduction import write_reproduction_page
-    from rpsft_core.errors import ConfigError
+    from rpsft.core.errors import ConfigError
+    from rpsft.dashboards.reproduction import write_reproduction_page
 
     with pytest.raises(ConfigError, match=r"docs: no study results .* Fix: --docs"):
         write_reproduction_page(tmp_path / "empty")
@@ -383,7 +388,7 @@ def _regime_configs(loss_drifts, decoupled_drifts):
 
 
 def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
-    from sweeps.study import claim_c5
+    from rpsft.sweeps.stages.study import claim_c5
 
     loss, decoupled, sgd, others = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
     result = claim_c5(others + sgd + decoupled + loss, CLAIMS)
@@ -421,15 +426,15 @@ def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
 
 
 def test_c5_reads_the_sweeps_optimizer_for_trials_that_did_not_log_one():
-    from sweeps.study import drift_slices
+    from rpsft.sweeps.stages.study import drift_slices
 
     configs = [_drift_config(_rpsft(64, lam=lam), d, 1.0, default_optimizer="sgd") for lam, d in ((1, 1), (10, 0.1))]
     assert list(drift_slices(configs, CLAIMS)) == ["sgd"]
 
 
 def test_drift_figure_draws_one_line_per_regime():
-    from dashboards.reproduction import drift_figure
-    from sweeps.study import claim_c5
+    from rpsft.dashboards.reproduction import drift_figure
+    from rpsft.sweeps.stages.study import claim_c5
 
     loss, decoupled, sgd, _ = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
     claim = claim_c5(loss + decoupled + sgd, CLAIMS).to_dict()
@@ -464,8 +469,8 @@ def _view_items(id_shift, nll_shift, mc, seed):
 
 
 def _views_study(with_mc=True):
-    from sweeps.study import attach_views, view_intervals
-    from sweeps.uncertainty import group_points
+    from rpsft.sweeps.analysis.uncertainty import group_points
+    from rpsft.sweeps.stages.study import attach_views, view_intervals
 
     base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
     if with_mc:
@@ -496,7 +501,7 @@ def _views_study(with_mc=True):
 
 
 def test_forgetting_views_list_the_configurations_where_they_disagree():
-    from sweeps.study import claim_c1, forgetting_views
+    from rpsft.sweeps.stages.study import claim_c1, forgetting_views
 
     configs, views, mc = _views_study()
     a, b, c, d = (configs[n] for n in "ABCD")
@@ -537,7 +542,7 @@ def test_forgetting_views_list_the_configurations_where_they_disagree():
 
 
 def test_forgetting_views_without_mc_scores_say_so():
-    from sweeps.study import forgetting_views
+    from rpsft.sweeps.stages.study import forgetting_views
 
     configs, views, _ = _views_study(with_mc=False)
     assert views["mc"] is None
@@ -550,8 +555,8 @@ def test_forgetting_views_without_mc_scores_say_so():
 def test_reproduction_page_renders_the_forgetting_views(tmp_path):
     import json
 
-    from dashboards.reproduction import write_reproduction_page
-    from sweeps.study import StudyResult, forgetting_views, write_result
+    from rpsft.dashboards.reproduction import write_reproduction_page
+    from rpsft.sweeps.stages.study import StudyResult, forgetting_views, write_result
 
     configs, views, _ = _views_study()
     section = forgetting_views(list(configs.values()), views)
@@ -576,7 +581,7 @@ def test_reproduction_page_from_the_committed_claims_files(tmp_path):
     import shutil
     from pathlib import Path
 
-    from dashboards.reproduction import study_figures, write_reproduction_page
+    from rpsft.dashboards.reproduction import study_figures, write_reproduction_page
 
     committed = Path(__file__).resolve().parents[1] / "docs" / "results"
     files = sorted(committed.glob("*/claims.json"))
@@ -597,7 +602,7 @@ def test_reproduction_page_from_the_committed_claims_files(tmp_path):
 
 
 def _sweep(references):
-    from sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config import parse_sweep_config
 
     raw = {
         "name": "opt",
@@ -609,7 +614,7 @@ def _sweep(references):
 
 
 def test_a_reference_sets_its_own_optimizer_and_learning_rate():
-    from sweeps.store import trial_label
+    from rpsft.sweeps.store.sweep_store import trial_label
 
     ref = {"method": "rpsft", "k": 32, "lambda": 100, "layers": "all"}
     config = _sweep([{**ref, "optimizer": "sgd", "learning_rate": 0.05}, {**ref, "optimizer": "adamw_torch"}, ref])
@@ -631,7 +636,7 @@ def test_a_reference_sets_its_own_optimizer_and_learning_rate():
 
 
 def test_a_reference_with_an_unknown_optimizer_is_rejected():
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     with pytest.raises(SweepConfigError, match=r"references\[0\]\.optimizer: Input should be 'adamw_torch'"):
         _sweep([{"method": "sft", "optimizer": "sgdm"}])
@@ -640,7 +645,7 @@ def test_a_reference_with_an_unknown_optimizer_is_rejected():
 
 
 def test_lora_references_at_two_ranks_are_two_configurations():
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     config = _sweep([{"method": "lora", "lora_r": 8}, {"method": "lora", "lora_r": 32}])
     r8, r32 = config.reference_params()
@@ -652,7 +657,7 @@ def test_lora_references_at_two_ranks_are_two_configurations():
 
 
 def test_a_reference_without_a_penalty_refuses_penalty_mode():
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     with pytest.raises(SweepConfigError, match="penalty_mode: method sft has no penalty to decouple. Fix:"):
         _sweep([{"method": "sft", "penalty_mode": "decoupled"}])
@@ -660,7 +665,7 @@ def test_a_reference_without_a_penalty_refuses_penalty_mode():
 
 
 def test_k_slice_and_rotation_claims_read_only_the_papers_setting():
-    from sweeps.study import k_slice
+    from rpsft.sweeps.stages.study import k_slice
 
     other_settings = [  # at the slice's lambda, far better than anything: would decide C4 and C6 if admitted
         (_rpsft(32, optimizer="sgd", learning_rate=5e-3), 0.60, 0.01, {"rotation/mean_deg": 0.1}),

@@ -23,13 +23,13 @@ def _raw(tmp_path, **evaluation) -> dict:
 
 
 def _parse(raw):
-    from sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config import parse_sweep_config
 
     return parse_sweep_config(raw)
 
 
 def test_loss_section_is_loss_settings_with_the_section_data(tmp_path):
-    from evaluation.loss_metrics import LossSettings
+    from rpsft.evaluation.loss_metrics import LossSettings
 
     loss = {
         "n_id": 3,
@@ -46,8 +46,8 @@ def test_loss_section_is_loss_settings_with_the_section_data(tmp_path):
 
 
 def test_loss_fields_left_out_take_the_sweep_defaults(tmp_path):
-    from evaluation.loss_metrics import LossSettings
-    from sweeps.config import SWEEP_LOSS_DEFAULTS
+    from rpsft.evaluation.loss_metrics import LossSettings
+    from rpsft.sweeps.config import SWEEP_LOSS_DEFAULTS
 
     config = _parse(_raw(tmp_path, loss={"n_id": 3}))
     loss = config.evaluation.loss
@@ -75,7 +75,7 @@ def test_loss_fields_left_out_take_the_sweep_defaults(tmp_path):
     ],
 )
 def test_bad_evaluation_fields_are_named(tmp_path, evaluation, field, fix):
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     with pytest.raises(SweepConfigError) as err:
         _parse(_raw(tmp_path, **evaluation))
@@ -84,7 +84,7 @@ def test_bad_evaluation_fields_are_named(tmp_path, evaluation, field, fix):
 
 
 def test_harness_settings_equal_what_rpsft_eval_builds(tmp_path):
-    from evaluation.settings import EvalSettings, load_eval_settings
+    from rpsft.evaluation.settings import EvalSettings, load_eval_settings
 
     harness = {"suite": "id", "exclude": ["supergpqa"], "limit": 4, "batch_size": 16}
     raw = _raw(tmp_path, harness=harness)
@@ -129,7 +129,7 @@ def test_mc_reads_the_section_data(tmp_path):
 def test_dumped_config_loads_back_and_follows_a_moved_data_dir(tmp_path):
     """A sweep's stored config (sweep.json) holds the sections as given: it validates back to the same
     config, and a changed evaluation.data_dir (as the runner makes it absolute) moves every part with it."""
-    from sweeps.config import SweepConfig
+    from rpsft.sweeps.config import SweepConfig
 
     config = _parse(_raw(tmp_path, loss={"n_id": 2}, harness={"limit": 2}, mc={"n": 2}))
     dumped = json.loads(config.model_dump_json(by_alias=True))
@@ -144,8 +144,8 @@ def test_dumped_config_loads_back_and_follows_a_moved_data_dir(tmp_path):
 
 
 def test_loss_eval_is_deprecated_for_loss_settings():
-    import sweeps.config as sweep_config
-    from evaluation.loss_metrics import LossSettings
+    import rpsft.sweeps.config as sweep_config
+    from rpsft.evaluation.loss_metrics import LossSettings
 
     with pytest.warns(DeprecationWarning, match="LossSettings"):
         make = sweep_config.LossEval

@@ -44,7 +44,7 @@ def outcome(tmp_path_factory, tiny_dir):
 
 
 def test_item_scores_and_intervals_are_stored_and_consistent(outcome):
-    from sweeps.tracking import child_runs, client_for, download_json
+    from rpsft.sweeps.store.tracking import child_runs, client_for, download_json
 
     result, _ = outcome
     client = client_for(result.tracking_uri)
@@ -70,7 +70,7 @@ def test_item_scores_and_intervals_are_stored_and_consistent(outcome):
 
 
 def test_seeds_pool_into_one_configuration(outcome):
-    from sweeps.tracking import child_runs, client_for
+    from rpsft.sweeps.store.tracking import child_runs, client_for
 
     result, _ = outcome
     intervals = json.loads((result.sweep_dir / "intervals.json").read_text())
@@ -116,8 +116,8 @@ def test_seeds_pool_into_one_configuration(outcome):
 
 def _phi_by_hand(client, run_id, base, part, beta):
     """A run's Phi on one part (0 selection, 1 report) of the default item split, from its stored items."""
-    from evaluation.item_split import ItemSplit
-    from sweeps.tracking import download_json
+    from rpsft.evaluation.item_split import ItemSplit
+    from rpsft.sweeps.store.tracking import download_json
 
     items = download_json(client, run_id, "item_scores.json")
     split = ItemSplit(0.5, 0)
@@ -154,9 +154,9 @@ def test_select_prints_intervals_and_distinguishability(outcome):
 
 
 def test_training_data_that_repeats_a_scored_item_fails_before_any_trial(tmp_path, tiny_dir):
-    from rpsft_core.data import write_jsonl
-    from sweeps.config import SweepConfigError, parse_sweep_config
-    from sweeps.runner import run_sweep
+    from rpsft.core.data import write_jsonl
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.runner import run_sweep
 
     first = json.loads((PAPER_DATA / "id" / "math500.jsonl").read_text().split("\n")[0])
     user = next(m["content"] for m in first["prompt"] if m["role"] == "user")

@@ -33,7 +33,7 @@ def _ray_shutdown():
 
 
 def trial_runs(outcome):
-    from sweeps import tracking
+    from rpsft.sweeps.store import tracking
 
     client = tracking.client_for(outcome.tracking_uri)
     return client, tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
@@ -42,8 +42,8 @@ def trial_runs(outcome):
 def independent_best(client, runs, beta, sweep_dir):
     """The max-Phi finished trial, its Phi computed here from the stored item scores on the selection items of
     the default split (evaluation.split: report_fraction 0.5, seed 0), where the sweep chooses."""
-    from evaluation.item_split import ItemSplit
-    from sweeps.tracking import download_json
+    from rpsft.evaluation.item_split import ItemSplit
+    from rpsft.sweeps.store.tracking import download_json
 
     base = json.loads((Path(sweep_dir) / "base_item_scores.json").read_text())
     split = ItemSplit(0.5, 0)
@@ -121,7 +121,7 @@ def test_sweep_sqlite_asha_end_to_end(tmp_path, tiny_dir):
     assert states.count("COMPLETE") == len(searched_finished)
 
     # selection from the stored results alone, at another beta, matches brute force
-    from sweeps.report import load_selection
+    from rpsft.sweeps.stages.report import load_selection
 
     selection, _, _ = load_selection("e2e", root=outcome.sweep_dir.parent, beta=5.0)
     assert selection.best.run_id == independent_best(client, runs, 5.0, outcome.sweep_dir).info.run_id
@@ -329,7 +329,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
     ],
 )
 def test_bad_config_names_the_field(tmp_path, tiny_dir, override, field):
-    from sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
 
     raw = sweep_dict("bad", tiny_dir, tmp_path, **override)
     if "space" in override:
@@ -348,7 +348,7 @@ def test_bad_config_names_the_field(tmp_path, tiny_dir, override, field):
     ],
 )
 def test_unusable_storage_fails_before_any_trial(tmp_path, tiny_dir, storage, concurrency, field):
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     storage = {k: v.format(tmp=tmp_path) for k, v in storage.items()}
     raw = sweep_dict("nostore", tiny_dir, tmp_path, storage=storage, concurrency=concurrency)
@@ -361,7 +361,7 @@ def test_unusable_storage_fails_before_any_trial(tmp_path, tiny_dir, storage, co
 @pytest.mark.slow
 @pytest.mark.integration
 def test_more_gpus_than_the_cluster_fails_before_any_trial(tmp_path, tiny_dir):
-    from sweeps.config import SweepConfigError
+    from rpsft.sweeps.config import SweepConfigError
 
     raw = sweep_dict("gpus", tiny_dir, tmp_path, resources={"cpus": 1, "gpus": 1})
     with pytest.raises(SweepConfigError, match=r"resources\.gpus: each trial asks for 1 GPU"):
@@ -387,9 +387,9 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
 def test_shipped_sweep_configs_validate():
     """Every shipped config validates: sweeps, regression configs (a sweep plus tolerances), study configs
     (a sweep plus the claims' slices) and RL configs."""
-    from sweeps.config import load_sweep_config
-    from sweeps.regression import load_regression_config
-    from sweeps.study import load_study_config
+    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.stages.regression import load_regression_config
+    from rpsft.sweeps.stages.study import load_study_config
 
     configs = sorted((REPO / "sweeps" / "configs").glob("*.yaml"))
     assert configs
@@ -407,7 +407,7 @@ def test_shipped_sweep_configs_validate():
             assert {"sft", "l2-init", "lora", "dft", "iw", "rpsft"} <= {r.method for r in sweep.references}
             assert any(r.k == "auto" for r in sweep.references)
         elif "rl" in raw:  # an RL config (rpsft rl --config)
-            from sweeps.rl import load_rl_settings
+            from rpsft.sweeps.stages.rl import load_rl_settings
 
             settings = load_rl_settings(path)
             assert settings.grad_accum() >= 1 and settings.max_steps >= 1

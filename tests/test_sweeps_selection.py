@@ -5,8 +5,7 @@ import math
 import random
 
 import pytest
-
-from sweeps.selection import TrialPoint, beta_path, max_phi, pareto_front, select
+from rpsft.sweeps.analysis.selection import TrialPoint, beta_path, max_phi, pareto_front, select
 
 
 def P(tid, g, f):
@@ -81,7 +80,7 @@ def test_select_ranks_and_rejects_empty():
 
 
 def test_the_summary_says_why_a_point_without_id_gain_is_chosen():
-    from sweeps.summary import selection_text
+    from rpsft.sweeps.analysis.summary import selection_text
 
     others_gain = select([TrialPoint("l2", -0.001, -0.004, {}), TrialPoint("sft", 0.04, 0.06, {})], 1.0)
     assert others_gain.best.trial_id == "l2"

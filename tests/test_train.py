@@ -2,16 +2,15 @@ import json
 
 import pytest
 import torch
+from rpsft.core.bases import compute_bases
+from rpsft.core.config import ConfigError, TrainConfig, load_train_config
+from rpsft.core.data import DataError, SFTCollator, build_sft_dataset, demo_math_examples
+from rpsft.core.models import load_model, tiny_model
+from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.selection import select_matrices
+from rpsft.core.train import train
+from rpsft.core.trainer import RPSFTCallback, RPSFTTrainer
 from transformers import Trainer, TrainingArguments
-
-from rpsft_core.bases import compute_bases
-from rpsft_core.config import ConfigError, TrainConfig, load_train_config
-from rpsft_core.data import DataError, SFTCollator, build_sft_dataset, demo_math_examples
-from rpsft_core.models import load_model, tiny_model
-from rpsft_core.regularizer import RPSFTRegularizer
-from rpsft_core.selection import select_matrices
-from rpsft_core.train import train
-from rpsft_core.trainer import RPSFTCallback, RPSFTTrainer
 
 
 def _config(tmp_path, **overrides):
@@ -54,7 +53,7 @@ def test_k0_rpsft_follows_the_sft_trajectory(tmp_path, smol_tokenizer):
 
 def test_drift_falls_with_lambda_within_the_stationary_bound(tmp_path, smol_tokenizer):
     """SGD on a tiny LM: drift ||Uk^T (W - W0) Vk|| falls as lambda grows and stays under ||grad f|| / (2 lambda)."""
-    from rpsft_core.losses import sft_loss, token_logprobs
+    from rpsft.core.losses import sft_loss, token_logprobs
 
     batch = SFTCollator(smol_tokenizer.pad_token_id)(
         list(build_sft_dataset(demo_math_examples(8), smol_tokenizer, 96))
@@ -253,7 +252,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
 def test_a_mixed_precision_run_returns_the_model_it_saves(tmp_path, smol_tokenizer, method):
     """bf16 mixed precision autocasts the forward pass during training only: the returned model computes in
     float32, exactly as its checkpoint does once loaded (so it is scored like the float32 base model)."""
-    from rpsft_core.models import full_precision_forward
+    from rpsft.core.models import full_precision_forward
 
     cfg = _config(tmp_path, method=method, mixed_precision="bf16", max_steps=2, save_model=True)
     result = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
@@ -276,8 +275,8 @@ def test_k_auto_is_resolved_on_the_base_model_before_training(tmp_path, smol_tok
     ``auto_k_prompts``, and the run trains exactly as one given the resolved rank fraction."""
     import copy
 
-    from rpsft_core.prompts import load_prompt_examples
-    from rpsft_core.rank_rule import resolve_auto_k
+    from rpsft.core.prompts import load_prompt_examples
+    from rpsft.core.rank_rule import resolve_auto_k
 
     base = _tiny(smol_tokenizer)
     _, prompts = load_prompt_examples("demo-math:6")
@@ -305,11 +304,10 @@ def test_k_auto_is_resolved_on_the_base_model_before_training(tmp_path, smol_tok
 
 def test_cli_train_k_auto(tmp_path, tiny_dir, smol_tokenizer):
     """``rpsft train --k auto``: the spec reaches the run, which reports the fraction the rule chose."""
+    from rpsft.core.cli import app
+    from rpsft.core.prompts import load_prompt_examples
+    from rpsft.core.rank_rule import resolve_auto_k
     from typer.testing import CliRunner
-
-    from rpsft_core.cli import app
-    from rpsft_core.prompts import load_prompt_examples
-    from rpsft_core.rank_rule import resolve_auto_k
 
     config = tmp_path / "train.yaml"
     config.write_text("auto_k_prompts: demo-math:4\nmax_length: 96\nbatch_size: 2\nsave_model: false\n")

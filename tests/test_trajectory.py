@@ -9,20 +9,19 @@ import json
 import pytest
 import torch
 from conftest import PAPER_DATA
-from transformers import TrainerCallback
-
-from rpsft_core.config import ConfigError, TrainConfig
-from rpsft_core.models import tiny_model
-from rpsft_core.train import train
-from sweeps.selection import TrialPoint
-from sweeps.store import TrialRecord, trial_label
-from sweeps.trajectory import (
+from rpsft.core.config import ConfigError, TrainConfig
+from rpsft.core.models import tiny_model
+from rpsft.core.train import train
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.trajectory import (
     intermediate_step,
     point_id,
     split_point_id,
     trajectory_artifact,
     trajectory_points,
 )
+from rpsft.sweeps.store.sweep_store import TrialRecord, trial_label
+from transformers import TrainerCallback
 
 needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
 
@@ -123,7 +122,7 @@ def test_stop_at_step_is_validated(tmp_path):
 
 
 def test_sharded_training_refuses_stop_at_step(tmp_path):
-    from rpsft_core.sharded_train import check_sharded_settings
+    from rpsft.core.sharded_train import check_sharded_settings
 
     config = _config(tmp_path, stop_at_step=2, resources={"workers": 2})
     with pytest.raises(ConfigError, match="stop_at_step: 2 under sharded training.*Fix:"):
@@ -152,9 +151,8 @@ def test_sharded_training_refuses_stop_at_step(tmp_path):
     ],
 )
 def test_trajectory_config_is_validated(tmp_path, tiny_dir, evaluation, extra, message):
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
     from sweep_helpers import sweep_dict
-
-    from sweeps.config import SweepConfigError, parse_sweep_config
 
     raw = sweep_dict("traj", tiny_dir, tmp_path, scheduler={"type": "fifo"}, **extra)
     raw["evaluation"] = {**raw["evaluation"], **evaluation}
@@ -170,8 +168,8 @@ def test_trajectory_config_is_validated(tmp_path, tiny_dir, evaluation, extra, m
 def test_checkpoint_scores_are_the_loss_items_and_the_mc_items_without_base_model(monkeypatch):
     from types import SimpleNamespace
 
-    from sweeps.config import SweepConfig
-    from sweeps.scoring import TrialScorer
+    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.trial.scoring import TrialScorer
 
     config = SweepConfig.model_validate(
         {"name": "mc", "evaluation": {"mc": {"n": 2}}, "objective": {"metric": "mc"}, "cache_dir": "/tmp"}
@@ -233,7 +231,7 @@ def _record(trial_id, g_id, f_ood, history, status="FINISHED", lam="1.0"):
 
 
 def test_trajectory_points_from_records():
-    from sweeps.uncertainty import group_points
+    from rpsft.sweeps.analysis.uncertainty import group_points
 
     history = {"eval/g_id": [(1, 0.1), (2, 0.2)], "eval/f_ood": [(1, 0.01), (2, float("nan"))]}
     records = [
@@ -274,9 +272,9 @@ def test_point_ids_and_artifact_names():
 
 
 def test_a_trajectory_point_keeps_no_weights(tmp_path):
-    from sweeps.checkpoints import kept_roles, trajectory_roles
-    from sweeps.config import SweepConfig
-    from sweeps.selection import select
+    from rpsft.sweeps.analysis.selection import select
+    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.stages.checkpoints import kept_roles, trajectory_roles
 
     config = SweepConfig.model_validate(
         {"name": "keep-traj", "keep": {"operating_point": True, "top": 2}, "output_dir": str(tmp_path)}
@@ -329,12 +327,12 @@ def _shape(items):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
-    from evaluation.intervals import bootstrap_tradeoff
-    from sweeps import tracking
-    from sweeps.report import load_stored_sweep
-    from sweeps.tracking import download_json
-    from sweeps.trajectory import metric_steps, point_item_scores
-    from sweeps.uncertainty import ITEM_SCORES, group_points, objective_items
+    from rpsft.evaluation.intervals import bootstrap_tradeoff
+    from rpsft.sweeps.analysis.trajectory import metric_steps, point_item_scores
+    from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES, group_points, objective_items
+    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.store import tracking
+    from rpsft.sweeps.store.tracking import download_json
 
     outcome, root = trajectory_sweep
     client = tracking.client_for(outcome.tracking_uri)
@@ -386,10 +384,10 @@ def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_export_retrains_a_trajectory_point(trajectory_sweep):
+    from rpsft.sweeps.stages.report import load_stored_sweep
     from typer.testing import CliRunner
 
     from rpsft.cli import app
-    from sweeps.report import load_stored_sweep
 
     outcome, root = trajectory_sweep
     stored = load_stored_sweep("traj", root / "sweeps")
@@ -408,7 +406,7 @@ def test_export_retrains_a_trajectory_point(trajectory_sweep):
 
 
 def test_a_sweep_refuses_stop_at_step_in_its_train_section():
-    from sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
 
     with pytest.raises(SweepConfigError, match="train: stop_at_step would stop every trial early. Fix: remove it"):
         parse_sweep_config({"name": "s", "train": {"stop_at_step": 2}, "references": ["sft"]})

@@ -10,8 +10,7 @@ import time
 import numpy as np
 import pytest
 from helpers import tradeoff_by_hand
-
-from evaluation.item_split import ItemSplit
+from rpsft.evaluation.item_split import ItemSplit
 
 BETA = 1.0
 N_ITEMS = 40
@@ -39,10 +38,10 @@ def trajectory_store(tmp_path):
     """Two stored sweeps over the same MLflow runs: ``traj`` (evaluation.trajectory: true) and ``final`` (the
     same runs without trajectory); each run stores ``eval/g_id`` / ``eval/f_ood`` at steps 2 and 4, their item
     scores as ``trajectory/step-<step>.json``, and its final point (step 6) as metrics and ``item_scores.json``."""
-    from sweeps import tracking
-    from sweeps.config import parse_sweep_config
-    from sweeps.store import SweepContext, SweepStore
-    from sweeps.trajectory import log_checkpoint_items
+    from rpsft.sweeps.analysis.trajectory import log_checkpoint_items
+    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.store import tracking
+    from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore
 
     rng = np.random.default_rng(5)
     difficulty = {(s, b): rng.normal(0, 1, N_ITEMS) for s, names in BENCHES.items() for b in names}

@@ -12,8 +12,8 @@ needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/pa
 
 
 def test_a_missing_or_own_warm_start_sweep_fails_before_any_training(tmp_path):
-    from sweeps.config import SweepConfigError, parse_sweep_config
-    from sweeps.warm_start import check_warm_start
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.search.warm_start import check_warm_start
 
     raw = sweep_dict(
         "later", tmp_path / "model", tmp_path, search={"num_trials": 1, "warm_start": ["earlier"]}
@@ -33,10 +33,9 @@ def test_a_missing_or_own_warm_start_sweep_fails_before_any_training(tmp_path):
 @pytest.mark.integration
 def test_a_warm_started_sweep_holds_the_earlier_values_and_mlflow_no_duplicates(tmp_path, tiny_dir):
     import optuna
-
-    from sweeps import tracking
-    from sweeps.config import SweepConfigError, parse_sweep_config
-    from sweeps.warm_start import CARRIED_ATTR, check_warm_start
+    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.search.warm_start import CARRIED_ATTR, check_warm_start
+    from rpsft.sweeps.store import tracking
 
     earlier = run_quietly(
         sweep_dict("earlier", tiny_dir, tmp_path, references=["sft"], search={"num_trials": 2, "seed": 0})

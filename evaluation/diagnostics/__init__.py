@@ -1,26 +1,26 @@
 """Diagnostics of RPSFT checkpoints (paper App. F): rotation, first-order signal, hidden drift, entropy, plots.
 
 The rank rule that chooses ``k`` (``k: auto``, the energy curve) is part of the method and lives in the core,
-:mod:`rpsft_core.rank_rule`; ``rpsft diagnose --what energy`` reports it beside these.
+:mod:`rpsft.core.rank_rule`; ``rpsft diagnose --what energy`` reports it beside these.
 
-* :mod:`~evaluation.diagnostics.rotation`: principal angles between base and tuned top-K left subspaces,
+* :mod:`~rpsft.evaluation.diagnostics.rotation`: principal angles between base and tuned top-K left subspaces,
   per matrix, layerwise (:func:`rotation_summary`) and rankwise.
-* :mod:`~evaluation.diagnostics.first_order`: ``<g_W, W_tuned - W_base>`` per layer on ID / OOD data.
-* :mod:`~evaluation.diagnostics.hidden`: pooled hidden states, centroid drift, 2-D PCA.
-* :mod:`~evaluation.diagnostics.entropy`: greedy-decoding token entropy and its KDE.
-* :mod:`~evaluation.diagnostics.protocol`: the :class:`Diagnostic` protocol every diagnostic follows;
-  :mod:`~evaluation.diagnostics.catalog`: the five diagnostics of ``rpsft diagnose``.
-* :mod:`~evaluation.diagnostics.run`: :func:`diagnose`, the loop behind ``rpsft diagnose``.
-* :mod:`~evaluation.diagnostics.plots`: the PNG figures (matplotlib, the ``diagnostics`` extra).
+* :mod:`~rpsft.evaluation.diagnostics.first_order`: ``<g_W, W_tuned - W_base>`` per layer on ID / OOD data.
+* :mod:`~rpsft.evaluation.diagnostics.hidden`: pooled hidden states, centroid drift, 2-D PCA.
+* :mod:`~rpsft.evaluation.diagnostics.entropy`: greedy-decoding token entropy and its KDE.
+* :mod:`~rpsft.evaluation.diagnostics.protocol`: the :class:`Diagnostic` protocol every diagnostic follows;
+  :mod:`~rpsft.evaluation.diagnostics.catalog`: the five diagnostics of ``rpsft diagnose``.
+* :mod:`~rpsft.evaluation.diagnostics.run`: :func:`diagnose`, the loop behind ``rpsft diagnose``.
+* :mod:`~rpsft.evaluation.diagnostics.plots`: the PNG figures (matplotlib, the ``diagnostics`` extra).
 
 Nothing here imports Ray or MLflow; :func:`rotation_metrics` flattens a rotation summary for any logger.
 """
 
-from evaluation.diagnostics.entropy import generation_entropy, kde
-from evaluation.diagnostics.first_order import dataset_gradients, first_order_signal
-from evaluation.diagnostics.hidden import centroid_drift, pca_2d, pooled_hidden_states
-from evaluation.diagnostics.protocol import DiagnoseContext, Diagnostic
-from evaluation.diagnostics.rotation import (
+from rpsft.evaluation.diagnostics.entropy import generation_entropy, kde
+from rpsft.evaluation.diagnostics.first_order import dataset_gradients, first_order_signal
+from rpsft.evaluation.diagnostics.hidden import centroid_drift, pca_2d, pooled_hidden_states
+from rpsft.evaluation.diagnostics.protocol import DiagnoseContext, Diagnostic
+from rpsft.evaluation.diagnostics.rotation import (
     left_subspace,
     left_subspaces,
     matrix_rotation,
@@ -31,7 +31,7 @@ from evaluation.diagnostics.rotation import (
     rotation_metrics,
     rotation_summary,
 )
-from evaluation.diagnostics.run import diagnose, format_table
+from rpsft.evaluation.diagnostics.run import diagnose, format_table
 
 __all__ = [
     "DiagnoseContext",

@@ -1,4 +1,4 @@
-"""The five diagnostics of ``rpsft diagnose``, each a :class:`~evaluation.diagnostics.protocol.Diagnostic`.
+"""The five diagnostics of ``rpsft diagnose``, each a :class:`~rpsft.evaluation.diagnostics.protocol.Diagnostic`.
 
 ========== ====================================== ===============================================
 name       ``diagnostics.json`` entries           figures
@@ -17,16 +17,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from rpsft.core.model_parts import resolve_names
+from rpsft.core.rank_rule import energy_curves
+from rpsft.evaluation.diagnostics import entropy as entropy_mod
+from rpsft.evaluation.diagnostics import first_order as fo_mod
+from rpsft.evaluation.diagnostics import hidden as hidden_mod
+from rpsft.evaluation.diagnostics import plots
+from rpsft.evaluation.diagnostics import rotation as rot_mod
+from rpsft.evaluation.diagnostics.protocol import DiagnoseContext, Diagnostic, FigureMaker
 from torch import nn
-
-from evaluation.diagnostics import entropy as entropy_mod
-from evaluation.diagnostics import first_order as fo_mod
-from evaluation.diagnostics import hidden as hidden_mod
-from evaluation.diagnostics import plots
-from evaluation.diagnostics import rotation as rot_mod
-from evaluation.diagnostics.protocol import DiagnoseContext, Diagnostic, FigureMaker
-from rpsft_core.model_parts import resolve_names
-from rpsft_core.rank_rule import energy_curves
 
 
 class Energy(Diagnostic):

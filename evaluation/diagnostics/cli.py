@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
-from rpsft_core.errors import InputError
+from rpsft.core.errors import InputError
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -75,8 +74,8 @@ def register(app: typer.Typer) -> None:
                 "Fix: give several data files as --data A.jsonl --data B.jsonl or --data A.jsonl,B.jsonl"
             )
         tuned_paths = _split(tuned) + extra
-        from evaluation.diagnostics.run import diagnose as run_diagnose
-        from evaluation.diagnostics.run import format_table
+        from rpsft.evaluation.diagnostics.run import diagnose as run_diagnose
+        from rpsft.evaluation.diagnostics.run import format_table
 
         try:
             results = run_diagnose(

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from rpsft.core.model_parts import eval_mode, model_device
 from torch import nn
-
-from rpsft_core.model_parts import eval_mode, model_device
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
@@ -42,9 +41,8 @@ def generation_entropy(
     max_length: int = 512,
 ) -> dict[str, Any]:
     """Greedy decoding; ``per_prompt`` mean token entropy (nats), ``lengths`` (generated tokens), ``mean``."""
+    from rpsft.core.prompts import batches, pad_ids, prompt_token_ids
     from transformers import GenerationConfig
-
-    from rpsft_core.prompts import batches, pad_ids, prompt_token_ids
 
     ids = prompt_token_ids(examples, tokenizer, max_length)
     eos = _eos_ids(model, tokenizer)

@@ -1,7 +1,7 @@
 """Layerwise first-order signal of an update on a dataset (paper App. F.2).
 
 ``g_W`` is the gradient of the average per-sample loss (each sample's mean token NLL on its reference reply,
-or language modelling of the prompt when it has none; see :mod:`rpsft_core.prompts`), taken at
+or language modelling of the prompt when it has none; see :mod:`rpsft.core.prompts`), taken at
 the *base* weights. For a tuned checkpoint, ``<g_W, W_tuned - W_base>`` is the first-order change of that
 loss; ``m_l`` averages it over the matrices of layer ``l``. Negative: the update descends that data's loss.
 """
@@ -13,10 +13,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
-from rpsft_core.losses import IGNORE_INDEX
-from rpsft_core.model_parts import (
+from rpsft.core.losses import IGNORE_INDEX
+from rpsft.core.model_parts import (
     WeightSource,
     eval_mode,
     grad_enabled_for,
@@ -26,7 +24,8 @@ from rpsft_core.model_parts import (
     named_weights,
     resolve_names,
 )
-from rpsft_core.rank_rule import lm_sample_losses
+from rpsft.core.rank_rule import lm_sample_losses
+from torch import Tensor, nn
 
 
 def dataset_gradients(
@@ -43,8 +42,8 @@ def dataset_gradients(
 
     Samples without a scored token are left out. ``.grad`` fields are not touched.
     """
-    from rpsft_core.data import collate_features
-    from rpsft_core.prompts import as_prompt_examples, batches, gradient_features
+    from rpsft.core.data import collate_features
+    from rpsft.core.prompts import as_prompt_examples, batches, gradient_features
 
     examples = as_prompt_examples(examples)[:limit]
     features = [

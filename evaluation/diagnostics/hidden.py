@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from rpsft.core.model_parts import eval_mode, model_device
 from torch import Tensor, nn
-
-from rpsft_core.model_parts import eval_mode, model_device
 
 
 @torch.no_grad()
@@ -34,7 +33,7 @@ def pooled_hidden_states(
     ``layer=None``: the final hidden state (after the final norm); an int indexes ``hidden_states`` (0 = the
     embeddings, i = the output of block i).
     """
-    from rpsft_core.prompts import batches, pad_ids, prompt_token_ids
+    from rpsft.core.prompts import batches, pad_ids, prompt_token_ids
 
     ids = prompt_token_ids(examples, tokenizer, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

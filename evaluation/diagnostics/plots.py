@@ -184,7 +184,7 @@ def plot_hidden_pca(pca: Mapping[str, Mapping[str, Any]], path: str | Path) -> P
 
 def plot_entropy(entropy: Mapping[str, Mapping[str, Mapping[str, Any]]], path: str | Path) -> Path:
     """Per dataset: KDE of the per-prompt mean token entropy, one curve per model."""
-    from evaluation.diagnostics.entropy import kde
+    from rpsft.evaluation.diagnostics.entropy import kde
 
     fig, axes = _figure(max(len(entropy), 1), width=4.6)
     for ax, (dataset, per_model) in zip(axes, entropy.items()):

@@ -3,7 +3,7 @@
 A :class:`Diagnostic` has a ``name`` (as ``--what`` spells it), says what it needs (tuned models, prompts),
 measures the base model once (:meth:`~Diagnostic.start`), then each tuned model as it is loaded
 (:meth:`~Diagnostic.measure`), and hands back its ``diagnostics.json`` entries (:meth:`~Diagnostic.results`)
-and its figures (:meth:`~Diagnostic.figures`). :func:`evaluation.diagnostics.run.diagnose` is the one loop
+and its figures (:meth:`~Diagnostic.figures`). :func:`rpsft.evaluation.diagnostics.run.diagnose` is the one loop
 that drives them; it loads the base model once and one tuned model at a time.
 """
 
@@ -15,9 +15,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+from rpsft.core.prompts import PromptExample
 from torch import Tensor, nn
-
-from rpsft_core.prompts import PromptExample
 
 FigureMaker = Callable[[Path], Path]  # draws one PNG at the path it is given
 
@@ -33,7 +32,7 @@ class PromptSet:
 
 @dataclass(frozen=True)
 class DiagnoseSettings:
-    """The knobs of one run (see :func:`evaluation.diagnostics.run.diagnose` for each)."""
+    """The knobs of one run (see :func:`rpsft.evaluation.diagnostics.run.diagnose` for each)."""
 
     limit: int | None = 16
     max_new_tokens: int = 128

@@ -12,7 +12,7 @@ A matrix with ``K == m`` (e.g. SmolLM2's 192-row k/v projections at K = 192) has
 so its left-subspace rotation is identically 0; such matrices are reported as ``trivial`` and left out of the
 means (for the paper's models, m >= 1024 > 512, none is). Identical base and tuned weights give exactly 0.
 
-The subspaces come from :func:`rpsft_core.bases.top_k_bases`: ``method="gram"`` (default; eigendecomposition of
+The subspaces come from :func:`rpsft.core.bases.top_k_bases`: ``method="gram"`` (default; eigendecomposition of
 the narrow-side Gram matrix, several times faster than a full SVD on a CPU) or ``"exact"`` (full SVD),
 computed in float64 by default.
 """
@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
-
-from rpsft_core.model_parts import (
+from rpsft.core.model_parts import (
     WeightSource,
     layer_index,
     matrix_type,
     named_weights,
     resolve_names,
 )
+from torch import Tensor
 
 DEFAULT_TOP_K = 512
 
@@ -68,7 +67,7 @@ def left_subspace(
     weight: Tensor, top_k: int = DEFAULT_TOP_K, *, method: str = "gram", dtype: torch.dtype = torch.float64
 ) -> Tensor:
     """Top-K left singular vectors (m x K, ordered by singular value) of ``weight``."""
-    from rpsft_core.bases import top_k_bases
+    from rpsft.core.bases import top_k_bases
 
     k = rotation_rank(weight.shape, top_k)
     u, _ = top_k_bases(weight.detach().to(dtype), k, method=method)
@@ -299,9 +298,9 @@ def protected_drift(
 
     The same quantity the RPSFT regularizer logs (``reg.drift()``), but computable for any pair of
     checkpoints (SFT ones included), so trials of different methods compare on the same block. ``bases``:
-    :class:`rpsft_core.bases.Bases` of the base weights (computed here at ``k`` when None).
+    :class:`rpsft.core.bases.Bases` of the base weights (computed here at ``k`` when None).
     """
-    from rpsft_core.bases import compute_bases, project_block
+    from rpsft.core.bases import compute_bases, project_block
 
     started = time.perf_counter()
     names = resolve_names(base_model, selection)

@@ -1,6 +1,6 @@
 """``rpsft diagnose``: every diagnostic for a base model against tuned checkpoints, as JSON and PNG figures.
 
-:func:`diagnose` is one loop over the chosen :data:`~evaluation.diagnostics.catalog.DIAGNOSTICS`: it loads
+:func:`diagnose` is one loop over the chosen :data:`~rpsft.evaluation.diagnostics.catalog.DIAGNOSTICS`: it loads
 the base model once and lets each diagnostic measure it (energy curve, top-K subspaces, dataset gradients,
 pooled hidden states, entropies), then loads one tuned model at a time and lets each measure it.
 Outputs: ``<out>/diagnostics.json`` and, when matplotlib (the ``diagnostics`` extra) is installed,
@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rpsft.core.prompts import load_prompt_examples
+from rpsft.core.rank_rule import probe_names
+from rpsft.evaluation.diagnostics import plots
+from rpsft.evaluation.diagnostics.catalog import DIAGNOSTICS
+from rpsft.evaluation.diagnostics.protocol import DiagnoseContext, DiagnoseSettings, Diagnostic, PromptSet
 from torch import nn
-
-from evaluation.diagnostics import plots
-from evaluation.diagnostics.catalog import DIAGNOSTICS
-from evaluation.diagnostics.protocol import DiagnoseContext, DiagnoseSettings, Diagnostic, PromptSet
-from rpsft_core.prompts import load_prompt_examples
-from rpsft_core.rank_rule import probe_names
 
 ALL_DIAGNOSTICS = tuple(diagnostic.name for diagnostic in DIAGNOSTICS)
 _ALIASES = {"first_order": "first-order", "firstorder": "first-order", "drift": "hidden", "rank": "energy"}
@@ -122,7 +121,7 @@ def diagnose(
     matrix (the first); ``layers``: the matrices for rotation and first-order signal (preset or spec);
     ``top_k``: K of the rotation metric.
     """
-    from rpsft_core.models import load_model
+    from rpsft.core.models import load_model
 
     log = log or (lambda _msg: None)
     chosen = parse_what(what)
@@ -215,7 +214,7 @@ def _load_base(base: str | tuple, device: str) -> tuple[nn.Module, Any, str]:
             tokenizer,
             getattr(getattr(base_model, "config", None), "_name_or_path", "") or "base",
         )
-    from rpsft_core.models import load_model
+    from rpsft.core.models import load_model
 
     base_model, tokenizer = load_model(base, device=device)
     return base_model, tokenizer, str(base)

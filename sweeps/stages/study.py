@@ -11,7 +11,7 @@ The claims (see ``docs/reproduction.md``):
 * **C1** SFT raises ID and lowers OOD: the intervals of SFT's ``G_id`` and ``F_ood`` are both above 0.
 * **C2** RPSFT's frontier is above SFT's, L2-init's and LoRA's over the beta range: at each beta every
   family's best configuration by Phi on the selection items, compared on the held-out report items (paired
-  ``Phi_rpsft - Phi_other`` intervals above 0; :mod:`sweeps.frontiers`). The paper's protocol (fixed
+  ``Phi_rpsft - Phi_other`` intervals above 0; :mod:`rpsft.sweeps.analysis.frontiers`). The paper's protocol (fixed
   configurations at the shared settings and method defaults, ``claims.paper_protocol``) is reported alongside.
 * **C3** At equal ID gain RPSFT rotates the top singular subspaces less than SFT (App. F.3).
 * **C4** Phi(k) has an interior optimum on the k slice (k = 0 is SFT, full k is L2-init at the same lambda).
@@ -37,15 +37,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from evaluation.intervals import Interval, IntervalError
-from rpsft_core.config import TrainConfig
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
-from sweeps.selection import TrialPoint
-from sweeps.store import TrialRecord
-from sweeps.summary import configuration_label
-from sweeps.trajectory import intermediate_step
-from sweeps.uncertainty import _SEED_SUFFIX, METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
+from rpsft.core.config import TrainConfig
+from rpsft.evaluation.intervals import Interval, IntervalError
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.summary import configuration_label
+from rpsft.sweeps.analysis.trajectory import intermediate_step
+from rpsft.sweeps.analysis.uncertainty import (
+    _SEED_SUFFIX,
+    METRIC_ITEMS,
+    SweepIntervals,
+    TrialGroup,
+    sweep_intervals,
+)
+from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
+from rpsft.sweeps.store.sweep_store import TrialRecord
 
 Verdict = Literal["reproduced", "not reproduced", "inconclusive"]
 ROTATION = "rotation/mean_deg"
@@ -97,7 +102,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     try:
         study = StudyConfig.model_validate(raw)
     except ValidationError as exc:
-        from rpsft_core.config import format_validation_error
+        from rpsft.core.config import format_validation_error
 
         raise SweepConfigError(format_validation_error(exc, str(path), "study configuration")) from None
     study.sweep_config()  # the sweep is validated before anything runs
@@ -207,7 +212,7 @@ def _mean_metrics(trials: dict[str, TrialRecord], point: TrialPoint) -> dict[str
 
 
 def configurations(stored: Any) -> tuple[list[Configuration], Any]:
-    """The study's configurations from a stored sweep (:class:`sweeps.store.StoredSweep`)."""
+    """The study's configurations from a stored sweep (:class:`rpsft.sweeps.store.sweep_store.StoredSweep`)."""
     analysis = stored.analysis
     if analysis.intervals is None:
         raise SweepConfigError(
@@ -272,7 +277,7 @@ def view_intervals(
 def stored_view_intervals(stored: Any) -> dict[str, SweepIntervals | None]:
     """Each view's intervals for a stored sweep: the objective metric's are the analysis' own; the other view
     is bootstrapped the same way from the stored item scores (``None`` when the sweep has none for it)."""
-    from sweeps.uncertainty import read_base_item_scores, stored_item_scores
+    from rpsft.sweeps.analysis.uncertainty import read_base_item_scores, stored_item_scores
 
     config, analysis = stored.config, stored.analysis
     out: dict[str, SweepIntervals | None] = {}
@@ -427,7 +432,7 @@ def _same_value(logged: Any, wanted: Any) -> bool:
 def _protocol_names(point: TrialPoint) -> set[str]:
     """The names a ``paper_protocol`` label may give a configuration: its reference name and its knob label
     (each with and without ``[ref]``), without seed or step."""
-    from sweeps.store import trial_label
+    from rpsft.sweeps.store.sweep_store import trial_label
 
     params = {k: v for k, v in point.params.items() if k not in ("step", "seed")}
     names = {trial_label({k: v for k, v in params.items() if k != "reference"})}
@@ -445,8 +450,8 @@ def protocol_point(
     matched against the logged parameters; knobs left unnamed at the method defaults when several match, then
     references first); ``None``: the family's reference at its method defaults (the reference named by the
     method alone), else its only reference."""
-    from sweeps.frontiers import family
-    from sweeps.trajectory import intermediate_step
+    from rpsft.sweeps.analysis.frontiers import family
+    from rpsft.sweeps.analysis.trajectory import intermediate_step
 
     mine = [p for p in points if family(p.params) == name and intermediate_step(p) is None]
     if spec is None:
@@ -498,7 +503,7 @@ def _signs_text(per_beta: dict[float, Interval | None]) -> str:
 
 def _unsplit_analysis(configs: list[Configuration], intervals: Any, betas: list[float]) -> Any:
     """An analysis of ``configs`` on all items (no split) from their intervals alone (callers without one)."""
-    from sweeps.uncertainty import SweepAnalysis
+    from rpsft.sweeps.analysis.uncertainty import SweepAnalysis
 
     points = [c.point for c in configs]
     return SweepAnalysis([], points, intervals, all_points=points, betas=list(betas))
@@ -513,14 +518,14 @@ def claim_c2(
     analysis: Any = None,
     protocol: dict[str, Any] | None = None,
 ) -> ClaimResult:
-    """C2 by family frontiers (:mod:`sweeps.frontiers`): at each beta, RPSFT's best configuration against
+    """C2 by family frontiers (:mod:`rpsft.sweeps.analysis.frontiers`): at each beta, RPSFT's best configuration against
     SFT's, L2-init's and LoRA's, each chosen by max Phi on the selection items and compared on the held-out
     report items (paired intervals; the verdict). Alongside, the paper's protocol: fixed configurations at the
     shared settings and method defaults (``protocol``: ``Claims.paper_protocol``), final step, report items
-    (its own sub-verdict in the numbers). ``analysis``: the sweep's :class:`sweeps.uncertainty.SweepAnalysis`
+    (its own sub-verdict in the numbers). ``analysis``: the sweep's :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis`
     (default: ``configs`` on all items, chosen and reported on the same items)."""
-    from sweeps.frontiers import beta_key, family_frontiers
-    from sweeps.trajectory import intermediate_step
+    from rpsft.sweeps.analysis.frontiers import beta_key, family_frontiers
+    from rpsft.sweeps.analysis.trajectory import intermediate_step
 
     text = (
         "RPSFT's frontier (its best configuration at each beta) has a higher Phi than SFT's, L2-init's and "
@@ -839,7 +844,7 @@ def claim_c6(configs: list[Configuration], intervals: Any, claims: Claims, beta0
 def evaluate_claims(
     configs: list[Configuration], intervals: Any, claims: Claims, beta0: float, analysis: Any = None
 ) -> list[ClaimResult]:
-    """Every claim's verdict; ``analysis`` (the sweep's :class:`sweeps.uncertainty.SweepAnalysis`) gives C2
+    """Every claim's verdict; ``analysis`` (the sweep's :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis`) gives C2
     its selection and report items (without it C2 chooses and reports on the items of ``intervals``)."""
     return [
         claim_c1(configs),
@@ -910,8 +915,8 @@ def run_study(
 ) -> tuple[StudyResult, Any]:
     """Run the study's sweep (or resume it, or reuse it when finished) and evaluate the claims; with
     ``run=False`` only the claims, on the trials stored so far."""
-    from sweeps.runner import absolutize, resume_sweep, run_sweep
-    from sweeps.store import SweepStore
+    from rpsft.sweeps.runner import absolutize, resume_sweep, run_sweep
+    from rpsft.sweeps.store.sweep_store import SweepStore
 
     config = absolutize(study.sweep_config())
     store = SweepStore.of(config)

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from rpsft_core.config import format_validation_error
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
-from sweeps.store import TrialRecord, trial_label
+from rpsft.core.config import format_validation_error
+from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
+from rpsft.sweeps.store.sweep_store import TrialRecord, trial_label
 
 BASELINE_VERSION = 1
 
@@ -108,7 +107,7 @@ def run_regression_sweep(
     config: RegressionConfig, work_dir: str | Path, echo=print
 ) -> tuple[dict[str, dict[str, float]], str | None]:
     """Run the regression sweep in ``work_dir``; ``(metrics per trial label, operating point label)``."""
-    from sweeps.runner import run_sweep
+    from rpsft.sweeps.runner import run_sweep
 
     sweep = config.sweep_config(output_dir=str(Path(work_dir) / "sweeps"))
     outcome = run_sweep(sweep, echo=echo, progress=False)

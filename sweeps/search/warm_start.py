@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.store import TrialRecord
+from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.store.sweep_store import TrialRecord
 
 CARRIED_ATTR = "rpsft.carried_over_from"
 TRIAL_ATTR = "rpsft.trial_id"
@@ -71,7 +71,7 @@ def _check_compatible(config: SweepConfig, earlier: SweepConfig, name: str) -> N
 
 def check_warm_start(config: SweepConfig) -> list[Any]:
     """The stored earlier sweeps, after checking that each exists and matches (before any training)."""
-    from sweeps.store import load_stored_sweep
+    from rpsft.sweeps.store.sweep_store import load_stored_sweep
 
     stored = []
     for name in config.search.warm_start:

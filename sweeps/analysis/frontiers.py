@@ -7,14 +7,14 @@ each is another training procedure, so folding it into ``rpsft`` would let RPSFT
 procedure won.
 
 A family's **frontier point** at ``beta`` is its configuration of largest ``Phi(beta)`` on the **selection** items
-(:func:`sweeps.selection.max_phi` over all its knobs: every k, lambda, layers, trajectory step, with seeds pooled
+(:func:`rpsft.sweeps.analysis.selection.max_phi` over all its knobs: every k, lambda, layers, trajectory step, with seeds pooled
 per configuration), and it is reported with its ``Phi(beta)`` and interval on the held-out **report** items
-(:mod:`evaluation.item_split`), so a family with many configurations is not favoured by the maximum of many noisy
+(:mod:`rpsft.evaluation.item_split`), so a family with many configurations is not favoured by the maximum of many noisy
 estimates (the winner's curse). The difference between RPSFT's frontier point and each other family's is paired
 on the report items. Without a split (``evaluation.split.report_fraction: 0``) both parts are all items: chosen
 and reported on the same items.
 
-Pure: :func:`family_frontiers` reads a :class:`sweeps.uncertainty.SweepAnalysis` and returns dataclasses.
+Pure: :func:`family_frontiers` reads a :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis` and returns dataclasses.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.intervals import Interval
-from evaluation.item_split import ALL, REPORT, SELECTION
-from sweeps.selection import TrialPoint, max_phi
+from rpsft.evaluation.intervals import Interval
+from rpsft.evaluation.item_split import ALL, REPORT, SELECTION
+from rpsft.sweeps.analysis.selection import TrialPoint, max_phi
 
 ANCHOR = "rpsft"  # the family every other family is compared with
 
@@ -57,12 +57,12 @@ class FrontierPoint:
     family: str
     beta: float
     point: TrialPoint  # G_id / F_ood on the items it was chosen on (point.items)
-    report: Any  # sweeps.uncertainty.PartNumbers: G_id, F_ood, Phi on the report items (or all items)
+    report: Any  # rpsft.sweeps.analysis.uncertainty.PartNumbers: G_id, F_ood, Phi on the report items (or all items)
     phi_interval: Interval | None  # Phi(beta) on report.items, paired bootstrap
 
     @property
     def label(self) -> str:
-        from sweeps.summary import configuration_label
+        from rpsft.sweeps.analysis.summary import configuration_label
 
         return configuration_label(self.point)
 
@@ -171,7 +171,7 @@ def family_frontiers(
     include: Callable[[TrialPoint], bool] | None = None,
 ) -> Frontiers:
     """Each family's frontier point at each of ``betas`` (default: the analysis' objective betas) from a
-    :class:`sweeps.uncertainty.SweepAnalysis`: chosen by max Phi(beta) on ``analysis.points`` (the selection items),
+    :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis`: chosen by max Phi(beta) on ``analysis.points`` (the selection items),
     reported on the report items, with ``anchor``'s paired differences against every other family. ``include``
     keeps only some configurations (e.g. final steps)."""
     betas = list(analysis.betas if betas is None else betas)

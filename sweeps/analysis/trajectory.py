@@ -1,6 +1,6 @@
 """A trial's trajectory: its intermediate evaluations as points of the trade-off.
 
-With ``evaluation.every: N`` a trial scores itself every N optimizer steps (:class:`sweeps.trial.
+With ``evaluation.every: N`` a trial scores itself every N optimizer steps (:class:`rpsft.sweeps.trial.run.
 IntermediateEvaluation`): the loss-based numbers go to its MLflow run as ``eval/...`` metrics at that step
 (``eval/g_id``, ``eval/f_ood``, ``eval/drift_mean``, ...), and the per-item scores as the artifact
 ``trajectory/step-<step>.json`` (:func:`trajectory_artifact`; the record ``item_scores.json`` holds for the
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sweeps import tracking
-from sweeps.selection import TrialPoint
-from sweeps.store import TrialRecord, trial_points
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import TrialRecord, trial_points
 
 TRAJECTORY_DIR = "trajectory"  # artifact folder of a trial run
 G_ID, F_OOD = "eval/g_id", "eval/f_ood"  # the objective's numbers at an intermediate evaluation
@@ -65,7 +65,7 @@ def log_checkpoint_items(client: Any, run_id: str, step: int, items: dict[str, A
 def point_item_scores(client: Any, point: TrialPoint) -> dict[str, Any] | None:
     """The stored item scores of a trajectory point: ``trajectory/step-<step>.json`` of an intermediate point,
     ``item_scores.json`` of a final one (``None`` when the run has no such artifact)."""
-    from sweeps.uncertainty import ITEM_SCORES
+    from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES
 
     if not point.run_id:
         return None
@@ -123,9 +123,9 @@ def trajectory_points(records: Sequence[TrialRecord], client: Any = None) -> lis
 
 
 def sweep_points(config: Any, records: Sequence[TrialRecord], client: Any = None) -> list[TrialPoint]:
-    """The points a sweep's analysis ranks (:func:`sweeps.uncertainty.analyze_sweep`): with
+    """The points a sweep's analysis ranks (:func:`rpsft.sweeps.analysis.uncertainty.analyze_sweep`): with
     ``evaluation.trajectory: true`` every scored checkpoint (:func:`trajectory_points`, each a candidate operating
-    point), else each finished trial's final point (:func:`sweeps.store.trial_points`, as before trajectories)."""
+    point), else each finished trial's final point (:func:`rpsft.sweeps.store.sweep_store.trial_points`, as before trajectories)."""
     if config.evaluation.trajectory:
         return trajectory_points(records, client)
     return trial_points(records)

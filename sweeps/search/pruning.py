@@ -1,5 +1,5 @@
 """The Tune callback (run in the driver) that deletes, after each trial ends, the weights of the trials that
-can no longer be kept (:func:`sweeps.checkpoints.prune`). A module-level class, so Tune's pickled experiment
+can no longer be kept (:func:`rpsft.sweeps.stages.checkpoints.prune`). A module-level class, so Tune's pickled experiment
 restores it on resume."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-
-from sweeps.checkpoints import prune
+from rpsft.sweeps.stages.checkpoints import prune
 
 
 class CheckpointPruner(tune.Callback):
@@ -20,8 +19,8 @@ class CheckpointPruner(tune.Callback):
         return {**self.__dict__, "item_cache": {}}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeps import tracking
-        from sweeps.store import read_trials
+        from rpsft.sweeps.store import tracking
+        from rpsft.sweeps.store.sweep_store import read_trials
 
         context = self.context
         client = tracking.client_for(context.tracking_uri)

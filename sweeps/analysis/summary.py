@@ -6,8 +6,8 @@ import math
 import re
 from typing import Any
 
-from sweeps.selection import Selection
-from sweeps.store import TrialRecord, trial_label
+from rpsft.sweeps.analysis.selection import Selection
+from rpsft.sweeps.store.sweep_store import TrialRecord, trial_label
 
 
 def _num(value: Any, fmt: str = "{:+.4f}") -> str:
@@ -61,7 +61,7 @@ def trials_table(trials: list[TrialRecord], beta: float, selection: Selection | 
 
 def configuration_label(point: Any) -> str:
     """A configuration's name: its trial label without a seed when its seeds are pooled, and ``step=N`` for a
-    point of a trajectory (:mod:`sweeps.trajectory`)."""
+    point of a trajectory (:mod:`rpsft.sweeps.analysis.trajectory`)."""
     label = trial_label({key: value for key, value in point.params.items() if key != "step"})
     if point.n_seeds > 1:
         label = re.sub(r" seed=-?\d+$", "", label) + f" ({point.n_seeds} seeds)"
@@ -69,7 +69,7 @@ def configuration_label(point: Any) -> str:
     return label if step in (None, "", "None") else f"{label} step={step}"
 
 
-# which items an operating point's numbers are on (sweeps.uncertainty.PartNumbers.items), as printed
+# which items an operating point's numbers are on (rpsft.sweeps.analysis.uncertainty.PartNumbers.items), as printed
 PART_TITLES = {
     "selection": "chosen on the selection items (biased upwards by the choice)",
     "report": "reported on the report items (held out from the choice)",
@@ -79,7 +79,7 @@ ITEMS_NAMES = {"selection": "the selection items", "report": "the report items",
 
 
 def _part_line(numbers: Any, beta: float) -> str:
-    """``G_id .. F_ood .. Phi ..`` of one part (``sweeps.uncertainty.PartNumbers``), with intervals if any."""
+    """``G_id .. F_ood .. Phi ..`` of one part (``rpsft.sweeps.analysis.uncertainty.PartNumbers``), with intervals if any."""
     if numbers.intervals is not None:
         i = numbers.intervals
         return (
@@ -143,7 +143,7 @@ def selection_text(selection: Selection) -> str:
 
 
 def rl_table(outcomes: list[Any]) -> str:
-    """The init -> RL table of ``rpsft rl`` (:class:`sweeps.rl.RLOutcome`): G_id and F_ood of the initial and
+    """The init -> RL table of ``rpsft rl`` (:class:`rpsft.sweeps.stages.rl.RLOutcome`): G_id and F_ood of the initial and
     the chosen RL checkpoint, and the reward of the first and last step."""
     header = (
         f"{'initial checkpoint':40s} {'G_id init':>10s} {'+RL':>9s} {'F_ood init':>11s} {'+RL':>9s} "
@@ -169,7 +169,7 @@ def _chosen(label: str, family: str) -> str:
 
 
 def frontiers_text(frontiers: Any) -> str:
-    """The family x beta table of :class:`sweeps.frontiers.Frontiers`: each cell ``Phi [lo, hi] (chosen: label)``
+    """The family x beta table of :class:`rpsft.sweeps.analysis.frontiers.Frontiers`: each cell ``Phi [lo, hi] (chosen: label)``
     on the report items, then the anchor's paired differences with every other family."""
     if not frontiers.points:
         return "family frontiers: no configuration with finite G_id and F_ood"

@@ -1,7 +1,7 @@
 """A trial over several workers: a Ray Train ``TorchTrainer`` inside the Tune trial (``resources.workers > 1``).
 
-The Tune trial (:func:`sweeps.trial.run_trial`) starts ``resources.workers`` Ray Train workers joined in one
-process group (gloo on CPUs, NCCL on GPUs). Each runs :func:`rpsft_core.sharded_train.train_on_rank`: FSDP2 or
+The Tune trial (:func:`rpsft.sweeps.trial.run.run_trial`) starts ``resources.workers`` Ray Train workers joined in one
+process group (gloo on CPUs, NCCL on GPUs). Each runs :func:`rpsft.core.sharded_train.train_on_rank`: FSDP2 or
 DDP, the data sharded across the workers, the penalty on each worker's rows, checkpoints through
 ``torch.distributed.checkpoint`` in the trial's directory (a retried trial resumes from them).
 
@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sweeps import tracking
-from sweeps.store import SweepContext, SweepStore
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore
 
 SCORES_FILE = "scores.json"  # rank 0's scores, in the checkpoint of its last report
 
 
 def scaling_config(resources: Any) -> Any:
-    """Ray Train's :class:`ScalingConfig` for :class:`rpsft_core.config.Resources`."""
+    """Ray Train's :class:`ScalingConfig` for :class:`rpsft.core.config.Resources`."""
     from ray.train import ScalingConfig
 
     use_gpu = resources.gpus_per_worker > 0
@@ -40,12 +40,11 @@ def train_and_score_on_workers(
     context: SweepContext, train_config: Any, trial_id: str, run_id: str
 ) -> dict[str, float]:
     """Train ``train_config`` on its workers and score it; returns the trial's metrics (as
-    :func:`sweeps.trial.train_and_score` does for one process)."""
+    :func:`rpsft.sweeps.trial.run.train_and_score` does for one process)."""
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from sweeps.config import SweepConfig
+    from rpsft.sweeps.config import SweepConfig
 
     config = SweepConfig.model_validate(context.config)
     resources = train_config.resources
@@ -76,12 +75,10 @@ def train_and_score_on_workers(
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: train on this rank; rank 0 then scores, logs and reports the result."""
     import ray.train
-
-    from rpsft_core.config import TrainConfig
-    from rpsft_core.sharded_train import train_on_rank
-    from sweeps.config import SweepConfig
-    from sweeps.scoring import TrialScorer
-    from sweeps.trial import (
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.sharded_train import train_on_rank
+    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.trial.run import (
         MlflowStepLogger,
         _torch_threads,
         duration,
@@ -89,6 +86,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         score_trained,
         training_summary,
     )
+    from rpsft.sweeps.trial.scoring import TrialScorer
 
     context: SweepContext = loop_config["context"]
     config = SweepConfig.model_validate(context.config)
@@ -114,7 +112,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     )
     metrics: dict[str, Any] = {}
     if rank == 0:
-        from rpsft_core.models import load_model, load_tokenizer
+        from rpsft.core.models import load_model, load_tokenizer
 
         step_logger.flush()
         tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)

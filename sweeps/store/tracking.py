@@ -185,11 +185,11 @@ def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED", stat
 
 
 def trial_points(runs: list[Any]) -> list[Any]:
-    """Deprecated: :func:`sweeps.store.trial_points` on :class:`sweeps.store.TrialRecord` objects."""
-    from sweeps.store import TrialRecord, trial_points
+    """Deprecated: :func:`rpsft.sweeps.store.sweep_store.trial_points` on :class:`rpsft.sweeps.store.sweep_store.TrialRecord` objects."""
+    from rpsft.sweeps.store.sweep_store import TrialRecord, trial_points
 
     warnings.warn(
-        "sweeps.tracking.trial_points is deprecated; use sweeps.store.trial_points on the sweep's TrialRecords",
+        "rpsft.sweeps.store.tracking.trial_points is deprecated; use rpsft.sweeps.store.sweep_store.trial_points on the sweep's TrialRecords",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -198,7 +198,7 @@ def trial_points(runs: list[Any]) -> list[Any]:
 
 def tag_operating_point(client: MlflowClient, trials: list[Any], chosen_run_id: str, beta: float) -> None:
     """Mark ``chosen_run_id`` as the operating point (and clear the tag on the other trials,
-    :class:`sweeps.store.TrialRecord` objects)."""
+    :class:`rpsft.sweeps.store.sweep_store.TrialRecord` objects)."""
     for trial in trials:
         if trial.tags.get(TAG_OPERATING_POINT) == "true" and trial.run_id != chosen_run_id:
             client.set_tag(trial.run_id, TAG_OPERATING_POINT, "false")

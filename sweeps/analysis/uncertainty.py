@@ -3,12 +3,12 @@
 Every trial stores its per-item scores (``item_scores.json``, one artifact per trial run) and the sweep stores
 the base model's (``base_item_scores.json`` on the sweep's parent run and in the sweep directory). Trials that
 differ only in their seed form one **configuration**: its point is the mean over seeds, and its intervals pool
-the seeds (:func:`evaluation.intervals.bootstrap_tradeoff` resamples items and seeds). All configurations are
+the seeds (:func:`rpsft.evaluation.intervals.bootstrap_tradeoff` resamples items and seeds). All configurations are
 resampled on the same items, so the difference between two of them has a paired interval: the operating point
 is *distinguishable* from another configuration when the interval of ``Phi_a - Phi_b`` excludes 0.
 
-The items are split (``evaluation.split``, :mod:`evaluation.item_split`): the points that
-:func:`sweeps.selection.select` ranks carry ``G_id`` / ``F_ood`` on the **selection** items, and the chosen
+The items are split (``evaluation.split``, :mod:`rpsft.evaluation.item_split`): the points that
+:func:`rpsft.sweeps.analysis.selection.select` ranks carry ``G_id`` / ``F_ood`` on the **selection** items, and the chosen
 point's numbers, intervals and comparisons are reported on the held-out **report** items, so the report is not
 biased upwards by the choice (the winner's curse). Configurations without item scores keep their numbers on all
 items (labelled ``all``); ``report_fraction: 0`` chooses and reports on all items, as before the split.
@@ -22,14 +22,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
-from evaluation.item_split import ALL, REPORT, SELECTION, ItemSplit
-from evaluation.metrics import phi
-from sweeps import tracking
-from sweeps.selection import TrialPoint
-from sweeps.store import BASE_ITEM_SCORES, KNOBS, SweepStore
-from sweeps.store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
-from sweeps.trajectory import intermediate_step, point_item_scores
+from rpsft.evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
+from rpsft.evaluation.item_split import ALL, REPORT, SELECTION, ItemSplit
+from rpsft.evaluation.metrics import phi
+from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.trajectory import intermediate_step, point_item_scores
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import BASE_ITEM_SCORES, KNOBS, SweepStore
+from rpsft.sweeps.store.sweep_store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
 
 ITEM_SCORES = "item_scores.json"
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
@@ -40,7 +40,7 @@ _KNOB_DEFAULTS = {"penalty_mode": "loss", "optimizer": "adamw_torch"}  # as Trai
 
 def item_key(point: TrialPoint) -> str:
     """The key of a point's stored item scores: its run id, or ``<trial id>@<step>`` for an intermediate point
-    of a trial's trajectory (:mod:`sweeps.trajectory`; the points of one run are then told apart, and a trial's
+    of a trial's trajectory (:mod:`rpsft.sweeps.analysis.trajectory`; the points of one run are then told apart, and a trial's
     final point keeps its run id). Intervals and item scores are keyed by it; ``run_id`` stays the MLflow link."""
     return point.trial_id if intermediate_step(point) is not None else (point.run_id or "")
 
@@ -103,7 +103,7 @@ class SweepIntervals:
     betas: list[float]
     # item_key of any member (its run id, or <trial>@<step> for a trajectory point) -> configuration key
     keys: dict[str, str]
-    items: str = ALL  # which items: "all", "selection" or "report" (evaluation.item_split)
+    items: str = ALL  # which items: "all", "selection" or "report" (rpsft.evaluation.item_split)
 
     def key_of(self, point: TrialPoint) -> str | None:
         return self.keys.get(item_key(point))
@@ -198,7 +198,7 @@ def stored_item_scores(
 ) -> dict[str, dict[str, Any]]:
     """``{item key: item scores}`` (:func:`item_key`: the run id, or ``<trial>@<step>``) of the points that stored
     them: a run's ``item_scores.json``, or an intermediate trajectory point's ``trajectory/step-<step>.json``
-    (pass such points one per member, as :func:`trajectory points <sweeps.trajectory.trajectory_points>` gives
+    (pass such points one per member, as :func:`trajectory points <rpsft.sweeps.analysis.trajectory.trajectory_points>` gives
     them); ``cache`` (filled here) saves downloads across calls (a finished run's item scores never change)."""
     out: dict[str, dict[str, Any]] = {}
     for point in points:
@@ -279,7 +279,7 @@ class PartNumbers:
 class SweepAnalysis:
     """A sweep's configurations (seeds grouped), their intervals, and how to compare them.
 
-    ``points`` are what :func:`sweeps.selection.select` ranks: ``G_id`` / ``F_ood`` on the selection items
+    ``points`` are what :func:`rpsft.sweeps.analysis.selection.select` ranks: ``G_id`` / ``F_ood`` on the selection items
     (``point.items == "selection"``) where the configuration has item scores and the items are split, else on
     all items. ``intervals`` are every configuration's intervals on all items (descriptive);
     ``selection_intervals`` / ``report_intervals`` the same on each part (all three the same object when the
@@ -355,7 +355,7 @@ class SweepAnalysis:
 def selection_points(
     groups: Sequence[TrialGroup], selection_intervals: SweepIntervals | None
 ) -> list[TrialPoint]:
-    """One point per configuration for :func:`sweeps.selection.select`: on the selection items where
+    """One point per configuration for :func:`rpsft.sweeps.analysis.selection.select`: on the selection items where
     ``selection_intervals`` (a ``selection`` part) knows the configuration, else its mean on all items."""
     out = []
     for group in groups:
@@ -417,10 +417,10 @@ def analyze_sweep(
     draws: int | None = None,
     item_cache: dict[str, dict[str, Any]] | None = None,
 ) -> SweepAnalysis:
-    """:func:`analyze_items` of a sweep's finished trials (``points``: :func:`sweeps.trajectory.sweep_points`, every
+    """:func:`analyze_items` of a sweep's finished trials (``points``: :func:`rpsft.sweeps.analysis.trajectory.sweep_points`, every
     scored checkpoint with ``evaluation.trajectory: true``), from the stored item scores (the base model's from
     ``<sweep>/base_item_scores.json`` or the parent run's artifact) and the sweep's ``evaluation.split`` and
-    ``evaluation.intervals``. ``draws`` overrides the config's (1 when only the points matter);
+    ``rpsft.evaluation.intervals``. ``draws`` overrides the config's (1 when only the points matter);
     ``item_cache`` keeps downloaded item scores across calls."""
     metric = config.objective.metric
     base = read_base_item_scores(config, client, parent_run_id)

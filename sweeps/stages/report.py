@@ -1,12 +1,18 @@
-"""Reading a finished (or running) sweep back from its state file and MLflow (see :mod:`sweeps.store`)."""
+"""Reading a finished (or running) sweep back from its state file and MLflow (see :mod:`rpsft.sweeps.store.sweep_store`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sweeps import tracking
-from sweeps.selection import Selection
-from sweeps.store import DEFAULT_ROOT, StoredSweep, SweepContext, TrialRecord, load_stored_sweep
+from rpsft.sweeps.analysis.selection import Selection
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import (
+    DEFAULT_ROOT,
+    StoredSweep,
+    SweepContext,
+    TrialRecord,
+    load_stored_sweep,
+)
 
 __all__ = ["StoredSweep", "load_selection", "load_stored_sweep"]
 

@@ -8,7 +8,7 @@ subspaces for the rotation diagnostic), ``base_item_scores.json``, ``intervals.j
 (``rpsft export``) and ``rl/`` (``rpsft rl``: ``inits/`` and one directory per RL run).
 
 A trial run of MLflow is read into one :class:`TrialRecord` (frozen): selection, the report, regression, warm
-starts, checkpoints and RL all read the same records, and its Phi is :func:`evaluation.metrics.phi`.
+starts, checkpoints and RL all read the same records, and its Phi is :func:`rpsft.evaluation.metrics.phi`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.metrics import phi
-from sweeps import tracking
-from sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
-from sweeps.selection import Selection, TrialPoint, select
+from rpsft.evaluation.metrics import phi
+from rpsft.sweeps.analysis.selection import Selection, TrialPoint, select
+from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
+from rpsft.sweeps.store import tracking
 
 STATE_FILE = "sweep.json"
 TUNE_DIR = "tune"
@@ -63,7 +63,7 @@ class SweepContext:
 def trial_label(params: Mapping[str, Any]) -> str:
     """A short name of a trial from its parameters: ``rpsft k=64 lambda=4.31 layers=attn period=1`` (and
     ``penalty_mode=decoupled`` for a decoupled one; the default ``loss`` is not named; ``step=N`` last for a point
-    of a trial's trajectory, :mod:`sweeps.trajectory`)."""
+    of a trial's trajectory, :mod:`rpsft.sweeps.analysis.trajectory`)."""
     step = f" step={params['step']}" if params.get("step") not in (None, "", "None") else ""
     if params.get("reference"):
         return f"[ref] {params['reference']}{step}"
@@ -81,7 +81,7 @@ def trial_label(params: Mapping[str, Any]) -> str:
     return " ".join(parts) + step
 
 
-# "step": a trajectory point's optimizer step (sweeps.trajectory), so two steps of one trial are two
+# "step": a trajectory point's optimizer step (rpsft.sweeps.analysis.trajectory), so two steps of one trial are two
 # configurations; trials' own params never carry it. "optimizer" / "learning_rate": a reference may set its own.
 KNOBS = (
     "method", "k", "lambda", "layers", "period", "penalty_mode", "lora_r", "optimizer", "max_steps", "learning_rate",
@@ -94,7 +94,7 @@ class TrialRecord:
     """One trial run of a sweep as MLflow stores it: ids, label, status, params, final metrics and tags.
 
     ``params`` leave out the values MLflow holds as ``"None"`` or ``""``; ``history`` (per-step series, see
-    ``dashboards.sweep_data``) is empty unless it was read."""
+    ``rpsft.dashboards.sweep_data``) is empty unless it was read."""
 
     trial_id: str
     run_id: str
@@ -216,7 +216,7 @@ def trial_points(records: Sequence[TrialRecord]) -> list[TrialPoint]:
 def read_trials(
     client: Any, experiment_id: str, parent_run_id: str, role: str = "trial"
 ) -> list[TrialRecord]:
-    """The child runs of a sweep's parent run with ``role`` (see :func:`sweeps.tracking.child_runs`), in start
+    """The child runs of a sweep's parent run with ``role`` (see :func:`rpsft.sweeps.store.tracking.child_runs`), in start
     order, as records."""
     records = [
         TrialRecord.from_run(run)
@@ -351,12 +351,12 @@ class StoredSweep:
     config: SweepConfig
     context: SweepContext
     trials: list[TrialRecord]
-    analysis: Any  # sweeps.uncertainty.SweepAnalysis
+    analysis: Any  # rpsft.sweeps.analysis.uncertainty.SweepAnalysis
 
     @classmethod
     def read(cls, store: SweepStore, config: SweepConfig, context: SweepContext) -> StoredSweep:
-        from sweeps.trajectory import sweep_points
-        from sweeps.uncertainty import analyze_sweep
+        from rpsft.sweeps.analysis.trajectory import sweep_points
+        from rpsft.sweeps.analysis.uncertainty import analyze_sweep
 
         client = tracking.client_for(context.tracking_uri)
         trials = read_trials(client, context.experiment_id, context.parent_run_id)
@@ -371,7 +371,7 @@ class StoredSweep:
     @property
     def points(self) -> list[TrialPoint]:
         """One point per configuration with G_id and F_ood (the mean over its seeds), on the selection items
-        when the items are split (``evaluation.split``; see :class:`sweeps.uncertainty.SweepAnalysis`)."""
+        when the items are split (``evaluation.split``; see :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis`)."""
         return self.analysis.points
 
     def selection(self, beta: float | None = None) -> Selection:

@@ -1,7 +1,7 @@
 """Operating-point selection from stored trial results: max Phi, the Pareto front, and the beta path.
 
 A sweep's points carry ``G_id`` / ``F_ood`` on the **selection** part of the items (``TrialPoint.items``; see
-:mod:`evaluation.item_split` and :mod:`sweeps.uncertainty`); the chosen point is reported on the held-out
+:mod:`rpsft.evaluation.item_split` and :mod:`rpsft.sweeps.analysis.uncertainty`); the chosen point is reported on the held-out
 report part (:meth:`Selection.operating_point`, :meth:`Selection.comparisons`).
 
 Every trial is a point ``(G_id, F_ood)``; ``Phi(beta) = G_id - beta * F_ood`` is a line in beta, so the
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from evaluation.metrics import phi
+from rpsft.evaluation.metrics import phi
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class TrialPoint:
     n_seeds: int = field(default=1, compare=False)  # > 1: the mean of that many seeds of one configuration
     run_ids: tuple[str, ...] = field(default=(), compare=False)  # every seed's run
     # which items g_id / f_ood are on: "all", or "selection" (the part of the items the choice is made on,
-    # see evaluation.item_split)
+    # see rpsft.evaluation.item_split)
     items: str = field(default="all", compare=False)
 
     def phi(self, beta: float) -> float:
@@ -109,14 +109,14 @@ class Selection:
     front: list[TrialPoint]
     path: list[BetaInterval]
     ranking: list[TrialPoint]
-    analysis: Any = None  # sweeps.uncertainty.SweepAnalysis: intervals and comparisons, when known
+    analysis: Any = None  # rpsft.sweeps.analysis.uncertainty.SweepAnalysis: intervals and comparisons, when known
 
     def attach(self, analysis: Any) -> Selection:
         self.analysis = analysis
         return self
 
     def comparisons(self) -> list[Any]:
-        """The operating point against the runner-up and the sft reference (``sweeps.uncertainty.Comparison``),
+        """The operating point against the runner-up and the sft reference (``rpsft.sweeps.analysis.uncertainty.Comparison``),
         on the report items when the items are split."""
         if self.analysis is None:
             return []
@@ -130,11 +130,11 @@ class Selection:
         return self.analysis.report_intervals.of(point)
 
     def operating_point(self) -> dict[str, Any]:
-        """``{"selection": ..., "report": ...}`` (``sweeps.uncertainty.PartNumbers``): the chosen point on the
+        """``{"selection": ..., "report": ...}`` (``rpsft.sweeps.analysis.uncertainty.PartNumbers``): the chosen point on the
         items it was chosen on and on the held-out items; without an analysis both are its own numbers."""
         if self.analysis is not None:
             return self.analysis.operating_point(self.best, self.beta)
-        from sweeps.uncertainty import PartNumbers
+        from rpsft.sweeps.analysis.uncertainty import PartNumbers
 
         own = PartNumbers(self.best.items, self.best.g_id, self.best.f_ood, self.best.phi(self.beta))
         return {"selection": own, "report": own}

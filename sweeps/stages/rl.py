@@ -7,7 +7,7 @@
 DAPO as the paper's release runs it: the ``dapo`` loss (token-mean aggregation), asymmetric clipping
 (``epsilon`` 0.2 / ``epsilon_high`` 0.28), no KL term (``beta`` 0) and no RPSFT penalty (unless ``penalty:`` is
 set: beyond the paper, the penalty of the SFT checkpoint's own bases), truncated completions masked out of
-the loss, and two rewards: the evaluation's boxed-answer equivalence (:mod:`evaluation.rewards`) and TRL's
+the loss, and two rewards: the evaluation's boxed-answer equivalence (:mod:`rpsft.evaluation.rewards`) and TRL's
 soft overlong punishment. Generation uses vLLM when it is installed and a GPU is present; it is never
 required.
 
@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from rpsft.core.config import format_validation_error
+from rpsft.sweeps.config import SweepConfigError, read_yaml_mapping
+from rpsft.sweeps.store import tracking
 from transformers import TrainerCallback
-
-from rpsft_core.config import format_validation_error
-from sweeps import tracking
-from sweeps.config import SweepConfigError, read_yaml_mapping
 
 ROLE_RL = "rl"
 TAG_INIT_TRIAL = "rpsft.init_trial"
@@ -76,7 +75,7 @@ class RLSettings(BaseModel):
     data: str = Field(
         "champ:train",
         description="prompts with final answers: champ[:split[:N]] (offline), hf:BytedTsinghua-SIA/DAPO-Math-17k, "
-        "or a JSONL file (evaluation.rl_prompts.py)",
+        "or a JSONL file (rpsft.evaluation.rl_prompts.py)",
     )
     limit: int | None = Field(None, ge=1, description="use at most this many prompts")
     max_steps: int = Field(100, ge=1, description="optimizer steps (the paper: 100)")
@@ -165,9 +164,8 @@ class KLToInit(TrainerCallback):
 
     def value(self, model: Any) -> float:
         import torch
-
-        from evaluation.loss_metrics import token_kl
-        from rpsft_core.models import full_precision_forward
+        from rpsft.core.models import full_precision_forward
+        from rpsft.evaluation.loss_metrics import token_kl
 
         was_training = model.training
         model.eval()
@@ -213,7 +211,7 @@ class RLEvaluation(TrainerCallback):
         self.history: list[dict[str, float]] = []  # {"step", "g_id", "f_ood", ...}
 
     def evaluate(self, model: Any, step: int) -> dict[str, float]:
-        from rpsft_core.models import full_precision_forward
+        from rpsft.core.models import full_precision_forward
 
         was_training = model.training
         model.eval()
@@ -291,10 +289,9 @@ def grpo_trainer(
 ) -> Any:
     """TRL's ``GRPOTrainer`` set up for DAPO on ``prompts`` (rows ``{"prompt": messages or text, "answer"}``)."""
     from datasets import Dataset
+    from rpsft.evaluation.rewards import BoxedAnswerReward, overlong_penalty
     from transformers import PrinterCallback
     from trl import GRPOTrainer
-
-    from evaluation.rewards import BoxedAnswerReward, overlong_penalty
 
     callbacks = list(callbacks)
     if settings.penalty is not None:  # first, so the loggers see its penalty and drift
@@ -316,13 +313,12 @@ def grpo_trainer(
 
 
 def _penalty_callback(model: Any, penalty: RLPenalty) -> Any:
-    """The RPSFT penalty (:class:`rpsft_core.trainer.RPSFTCallback`) with bases of ``model`` itself."""
+    """The RPSFT penalty (:class:`rpsft.core.trainer.RPSFTCallback`) with bases of ``model`` itself."""
     import torch
-
-    from rpsft_core.bases import compute_bases
-    from rpsft_core.regularizer import RPSFTRegularizer
-    from rpsft_core.selection import select_matrices
-    from rpsft_core.trainer import RPSFTCallback
+    from rpsft.core.bases import compute_bases
+    from rpsft.core.regularizer import RPSFTRegularizer
+    from rpsft.core.selection import select_matrices
+    from rpsft.core.trainer import RPSFTCallback
 
     selection = select_matrices(model, penalty.layers)
     with torch.no_grad():
@@ -360,7 +356,7 @@ def _scores(scorer: Any, tokenizer: Any, betas: list[float]):
 
 
 def _probe(settings: RLSettings, model: Any, tokenizer: Any, prompts: list[dict[str, Any]]) -> list[Any]:
-    from evaluation.loss_metrics import greedy_responses
+    from rpsft.evaluation.loss_metrics import greedy_responses
 
     chosen = [p["prompt"] for p in prompts[: settings.kl_probe]]
     responses = greedy_responses(
@@ -386,10 +382,9 @@ def run_rl_once(
     import copy
 
     import torch
-
-    from evaluation.rl_prompts import load_rl_prompts
-    from rpsft_core.models import load_model
-    from sweeps.trial import MlflowStepLogger
+    from rpsft.core.models import load_model
+    from rpsft.evaluation.rl_prompts import load_rl_prompts
+    from rpsft.sweeps.trial.run import MlflowStepLogger
 
     torch.manual_seed(settings.seed)
     prompts = load_rl_prompts(settings.data, settings.limit)
@@ -495,8 +490,8 @@ def run_rl(
     """DAPO from each named trial of ``sweep`` (kept or exported checkpoints), or from ``model``. With a sweep,
     runs are MLflow children of its parent run and scored by its evaluation; a run already finished with the
     same settings and init is reported, not repeated."""
-    from sweeps.checkpoints import local_checkpoint
-    from sweeps.store import load_stored_sweep
+    from rpsft.sweeps.stages.checkpoints import local_checkpoint
+    from rpsft.sweeps.store.sweep_store import load_stored_sweep
 
     if sweep is None and model is None:
         raise SweepConfigError(
@@ -540,7 +535,7 @@ def run_rl(
     client = tracking.client_for(uri)
     scorer = None
     if stored is not None:
-        from sweeps.scoring import TrialScorer
+        from rpsft.sweeps.trial.scoring import TrialScorer
 
         scorer = TrialScorer(stored.config, stored.context.base_key, stored.context.cache_dir)
     outcomes = []

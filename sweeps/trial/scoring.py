@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from evaluation.metrics import phi
-from sweeps.config import SweepConfig
+from rpsft.evaluation.metrics import phi
+from rpsft.sweeps.config import SweepConfig
 
 
 def _tradeoff_metrics(prefix: str, trade: Any, betas: list[float]) -> dict[str, float]:
@@ -67,14 +67,14 @@ class TrialScorer:
     def check(self) -> list[str]:
         """Load and validate every evaluation item (no model needed); raises with the field named. Returns the
         user text of every scored item (for the training-data overlap check)."""
-        from evaluation.loss_metrics import loss_items
-        from evaluation.settings import plan_evaluation
+        from rpsft.evaluation.loss_metrics import loss_items
+        from rpsft.evaluation.settings import plan_evaluation
 
         items = loss_items(self.loss_settings)
         prompts = [_user_text(conv) for convs in items.id_conversations.values() for conv in convs]
         prompts += [_user_text(conv) for convs in items.ood_prompts.values() for conv in convs]
         if self.mc_settings is not None:
-            from evaluation.multiple_choice import mc_benchmark_docs
+            from rpsft.evaluation.multiple_choice import mc_benchmark_docs
 
             docs = mc_benchmark_docs(self.mc_settings)
             prompts += [doc.stem for rows in docs.values() for doc in rows]
@@ -84,7 +84,7 @@ class TrialScorer:
 
     def base_work(self) -> int:
         """Items the base model generates for or is scored on in :meth:`warm_base` (a progress bar's total)."""
-        from evaluation.loss_metrics import loss_items
+        from rpsft.evaluation.loss_metrics import loss_items
 
         items = loss_items(self.loss_settings)
         prompts = sum(len(p) for p in items.ood_prompts.values())
@@ -93,8 +93,8 @@ class TrialScorer:
     def warm_base(self, base_model: Any, tokenizer: Any) -> dict[str, float]:
         """Generate and cache the base model's responses, NLLs and harness scores; return its per-benchmark
         numbers under the names trials use (``nll/id/<b>``, ``nll/ood/<b>``, ``acc/<suite>/<b>``)."""
-        from evaluation.loss_metrics import base_loss_scores
-        from evaluation.scoring import base_scores
+        from rpsft.evaluation.loss_metrics import base_loss_scores
+        from rpsft.evaluation.scoring import base_scores
 
         base, _ = base_loss_scores(base_model, tokenizer, self.loss_settings, base_key=self.base_key)
         out = benchmark_metrics(base)
@@ -110,7 +110,7 @@ class TrialScorer:
         return self._loss(model, tokenizer, base_model)[0]
 
     def _loss(self, model: Any, tokenizer: Any, base_model: Any = None) -> tuple[dict[str, float], Any]:
-        from evaluation.loss_metrics import loss_tradeoff
+        from rpsft.evaluation.loss_metrics import loss_tradeoff
 
         settings = self.loss_settings
         if base_model is None:
@@ -158,8 +158,8 @@ class TrialScorer:
 
     def interval_metrics(self, items: dict[str, Any], base_items: dict[str, Any]) -> dict[str, float]:
         """This trial's paired bootstrap intervals of the objective's G_id, F_ood and Phi at each beta."""
-        from evaluation.intervals import bootstrap_tradeoff, interval_metrics
-        from sweeps.uncertainty import METRIC_ITEMS, objective_items
+        from rpsft.evaluation.intervals import bootstrap_tradeoff, interval_metrics
+        from rpsft.sweeps.analysis.uncertainty import METRIC_ITEMS, objective_items
 
         metric = self.config.objective.metric
         if metric not in METRIC_ITEMS:
@@ -176,7 +176,7 @@ class TrialScorer:
 
     def base_item_scores(self, base_model: Any, tokenizer: Any) -> dict[str, Any]:
         """The base model's per-item scores (from the caches that :meth:`warm_base` filled)."""
-        from evaluation.loss_metrics import base_loss_scores
+        from rpsft.evaluation.loss_metrics import base_loss_scores
 
         base, _ = base_loss_scores(base_model, tokenizer, self.loss_settings, base_key=self.base_key)
         if self.loss_settings.kl:  # KL(base || base) = 0 on every token, as loss_tradeoff scores the base
@@ -195,7 +195,7 @@ class TrialScorer:
         return {bench: [(float(getattr(s, field)), 1) for s in rows] for bench, rows in scores.items()}
 
     def _mc_scores(self, model: Any, tokenizer: Any) -> dict[str, list[Any]]:
-        from evaluation.multiple_choice import mc_scores_by_benchmark
+        from rpsft.evaluation.multiple_choice import mc_scores_by_benchmark
 
         return mc_scores_by_benchmark(model, tokenizer, self.mc_settings)
 
@@ -205,8 +205,8 @@ class TrialScorer:
         from dataclasses import asdict
         from pathlib import Path
 
-        from evaluation.multiple_choice import MCScore
-        from rpsft_core.json_cache import read_cached_json, write_cached_json
+        from rpsft.core.json_cache import read_cached_json, write_cached_json
+        from rpsft.evaluation.multiple_choice import MCScore
 
         spec = hashlib.sha256(self.mc_settings.model_dump_json().encode()).hexdigest()
         path = Path(self.cache_dir) / "mc" / f"base-{self.base_key[:24]}-{spec[:16]}.json"
@@ -214,7 +214,7 @@ class TrialScorer:
         if raw is not None:
             return {bench: [MCScore(**row) for row in rows] for bench, rows in raw.items()}
         if base_model is None:
-            from evaluation.benchmarks import EvalConfigError
+            from rpsft.evaluation.benchmarks import EvalConfigError
 
             raise EvalConfigError("mc: the base model's scores are not cached yet. Fix: pass the base model")
         scores = self._mc_scores(base_model, tokenizer)
@@ -243,7 +243,7 @@ class TrialScorer:
         return out, tuned, base
 
     def harness_metrics(self, model: Any, tokenizer: Any) -> dict[str, float]:
-        from evaluation.scoring import evaluate_tradeoff
+        from rpsft.evaluation.scoring import evaluate_tradeoff
 
         if self.harness_settings is None:
             return {}

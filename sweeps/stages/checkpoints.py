@@ -1,6 +1,6 @@
 """Kept checkpoints: which trials keep their weights, their MLflow Model Registry entries, and export.
 
-With ``keep:`` set (see :class:`sweeps.config.Keep`), every trial writes ``<sweep>/trials/<id>/model/`` (HF
+With ``keep:`` set (see :class:`rpsft.sweeps.config.Keep`), every trial writes ``<sweep>/trials/<id>/model/`` (HF
 safetensors + tokenizer). After each finished trial the driver deletes the weights of every trial that can no
 longer be kept (:func:`prune`); at the end of the sweep the kept ones are logged to their trial's MLflow run
 (artifact ``model/``), registered as versions of ``rpsft-<sweep>`` (tagged with the trial id, its knobs, Phi
@@ -8,7 +8,7 @@ and why it was kept), and their local copies removed: the artifact store holds t
 
 :func:`export_trial` writes any stored trial's weights to a directory: a kept trial's are downloaded; any other
 trial is retrained from its stored config and seed (the sweep's own training and scoring code,
-:func:`sweeps.trial.train_and_score`) and its metrics are checked against the stored ones.
+:func:`rpsft.sweeps.trial.run.train_and_score`) and its metrics are checked against the stored ones.
 """
 
 from __future__ import annotations
@@ -22,12 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweeps import tracking
-from sweeps.config import SweepConfig, SweepConfigError
-from sweeps.selection import Selection, TrialPoint, select
-from sweeps.store import MODEL_DIR, TAG_MODEL_VERSION, StoredSweep, SweepStore, TrialRecord, trial_points
-from sweeps.trajectory import intermediate_step
-from sweeps.uncertainty import _SEED_SUFFIX, TrialGroup, group_points
+from rpsft.sweeps.analysis.selection import Selection, TrialPoint, select
+from rpsft.sweeps.analysis.trajectory import intermediate_step
+from rpsft.sweeps.analysis.uncertainty import _SEED_SUFFIX, TrialGroup, group_points
+from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import (
+    MODEL_DIR,
+    TAG_MODEL_VERSION,
+    StoredSweep,
+    SweepStore,
+    TrialRecord,
+    trial_points,
+)
 
 TAG_KEPT = "rpsft.kept"  # why a trial's weights were kept: operating_point, top-<n>, reference
 EXPORT_RECORD = "rpsft_export.json"
@@ -45,9 +52,9 @@ def registered_model_name(sweep: str) -> str:
 
 
 def trial_model_dir(config: SweepConfig, trial_id: str) -> Path:
-    """Deprecated: :meth:`sweeps.store.SweepStore.trial_model_dir`."""
+    """Deprecated: :meth:`rpsft.sweeps.store.sweep_store.SweepStore.trial_model_dir`."""
     warnings.warn(
-        "sweeps.checkpoints.trial_model_dir is deprecated; use sweeps.store.SweepStore.of(config).trial_model_dir",
+        "rpsft.sweeps.stages.checkpoints.trial_model_dir is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore.of(config).trial_model_dir",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -111,7 +118,7 @@ def _selection(
     config: SweepConfig, groups: list[TrialGroup], points: list[TrialPoint] | None = None
 ) -> Selection | None:
     """The choice as it stands: on ``points`` (the selection-item points of
-    :func:`sweeps.uncertainty.analyze_sweep`) when given, else on the configurations' means on all items."""
+    :func:`rpsft.sweeps.analysis.uncertainty.analyze_sweep`) when given, else on the configurations' means on all items."""
     points = points if points is not None else [g.point for g in groups]
     usable = [p for p in points if math.isfinite(p.g_id) and math.isfinite(p.f_ood)]
     return select(usable, config.objective.beta) if usable else None
@@ -134,13 +141,13 @@ def prune(
     choice is made as the sweep's end makes it: on the selection items when the items are split and
     ``client`` / ``parent_run_id`` can read the item scores (``item_cache`` saves downloads across calls), and
     among every scored checkpoint with ``evaluation.trajectory: true`` and a ``client``."""
-    from sweeps.trajectory import sweep_points
+    from rpsft.sweeps.analysis.trajectory import sweep_points
 
     groups = group_points(trial_points(trials))
     if selection is None:
         points = None
         if client is not None and parent_run_id and config.evaluation.split.report_fraction > 0:
-            from sweeps.uncertainty import analyze_sweep
+            from rpsft.sweeps.analysis.uncertainty import analyze_sweep
 
             try:
                 analysis = analyze_sweep(
@@ -264,7 +271,7 @@ def find_export_point(stored: StoredSweep, selector: str | None) -> tuple[TrialR
     """``(trial, step)``: the finished trial a selector names and, for an intermediate point of its trajectory
     (``<trial id>@<step>``, or ``op`` / ``best:<method>`` choosing one), that step; ``None`` for the trial's
     final weights (every selector of :func:`find_trial_run`)."""
-    from sweeps.trajectory import G_ID, final_step, metric_steps, split_point_id
+    from rpsft.sweeps.analysis.trajectory import G_ID, final_step, metric_steps, split_point_id
 
     if selector is None or selector in OPERATING_POINT or selector.startswith("best:"):
         selection = stored.selection()
@@ -296,7 +303,7 @@ def find_export_point(stored: StoredSweep, selector: str | None) -> tuple[TrialR
 
 def export_name(trial: TrialRecord, step: int | None) -> str:
     """The name of an export: the trial id, or ``<trial id>@<step>`` for a point of its trajectory."""
-    from sweeps.trajectory import point_id
+    from rpsft.sweeps.analysis.trajectory import point_id
 
     return trial.trial_id if step is None else point_id(trial.trial_id, step)
 
@@ -373,7 +380,7 @@ def _move_contents(src: Path, out: Path) -> None:
 
 
 def _stored_trial_config(client: Any, run_id: str) -> dict[str, Any]:
-    from sweeps.tracking import download_json
+    from rpsft.sweeps.store.tracking import download_json
 
     raw = download_json(client, run_id, "trial_config.json")
     if raw is None:
@@ -397,7 +404,7 @@ def export_trial(
     out = Path(out).expanduser().resolve()
     stored_metrics = {k: trial.metrics[k] for k in COMPARED_METRICS if k in trial.metrics}
     if step is not None:
-        from sweeps.trajectory import metric_steps
+        from rpsft.sweeps.analysis.trajectory import metric_steps
 
         stored_metrics = {k: metric_steps(client, trial, f"eval/{k}")[step] for k in COMPARED_METRICS}
         echo(f"[rpsft] export: {trial_id} is a point of its trial's trajectory; retraining up to step {step}")
@@ -430,9 +437,9 @@ def retrain_trial(
     """Retrain one trial as the sweep did (its stored TrainConfig, seed and thread count), up to
     ``stop_at_step`` when given (the full run's schedule); save the weights to ``out`` and return its G_id and
     F_ood."""
-    from rpsft_core.config import TrainConfig
-    from sweeps.scoring import TrialScorer
-    from sweeps.trial import _torch_threads, train_and_score
+    from rpsft.core.config import TrainConfig
+    from rpsft.sweeps.trial.run import _torch_threads, train_and_score
+    from rpsft.sweeps.trial.scoring import TrialScorer
 
     config, context = stored.config, stored.context
     raw = _stored_trial_config(stored.client, trial.run_id)

@@ -12,13 +12,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES
+from rpsft.sweeps.config import SweepConfig
+from rpsft.sweeps.store import tracking
+from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord, trial_label
+from rpsft.sweeps.trial import faults
+from rpsft.sweeps.trial.scoring import TrialScorer
 from transformers import TrainerCallback
-
-from sweeps import faults, tracking
-from sweeps.config import SweepConfig
-from sweeps.scoring import TrialScorer
-from sweeps.store import SweepContext, SweepStore, TrialRecord, trial_label
-from sweeps.uncertainty import ITEM_SCORES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -106,7 +106,7 @@ class IntermediateEvaluation(TrainerCallback):
     """Every ``every`` optimizer steps: the loss-based trade-off (and the multiple-choice scores when configured)
     with the protected drift (``drift_mean``, when the method has a regularizer), logged and reported to Tune
     (ASHA's rungs); the checkpoint's per-item scores go to ``store(items, step)``
-    (:func:`sweeps.trajectory.log_checkpoint_items`)."""
+    (:func:`rpsft.sweeps.analysis.trajectory.log_checkpoint_items`)."""
 
     def __init__(self, scorer: TrialScorer, tokenizer: Any, every: int, report, store=None) -> None:
         self.scorer, self.tokenizer, self.every = scorer, tokenizer, every
@@ -114,14 +114,13 @@ class IntermediateEvaluation(TrainerCallback):
         self.regularizer: Any = None
 
     def bind_regularizer(self, regularizer: Any) -> None:
-        """The run's regularizer (``rpsft_core.train.train`` hands it over; ``None`` for unpenalized methods)."""
+        """The run's regularizer (``rpsft.core.train.train`` hands it over; ``None`` for unpenalized methods)."""
         self.regularizer = regularizer
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every and state.global_step % self.every == 0 and state.global_step < state.max_steps:
             import torch
-
-            from rpsft_core.models import full_precision_forward
+            from rpsft.core.models import full_precision_forward
 
             was_training = model.training
             model.eval()
@@ -209,7 +208,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
             },
         )
         if train_config.resources.distributed:
-            from sweeps.distributed_trial import train_and_score_on_workers
+            from rpsft.sweeps.trial.distributed import train_and_score_on_workers
 
             metrics = train_and_score_on_workers(context, train_config, trial_id, run_id)
         else:
@@ -241,11 +240,10 @@ def train_and_score(
     """Train one trial and score it: ``(train result, metrics, per-item scores)``. Nothing is logged here, so
     a trial retrained outside the sweep (``rpsft export``) runs the very same code."""
     import torch
-
-    from rpsft_core.bases import load_or_compute_bases
-    from rpsft_core.models import load_model, load_tokenizer
-    from rpsft_core.selection import select_matrices
-    from rpsft_core.train import train
+    from rpsft.core.bases import load_or_compute_bases
+    from rpsft.core.models import load_model, load_tokenizer
+    from rpsft.core.selection import select_matrices
+    from rpsft.core.train import train
 
     tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
     model, _ = load_model(train_config.model, dtype=train_config.dtype, cache_dir=train_config.cache_dir)
@@ -276,8 +274,7 @@ def score_trained(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """``(metrics, per-item scores)`` of a trained model, with the base model beside it when the KL is scored."""
     import torch
-
-    from rpsft_core.models import load_model
+    from rpsft.core.models import load_model
 
     base_model = None
     if config.evaluation.loss.kl:
@@ -334,10 +331,10 @@ def _train_and_score(
         *extra_callbacks,
     ]
     if config.evaluation.every:
-        from rpsft_core.models import load_tokenizer
+        from rpsft.core.models import load_tokenizer
 
         tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
-        from sweeps.trajectory import log_checkpoint_items
+        from rpsft.sweeps.analysis.trajectory import log_checkpoint_items
 
         def store(items: dict[str, Any], step: int) -> None:
             log_checkpoint_items(client, run_id, step, items)
@@ -355,9 +352,9 @@ def _train_and_score(
 
 
 def rotation_base_path(config: SweepConfig) -> Path:
-    """Deprecated: :attr:`sweeps.store.SweepStore.rotation_base`."""
+    """Deprecated: :attr:`rpsft.sweeps.store.sweep_store.SweepStore.rotation_base`."""
     warnings.warn(
-        "sweeps.trial.rotation_base_path is deprecated; use sweeps.store.SweepStore.of(config).rotation_base",
+        "rpsft.sweeps.trial.run.rotation_base_path is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore.of(config).rotation_base",
         DeprecationWarning,
         stacklevel=2,
     )
@@ -368,8 +365,7 @@ def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -
     """Rotation of the trained model against the base subspaces the driver cached; the summary as an artifact,
     the flat ``rotation/*`` numbers returned for the run's metrics."""
     import torch
-
-    from evaluation.diagnostics.rotation import rotation_metrics, rotation_summary
+    from rpsft.evaluation.diagnostics.rotation import rotation_metrics, rotation_summary
 
     base_subspaces = torch.load(SweepStore.of(config).rotation_base, map_location="cpu")
     with torch.no_grad():

@@ -1,0 +1,1 @@
+"""Reading the trade-off out of stored trials: intervals, selection, frontiers, trajectories, summaries."""

@@ -1,0 +1,1 @@
+"""Sweep state: the sweep directory and its trial records, MLflow bookkeeping, and the Optuna storage."""
