@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 from rpsft.evaluation.item_split import ItemSplit
+from rpsft.sweeps.analysis.claims import Claims, evaluate_claims
+from rpsft.sweeps.analysis.configurations import Configuration
 from rpsft.sweeps.analysis.selection import TrialPoint
 from rpsft.sweeps.analysis.uncertainty import (
     SweepIntervals,
@@ -11,7 +13,6 @@ from rpsft.sweeps.analysis.uncertainty import (
     knob_key,
     sweep_intervals,
 )
-from rpsft.sweeps.stages.study import Claims, Configuration, evaluate_claims
 
 N_ITEMS = 300
 BASE_ID = np.random.default_rng(0).normal(-1.0, 0.3, N_ITEMS)  # per-item scores (higher is better)
@@ -245,7 +246,7 @@ def test_c2_reports_the_paper_protocol_alongside():
 
 
 def test_the_paper_protocol_uses_a_trajectorys_final_step():
-    from rpsft.sweeps.stages.study import protocol_point
+    from rpsft.sweeps.analysis.claims import protocol_point
 
     params = {"method": "rpsft", "k": "32", "lambda": "1.0", "layers": "all"}
     points = [
@@ -388,7 +389,7 @@ def _regime_configs(loss_drifts, decoupled_drifts):
 
 
 def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
-    from rpsft.sweeps.stages.study import claim_c5
+    from rpsft.sweeps.analysis.claims import claim_c5
 
     loss, decoupled, sgd, others = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
     result = claim_c5(others + sgd + decoupled + loss, CLAIMS)
@@ -426,7 +427,7 @@ def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
 
 
 def test_c5_reads_the_sweeps_optimizer_for_trials_that_did_not_log_one():
-    from rpsft.sweeps.stages.study import drift_slices
+    from rpsft.sweeps.analysis.claims import drift_slices
 
     configs = [_drift_config(_rpsft(64, lam=lam), d, 1.0, default_optimizer="sgd") for lam, d in ((1, 1), (10, 0.1))]
     assert list(drift_slices(configs, CLAIMS)) == ["sgd"]
@@ -434,7 +435,7 @@ def test_c5_reads_the_sweeps_optimizer_for_trials_that_did_not_log_one():
 
 def test_drift_figure_draws_one_line_per_regime():
     from rpsft.dashboards.reproduction import drift_figure
-    from rpsft.sweeps.stages.study import claim_c5
+    from rpsft.sweeps.analysis.claims import claim_c5
 
     loss, decoupled, sgd, _ = _regime_configs([1.0, 0.1, 0.012], [0.5, 0.3, 0.25])
     claim = claim_c5(loss + decoupled + sgd, CLAIMS).to_dict()
@@ -469,8 +470,8 @@ def _view_items(id_shift, nll_shift, mc, seed):
 
 
 def _views_study(with_mc=True):
+    from rpsft.sweeps.analysis.configurations import attach_views, view_intervals
     from rpsft.sweeps.analysis.uncertainty import group_points
-    from rpsft.sweeps.stages.study import attach_views, view_intervals
 
     base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
     if with_mc:
@@ -501,7 +502,8 @@ def _views_study(with_mc=True):
 
 
 def test_forgetting_views_list_the_configurations_where_they_disagree():
-    from rpsft.sweeps.stages.study import claim_c1, forgetting_views
+    from rpsft.sweeps.analysis.claims import claim_c1
+    from rpsft.sweeps.analysis.configurations import forgetting_views
 
     configs, views, mc = _views_study()
     a, b, c, d = (configs[n] for n in "ABCD")
@@ -542,7 +544,7 @@ def test_forgetting_views_list_the_configurations_where_they_disagree():
 
 
 def test_forgetting_views_without_mc_scores_say_so():
-    from rpsft.sweeps.stages.study import forgetting_views
+    from rpsft.sweeps.analysis.configurations import forgetting_views
 
     configs, views, _ = _views_study(with_mc=False)
     assert views["mc"] is None
@@ -556,7 +558,8 @@ def test_reproduction_page_renders_the_forgetting_views(tmp_path):
     import json
 
     from rpsft.dashboards.reproduction import write_reproduction_page
-    from rpsft.sweeps.stages.study import StudyResult, forgetting_views, write_result
+    from rpsft.sweeps.analysis.configurations import forgetting_views
+    from rpsft.sweeps.stages.study import StudyResult, write_result
 
     configs, views, _ = _views_study()
     section = forgetting_views(list(configs.values()), views)
@@ -665,7 +668,7 @@ def test_a_reference_without_a_penalty_refuses_penalty_mode():
 
 
 def test_k_slice_and_rotation_claims_read_only_the_papers_setting():
-    from rpsft.sweeps.stages.study import k_slice
+    from rpsft.sweeps.analysis.claims import k_slice
 
     other_settings = [  # at the slice's lambda, far better than anything: would decide C4 and C6 if admitted
         (_rpsft(32, optimizer="sgd", learning_rate=5e-3), 0.60, 0.01, {"rotation/mean_deg": 0.1}),
