@@ -24,22 +24,22 @@ def _first(items: dict, n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep")
-    parser.add_argument("--runs-dir", "--root", dest="runs_dir", default="runs/sweeps", help="The root of the stored sweeps (--root is its old name).")
+    parser.add_argument("--runs-dir", dest="runs_dir", default="runs/sweeps", help="The root of the stored sweeps.")
     parser.add_argument("--counts", default="4,8,12,16,24,32")
     parser.add_argument("--beta", type=float, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     from rpsft.evaluation.intervals import bootstrap_tradeoff
-    from rpsft.sweeps.analysis.uncertainty import objective_items, stored_item_scores
-    from rpsft.sweeps.store.sweep_store import load_stored_sweep
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
+    from rpsft.sweeps.analysis.uncertainty import objective_items, read_base_item_scores, stored_item_scores
 
     stored = load_stored_sweep(args.sweep, args.runs_dir)
     config = stored.config
     beta = config.objective.beta if args.beta is None else args.beta
     metric = config.objective.metric
     client = stored.client
-    base = objective_items(json.loads(stored.store.base_item_scores.read_text()), metric)
+    base = objective_items(read_base_item_scores(config, client, stored.context.parent_run_id), metric)
     points = stored.points
     sft = next(p for p in points if p.params.get("method") == "sft")
     best = max((p for p in points if p.params.get("method") != "sft"), key=lambda p: p.phi(beta))

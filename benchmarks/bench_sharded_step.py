@@ -31,9 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import arch_config, environment, median, table, write_json  # noqa: E402
 from rpsft.core.bases import compute_bases, save_bases  # noqa: E402
-from rpsft.core.fsdp import adamw, parameter_names, shard_model, spawn_local, train_steps  # noqa: E402
+from rpsft.core.distributed import spawn_local  # noqa: E402
+from rpsft.core.fsdp import adamw, parameter_names, shard_model, train_steps  # noqa: E402
+from rpsft.core.row_shards import load_row_shard  # noqa: E402
 from rpsft.core.selection import select_matrices  # noqa: E402
-from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard  # noqa: E402
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty  # noqa: E402
 
 
 class TimedPenalty:

@@ -1,7 +1,6 @@
 """``rpsft sweep report`` and ``rpsft study``.
 
-:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group, with the old spelling ``rpsft report``
-kept for one release with a notice.
+:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group.
 """
 
 from __future__ import annotations
@@ -9,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rpsft.core.cli_compat import legacy_spellings
+from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
-from rpsft.sweeps.cli import RUNS_DIR_RENAMED, runs_dir_option
+from rpsft.sweeps.cli import runs_dir_option, sweep_name_argument
 
 
 def report(
-    name: str = typer.Argument(..., help="The sweep's name."),
+    name: str = sweep_name_argument(),
     runs_dir: Path = runs_dir_option(),
     out: Path | None = typer.Option(None, help="Output directory (default: <runs dir>/<name>/report)."),
     diagnostics: Path | None = typer.Option(
@@ -27,8 +26,10 @@ def report(
         "ped-anova", help="Optuna's importance evaluator for the knobs: ped-anova or fanova."
     ),
 ) -> None:
-    """HTML report of a sweep (trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours,
-    per-benchmark table, training curves, rotation) + PNGs."""
+    """Write a sweep's HTML report and its figures.
+
+    The trade-off, Phi(k), parameter importance, parallel coordinates, Phi contours, the per-benchmark table,
+    training curves and rotation, as HTML and PNGs."""
     from rpsft.dashboards.report import build_report, log_report
     from rpsft.dashboards.sweep_data import load_sweep_data
 
@@ -63,7 +64,9 @@ def study(
     png: bool = typer.Option(True, help="Write the study's figures as PNG (needs Chrome/Chromium)."),
     run: bool = typer.Option(True, help="--no-run: only check the claims on the trials stored so far."),
 ) -> None:
-    """Run (or resume) a reproduction study, check the paper's claims, write its results and the page."""
+    """Run or resume a reproduction study.
+
+    Checks the paper's claims and writes the study's results and its page."""
     from rpsft.dashboards.reproduction import write_reproduction_page, write_study_figures
     from rpsft.sweeps.stages.study import load_study_config, run_study, write_result
 
@@ -80,9 +83,6 @@ def study(
 
 
 def register(app: typer.Typer, sweep_app: typer.Typer) -> None:
-    """Add ``report`` to ``sweep_app`` (and its old spelling ``rpsft report``) and ``study`` to ``app``."""
-    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(report)
-    app.command("report", hidden=True, cls=legacy_spellings(RUNS_DIR_RENAMED, moved_to="rpsft sweep report"))(
-        report
-    )
-    app.command()(study)
+    """Add ``report`` to ``sweep_app`` and ``study`` to ``app``."""
+    sweep_app.command(cls=RpsftCommand)(report)
+    app.command(cls=RpsftCommand)(study)

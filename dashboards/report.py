@@ -196,7 +196,7 @@ def _selection_html(data: SweepData) -> str:
 
 
 def _part_numbers(numbers: Any, beta: float) -> str:
-    """G_id, F_ood and Phi of one part of the items (``rpsft.sweeps.analysis.uncertainty.PartNumbers``), with intervals."""
+    """G_id, F_ood and Phi of one part of the items (``rpsft.sweeps.analysis.selection.PartNumbers``), with intervals."""
     i = numbers.intervals
     if i is None:
         return f"G_id {fmt(numbers.g_id)}, F_ood {fmt(numbers.f_ood)}, Phi {fmt(numbers.phi)}"

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from rpsft.sweeps.analysis.selection import Selection
-from rpsft.sweeps.store.sweep_store import DEFAULT_ROOT, TrialRecord, load_stored_sweep
+from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
+from rpsft.sweeps.store.sweep_store import DEFAULT_ROOT, TrialRecord
 
 # per-step series drawn as training curves (MLflow metric name -> panel title)
 CURVES = {

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import typer
-from rpsft.core.cli_compat import legacy_spellings
+from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
 
 
@@ -51,39 +51,43 @@ def eval_command(
         None, help="Base model: also print G_id, F_ood, Phi (base scores cached)."
     ),
     beta: str | None = typer.Option(None, help="Comma list of beta values for Phi (default 0.5,1.0)."),
-    loss: bool = typer.Option(False, help="Also compute the loss-based G_id / F_ood against --base."),
+    loss: bool = typer.Option(False, "--loss", help="Also compute the loss-based G_id / F_ood against --base."),
     cache_dir: str | None = typer.Option(None, help="Cache for base scores (default ~/.cache/rpsft/eval)."),
     backend: str | None = typer.Option(None, help="hf (default) or vllm (if installed; model path only)."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="JSON output (default runs/eval/<model>.json)."
     ),
-    log_samples: bool = typer.Option(False, help="Keep every response in the JSON."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Keep every response in the JSON."),
     write_tasks: Path | None = typer.Option(
         None, help="Write the lm-eval task YAML to this directory (for lm_eval --include_path) and exit."
     ),
-    verbose: bool = typer.Option(False, help="Show lm-eval's log messages."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show lm-eval's log messages."),
 ) -> None:
-    """Score a model on the benchmarks (lm-eval), print a table, write JSON."""
-    from rpsft.evaluation.settings import load_eval_settings, plan_evaluation
+    """Score a model on the benchmarks.
 
-    overrides = dict(
-        suite=suite,
-        exclude=exclude,
-        data_dir=data_dir,
-        subset=subset,
-        k=samples,
-        pass_k=pass_k,
-        limit=limit,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        temperature=temperature,
-        seed=seed,
-        benchmarks_file=benchmarks_file,
-        betas=beta,
-        cache_dir=cache_dir,
-        backend=backend,
-    )
-    settings = load_eval_settings(config, overrides)
+    lm-eval scores it; prints a table and writes JSON."""
+    from rpsft.core.cli_errors import check_options
+    from rpsft.evaluation.settings import EvalSettings, load_eval_settings, plan_evaluation
+
+    options = {  # EvalSettings field: (its option, the value given)
+        "suite": ("--suite", suite),
+        "exclude": ("--exclude", exclude),
+        "data_dir": ("--data-dir", data_dir),
+        "subset": ("--subset", subset),
+        "k": ("--samples", samples),
+        "pass_k": ("--pass-k", pass_k),
+        "limit": ("--limit", limit),
+        "max_new_tokens": ("--max-new-tokens", max_new_tokens),
+        "batch_size": ("--batch-size", batch_size),
+        "temperature": ("--temperature", temperature),
+        "seed": ("--seed", seed),
+        "benchmarks_file": ("--benchmarks-file", benchmarks_file),
+        "betas": ("--beta", beta),
+        "cache_dir": ("--cache-dir", cache_dir),
+        "backend": ("--backend", backend),
+    }
+    check_options(EvalSettings, options, "rpsft eval")
+    settings = load_eval_settings(config, {field: value for field, (_, value) in options.items()})
     plan = plan_evaluation(settings)
     if write_tasks is not None:
         from rpsft.evaluation.lm_eval_tasks import write_task_dir
@@ -163,4 +167,4 @@ def _tradeoff_lines(name: str, trade) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", cls=legacy_spellings({"--k": "--samples", "--output": "--out"}))(eval_command)
+    app.command("eval", cls=RpsftCommand)(eval_command)

@@ -24,10 +24,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rpsft.core.chat import MATH_SYSTEM_PROMPT, Messages
 from rpsft.core.data import (
-    MATH_SYSTEM_PROMPT,
     DataError,
-    Messages,
     hf_rows,
     iter_jsonl,
     load_examples,

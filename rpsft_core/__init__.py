@@ -23,8 +23,8 @@ _EXPORTS = {
     "load_model": "models",
     "load_tokenizer": "models",
     "tiny_model": "models",
-    "AutoK": "rank_rule",
-    "parse_k_spec": "rank_rule",
+    "AutoK": "k_spec",
+    "parse_k_spec": "k_spec",
     "resolve_auto_k": "rank_rule",
     "RPSFTRegularizer": "regularizer",
     "find_lora_parts": "regularizer",
@@ -45,6 +45,8 @@ def _defining_module(module: str) -> ModuleType:
         import rpsft.core.bases as loaded
     elif module == "config":
         import rpsft.core.config as loaded
+    elif module == "k_spec":
+        import rpsft.core.k_spec as loaded
     elif module == "models":
         import rpsft.core.models as loaded
     elif module == "rank_rule":

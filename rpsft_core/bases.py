@@ -21,7 +21,7 @@ from typing import Literal
 
 import torch
 from rpsft.core.fingerprint import tensors_sha256
-from rpsft.core.rank_rule import parse_k_spec
+from rpsft.core.k_spec import parse_k_spec
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -36,7 +36,7 @@ class BasisCacheError(RuntimeError):
 
 def check_k(k: KSpec) -> KSpec:
     """Validate a resolved rank spec: an int >= 0, or a fraction of each matrix's rank in (0, 1]
-    (:func:`rpsft.core.rank_rule.parse_k_spec`; an ``auto`` spec must be resolved before bases exist)."""
+    (:func:`rpsft.core.k_spec.parse_k_spec`; an ``auto`` spec must be resolved before bases exist)."""
     if isinstance(k, bool) or not isinstance(k, int | float):
         raise ValueError(
             f"k: expected an int rank or a fraction in (0, 1], got {k!r}. Fix: resolve an 'auto' spec first "

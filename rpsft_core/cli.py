@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import typer
-from rpsft.core.cli_compat import legacy_spellings
 from rpsft.core.cli_errors import InputErrorGroup
+from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
 from rpsft.core.method_table import METHOD_NAMES
 
@@ -38,9 +38,11 @@ def train(
         "(resources.strategy); gloo on CPUs, NCCL with one GPU per worker.",
     ),
 ) -> None:
-    """Fine-tune one model; writes <out>/model (HF checkpoint) and <out>/metrics.json."""
+    """Fine-tune one model.
+
+    Writes <out>/model (an HF checkpoint) and <out>/metrics.json."""
     from rpsft.core.config import load_train_config
-    from rpsft.core.rank_rule import k_spec_value
+    from rpsft.core.k_spec import k_spec_value
 
     k_value = None
     if k is not None:
@@ -62,7 +64,7 @@ def train(
     if workers is not None:
         overrides["resources"] = {"workers": workers}
     cfg = load_train_config(config, overrides)
-    from rpsft.core.memory import preflight_train_memory
+    from rpsft.core.memory.preflight import preflight_train_memory
 
     preflight_train_memory(cfg)  # a run that cannot fit fails here, with the numbers and the fixes
     if cfg.resources.distributed:
@@ -90,7 +92,9 @@ def train(
 
 
 def methods() -> None:
-    """The training methods: what each trains, its penalty, its loss and the knobs it reads (Markdown)."""
+    """List the training methods.
+
+    What each trains, its penalty, its loss and the knobs it reads (Markdown)."""
     from rpsft.core.method_table import methods_markdown
 
     typer.echo(methods_markdown())
@@ -115,9 +119,9 @@ def models(
 
 def register(app: typer.Typer) -> None:
     """Add the core's commands to ``app``."""
-    app.command(cls=legacy_spellings({"--output-dir": "--out"}))(train)
-    app.command()(methods)
-    app.command()(models)
+    app.command(cls=RpsftCommand)(train)
+    app.command(cls=RpsftCommand)(methods)
+    app.command(cls=RpsftCommand)(models)
 
 
 app = typer.Typer(

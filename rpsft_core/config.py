@@ -9,9 +9,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rpsft.core.bases import BASIS_METHODS
 from rpsft.core.errors import ConfigError
+from rpsft.core.k_spec import KSpecValue, is_auto_k, k_spec_value
 from rpsft.core.method_table import Method, MethodSpec, PenaltyMode, method_spec
 from rpsft.core.precision import MixedPrecisionSetting
-from rpsft.core.rank_rule import KSpecValue, is_auto_k, k_spec_value
 from rpsft.core.selection import LayerSpec, resolve_spec
 
 DEFAULT_AUTO_K_PROMPTS = "../shared/paper-data/ood/gpqa_test.jsonl"  # the sweep's default too

@@ -26,18 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rpsft.core.chat import MATH_SYSTEM_PROMPT, Messages
 from rpsft.core.errors import DataError
 from rpsft.core.losses import IGNORE_INDEX
+from rpsft.core.math_data import load_champ
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
-Messages = list[dict[str, str]]
-
 ROLES = ("system", "user", "assistant")
 DEMO_MATH_DEFAULT_N = 512
-# Same wording as the system message of the paper data (shared/paper-data/id/*.jsonl).
-MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
 _SOURCE_FORMS = (
     "'path/to/file.jsonl' (one JSON object per line), "
@@ -367,8 +365,6 @@ def load_examples(source: str, *, limit: int | None = None, seed: int = 0) -> li
             n = min(n, limit)
         return demo_math_examples(n, seed)
     if source == "champ" or source.startswith("champ:"):
-        from rpsft.core.math_data import load_champ
-
         return load_champ(source, limit)
     if source.lower().endswith(".jsonl") or Path(source).is_file():
         examples = read_jsonl_examples(source)

@@ -1,24 +1,22 @@
-"""FSDP2 for one training run over several workers: shard a causal LM, and run ranks locally.
+"""FSDP2 / DDP for one training run over several workers: shard a causal LM and run its optimizer steps.
 
 :func:`shard_model` applies ``fully_shard`` to each decoder block, then to the root (which holds the embeddings,
 the final norm and a tied output head), with an optional bf16 :class:`MixedPrecisionPolicy` and activation
 checkpointing. Parameters become DTensors sharded by rows (``Shard(0)``), the layout
-:mod:`rpsft.core.sharded_penalty` works on.
-
-:func:`spawn_local` runs a function on N local processes joined by a process group (gloo on CPU): the tests and
-the benchmark use it; sweeps start their workers through Ray Train instead.
+:mod:`rpsft.core.sharded_penalty` works on. :func:`train_steps` runs the optimizer steps of a sharded (or
+DDP-wrapped) model with the mean token loss of each step over every rank; the process group itself is
+:mod:`rpsft.core.distributed`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from rpsft.core.distributed import all_reduce_sum, world
 from torch import nn
 
 
@@ -89,42 +87,6 @@ def shard_model(
     return model
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _local_rank_main(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-        }
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
-    try:
-        fn(rank, world_size, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_local(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> None:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local processes in one process group.
-
-    ``fn`` must be importable (a module-level function). A failure on any rank raises here."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(
-        _local_rank_main, args=(world_size, free_port(), backend, fn, args), nprocs=world_size, join=True
-    )
-
-
 # ------------------------------------------------------------------------------------------- training
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -155,25 +117,9 @@ def adamw(
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, fused=fused or None)
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    import torch.distributed as dist
-
-    if _world()[1] > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def local_rows(batch: dict[str, torch.Tensor], world_size: int, rank: int) -> dict[str, torch.Tensor]:
     """This rank's rows of a global batch (the data is sharded across the workers, ``torch.chunk`` order)."""
-    from rpsft.core.sharded_penalty import row_range
+    from rpsft.core.row_shards import row_range
 
     start, end = row_range(next(iter(batch.values())).shape[0], world_size, rank)
     return {key: value[start:end] for key, value in batch.items()}
@@ -224,7 +170,7 @@ def train_steps(
 
     if loss_type not in ("sft", "dft"):
         raise ValueError(f"loss_type: {loss_type!r} under FSDP2/DDP. Fix: sft or dft")
-    rank, world_size = _world()
+    rank, world_size = world()
     device = next(iter(parameter_names(model).values())).device
     step_loss = dft_loss if loss_type == "dft" else sft_loss
     clip_at = max_grad_norm if max_grad_norm and max_grad_norm > 0 else float("inf")
@@ -235,7 +181,7 @@ def train_steps(
         micro = [item] if isinstance(item, Mapping) else list(item)
         rows = micro if local else [local_rows(batch, world_size, rank) for batch in micro]
         local_tokens = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in rows)
-        global_tokens = _all_reduce_sum(
+        global_tokens = all_reduce_sum(
             torch.tensor([float(local_tokens)], dtype=torch.float64, device=device)
         )
         scale = world_size / max(float(global_tokens), 1.0)
@@ -257,7 +203,7 @@ def train_steps(
                 token_loss = step_loss(logp, mask, num_items=1)  # the sum; scaled to the step's mean below
                 (token_loss * scale).backward()
             loss_sum += token_loss.detach().to(torch.float64)
-        loss = float(_all_reduce_sum(loss_sum) / max(float(global_tokens), 1.0))
+        loss = float(all_reduce_sum(loss_sum) / max(float(global_tokens), 1.0))
         if not math.isfinite(loss):
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(loss, step)

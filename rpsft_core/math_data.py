@@ -10,7 +10,7 @@ from the package's ``champ_dataset/dataset_files/v0.json`` (the package's Python
   as a big-endian integer, are ``< 10`` mod 100; otherwise ``train``. Order within a split: by
   ``sha256("champ-order:" + identifier)`` (a fixed, category-mixed order, so the first N of a split are a
   mix of all categories). Neither depends on Python's hash seed or on the order of the JSON file.
-* Rendering: system = :data:`~rpsft.core.data.MATH_SYSTEM_PROMPT` (the paper data's system prompt),
+* Rendering: system = :data:`~rpsft.core.chat.MATH_SYSTEM_PROMPT` (the paper data's system prompt),
   user = the problem (CHAMP ``_text``), assistant = the solution steps (their ``_text``), one per line,
   then ``The final answer is $\\boxed{<answer>}$.`` with CHAMP's ``_answer`` verbatim. CHAMP writes its
   math as plain text (``sqrt(3)/3``, ``x_(n+1)``, ``≤``), not LaTeX, and about half of its answers contain
@@ -34,7 +34,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from rpsft.core.data import MATH_SYSTEM_PROMPT, DataError, Messages
+from rpsft.core.chat import MATH_SYSTEM_PROMPT, Messages
+from rpsft.core.errors import DataError
 
 CHAMP_PACKAGE = "champ_dataset"
 CHAMP_RESOURCE = ("dataset_files", "v0.json")

@@ -1,9 +1,9 @@
 """The one table of training methods: what each trains, which knobs it reads, its penalty and its loss.
 
 Everything that depends on the method reads it from :data:`METHODS`: config validation
-(:class:`rpsft.core.config.TrainConfig`), model set-up (:mod:`rpsft.core.methods`), the sweep's references and
-the parameters a trial logs to MLflow (:func:`MethodSpec.logged_knobs`), and the README's method table
-(``rpsft methods``).
+(:class:`rpsft.core.config.TrainConfig`), model set-up (:mod:`rpsft.core.methods`), whether it trains over several
+workers (:mod:`rpsft.core.sharded_method`), the memory estimate, the sweep's references and the parameters a
+trial logs to MLflow (:func:`MethodSpec.logged_knobs`), and the README's method table (``rpsft methods``).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class MethodSpec:
     uses_lambda: bool = False  # reads lambda (a soft penalty on the protected block)
     full_rank: bool = False  # the penalty covers the whole matrix (k fixed at full rank)
     reference_model: bool = False  # keeps a frozen copy of the base model during training
+    sharded: bool = False  # trains over several workers (FSDP2 / DDP, resources.workers > 1)
     knobs: tuple[str, ...] = ()
 
     @property
@@ -66,7 +67,7 @@ _LORA_KNOBS = ("lora_r", "lora_alpha")
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
-        MethodSpec("sft", "plain supervised fine-tuning", "all", "none"),
+        MethodSpec("sft", "plain supervised fine-tuning", "all", "none", sharded=True),
         MethodSpec(
             "rpsft",
             "SFT with the top-k block of each selected matrix anchored to the pretrained weights",
@@ -74,6 +75,7 @@ METHODS: dict[str, MethodSpec] = {
             "lambda * ||Uk^T (W - W0) Vk||_F^2, rank k",
             uses_k=True,
             uses_lambda=True,
+            sharded=True,
             knobs=("k", *_PENALTY_KNOBS, "penalty_mode", "basis_method"),
         ),
         MethodSpec(
@@ -83,6 +85,7 @@ METHODS: dict[str, MethodSpec] = {
             "lambda * ||W - W0||_F^2 (full rank)",
             uses_lambda=True,
             full_rank=True,
+            sharded=True,
             knobs=(*_PENALTY_KNOBS, "penalty_mode"),
         ),
         MethodSpec(
@@ -91,6 +94,7 @@ METHODS: dict[str, MethodSpec] = {
             "all",
             "none",
             loss="dft",
+            sharded=True,
         ),
         MethodSpec(
             "iw",
@@ -107,6 +111,7 @@ METHODS: dict[str, MethodSpec] = {
             "PEFT LoRA adapters",
             "none",
             adapter="lora",
+            sharded=True,
             knobs=_LORA_KNOBS,
         ),
         MethodSpec(
@@ -117,6 +122,7 @@ METHODS: dict[str, MethodSpec] = {
             adapter="lora",
             uses_k=True,
             uses_lambda=True,
+            sharded=True,
             knobs=("k", *_PENALTY_KNOBS, "basis_method", *_LORA_KNOBS),
         ),
         MethodSpec(

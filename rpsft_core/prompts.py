@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rpsft.core.data import DataError, Messages, iter_jsonl, load_examples, parse_messages, tokenize_example
+from rpsft.core.chat import Messages
+from rpsft.core.data import DataError, iter_jsonl, load_examples, parse_messages, tokenize_example
 
 
 @dataclass

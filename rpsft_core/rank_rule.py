@@ -1,8 +1,8 @@
-"""The rank rule of ``k: auto``: the k-spec parser and k from Fisher-projected gradient energy (App. C.5, F.1).
+"""The rank rule of ``k: auto``: k from Fisher-projected gradient energy (App. C.5, F.1).
 
-:func:`parse_k_spec` is the one reader of a ``k`` value (an int rank, a rank fraction, ``auto`` or
-``auto@<target>``) for every config and command line; :func:`resolve_auto_k` turns ``auto`` into a rank
-fraction by the energy rule below, measured on the base model before training.
+:func:`resolve_auto_k` turns ``auto`` (:class:`rpsft.core.k_spec.AutoK`, parsed by
+:func:`rpsft.core.k_spec.parse_k_spec`) into a rank fraction by the energy rule below, measured on the base
+model before training.
 
 For a probed matrix ``W`` (m x n, pretrained ``W = U S V^T``, ``R = min(m, n)``) and per-sample gradients
 ``G_t`` on a small OOD batch, the energy captured by the strict top r x r singular block is
@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rpsft.core.bases import top_k_bases
+from rpsft.core.k_spec import DEFAULT_TARGET, AutoK, parse_k_spec
 from rpsft.core.losses import IGNORE_INDEX
 from rpsft.core.model_parts import (
     eval_mode,
@@ -39,93 +41,9 @@ from rpsft.core.model_parts import (
 )
 from torch import Tensor, nn
 
-DEFAULT_TARGET = 0.2
 AUTO_K_PROMPTS = 16  # OOD prompts the rule reads from a source
 # The paper's probe: the layer-1 attention q_proj.
 DEFAULT_PROBE: dict[str, Any] = {"types": ["q"], "layers": "1:2"}
-
-
-# --------------------------------------------------------------------------------------------- k specs
-
-
-@dataclass(frozen=True)
-class AutoK:
-    """``k: auto`` / ``auto@0.3``: resolve k by the energy rule at this energy target before training."""
-
-    target: float = DEFAULT_TARGET
-
-    def __str__(self) -> str:
-        return f"auto@{self.target:g}"
-
-
-KSpecValue = int | float | str  # a k as a config holds it: a number, or the text of an auto spec
-
-
-def parse_k_spec(value: Any) -> int | float | AutoK:
-    """Parse a ``k`` value: an int rank, a fraction in (0, 1], ``"auto"`` or ``"auto@<target>"``.
-
-    Strings holding numbers are parsed (``"64"`` -> 64, ``"0.05"`` -> 0.05). Errors name the field ``k``.
-    """
-    if isinstance(value, AutoK):
-        return value
-    if isinstance(value, bool):
-        raise ValueError("k: expected an int rank, a fraction, 'auto' or 'auto@<target>', got a bool")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(
-                f"k: must be >= 0, got {value}. Fix: use 0 (plain SFT), a positive rank or a fraction"
-            )
-        return value
-    if isinstance(value, float):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(
-                f"k: a fractional k must lie in (0, 1], got {value}. Fix: use e.g. 0.05 or an int rank"
-            )
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return AutoK()
-        if text.startswith("auto@"):
-            raw = text[len("auto@") :]
-            try:
-                target = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-            except ValueError:
-                raise ValueError(
-                    f"k: {value!r}: {raw!r} is not an energy target. Fix: e.g. 'auto@0.3' (30% of the energy)"
-                ) from None
-            if not 0.0 < target <= 1.0:
-                raise ValueError(f"k: {value!r}: the energy target must lie in (0, 1]. Fix: e.g. 'auto@0.3'")
-            return AutoK(target)
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(
-                f"k: {value!r} is not a number (an int rank or a fraction), 'auto' or 'auto@<target>'. "
-                "Fix: e.g. 64, 0.05 or auto@0.3"
-            ) from None
-        if number.is_integer() and "." not in text and "e" not in text:
-            return parse_k_spec(int(number))
-        return parse_k_spec(number)
-    raise ValueError(f"k: expected an int, a float or a string, got {type(value).__name__}")
-
-
-def k_spec_value(value: Any) -> KSpecValue:
-    """A ``k`` as a config stores it: the parsed number, or an auto spec's text (stripped, lower case).
-
-    The text is kept (``"auto"``, ``"auto@30%"``) because it names the spec in logs and trial parameters.
-    """
-    parsed = parse_k_spec(value)
-    if isinstance(parsed, AutoK):
-        return value.strip().lower() if isinstance(value, str) else str(parsed)
-    return parsed
-
-
-def is_auto_k(value: Any) -> bool:
-    """Whether ``value`` is ``auto`` / ``auto@x`` (a string or an :class:`AutoK`)."""
-    if isinstance(value, AutoK):
-        return True
-    return isinstance(value, str) and value.strip().lower().startswith("auto")
 
 
 # --------------------------------------------------------------------------------------------- losses
@@ -347,8 +265,6 @@ class EnergyReport:
 
 def full_bases(weight: Tensor) -> tuple[Tensor, Tensor]:
     """All R = min(m, n) left/right singular vectors of ``weight`` (exact SVD in float64)."""
-    from rpsft.core.bases import top_k_bases
-
     w = weight.detach().to(torch.float64)
     return top_k_bases(w, min(w.shape), method="exact")
 

@@ -1,24 +1,22 @@
 """``rpsft sweep run|resume|select`` and ``rpsft export``, ``rpsft rl``, ``rpsft regress``.
 
-:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group (:func:`sweep_group`), together with the
-old spellings ``rpsft sweep CONFIG`` and ``rpsft select``, kept for one release with a notice.
+:func:`register` adds them to the ``rpsft`` app and its ``sweep`` group (:func:`sweep_group`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
-from rpsft.core.cli_compat import legacy_spellings, notice
 from rpsft.core.cli_errors import InputErrorGroup
+from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
 
 DEFAULT_RUNS_DIR = Path("runs/sweeps")
-# the old names of --runs-dir
-RUNS_DIR_RENAMED = {"--root": "--runs-dir"}
 
 
 def runs_dir_option() -> Any:
@@ -28,20 +26,37 @@ def runs_dir_option() -> Any:
     )
 
 
-class SweepGroup(InputErrorGroup):
-    """``rpsft sweep``: its verbs, and the old ``rpsft sweep CONFIG`` read as ``rpsft sweep run CONFIG``."""
+def checked_sweep_name(param: typer.CallbackParam, value: str | None) -> str | None:
+    """A sweep's name as given on the command line (the ``NAME`` argument, ``--name``, ``--from``), refused
+    when it is a path or not a name; the folder that holds the sweeps is ``--runs-dir``'s."""
+    if value is None:
+        return None
+    what = param.opts[0] if param.param_type_name == "option" else (param.name or "name").upper()
+    if "/" in value or os.sep in value:
+        path = Path(value)
+        raise InputError(
+            f"{what}: {value!r} is a path, and {what} takes a sweep's name. Fix: pass the name and the folder that "
+            f"holds the sweep with --runs-dir, e.g. {path.name or 'NAME'} --runs-dir {path.parent}"
+        )
+    from rpsft.sweeps.config.errors import SWEEP_NAME_EXAMPLE, sweep_name_problem
 
-    def resolve_command(self, ctx: click.Context, args: list[str]):
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            notice("`rpsft sweep CONFIG`", "`rpsft sweep run CONFIG`")
-            return "run", self.commands["run"], args
-        return super().resolve_command(ctx, args)
+    problem = sweep_name_problem(value)
+    if problem:
+        raise InputError(f"{what}: {problem}. Fix: e.g. {SWEEP_NAME_EXAMPLE}")
+    return value
+
+
+def sweep_name_argument() -> Any:
+    """``NAME``, a stored sweep's name (its folder under ``--runs-dir``), the same in every command that takes one."""
+    return typer.Argument(
+        ..., help="The sweep's name (its folder under --runs-dir).", callback=checked_sweep_name
+    )
 
 
 def sweep_group() -> typer.Typer:
     """The ``rpsft sweep`` group that :func:`register` (and ``rpsft.dashboards.cli.register``) fill."""
     return typer.Typer(
-        cls=SweepGroup,
+        cls=InputErrorGroup,
         no_args_is_help=True,
         help="Sweeps: run one, resume it, select its operating point, report it.",
     )
@@ -64,13 +79,17 @@ def _print_outcome(outcome, beta: float) -> None:
 
 def run(
     config: str = typer.Argument(..., help="A sweep YAML (see sweeps/configs/)."),
-    name: str | None = typer.Option(None, "--name", help="Override the config's sweep name."),
+    name: str | None = typer.Option(
+        None, "--name", help="Override the config's sweep name.", callback=checked_sweep_name
+    ),
     address: str | None = typer.Option(
         None, help="Ray cluster address ('auto' or host:port); default local."
     ),
 ) -> None:
-    """Run a (k, lambda, layers) sweep with Ray Tune + Optuna, tracked in MLflow."""
-    from rpsft.sweeps.config import load_sweep_config
+    """Run a sweep over k, lambda and layers.
+
+    Ray Tune runs the trials, Optuna proposes them, MLflow tracks them."""
+    from rpsft.sweeps.config.sweep import load_sweep_config
     from rpsft.sweeps.runner import run_sweep
 
     outcome = run_sweep(load_sweep_config(config, {"name": name}), address=address, echo=typer.echo)
@@ -78,13 +97,15 @@ def run(
 
 
 def resume(
-    name: str = typer.Argument(..., help="The sweep's name."),
+    name: str = sweep_name_argument(),
     address: str | None = typer.Option(
         None, help="Ray cluster address ('auto' or host:port); default local."
     ),
     runs_dir: Path = runs_dir_option(),
 ) -> None:
-    """Resume a sweep after a crash or a kill: finished trials are not rerun."""
+    """Resume a sweep after a crash or a kill.
+
+    Finished trials are not rerun."""
     from rpsft.sweeps.runner import resume_sweep
 
     outcome = resume_sweep(name, root=runs_dir, address=address, echo=typer.echo)
@@ -92,16 +113,23 @@ def resume(
 
 
 def select(
-    name: str = typer.Argument(..., help="The sweep's name."),
+    name: str = sweep_name_argument(),
     beta: float | None = typer.Option(
         None, help="Forgetting weight of Phi = G_id - beta F_ood (default: the sweep's)."
     ),
     runs_dir: Path = runs_dir_option(),
-    tag: bool = typer.Option(False, help="Move the MLflow operating-point tag to this choice."),
+    tag: bool = typer.Option(False, "--tag", help="Move the MLflow operating-point tag to this choice."),
     as_json: bool = typer.Option(False, "--json", help="Print the selection as JSON."),
 ) -> None:
-    """The max-Phi trial, the Pareto front, the beta path and each method family's frontier (its best
+    """Select a sweep's operating point.
+
+    The max-Phi trial, the Pareto front, the beta path and each method family's frontier (its best
     configuration at each of the sweep's betas), from the stored results only."""
+    if beta is not None and not (math.isfinite(beta) and beta >= 0):
+        raise InputError(
+            f"--beta: {beta:g} is not a forgetting weight: Phi = G_id - beta F_ood needs a finite beta >= 0. "
+            "Fix: e.g. --beta 1 (0 ignores forgetting), or leave --beta out for the sweep's own"
+        )
     from rpsft.sweeps.stages.report import load_selection
 
     try:
@@ -130,7 +158,7 @@ def select(
 
 
 def export(
-    name: str = typer.Argument(..., help="The sweep's name."),
+    name: str = sweep_name_argument(),
     trial: str | None = typer.Option(
         None,
         help="op (the operating point, default), a reference such as sft, a trial id, or <trial id>@<step> "
@@ -145,8 +173,11 @@ def export(
         None, help="Largest |retrained - stored| of G_id and F_ood accepted (default 1e-4)."
     ),
 ) -> None:
-    """Write a trial's weights (safetensors + tokenizer): downloaded when kept, else retrained from its
-    stored config and seed and checked against its stored metrics (exit 1 when they differ)."""
+    """Export a trial's weights (safetensors + tokenizer).
+
+    A kept trial's weights are downloaded; any other trial is retrained from its stored config and seed and
+    checked against its stored metrics (exit 1 when they differ)."""
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
     from rpsft.sweeps.stages.checkpoints import (
         DEFAULT_TOLERANCE,
         ExportMismatch,
@@ -154,7 +185,6 @@ def export(
         export_trial,
         find_export_point,
     )
-    from rpsft.sweeps.stages.report import load_stored_sweep
 
     try:
         stored = load_stored_sweep(name, runs_dir)
@@ -168,15 +198,18 @@ def export(
         raise typer.Exit(code=1) from None
     except InputError:
         raise
-    except ValueError as exc:  # rpsft.sweeps.stages.report / rpsft.sweeps.analysis.selection report a sweep without trials so
+    except ValueError as exc:  # rpsft.sweeps.analysis.stored_sweep / rpsft.sweeps.analysis.selection report a sweep without trials so
         raise InputError(str(exc)) from exc
     typer.echo(json.dumps(export.to_dict(), indent=2))
-    typer.echo(f"checkpoint: {export.path}")
+    typer.echo(f"check:      {export.check_text()}\ncheckpoint: {export.path}")
 
 
 def rl(
     sweep: str | None = typer.Option(
-        None, "--from", help="The sweep whose checkpoints start RL (and score it)."
+        None,
+        "--from",
+        help="The sweep whose checkpoints start RL (and score it).",
+        callback=checked_sweep_name,
     ),
     trials: str = typer.Option("op", help="Comma-separated: op, a reference such as sft, or trial ids."),
     model: Path | None = typer.Option(None, help="Start from this checkpoint instead of the sweep's trials."),
@@ -184,8 +217,10 @@ def rl(
     steps: int | None = typer.Option(None, help="Override max_steps."),
     runs_dir: Path = runs_dir_option(),
 ) -> None:
-    """DAPO (TRL GRPOTrainer, loss_type dapo) from kept or exported sweep checkpoints, tracked as MLflow
-    child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
+    """Run RL (DAPO) from a sweep's checkpoints.
+
+    DAPO is TRL's GRPOTrainer with loss_type dapo, started from kept or exported sweep checkpoints, tracked as
+    MLflow child runs of the sweep and scored by its evaluation; prints the init -> RL table."""
     from rpsft.sweeps.stages.rl import load_rl_settings, run_rl
 
     try:
@@ -221,7 +256,9 @@ def regress(
         help="Keep the regression sweep's runs under this directory (default: a temporary one, removed afterwards).",
     ),
 ) -> None:
-    """Run a fixed small sweep and compare its metrics with a baseline; exit 1 on a regression."""
+    """Compare a fixed small sweep with a stored baseline.
+
+    Exits with 1 when a metric regressed or the operating point changed."""
     from rpsft.sweeps.stages.regression import diff_table
     from rpsft.sweeps.stages.regression import regress as run_regression
 
@@ -243,13 +280,10 @@ def regress(
 
 
 def register(app: typer.Typer, sweep_app: typer.Typer) -> None:
-    """Add the sweep verbs to ``sweep_app`` and the other sweep commands (and the old spellings) to ``app``."""
-    sweep_app.command()(run)
-    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(resume)
-    sweep_app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(select)
-    app.command("select", hidden=True, cls=legacy_spellings(RUNS_DIR_RENAMED, moved_to="rpsft sweep select"))(
-        select
-    )
-    app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(export)
-    app.command(cls=legacy_spellings(RUNS_DIR_RENAMED))(rl)
-    app.command(cls=legacy_spellings({"--work-dir": "--runs-dir"}))(regress)
+    """Add the sweep verbs to ``sweep_app`` and the other sweep commands to ``app``."""
+    sweep_app.command(cls=RpsftCommand)(run)
+    sweep_app.command(cls=RpsftCommand)(resume)
+    sweep_app.command(cls=RpsftCommand)(select)
+    app.command(cls=RpsftCommand)(export)
+    app.command(cls=RpsftCommand)(rl)
+    app.command(cls=RpsftCommand)(regress)

@@ -13,21 +13,22 @@ with the sweep field named (``space.lambda``, ``references[1]``, ...).
 from __future__ import annotations
 
 import json
-import warnings
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     SerializationInfo,
-    StringConstraints,
     ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 from rpsft.core.config import ConfigError, OptimizerName, Resources, TrainConfig, format_validation_error
 from rpsft.core.config import read_yaml_mapping as read_config_mapping
 from rpsft.core.method_table import Method, PenaltyMode, method_spec
@@ -35,6 +36,7 @@ from rpsft.core.selection import LayerSpec, resolve_spec
 from rpsft.evaluation.loss_metrics import LossSettings
 from rpsft.evaluation.multiple_choice import MCSettings
 from rpsft.evaluation.settings import EvalSettings
+from rpsft.sweeps.trial.hooks import HookSpec
 
 # TrainConfig fields a trial sets itself (from the search space, the reference, or the sweep)
 TRIAL_FIELDS = (
@@ -55,6 +57,30 @@ TRIAL_FIELDS = (
 
 class SweepConfigError(ConfigError):
     """A sweep that cannot run; raised before any trial starts, naming the field and the fix."""
+
+
+SWEEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SWEEP_NAME_EXAMPLE = "demo-1"
+
+
+def sweep_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a sweep (it names the sweep's folder under the runs dir), or ``None``."""
+    if SWEEP_NAME.fullmatch(name):
+        return None
+    return (
+        f"{name!r} is not a sweep name: a sweep name names a folder, so it holds only letters, digits, '.', '_' "
+        "and '-', and starts with a letter or a digit"
+    )
+
+
+def _check_sweep_name(name: str) -> str:
+    problem = sweep_name_problem(name)
+    if problem:
+        raise ValueError(f"{problem}. Fix: e.g. {SWEEP_NAME_EXAMPLE}")
+    return name
+
+
+SweepName = Annotated[str, AfterValidator(_check_sweep_name)]
 
 
 class NumberRange(BaseModel):
@@ -111,7 +137,7 @@ class SearchSpace(BaseModel):
     @field_validator("k")
     @classmethod
     def _check_k(cls, value: list[int | float | str] | NumberRange) -> list[int | float | str] | NumberRange:
-        from rpsft.core.rank_rule import k_spec_value
+        from rpsft.core.k_spec import k_spec_value
 
         if isinstance(value, NumberRange):
             if value.low < 0:
@@ -236,7 +262,7 @@ class Reference(BaseModel):
     def _check_k(cls, value: int | float | str | None) -> int | float | str | None:
         if value is None:
             return None
-        from rpsft.core.rank_rule import k_spec_value
+        from rpsft.core.k_spec import k_spec_value
 
         return k_spec_value(value)
 
@@ -419,16 +445,15 @@ class EvaluationConfig(BaseModel):
     @field_validator("harness", mode="before")
     @classmethod
     def _harness(cls, value: Any) -> Any:
+        """The harness scores at objective.betas and caches under the sweep's cache_dir: its own ``betas`` and
+        ``cache_dir`` are unknown keys here, refused like any other."""
         if isinstance(value, dict):
-            for key in SWEEP_HARNESS_FIELDS:
-                if key in value:
-                    warnings.warn(
-                        f"evaluation.harness.{key} is ignored: the harness scores at objective.betas and caches "
-                        "under the sweep's cache_dir. Fix: remove it",
-                        DeprecationWarning,
-                        stacklevel=2,
-                    )
-            value = {k: v for k, v in value.items() if k not in SWEEP_HARNESS_FIELDS}
+            unknown = [key for key in SWEEP_HARNESS_FIELDS if key in value]
+            if unknown:
+                raise ValidationError.from_exception_data(
+                    "EvalSettings",
+                    [InitErrorDetails(type="extra_forbidden", loc=(key,), input=value[key]) for key in unknown],
+                )
         return value
 
     @field_serializer("loss")
@@ -466,17 +491,6 @@ class EvaluationConfig(BaseModel):
                 update[key] = getattr(self, key)
         return self.harness.model_copy(update=update)
 
-
-def __getattr__(name: str) -> Any:
-    if name == "LossEval":
-        warnings.warn(
-            "rpsft.sweeps.config.LossEval is deprecated: evaluation.loss is an rpsft.evaluation.loss_metrics.LossSettings; "
-            "use rpsft.sweeps.config.sweep_loss_settings(fields) for one with the sweep's defaults",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return lambda **fields: sweep_loss_settings(fields)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Objective(BaseModel):
@@ -520,7 +534,7 @@ class Search(BaseModel):
     )
     num_trials: int = Field(4, ge=0, description="searched trials (the references come on top)")
     seed: int = 0
-    warm_start: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]] = Field(
+    warm_start: list[SweepName] = Field(
         default_factory=list,
         description="earlier sweeps (same output_dir, model, data and objective.metric) whose finished searched "
         "trials start this sweep's Optuna study (sweeps/warm_start.py)",
@@ -577,7 +591,7 @@ class Storage(BaseModel):
 class SweepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: SweepName
     model: str = "smollm2-135m-instruct"
     data: str = "demo-math:256"
     train: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields shared by all trials")
@@ -590,6 +604,11 @@ class SweepConfig(BaseModel):
     concurrency: int = Field(1, ge=1)
     resources: Resources = Field(default_factory=Resources)
     failure: Failure = Field(default_factory=Failure)
+    hooks: list[HookSpec] = Field(
+        default_factory=list,
+        description="trial hooks (rpsft.sweeps.trial.hooks.TrialHook subclasses by module:Name) called before "
+        "training, as Trainer callbacks during training, and at each trial's end",
+    )
     keep: Keep = Field(default_factory=Keep)
     storage: Storage = Field(default_factory=Storage)
     seed: int = 0
@@ -741,14 +760,13 @@ class SweepConfig(BaseModel):
         return int(self.train.get("max_steps") or TrainConfig.model_fields["max_steps"].default)
 
     def sweep_dir(self) -> Path:
-        """``<output_dir>/<name>``: the sweep's directory (its layout: :class:`rpsft.sweeps.store.sweep_store.SweepStore`)."""
-        from rpsft.sweeps.store.sweep_store import SweepStore
-
-        return SweepStore.of(self).dir
+        """``<output_dir>/<name>``, resolved: the sweep's directory (its layout: :class:`rpsft.sweeps.store.sweep_store.SweepStore`)."""
+        return Path(self.output_dir).expanduser().resolve() / self.name
 
     def trial_train_config(self, params: dict[str, Any], output_dir: str | Path | None = None) -> TrainConfig:
         """The TrainConfig of one trial from its parameters (method, k, lambda, layers, period, penalty_mode;
-        a reference's own optimizer and learning_rate over the ``train:`` section)."""
+        a reference's own optimizer and learning_rate over the ``train:`` section). ``output_dir``: the trial's
+        directory; without it, the sweep's directory (a TrainConfig that only checks values trains nothing)."""
         raw: dict[str, Any] = {
             "model": self.model,
             "data": self.data,
@@ -775,9 +793,7 @@ class SweepConfig(BaseModel):
         if method_spec(method).uses_lambda and "lambda" not in params:  # a penalized reference without lambda
             raw["lambda"] = self.space.lam_choices()[-1]
         if output_dir is None:
-            from rpsft.sweeps.store.sweep_store import SweepStore
-
-            output_dir = SweepStore.of(self).trial_dir("check")
+            output_dir = self.sweep_dir()
         raw["output_dir"] = str(output_dir)
         return TrainConfig.model_validate(raw)
 
@@ -851,7 +867,7 @@ class SweepConfig(BaseModel):
         try:
             train_config = self.trial_train_config(params)
             if train_config.resources.distributed:  # what sharded training cannot run fails here too
-                from rpsft.core.sharded_train import check_sharded_settings
+                from rpsft.core.sharded_method import check_sharded_settings
 
                 try:
                     check_sharded_settings(train_config)

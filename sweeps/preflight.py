@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.store.optuna_storage import optuna_storage
 
 if TYPE_CHECKING:
     from rpsft.core.config import TrainConfig
-    from rpsft.core.memory import MemoryEstimate, ModelDims
+    from rpsft.core.memory.dims import ModelDims
+    from rpsft.core.memory.report import MemoryEstimate
 
 
 def _first_line(exc: BaseException) -> str:
@@ -93,8 +95,12 @@ def check_mlflow(uri: str) -> None:
 
 
 def check_inputs(config: SweepConfig, scorer: Any) -> None:
-    """Training data and every evaluation item load and parse (no model needed)."""
+    """A model given as a local path exists; training data and every evaluation item load and parse (no model
+    loaded)."""
     from rpsft.core.data import DataError, load_examples
+    from rpsft.core.memory.dims import refuse_missing_local_model
+
+    refuse_missing_local_model(config.model)  # "model: no such directory or file", not a skipped preflight
     from rpsft.evaluation.benchmarks import EvalConfigError
     from rpsft.evaluation.items import EvalDataError
 
@@ -215,8 +221,8 @@ class MemoryCheck:
 def _trial_candidates(config: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
     """Every trial config whose memory can differ: each reference, and each (k, layers) of the space (the
     method, k and layers set the bases and the trained parameters; lambda and period do not). A ``k: auto``
-    counts as :data:`rpsft.core.memory.AUTO_K_FRACTION`."""
-    from rpsft.core.memory import AUTO_K_FRACTION
+    counts as :data:`rpsft.core.memory.preflight.AUTO_K_FRACTION`."""
+    from rpsft.core.memory.preflight import AUTO_K_FRACTION
 
     out: list[tuple[str, dict[str, Any]]] = []
     for i, params in enumerate(config.reference_params()):
@@ -235,7 +241,7 @@ def _trial_candidates(config: SweepConfig) -> list[tuple[str, dict[str, Any]]]:
 def largest_trial_memory(config: SweepConfig, dims: ModelDims) -> tuple[str, MemoryEstimate, TrainConfig]:
     """The trial config of the sweep with the largest per-worker estimate: ``(where, estimate, config)``."""
     from pydantic import ValidationError
-    from rpsft.core.memory import estimate_train_memory
+    from rpsft.core.memory.preflight import estimate_train_memory
 
     best: tuple[str, MemoryEstimate, TrainConfig] | None = None
     for where, params in _trial_candidates(config):
@@ -249,18 +255,6 @@ def largest_trial_memory(config: SweepConfig, dims: ModelDims) -> tuple[str, Mem
     if best is None:
         raise SweepConfigError("memory preflight: the sweep has no trial config to estimate")
     return best
-
-
-def _runs_sharded(train_config: TrainConfig) -> bool:
-    """Whether the trial's method can train over several workers (:func:`sharded_method_plan` decides)."""
-    from rpsft.core.errors import ConfigError
-    from rpsft.core.sharded_train import sharded_method_plan
-
-    try:
-        sharded_method_plan(train_config)
-    except ConfigError:
-        return False
-    return True
 
 
 def gpu_memory_bytes(gpus: float = 1.0, timeout_s: float = GPU_QUERY_TIMEOUT_S) -> int:
@@ -311,7 +305,7 @@ def cpu_memory_per_process(
 
 
 def _skip(reason: str) -> None:
-    from rpsft.core.memory import MemoryPreflightWarning
+    from rpsft.core.memory.preflight import MemoryPreflightWarning
 
     warnings.warn(f"memory preflight skipped: {reason}", MemoryPreflightWarning, stacklevel=3)
 
@@ -328,17 +322,19 @@ def check_memory(
     """The largest trial of the sweep fits the memory of one worker's device, or a :class:`SweepConfigError`
     with the per-part table and the fixes, before any trial.
 
-    The model's sizes come from its config only (:func:`rpsft.core.memory.model_dims_for`, offline: a local
+    The model's sizes come from its config only (:func:`rpsft.core.memory.dims.model_dims_for`, offline: a local
     directory, an embedded name, a ``.gguf`` file, or a hub id in the local HF cache); every trial config
-    (:func:`largest_trial_memory`) is estimated by :func:`rpsft.core.memory.estimate_train_memory`. The
+    (:func:`largest_trial_memory`) is estimated by :func:`rpsft.core.memory.preflight.estimate_train_memory`. The
     device: when a trial uses GPUs (``resources.gpus_per_process > 0``), the memory of a GPU as a Ray task
     reads it (:func:`gpu_memory_bytes`; a fraction of it when trials share GPUs); on CPU, Ray's node memory
     divided by the processes that run at once (:func:`cpu_memory_per_process`). ``device_bytes`` and
     ``dims`` replace what would be read. When the sizes or the GPU's memory cannot be read, a
-    :class:`rpsft.core.memory.MemoryPreflightWarning` says so and ``None`` is returned: the check never
+    :class:`rpsft.core.memory.preflight.MemoryPreflightWarning` says so and ``None`` is returned: the check never
     stops a sweep it cannot size. Returns the :class:`MemoryCheck` that passed (``echo``: a line about it
     and the estimate's table)."""
-    from rpsft.core.memory import GIB, MemoryPreflightError, check_fits, model_dims_for
+    from rpsft.core.memory.dims import model_dims_for
+    from rpsft.core.memory.preflight import MemoryPreflightError, check_fits
+    from rpsft.core.memory.report import GIB
 
     if dims is None:
         try:
@@ -367,7 +363,7 @@ def check_memory(
             _skip("the Ray cluster reports no memory resource")
             return None
     subject = f"a worker of {where} (the sweep's largest trial)"
-    sharded = _runs_sharded(train_config)
+    sharded = train_config.spec.sharded  # the method trains over several workers
     try:
         check_fits(
             estimate,

@@ -14,10 +14,8 @@ State lives under ``<output_dir>/<name>/`` (the layout is :class:`rpsft.sweeps.s
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 import os
-import warnings
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +23,18 @@ from typing import Any
 from rpsft.core.method_table import method_spec
 from rpsft.sweeps import preflight
 from rpsft.sweeps.analysis.selection import Selection, select
-from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig
+from rpsft.sweeps.ray_session import init_ray
+from rpsft.sweeps.search.space import build_scheduler, build_searcher, search_dims, search_distributions
 from rpsft.sweeps.store import tracking
-from rpsft.sweeps.store.sweep_store import (  # LOCK_FILE and STATE_FILE: also named here, for the runner's callers
+from rpsft.sweeps.store.sweep_store import (
     DEFAULT_ROOT,
-    LOCK_FILE,  # noqa: F401
-    STATE_FILE,  # noqa: F401
+    INTERVALS,
     TUNE_DIR,
     SweepContext,
     SweepStore,
     TrialRecord,
-    read_trials,
-    write_json,
 )
 from rpsft.sweeps.trial.run import run_trial
 
@@ -87,154 +85,6 @@ def cache_root(config: SweepConfig) -> Path:
     from rpsft.core.models import default_cache_dir
 
     return Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-
-
-# ----------------------------------------------------------------------------------------------- Ray
-
-
-class _DropTokenAuthBanner(logging.Filter):
-    """Ray's notice that it turned token authentication on (as it does for a new local instance): the local
-    default keeps the authentication and drops the notice; every other Ray message passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
-
-
-def _quiet_token_auth_banner() -> None:
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _DropTokenAuthBanner) for f in logger.filters):
-        logger.addFilter(_DropTokenAuthBanner())
-
-
-def init_ray(address: str | None) -> dict[str, float]:
-    import ray
-
-    # Trials run in Ray workers: hand them the model/cache settings and the MLflow credentials
-    # (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN for a server with basic auth).
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(("HF_", "RPSFT_", "TOKENIZERS_", "MLFLOW_TRACKING_"))
-    }
-    if not ray.is_initialized():
-        _quiet_token_auth_banner()
-        kwargs: dict[str, Any] = dict(
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": env},
-            configure_logging=False,
-        )
-        # without an address: a new local instance, never another driver's cluster on this machine
-        ray.init(address=address or "local", **kwargs)
-    return dict(ray.cluster_resources())
-
-
-SEARCHED_KNOBS = ("k", "lambda", "layers", "period", "penalty_mode")  # the space's knobs, in Optuna's order
-
-
-def _integer_ranks(dim: dict[str, Any]) -> bool:
-    """A k range of whole ranks (``{low: 8, high: 256}``); otherwise it is a range of rank fractions."""
-    return float(dim["low"]).is_integer() and float(dim["high"]).is_integer() and dim["high"] > 1
-
-
-def search_distributions(dims: dict[str, Any]) -> dict[str, Any]:
-    """The Optuna distribution of each searched knob of ``dims`` (see :func:`search_dims`): a list is
-    categorical, a k range of whole ranks integer, any other range float (log-scaled when asked)."""
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-
-    out: dict[str, Any] = {}
-    for name in (n for n in SEARCHED_KNOBS if n in dims):
-        dim = dims[name]
-        if not isinstance(dim, dict):
-            out[name] = CategoricalDistribution(dim)
-        elif name == "k" and _integer_ranks(dim):
-            out[name] = IntDistribution(int(dim["low"]), int(dim["high"]), log=dim["log"])
-        else:
-            out[name] = FloatDistribution(dim["low"], dim["high"], log=dim["log"])
-    return out
-
-
-def optuna_space(space: dict[str, Any], trial: Any) -> None:
-    """Optuna define-by-run space (a module-level function, so the searcher pickles for resume)."""
-    from optuna.distributions import CategoricalDistribution, IntDistribution
-
-    for name, dist in search_distributions(space).items():
-        if isinstance(dist, CategoricalDistribution):
-            trial.suggest_categorical(name, dist.choices)
-        elif isinstance(dist, IntDistribution):
-            trial.suggest_int(name, dist.low, dist.high, log=dist.log)
-        else:
-            trial.suggest_float(name, dist.low, dist.high, log=dist.log)
-
-
-def search_dims(config: SweepConfig) -> dict[str, Any]:
-    """The searched knobs as :func:`optuna_space` reads them: a list of choices or a ``{low, high, log}``."""
-    space = config.space
-    dims = {
-        "k": space.k.model_dump() if hasattr(space.k, "model_dump") else list(space.k),
-        "lambda": space.lam.model_dump() if hasattr(space.lam, "model_dump") else list(space.lam),
-        "layers": space.layer_labels(),
-        "period": list(space.period),
-    }
-    # a space of only `loss` adds no dimension: its studies, seeded draws and trial parameters stay as they were
-    if space.searches_penalty_mode:
-        dims["penalty_mode"] = list(space.penalty_mode)
-    return dims
-
-
-def build_searcher(config: SweepConfig, storage: Any, warm_started: bool = False) -> Any:
-    """Tune's Optuna searcher behind the references. The default algorithm starts from a space-filling
-    design, unless earlier sweeps' trials already inform it (``warm_started``)."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-    from rpsft.sweeps.search.initial_design import initial_design
-    from rpsft.sweeps.search.searcher import PicklableNSGAIISampler, ReferencesFirst
-
-    dims = search_dims(config)
-    seed = config.search.seed
-    design = None
-    if config.search.algorithm == "auto" and config.search.num_trials > 0 and not warm_started:
-        design = initial_design(search_distributions(dims), config.search.num_trials, seed)
-    sampler = {
-        "tpe": lambda: optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=len(design) if design else max(2, config.search.num_trials // 3)
-        ),
-        "nsga2": lambda: PicklableNSGAIISampler(seed=seed),
-        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-        "grid": lambda: optuna.samplers.GridSampler(
-            {name: dims[name] for name in SEARCHED_KNOBS if name in dims}, seed=seed
-        ),
-        "qmc": lambda: optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed),
-    }[config.algorithm]()
-    if config.objective.mode == "pareto":
-        metric, mode = ["g_id", "f_ood"], ["max", "min"]
-    else:
-        metric, mode = "objective", "max"
-    search = OptunaSearch(
-        space=functools.partial(optuna_space, dims),
-        metric=metric,
-        mode=mode,
-        sampler=sampler,
-        study_name=config.name,
-        storage=storage,
-        points_to_evaluate=design,
-    )
-    return ReferencesFirst(search, config.reference_params())
-
-
-def build_scheduler(config: SweepConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if config.scheduler_type == "asha":
-        return ASHAScheduler(
-            time_attr="step",
-            metric="objective",
-            mode="max",
-            max_t=config.max_steps,
-            grace_period=config.scheduler.grace_steps,
-            reduction_factor=config.scheduler.reduction_factor,
-        )
-    return FIFOScheduler()
 
 
 DRIVER_MEMORY_BYTES = 512 * 2**20  # what a trial that drives Ray Train workers reserves (no CPU, no GPU)
@@ -376,32 +226,12 @@ def prepare_shared_state(
         base_metrics = scorer.warm_base(model, tokenizer)
     with torch.no_grad():
         base_items = scorer.base_item_scores(model, tokenizer)
-    write_json(store.base_item_scores, base_items)
+    store.write_base_item_scores(base_items)
     del model
     return auto_k, bases_dir, base_metrics
 
 
 # ----------------------------------------------------------------------------------------------- driver
-
-
-def write_state(config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
-    """Deprecated: :meth:`rpsft.sweeps.store.sweep_store.SweepStore.write_state`."""
-    warnings.warn(
-        "rpsft.sweeps.runner.write_state is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore.of(config).write_state",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    SweepStore.of(config).write_state(config, context, status, optuna_url)
-
-
-def read_state(name: str, root: str | Path = DEFAULT_ROOT) -> dict[str, Any]:
-    """Deprecated: :meth:`rpsft.sweeps.store.sweep_store.SweepStore.read_state`."""
-    warnings.warn(
-        "rpsft.sweeps.runner.read_state is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore(root, name).read_state",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return SweepStore(Path(root), name).read_state()
 
 
 def _base_key(config: SweepConfig) -> str:
@@ -444,12 +274,72 @@ def driver_lock(store: SweepStore):
         handle.close()
 
 
+def _local_storage_file(url: str) -> Path | None:
+    """The file behind a local storage URL (``sqlite:///<file>``, ``journal:<file>``); ``None`` for a server."""
+    if url.startswith("sqlite:"):
+        return Path(url.split(":///", 1)[-1]).expanduser()
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:")).expanduser()
+    return None
+
+
+@dataclass(frozen=True)
+class NotYetThere:
+    """What a sweep run may create and did not exist when it started: its folder, its storage files (a SQLite
+    database with its journal, an Optuna journal with its lock) and the folders above them."""
+
+    sweep_dir: Path | None
+    files: tuple[Path, ...]
+    folders: tuple[Path, ...]
+
+    @classmethod
+    def now(cls, store: SweepStore, storage_files: list[Path]) -> NotYetThere:
+        ends = ("", "-journal", "-wal", "-shm", ".lock")
+        files = tuple(p for f in storage_files for p in (f.with_name(f.name + e) for e in ends) if not p.exists())
+        folders = {folder for path in (store.dir, *files) for folder in path.parents if not folder.exists()}
+        return cls(
+            None if store.dir.exists() else store.dir,
+            files,
+            tuple(sorted(folders, key=lambda f: len(f.parts), reverse=True)),  # the deepest first
+        )
+
+    def remove(self) -> None:
+        """Remove what this run created: the sweep's folder, the storage files, the folders once empty."""
+        if self.sweep_dir is not None:
+            shutil.rmtree(self.sweep_dir, ignore_errors=True)
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        for folder in self.folders:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+
+
+@contextlib.contextmanager
+def nothing_left_when_refused(store: SweepStore, created: NotYetThere):
+    """A sweep refused for bad input (an :class:`~rpsft.core.errors.InputError` before it has a state file)
+    leaves nothing behind: what ``created`` lists (taken before the driver lock made the sweep's folder) is
+    removed. Whatever existed before the run stays. Enter it holding the driver lock, so that a driver refused
+    for the lock never removes the folder of the driver that holds it."""
+    from rpsft.core.errors import InputError
+
+    try:
+        yield
+    except InputError:
+        if not store.exists():
+            created.remove()
+        raise
+
+
 def run_sweep(
     config: SweepConfig, *, address: str | None = None, progress: bool = True, echo=print
 ) -> SweepOutcome:
-    """Validate everything, prepare shared state, run all trials, select and tag the operating point."""
+    """Validate everything, prepare shared state, run all trials, select and tag the operating point. A sweep
+    refused for bad input leaves no files behind (:func:`nothing_left_when_refused`)."""
     config = absolutize(config)
-    with driver_lock(SweepStore.of(config)):
+    store = SweepStore.of(config)
+    storage_files = [path for url in storage_urls(config) if (path := _local_storage_file(url)) is not None]
+    created = NotYetThere.now(store, storage_files)
+    with driver_lock(store), nothing_left_when_refused(store, created):
         return _run_sweep(config, address=address, progress=progress, echo=echo)
 
 
@@ -462,17 +352,17 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
         )
     optuna_url, mlflow_uri = storage_urls(config)
     preflight.check_storage_rules(config, optuna_url, mlflow_uri)
-    storage = preflight.check_optuna_storage(optuna_url)
-    preflight.check_mlflow(mlflow_uri)
     from rpsft.sweeps.trial.scoring import TrialScorer
 
     cache_dir = str(cache_root(config) / "eval")
     scorer = TrialScorer(config, base_key="", cache_dir=cache_dir)
-    preflight.check_inputs(config, scorer)
+    preflight.check_inputs(config, scorer)  # the checks that write nothing come before the storage's
     from rpsft.sweeps.search.warm_start import carry_over, check_warm_start
 
     earlier_sweeps = check_warm_start(config)
-    cluster = init_ray(address or config.storage.ray_address)
+    storage = preflight.check_optuna_storage(optuna_url)
+    preflight.check_mlflow(mlflow_uri)
+    cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
     preflight.check_memory(config, cluster, echo=echo)
 
@@ -566,7 +456,7 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     optuna_url = state["optuna_storage"]
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(context.tracking_uri)
-    cluster = init_ray(address or config.storage.ray_address)
+    cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
     preflight.check_memory(config, cluster, echo=echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
@@ -574,17 +464,6 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     store.write_state(config, context, "running", optuna_url)
     run_tuner(config, context, storage, restore=True)
     return finish(config, context, optuna_url, echo=echo)
-
-
-def collect(config: SweepConfig, context: SweepContext) -> list[TrialRecord]:
-    """Deprecated: :func:`rpsft.sweeps.store.sweep_store.read_trials` (one :class:`rpsft.sweeps.store.sweep_store.TrialRecord` per trial run)."""
-    warnings.warn(
-        "rpsft.sweeps.runner.collect is deprecated; use rpsft.sweeps.store.sweep_store.read_trials, which returns TrialRecord objects",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    client = tracking.client_for(context.tracking_uri)
-    return read_trials(client, context.experiment_id, context.parent_run_id)
 
 
 def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
@@ -633,7 +512,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
 
     store = SweepStore.of(config)
     client = tracking.client_for(context.tracking_uri)
-    trials = read_trials(client, context.experiment_id, context.parent_run_id)
+    trials = store.trials(context)
     # every scored checkpoint with evaluation.trajectory: true, else each trial's final point
     analysis = analyze_sweep(config, client, context.parent_run_id, sweep_points(config, trials, client))
     selection = None
@@ -645,8 +524,8 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
         if analysis.intervals is not None:
             intervals = {**analysis.intervals.to_dict(analysis.all_points), "split": analysis.split_dict()}
-            write_json(store.intervals, intervals)
-            tracking.log_json_artifact(client, context.parent_run_id, store.intervals.name, intervals)
+            store.write_intervals(intervals)
+            tracking.log_json_artifact(client, context.parent_run_id, INTERVALS, intervals)
         parts = selection.operating_point()
         split = selection.split()
         tracking.set_tags(
@@ -663,7 +542,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         n_finished = sum(1 for trial in trials if trial.finished)  # trials, not their trajectories' points
         tracking.log_metrics(client, context.parent_run_id, operating_point_metrics(parts, beta, n_finished))
     if config.keep.any:
-        from rpsft.sweeps.stages.checkpoints import keep_checkpoints
+        from rpsft.sweeps.retention import keep_checkpoints
 
         keep_checkpoints(config, client, trials, selection, echo=echo)  # the trials read above
     tracking.finish_run(client, context.parent_run_id, "FINISHED")

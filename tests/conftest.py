@@ -43,7 +43,7 @@ def tiny_dir(tmp_path_factory, smol_tokenizer):
 
 @pytest.fixture
 def fresh_ray():
-    """The test starts its own Ray (so the workers see the test's environment, e.g. injection variables)."""
+    """The test starts its own Ray (so the workers see the test's environment, e.g. PYTHONPATH for trial hooks)."""
     import ray
 
     if ray.is_initialized():

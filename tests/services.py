@@ -2,7 +2,7 @@
 of their own (a temporary data directory and port), so an outage never touches the machine's shared ones.
 
 Each service writes a small shell script, ``outage.sh``, that stops it at once and starts it again after a
-delay in the background: a trial runs it through ``RPSFT_INJECT_COMMAND`` (``sweeps/faults.py``).
+delay in the background: a trial runs it as the ``command`` of the ``fault_hooks.Fault`` trial hook.
 """
 
 from __future__ import annotations

@@ -103,9 +103,18 @@ def sweep_dict(name: str, model_dir: Path, root: Path, **overrides: Any) -> dict
     return raw
 
 
+def fault_hooks(monkeypatch, **args: Any) -> list[dict[str, Any]]:
+    """A sweep's ``hooks:`` that inject faults (``fault_hooks.Fault`` with ``args``). The trials' Ray workers
+    import the hook from this directory: it goes on ``PYTHONPATH`` (pytest puts it only on this process's
+    ``sys.path``), which local workers inherit and the driver hands to a cluster's workers."""
+    here = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    return [{"path": "fault_hooks:Fault", "args": args}]
+
+
 def run_quietly(raw: dict[str, Any]):
     """Run a sweep from a raw config dict without console output; returns its SweepOutcome."""
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.runner import run_sweep
 
     return run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
@@ -119,13 +128,13 @@ def rpsft(*args: str, **kwargs: Any) -> subprocess.Popen:
 
 
 def resume_cli(name: str, root: Path, timeout: float) -> str:
-    """``rpsft sweep resume <name> --root <root>/sweeps`` to the end; asserts it succeeded and chose an operating
+    """``rpsft sweep resume <name> --runs-dir <root>/sweeps`` to the end; asserts it succeeded and chose an operating
     point, and returns its output."""
     proc = rpsft(
         "sweep",
         "resume",
         name,
-        "--root",
+        "--runs-dir",
         str(root / "sweeps"),
         cwd=root,
         stdout=subprocess.PIPE,

@@ -5,10 +5,11 @@ trial's directory is never touched."""
 from __future__ import annotations
 
 import pytest
+from rpsft.sweeps.analysis.points import trial_points
 from rpsft.sweeps.analysis.uncertainty import group_points
-from rpsft.sweeps.config import SweepConfig
-from rpsft.sweeps.stages.checkpoints import kept_roles, prune
-from rpsft.sweeps.store.sweep_store import SweepStore, TrialRecord, trial_label, trial_points
+from rpsft.sweeps.config.sweep import SweepConfig
+from rpsft.sweeps.retention import kept_roles, prune
+from rpsft.sweeps.store.sweep_store import SweepStore, TrialRecord, trial_label
 
 
 def _config(tmp_path, **keep):
@@ -70,7 +71,7 @@ def test_top_n_and_references(tmp_path):
     runs = _runs()
     config = _config(tmp_path, top=2, references=True)
     groups = group_points(trial_points(runs))
-    from rpsft.sweeps.stages.checkpoints import _selection
+    from rpsft.sweeps.retention import _selection
 
     roles = kept_roles(config, _selection(config, groups), groups)
     # ranking by Phi(1): l2 (+0.02), k8 (+0.01), sft (mean of two seeds, -0.005), k32 (-0.02)
@@ -81,7 +82,7 @@ def test_top_n_and_references(tmp_path):
 
 
 def test_keep_needs_something_to_keep():
-    from rpsft.sweeps.config import Keep
+    from rpsft.sweeps.config.sections import Keep
 
     assert not Keep().any and Keep(top=1).any and Keep(references=True).any
     with pytest.raises(ValueError, match="top"):

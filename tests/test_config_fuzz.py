@@ -129,7 +129,8 @@ SWEEP_PATHS = [
 @FUZZ
 @given(where=st.sampled_from(SWEEP_PATHS), value=values)
 def test_sweep_config(tmp_path_factory, where, value):
-    from rpsft.sweeps.config import SweepConfig, SweepConfigError, load_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import SweepConfig, load_sweep_config
 
     tmp_path = tmp_path_factory.mktemp("sweep")
     raw = _valid_sweep(tmp_path)
@@ -179,7 +180,7 @@ def test_eval_settings(tmp_path_factory, field, value):
 @given(field=st.sampled_from(["tolerances", "operating_point", "bogus", "metric", "abs", "rel", "direction"]),
        value=values)  # fmt: skip
 def test_regression_config(tmp_path_factory, field, value):
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
     from rpsft.sweeps.stages.regression import RegressionConfig, load_regression_config
 
     tmp_path = tmp_path_factory.mktemp("regress")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PAPER_DATA
+from rpsft.core.chat import MATH_SYSTEM_PROMPT
 from rpsft.core.data import (
-    MATH_SYSTEM_PROMPT,
     DataError,
     SFTCollator,
     SFTDataset,

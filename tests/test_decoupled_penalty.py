@@ -11,10 +11,12 @@ import torch
 from helpers import decaying_matrix
 from rpsft.core.bases import compute_bases, save_bases
 from rpsft.core.config import ConfigError, TrainConfig, load_train_config
-from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
+from rpsft.core.distributed import spawn_local
+from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, train_steps
 from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.row_shards import load_row_shard, row_range, shard_bases
 from rpsft.core.selection import select_matrices
-from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty
 from torch import nn
 
 SHAPES = [(7, 5), (6, 9), (3, 4), (12, 12)]  # 7 rows over 2 ranks: 4 + 3
@@ -188,7 +190,7 @@ def test_the_penalized_methods_read_the_mode_and_the_others_ignore_it():
 
 
 def _sweep(**changes):
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     raw = {
         "name": "modes",
@@ -215,8 +217,8 @@ def _logged_key(config, params):
 
 
 def test_a_sweep_searches_both_modes_as_two_configurations():
-    from rpsft.sweeps.runner import search_dims, search_distributions
     from rpsft.sweeps.search.initial_design import initial_design
+    from rpsft.sweeps.search.space import search_dims, search_distributions
     from rpsft.sweeps.store.sweep_store import trial_label
 
     config = _sweep(space={"k": [4], "lambda": [1.0], "penalty_mode": ["loss", "decoupled"]})
@@ -250,7 +252,7 @@ def test_references_differing_only_in_penalty_mode_are_different_configurations(
 
 
 def test_a_sweep_refuses_decoupled_rpsft_lora_and_a_shared_train_mode():
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     with pytest.raises(SweepConfigError, match=r"references\[0\].*penalty_mode: decoupled is not defined"):
         _sweep(references=[{"method": "rpsft-lora", "penalty_mode": "decoupled"}])

@@ -12,16 +12,14 @@ import pytest
 import torch
 from conftest import PAPER_DATA
 from rpsft.core.data import collate_features, demo_math_examples
+from rpsft.core.k_spec import AutoK, is_auto_k, parse_k_spec
 from rpsft.core.models import tiny_model
 from rpsft.core.prompts import PromptExample, gradient_features, read_prompt_examples
 from rpsft.core.rank_rule import (
-    AutoK,
     EnergyAccumulator,
     energy_curves,
     gradient_energy,
-    is_auto_k,
     lm_sample_losses,
-    parse_k_spec,
     per_sample_gradients,
     resolve_auto_k,
 )

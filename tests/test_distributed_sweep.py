@@ -63,7 +63,7 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_and_nests_its_runs(tmp_path
             return []
 
     log = open(tmp_path / "first.log", "w")
-    first = rpsft("sweep", str(config_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    first = rpsft("sweep", "run", str(config_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 900
     while not finished() and time.time() < deadline and first.poll() is None:
         time.sleep(0.5)

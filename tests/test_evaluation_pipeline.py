@@ -292,7 +292,11 @@ def test_bad_input_fails_before_any_model_is_loaded(monkeypatch, tmp_path, synth
     out = _cli_fails(monkeypatch, ["--config", str(broken)])
     assert "benchmarks[0].suite" in out
     out = _cli_fails(monkeypatch, ["--config", str(synth_dir), "--samples", "0"])
-    assert "k:" in out
+    assert "--samples 0: input should be greater than or equal to 1" in out and " k:" not in out
+    zero = tmp_path / "zero.yaml"
+    zero.write_text("k: 0\n")  # the same value from a config file names its field
+    out = _cli_fails(monkeypatch, ["--config", str(zero)])
+    assert "k: Input should be greater than or equal to 1" in out
 
 
 @needs_paper_data

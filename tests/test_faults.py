@@ -1,12 +1,13 @@
 """Faults injected into real sweeps (local Ray, SQLite MLflow and Optuna): a trial that raises is recorded
 FAILED with its reason and the sweep goes on; `failure.max_retries` reruns it in the same MLflow run; a
-resumed sweep reruns only what failed; a loss that turns NaN stops training at that step."""
+resumed sweep reruns only what failed; a loss that turns NaN stops training at that step. The faults come from
+the sweep's own trial hook (``fault_hooks.Fault``)."""
 
 from __future__ import annotations
 
 import pytest
 from conftest import PAPER_DATA
-from sweep_helpers import run_quietly, sweep_dict
+from sweep_helpers import fault_hooks, run_quietly, sweep_dict
 
 pytestmark = [
     pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present"),
@@ -47,9 +48,8 @@ def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(
 
     from rpsft.sweeps.runner import resume_sweep
 
-    monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")
-    monkeypatch.setenv("RPSFT_INJECT_FAULT_TIMES", "1")
-    outcome = run_quietly(_sweep("faulty", tiny_dir, tmp_path))
+    hooks = fault_hooks(monkeypatch, match="[ref] lora", times=1)
+    outcome = run_quietly(_sweep("faulty", tiny_dir, tmp_path, hooks=hooks))
     client, by_label = _runs_by_reference(outcome)
     (lora,) = by_label["lora"]
     assert lora.info.status == "FAILED"
@@ -82,15 +82,18 @@ def test_a_failed_trial_is_recorded_the_sweep_goes_on_and_resume_reruns_only_it(
 
 
 def test_max_retries_reruns_a_failed_trial_in_the_same_run(tmp_path, tiny_dir, monkeypatch):
-    monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")
-    monkeypatch.setenv("RPSFT_INJECT_FAULT_TIMES", "2")
-    outcome = run_quietly(_sweep("retried", tiny_dir, tmp_path, failure={"max_retries": 2}))
+    from rpsft.sweeps.store import tracking
+
+    hooks = fault_hooks(monkeypatch, match="[ref] lora", times=2)
+    outcome = run_quietly(_sweep("retried", tiny_dir, tmp_path, failure={"max_retries": 2}, hooks=hooks))
     client, by_label = _runs_by_reference(outcome)
     (lora,) = by_label["lora"]  # two failed attempts and the third: one MLflow run
     assert lora.info.status == "FINISHED" and "g_id" in lora.data.metrics
     assert lora.data.tags["rpsft.state"] == "finished"
     assert (outcome.sweep_dir / "faults").is_dir()
     assert sorted(p.read_text() for p in (outcome.sweep_dir / "faults").iterdir()) == ["2"]
+    lora_attempts = outcome.sweep_dir / "hooks" / lora.data.tags[tracking.TAG_TRIAL]
+    assert lora_attempts.read_text() == "3"  # the hook saw each attempt: two faults, then the one that ran
 
 
 def test_a_nan_loss_fails_the_trial_at_that_step_and_never_becomes_the_operating_point(tmp_path, tiny_dir):
@@ -124,8 +127,10 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
     import sys
     import time
 
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
-    from rpsft.sweeps.runner import LOCK_FILE, run_sweep
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
+    from rpsft.sweeps.runner import run_sweep
+    from rpsft.sweeps.store.sweep_store import LOCK_FILE
 
     config = parse_sweep_config(_sweep("locked", tiny_dir, tmp_path))
     sweep_dir = config.sweep_dir()
@@ -168,9 +173,8 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
 
 
 def test_a_trial_lost_mid_training_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")
-    monkeypatch.setenv("RPSFT_INJECT_FAULT_AT_STEP", "3")
-    raw = _sweep("midway", tiny_dir, tmp_path, failure={"max_retries": 1})
+    hooks = fault_hooks(monkeypatch, match="[ref] lora", at_step=3)
+    raw = _sweep("midway", tiny_dir, tmp_path, failure={"max_retries": 1}, hooks=hooks)
     raw["train"] = {**raw["train"], "max_steps": 4, "checkpoint_every": 2}
     outcome = run_quietly(raw)
     client, by_label = _runs_by_reference(outcome)

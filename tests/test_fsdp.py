@@ -3,10 +3,12 @@
 import pytest
 import torch
 from rpsft.core.bases import compute_bases, save_bases
-from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, spawn_local, train_steps
+from rpsft.core.distributed import spawn_local
+from rpsft.core.fsdp import adamw, full_state, parameter_names, shard_model, train_steps
 from rpsft.core.regularizer import RPSFTRegularizer
+from rpsft.core.row_shards import load_row_shard
 from rpsft.core.selection import select_matrices
-from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty
 
 LAM, LR, STEPS, WORLD = 5.0, 1e-2, 3, 2
 

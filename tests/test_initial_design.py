@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
-from rpsft.sweeps.runner import search_distributions
 from rpsft.sweeps.search.initial_design import design_size
 from rpsft.sweeps.search.initial_design import initial_design as design_of_distributions
+from rpsft.sweeps.search.space import search_distributions
 from sweep_helpers import sweep_dict
 
 
@@ -52,8 +52,8 @@ def test_same_seed_same_design_other_seed_other_pairing():
 
 @pytest.mark.parametrize("mode", ["phi", "pareto"])
 def test_the_default_sampler_uses_all_three_k_choices_in_three_trials(tmp_path, mode):
-    from rpsft.sweeps.config import parse_sweep_config
-    from rpsft.sweeps.runner import build_searcher
+    from rpsft.sweeps.config.sweep import parse_sweep_config
+    from rpsft.sweeps.search.space import build_searcher
 
     raw = sweep_dict(
         "design", tmp_path / "model", tmp_path, references=[], search={"num_trials": 3, "seed": 0}

@@ -11,7 +11,9 @@ import time
 import numpy as np
 import pytest
 from rpsft.evaluation.item_split import ItemSplit, ItemSplitError, report_count, split_item_scores
+from rpsft.sweeps.analysis.points import trial_points
 from rpsft.sweeps.analysis.selection import TrialPoint, select
+from rpsft.sweeps.analysis.stored_sweep import StoredSweep
 from rpsft.sweeps.analysis.uncertainty import analyze_items
 
 BETA = 1.0
@@ -79,7 +81,8 @@ def test_no_split_is_every_item_in_both_parts_and_one_item_cannot_be_split():
 
 
 def test_the_config_field_is_typed():
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     raw = {"name": "s", "references": ["sft"]}
     assert parse_sweep_config(raw).evaluation.split.item_split() == ItemSplit(0.5, 0)
@@ -209,7 +212,7 @@ def stored_sweep(tmp_path):
     """Two stored sweeps over the same MLflow runs (SQLite): ``split`` (report_fraction 0.5, seed 1) and
     ``whole`` (report_fraction 0). Six configurations with item scores (sft with two seeds) and one without
     (``run6``, the worst)."""
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.store import tracking
     from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore
 
@@ -265,9 +268,7 @@ def stored_sweep(tmp_path):
         )
         store.write_state(config, context, "finished", "sqlite:///unused.db")
         stores[sweep] = store
-    (stores["split"].dir / "base_item_scores.json").write_text(
-        json.dumps(base)
-    )  # "whole": the parent's artifact
+    stores["split"].write_base_item_scores(base)  # "whole": the parent's artifact
     return stores, base, configs
 
 
@@ -296,7 +297,7 @@ def test_a_stored_sweep_is_chosen_on_the_selection_items_and_reported_on_the_rep
     from rpsft.cli import app
 
     stores, base, configs = stored_sweep
-    stored = stores["split"].load()
+    stored = StoredSweep.read(stores["split"])
     split = ItemSplit(0.5, 1)
     hand = _by_hand(base, configs, split)
     run_of = {name: members[0][0] for name, members in configs.items()}
@@ -389,9 +390,9 @@ def test_a_stored_sweep_without_a_split_chooses_and_reports_on_all_items(stored_
     from rpsft.sweeps.analysis.uncertainty import group_points
 
     stores, base, configs = stored_sweep
-    stored = stores["whole"].load()
+    stored = StoredSweep.read(stores["whole"])
     # today's points: the configurations' means of the trials' own metrics
-    assert stored.points == [g.point for g in group_points([t.point() for t in stored.trials if t.finished])]
+    assert stored.points == [g.point for g in group_points(trial_points(stored.trials))]
     assert all(p.items == "all" for p in stored.points)
     selection = stored.selection()
     assert selection.best == select(stored.points, BETA).best
@@ -412,11 +413,11 @@ def test_a_stored_sweep_without_a_split_chooses_and_reports_on_all_items(stored_
 def test_the_choice_differs_from_all_items_here_and_pruning_during_the_sweep_keeps_the_split_choice(
     stored_sweep,
 ):
-    from rpsft.sweeps.config import Keep
-    from rpsft.sweeps.stages.checkpoints import prune
+    from rpsft.sweeps.config.sections import Keep
+    from rpsft.sweeps.retention import prune
 
     stores, _, _ = stored_sweep
-    split, whole = stores["split"].load(), stores["whole"].load()
+    split, whole = StoredSweep.read(stores["split"]), StoredSweep.read(stores["whole"])
     chosen = split.selection().best.run_id
     assert (
         chosen != whole.selection().best.run_id

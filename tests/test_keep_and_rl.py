@@ -64,8 +64,9 @@ def _rescore(stored, model_dir):
 def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     from rpsft.dashboards.report import build_report
     from rpsft.dashboards.sweep_data import load_sweep_data
-    from rpsft.sweeps.stages.checkpoints import TAG_KEPT, export_trial
-    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
+    from rpsft.sweeps.retention import TAG_KEPT
+    from rpsft.sweeps.stages.checkpoints import export_trial
     from rpsft.sweeps.store import tracking
     from typer.testing import CliRunner
 
@@ -157,8 +158,8 @@ def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
 
 @needs_paper_data
 def test_kept_checkpoints_are_registered_on_a_tracking_server(tiny_dir, tmp_path):
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
     from rpsft.sweeps.stages.checkpoints import export_trial
-    from rpsft.sweeps.stages.report import load_stored_sweep
     from rpsft.sweeps.store import tracking
 
     server = MlflowServer(tmp_path / "mlflow")

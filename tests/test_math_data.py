@@ -11,7 +11,8 @@ import sys
 
 import pytest
 from conftest import PAPER_DATA
-from rpsft.core.data import IGNORE_INDEX, MATH_SYSTEM_PROMPT, DataError, load_examples, tokenize_example
+from rpsft.core.chat import MATH_SYSTEM_PROMPT
+from rpsft.core.data import IGNORE_INDEX, DataError, load_examples, tokenize_example
 from rpsft.core.math_data import (
     champ_problems,
     champ_split_of,

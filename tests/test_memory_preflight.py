@@ -15,22 +15,18 @@ import yaml
 from conftest import PAPER_DATA
 from rpsft.core.config import TrainConfig
 from rpsft.core.errors import ConfigError, ModelSourceError
-from rpsft.core.memory import (
-    MemoryEstimate,
+from rpsft.core.memory.dims import ModelDims, bases_bytes, model_dims, model_dims_for, protected_shapes
+from rpsft.core.memory.estimate import estimate_worker_memory
+from rpsft.core.memory.measure import measure_peak_bytes
+from rpsft.core.memory.preflight import (
     MemoryPreflightError,
     MemoryPreflightWarning,
-    ModelDims,
-    bases_bytes,
     check_fits,
     estimate_train_memory,
-    estimate_worker_memory,
-    measure_peak_bytes,
-    model_dims,
-    model_dims_for,
     preflight_train_memory,
-    protected_shapes,
 )
-from rpsft.sweeps.config import SweepConfigError
+from rpsft.core.memory.report import MemoryEstimate
+from rpsft.sweeps.config.errors import SweepConfigError
 from transformers import AutoModelForCausalLM, Gemma3Config, Gemma3TextConfig, LlamaConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,8 +190,8 @@ def test_protected_shapes_are_what_select_matrices_picks(tied: bool, layers: obj
 @pytest.mark.parametrize("k", [0, 4, 0.25, 1.0], ids=["k0", "k4", "fraction", "full"])
 def test_bases_bytes_are_what_the_bases_hold(k: int | float) -> None:
     from rpsft.core.bases import compute_bases
+    from rpsft.core.row_shards import shard_bases
     from rpsft.core.selection import select_matrices
-    from rpsft.core.sharded_penalty import shard_bases
 
     config = tiny_config()
     model = AutoModelForCausalLM.from_config(config)
@@ -496,7 +492,7 @@ def test_headroom_is_the_share_of_device_memory_used(dims_8b: ModelDims) -> None
 
 
 def paper_8b_variant(**changes: object) -> object:
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     raw = yaml.safe_load(PAPER_8B_GPU.read_text())
     for key, value in changes.items():
@@ -510,7 +506,7 @@ def paper_8b_variant(**changes: object) -> object:
 
 def test_paper_8b_gpu_config_fits_8_gpus_of_80g(dims_8b: ModelDims) -> None:
     from rpsft.sweeps import preflight
-    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.config.sweep import load_sweep_config
 
     config = load_sweep_config(PAPER_8B_GPU)
     assert config.model == "meta-llama/Llama-3.1-8B-Instruct"
@@ -558,7 +554,7 @@ def test_paper_8b_gpu_config_in_one_float32_process_is_refused_with_the_fix(dims
 
 def test_check_resources_counts_every_worker_of_a_trial() -> None:
     from rpsft.sweeps import preflight
-    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.config.sweep import load_sweep_config
 
     config = load_sweep_config(PAPER_8B_GPU)
     with pytest.raises(SweepConfigError, match=r"8 workers .* \(8 GPUs\) but the Ray cluster has 4.*<= 4"):
@@ -627,7 +623,7 @@ def config_only_model(tmp_path_factory) -> Path:
 
 
 def tiny_sweep(name: str, model_dir: Path, root: Path, **overrides: object):
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from sweep_helpers import sweep_dict
 
     return parse_sweep_config(sweep_dict(name, model_dir, root, **overrides), name)
@@ -805,12 +801,14 @@ def test_estimate_of_an_optimizer_bound_step() -> None:
     assert predicted.total == pytest.approx(measured, rel=0.25), (predicted.breakdown(), measured)
 
 
-def test_memory_module_imports_no_service_package() -> None:
-    source = Path(__file__).resolve().parents[1] / "rpsft_core" / "memory.py"
+def test_memory_modules_import_no_service_package() -> None:
+    sources = sorted((Path(__file__).resolve().parents[1] / "rpsft_core" / "memory").glob("*.py"))
+    assert sources
     names = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module.split(".")[0])
+    for source in sources:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
     assert not names & {"ray", "mlflow"}

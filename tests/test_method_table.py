@@ -19,7 +19,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_the_config_literal_and_the_sweep_references_accept_exactly_the_table():
-    from rpsft.sweeps.config import Reference
+    from rpsft.sweeps.config.space import Reference
 
     assert set(typing.get_args(Method)) == set(METHODS) == set(METHOD_NAMES)
     for name in METHODS:
@@ -73,6 +73,23 @@ def test_rules_that_depend_on_the_method():
     TrainConfig(method="sft", **{"lambda": 0.0})  # a knob sft never reads is not checked
 
 
+def test_the_table_says_which_methods_train_over_several_workers():
+    """``sharded`` alone decides: those methods pass the sharded checks (and are what the sharded code runs: no
+    OSF adapters, no reference model, a token loss of its steps); the others are refused with the list."""
+    from rpsft.core.sharded_method import check_sharded_method
+
+    sharded = [name for name, spec in METHODS.items() if spec.sharded]
+    assert 0 < len(sharded) < len(METHODS)
+    for name, spec in METHODS.items():
+        config = TrainConfig(method=name, k=8, resources={"workers": 2})
+        if spec.sharded:
+            assert check_sharded_method(config) is spec
+            assert spec.adapter in (None, "lora") and not spec.reference_model and spec.loss in ("sft", "dft")
+        else:
+            with pytest.raises(ConfigError, match=rf"method: '{name}'.* runs only {', '.join(sharded)}\. Fix"):
+                check_sharded_method(config)
+
+
 def test_readme_method_table_is_the_generated_one():
     text = README.read_text()
     block = re.search(r"<!-- methods:begin -->\n(.*?)\n<!-- methods:end -->", text, re.S)
@@ -120,7 +137,7 @@ def test_a_failure_that_is_not_bad_input_keeps_its_traceback(tmp_path, monkeypat
 def test_input_errors_are_the_value_and_file_errors_callers_already_catch():
     from rpsft.core.data import DataError
     from rpsft.core.errors import ModelSourceError
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     for error in (ConfigError, DataError, SweepConfigError):
         assert issubclass(error, InputError) and issubclass(error, ValueError)

@@ -12,7 +12,7 @@ import logging
 import pytest
 from conftest import PAPER_DATA
 from services import MlflowServer, PostgresCluster, postgres_missing
-from sweep_helpers import run_quietly, sweep_dict
+from sweep_helpers import fault_hooks, run_quietly, sweep_dict
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("fresh_ray")]
 needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
@@ -22,7 +22,7 @@ DOWN_SECONDS = 8.0
 STEPS = 4
 
 
-def _sweep(name, tiny_dir, tmp_path, storage):
+def _sweep(name, tiny_dir, tmp_path, storage, hooks):
     raw = sweep_dict(
         name,
         tiny_dir,
@@ -30,6 +30,7 @@ def _sweep(name, tiny_dir, tmp_path, storage):
         references=["sft", "lora"],
         search={"num_trials": 1, "seed": 0},
         storage=storage,
+        hooks=hooks,
     )
     raw["train"] = {**raw["train"], "max_steps": STEPS, "logging_steps": 1}
     return raw
@@ -66,10 +67,8 @@ def test_the_mlflow_server_killed_mid_training_and_restarted(tmp_path, tiny_dir,
     server.start()
     try:
         script = server.outage_script(DOWN_SECONDS)
-        monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] sft")
-        monkeypatch.setenv("RPSFT_INJECT_FAULT_AT_STEP", "1")
-        monkeypatch.setenv("RPSFT_INJECT_COMMAND", f"bash {script}")
-        outcome = run_quietly(_sweep("mlflow-outage", tiny_dir, tmp_path, {"mlflow": server.url}))
+        hooks = fault_hooks(monkeypatch, match="[ref] sft", at_step=1, command=f"bash {script}")
+        outcome = run_quietly(_sweep("mlflow-outage", tiny_dir, tmp_path, {"mlflow": server.url}, hooks))
         killed, restarted = _stamp(server.workdir / "killed_at"), _stamp(server.workdir / "restarted_at")
         assert restarted - killed >= DOWN_SECONDS  # the server really was down, during the sft trial
         assert outcome.tracking_uri == server.url
@@ -89,10 +88,10 @@ def test_the_optuna_postgresql_restarted_as_a_trial_reports(tmp_path, tiny_dir, 
     cluster.start()
     try:
         script = cluster.outage_script(DOWN_SECONDS)
-        monkeypatch.setenv("RPSFT_INJECT_FAULT", "[ref] lora")  # the last reference: a searched trial follows
-        monkeypatch.setenv("RPSFT_INJECT_COMMAND", f"bash {script}")
+        # the last reference: a searched trial follows
+        hooks = fault_hooks(monkeypatch, match="[ref] lora", command=f"bash {script}")
         with caplog.at_level(logging.WARNING, logger="rpsft.sweeps.store.optuna_storage"):
-            outcome = run_quietly(_sweep("pg-outage", tiny_dir, tmp_path, {"optuna": cluster.url}))
+            outcome = run_quietly(_sweep("pg-outage", tiny_dir, tmp_path, {"optuna": cluster.url}, hooks))
         retried = [r.getMessage() for r in caplog.records if "lost its connection" in r.getMessage()]
         assert retried, "the driver made no storage call during the outage"
         stopped, restarted = _stamp(cluster.workdir / "stopped_at"), _stamp(cluster.workdir / "restarted_at")

@@ -45,7 +45,7 @@ def test_a_sweep_shows_preparation_progress_at_once_and_no_ray_banner(tmp_path, 
     config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from rpsft.cli import app; app()", "sweep", str(config)],
+        [sys.executable, "-c", "from rpsft.cli import app; app()", "sweep", "run", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,

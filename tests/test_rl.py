@@ -10,7 +10,7 @@ import pytest
 from rpsft.core.errors import DataError
 from rpsft.evaluation.rewards import BoxedAnswerReward, completion_text, overlong_penalty
 from rpsft.evaluation.rl_prompts import is_closed_form, load_rl_prompts, row_to_rl_prompt
-from rpsft.sweeps.config import SweepConfigError
+from rpsft.sweeps.config.errors import SweepConfigError
 from rpsft.sweeps.stages.rl import RLSettings, load_rl_settings
 from test_evaluation_answers import HARD_MATH_CASES
 

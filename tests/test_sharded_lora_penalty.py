@@ -5,16 +5,12 @@ import pytest
 import torch
 from helpers import decaying_matrix
 from rpsft.core.bases import Bases, compute_bases, save_bases
-from rpsft.core.fsdp import parameter_names, shard_model, spawn_local
+from rpsft.core.distributed import spawn_local
+from rpsft.core.fsdp import parameter_names, shard_model
 from rpsft.core.regularizer import RPSFTRegularizer, _LoraParts, find_lora_parts
-from rpsft.core.sharded_penalty import (
-    ShardedLoRAPenalty,
-    ShardedRPSFTPenalty,
-    find_sharded_lora_parts,
-    load_row_shard,
-    row_range,
-    shard_bases,
-)
+from rpsft.core.row_shards import load_row_shard, row_range, shard_bases
+from rpsft.core.sharded_lora_penalty import ShardedLoRAPenalty, find_sharded_lora_parts
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty
 from torch import nn
 
 # (shape, LoRA rank r, scaling): uneven rows, and r below the world size (ranks with no rows of A)

@@ -6,9 +6,10 @@ from helpers import decaying_matrix
 from hypothesis import given
 from hypothesis import strategies as st
 from rpsft.core.bases import compute_bases, save_bases
-from rpsft.core.fsdp import spawn_local
+from rpsft.core.distributed import spawn_local
 from rpsft.core.regularizer import RPSFTRegularizer
-from rpsft.core.sharded_penalty import ShardedRPSFTPenalty, load_row_shard, row_range, shard_bases
+from rpsft.core.row_shards import load_row_shard, row_range, shard_bases
+from rpsft.core.sharded_penalty import ShardedRPSFTPenalty
 from torch import nn
 
 # uneven rows: 7 rows over 2 ranks is 4 + 3, 3 rows over 4 ranks leaves one rank empty

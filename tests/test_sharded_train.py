@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 from rpsft.core.config import TrainConfig
+from rpsft.core.distributed import spawn_local
 from rpsft.core.errors import ConfigError
-from rpsft.core.fsdp import full_state, spawn_local
-from rpsft.core.sharded_train import resumed_batch_mismatch, train_on_rank
+from rpsft.core.fsdp import full_state
+from rpsft.core.sharded_checkpoint import resumed_batch_mismatch
+from rpsft.core.sharded_train import train_on_rank
 
 pytestmark = pytest.mark.slow
 
@@ -540,11 +542,11 @@ def test_methods_sharded_training_cannot_run_name_resources_workers_and_the_fix(
 
 
 def test_the_lora_methods_pass_the_sharded_checks():
-    from rpsft.core.sharded_train import sharded_method_plan
+    from rpsft.core.sharded_method import check_sharded_method
 
     for method in LORA_METHODS:
-        plan = sharded_method_plan(TrainConfig(method=method, resources={"workers": 2}))
-        assert (plan.adapter, plan.uses_bases) == ("lora", method == "rpsft-lora")
+        spec = check_sharded_method(TrainConfig(method=method, resources={"workers": 2}))
+        assert (spec.adapter, spec.uses_bases) == ("lora", method == "rpsft-lora")
 
 
 def test_rpsft_train_workers_2_runs_two_local_ranks_and_writes_the_checkpoint(assets, tmp_path):

@@ -226,7 +226,7 @@ def test_postgres_creates_separate_databases_for_mlflow_auth_and_optuna(compose)
     auth = configparser.ConfigParser()
     auth.read(REPO / "deploy" / "mlflow" / "basic_auth.ini")
     auth_db = db_name(auth["mlflow"]["database_uri"])
-    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.config.sweep import load_sweep_config
 
     optuna_db = db_name(load_sweep_config(stack_config_path(compose)).storage.optuna)
     assert {mlflow_db, auth_db, optuna_db} <= created
@@ -324,7 +324,7 @@ def test_ray_nodes_and_driver_share_image_token_and_paths(compose):
 
 
 def test_rpsft_service_runs_the_stack_sweep_on_the_cluster(compose):
-    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.config.sweep import load_sweep_config
 
     svc = service(compose, "rpsft")
     cmd = as_list(svc["command"])
@@ -387,7 +387,7 @@ def test_service_env_vars_are_read_by_the_code(compose):
 def test_driver_forwards_mlflow_credentials_to_trials(compose, monkeypatch):
     """The trials run in Ray workers: the driver hands them the rpsft service's MLflow credentials."""
     import ray
-    from rpsft.sweeps.runner import init_ray
+    from rpsft.sweeps.ray_session import init_ray
 
     env = env_of(service(compose, "rpsft"))
     for key, value in env.items():

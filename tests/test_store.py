@@ -1,5 +1,5 @@
-"""The sweep store: the sweep directory's layout, ``sweep.json`` round trips, trial records read from a real
-local MLflow (SQLite) store, and Phi computed in one place that agrees with the intervals' Phi."""
+"""The sweep store: the sweep directory's layout, ``sweep.json`` and the JSON records round trips, trial records
+read from a real local MLflow (SQLite) store, and Phi computed in one place that agrees with the intervals' Phi."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 from rpsft.evaluation.intervals import TradeOffDraws
 from rpsft.evaluation.metrics import phi
+from rpsft.sweeps.analysis.points import trial_points
 from rpsft.sweeps.analysis.selection import TrialPoint, select
-from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.analysis.stored_sweep import StoredSweep
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.store import tracking
-from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord, read_trials, trial_points
+from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord
 
 
 def _config(tmp_path, name="store-unit") -> SweepConfig:
@@ -37,6 +40,7 @@ def test_one_layout_for_every_path_of_a_sweep(tmp_path):
         store.rotation_base: "rotation_base.pt",
         store.base_item_scores: "base_item_scores.json",
         store.intervals: "intervals.json",
+        store.ray_train_dir: "ray_train",
         store.trial_dir("t1"): "trials/t1",
         store.trial_model_dir("t1"): "trials/t1/model",
         store.export_dir("t1"): "exports/t1",
@@ -45,11 +49,12 @@ def test_one_layout_for_every_path_of_a_sweep(tmp_path):
     }
     for path, relative in expected.items():
         assert path == top / relative
-    # the places that used to build these paths themselves now agree with the store
+    # the driver's default Optuna storage is the store's, and a check-only TrainConfig stays in the sweep's dir
     from rpsft.sweeps.runner import storage_urls
 
     assert storage_urls(config)[0] == f"sqlite:///{store.optuna_db}"
-    assert config.trial_train_config({"k": 4, "lambda": 1.0}).output_dir == str(store.trial_dir("check"))
+    assert config.trial_train_config({"k": 4, "lambda": 1.0}).output_dir == str(store.dir)
+    assert not store.dir.exists()  # naming paths creates nothing
     # a relative root is resolved once, so two spellings of one sweep are one store
     assert SweepStore(tmp_path / "sweeps" / ".." / "sweeps", "store-unit") == store
 
@@ -83,6 +88,18 @@ def test_state_round_trip_and_a_missing_sweep_names_the_fix(tmp_path):
     assert store.config() == config
     store.write_state(config, context, "finished", "sqlite:///o.db")
     assert store.status() == "finished" and not list(store.dir.glob("*.partial"))
+
+
+def test_the_base_item_scores_and_intervals_round_trip_through_the_store(tmp_path):
+    store = SweepStore.of(_config(tmp_path))
+    assert store.read_base_item_scores() is None  # not written yet: the parent run's artifact is the fallback
+    scores = {"id_nll": {"math500": [[1.25, 3]]}, "ood_nll": {"gpqa": [[2.5, 4]]}}
+    store.write_base_item_scores(scores)
+    assert store.read_base_item_scores() == scores
+    assert json.loads(store.base_item_scores.read_text()) == scores
+    store.write_intervals({"items": "all", "configurations": []})
+    assert json.loads(store.intervals.read_text()) == {"items": "all", "configurations": []}
+    assert not list(store.dir.glob("*.partial"))
 
 
 def _log_trial(client, experiment_id, parent, trial_id, params, metrics, status="FINISHED", tags=None):
@@ -149,9 +166,10 @@ def logged_sweep(tmp_path):
 
 def test_trials_are_read_from_mlflow_into_one_record(logged_sweep):
     store, client, context, logged, run_ids = logged_sweep
-    trials = read_trials(client, context.experiment_id, context.parent_run_id)
-    # only this sweep's trial runs, in start order
+    trials = store.trials(context)
+    # only this sweep's trial runs, in start order; without a context the store reads it from sweep.json
     assert [t.trial_id for t in trials] == list(logged)
+    assert store.trials() == trials
     by_id = {t.trial_id: t for t in trials}
     for trial_id, (params, metrics, status) in logged.items():
         record = by_id[trial_id]
@@ -176,13 +194,13 @@ def test_trials_are_read_from_mlflow_into_one_record(logged_sweep):
         (t, run_ids[t], pytest.approx(logged[t][1]["g_id"]), pytest.approx(logged[t][1]["f_ood"]))
         for t in ("sft", "k8", "k32")
     ]
-    rl = read_trials(client, context.experiment_id, context.parent_run_id, role="rl")
+    rl = store.trials(context, role="rl")
     assert [t.trial_id for t in rl] == ["rl-0"]
 
 
 def test_a_loaded_sweep_serves_selection_and_base_metrics(logged_sweep):
     store, client, context, logged, run_ids = logged_sweep
-    stored = store.load()
+    stored = StoredSweep.read(store)
     assert [t.trial_id for t in stored.trials] == list(logged) and stored.context == context
     assert stored.base_metrics() == {"nll/id/math500": 1.5, "nll/ood/gpqa": 2.5}
     for beta in (0.0, 0.5, 2.0):
@@ -222,23 +240,3 @@ def test_phi_is_one_function_on_floats_and_arrays_and_the_intervals_agree():
         assert select([point], beta).best.phi(beta) == interval.estimate
     assert math.isnan(phi(float("nan"), 0.0, 1.0))
 
-
-def test_old_names_warn_and_still_work(logged_sweep, tmp_path):
-    store, client, context, logged, run_ids = logged_sweep
-    from rpsft.sweeps import runner
-    from rpsft.sweeps.stages.checkpoints import trial_model_dir
-    from rpsft.sweeps.trial.run import rotation_base_path
-
-    config = store.config()
-    with pytest.warns(DeprecationWarning, match="read_trials"):
-        trials = runner.collect(config, context)
-    assert [t.trial_id for t in trials] == list(logged)
-    with pytest.warns(DeprecationWarning, match="SweepStore"):
-        assert runner.read_state(store.name, store.root)["status"] == "finished"
-    with pytest.warns(DeprecationWarning, match="trial_points"):
-        runs = tracking.child_runs(client, context.experiment_id, context.parent_run_id)
-        assert len(tracking.trial_points(runs)) == 3
-    with pytest.warns(DeprecationWarning, match="trial_model_dir"):
-        assert trial_model_dir(config, "k8") == store.trial_model_dir("k8")
-    with pytest.warns(DeprecationWarning, match="rotation_base"):
-        assert rotation_base_path(config) == store.rotation_base

@@ -605,7 +605,7 @@ def test_reproduction_page_from_the_committed_claims_files(tmp_path):
 
 
 def _sweep(references):
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     raw = {
         "name": "opt",
@@ -639,7 +639,7 @@ def test_a_reference_sets_its_own_optimizer_and_learning_rate():
 
 
 def test_a_reference_with_an_unknown_optimizer_is_rejected():
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     with pytest.raises(SweepConfigError, match=r"references\[0\]\.optimizer: Input should be 'adamw_torch'"):
         _sweep([{"method": "sft", "optimizer": "sgdm"}])
@@ -648,7 +648,7 @@ def test_a_reference_with_an_unknown_optimizer_is_rejected():
 
 
 def test_lora_references_at_two_ranks_are_two_configurations():
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     config = _sweep([{"method": "lora", "lora_r": 8}, {"method": "lora", "lora_r": 32}])
     r8, r32 = config.reference_params()
@@ -660,7 +660,7 @@ def test_lora_references_at_two_ranks_are_two_configurations():
 
 
 def test_a_reference_without_a_penalty_refuses_penalty_mode():
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     with pytest.raises(SweepConfigError, match="penalty_mode: method sft has no penalty to decouple. Fix:"):
         _sweep([{"method": "sft", "penalty_mode": "decoupled"}])

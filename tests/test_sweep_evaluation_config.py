@@ -4,7 +4,6 @@ EvalSettings): what a trial is scored with equals what `rpsft eval` builds from 
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 
@@ -23,7 +22,7 @@ def _raw(tmp_path, **evaluation) -> dict:
 
 
 def _parse(raw):
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     return parse_sweep_config(raw)
 
@@ -47,7 +46,7 @@ def test_loss_section_is_loss_settings_with_the_section_data(tmp_path):
 
 def test_loss_fields_left_out_take_the_sweep_defaults(tmp_path):
     from rpsft.evaluation.loss_metrics import LossSettings
-    from rpsft.sweeps.config import SWEEP_LOSS_DEFAULTS
+    from rpsft.sweeps.config.evaluation import SWEEP_LOSS_DEFAULTS
 
     config = _parse(_raw(tmp_path, loss={"n_id": 3}))
     loss = config.evaluation.loss
@@ -75,7 +74,7 @@ def test_loss_fields_left_out_take_the_sweep_defaults(tmp_path):
     ],
 )
 def test_bad_evaluation_fields_are_named(tmp_path, evaluation, field, fix):
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     with pytest.raises(SweepConfigError) as err:
         _parse(_raw(tmp_path, **evaluation))
@@ -113,11 +112,17 @@ def test_harness_keeps_its_own_data_and_follows_the_section_otherwise(tmp_path):
     assert (settings.subset, settings.data_dir) == ("test", str(tmp_path / "data"))
 
 
-def test_harness_betas_are_the_objectives_with_a_notice(tmp_path):
-    raw = _raw(tmp_path, harness={"limit": 2, "betas": [9.0]})
-    with pytest.warns(DeprecationWarning, match="evaluation.harness.betas"):
-        config = _parse(raw)
-    assert config.evaluation.harness_settings(config.objective.betas).betas == config.objective.betas
+def test_harness_betas_are_the_objectives_and_its_own_are_an_unknown_key(tmp_path):
+    from rpsft.sweeps.config.errors import SweepConfigError
+
+    config = _parse(_raw(tmp_path, harness={"limit": 2}))
+    betas = config.objective.betas
+    assert config.evaluation.harness_settings(betas, "/c").betas == betas
+    assert config.evaluation.harness_settings(betas, "/c").cache_dir == "/c"
+    for key, value in (("betas", [9.0]), ("cache_dir", "/elsewhere")):
+        with pytest.raises(SweepConfigError) as refused:
+            _parse(_raw(tmp_path, harness={"limit": 2, key: value}))
+        assert f"evaluation.harness.{key}: Extra inputs are not permitted" in str(refused.value)
 
 
 def test_mc_reads_the_section_data(tmp_path):
@@ -129,7 +134,7 @@ def test_mc_reads_the_section_data(tmp_path):
 def test_dumped_config_loads_back_and_follows_a_moved_data_dir(tmp_path):
     """A sweep's stored config (sweep.json) holds the sections as given: it validates back to the same
     config, and a changed evaluation.data_dir (as the runner makes it absolute) moves every part with it."""
-    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.config.sweep import SweepConfig
 
     config = _parse(_raw(tmp_path, loss={"n_id": 2}, harness={"limit": 2}, mc={"n": 2}))
     dumped = json.loads(config.model_dump_json(by_alias=True))
@@ -143,15 +148,8 @@ def test_dumped_config_loads_back_and_follows_a_moved_data_dir(tmp_path):
     assert moved.harness_settings([1.0]).data_dir == "/moved"
 
 
-def test_loss_eval_is_deprecated_for_loss_settings():
-    import rpsft.sweeps.config as sweep_config
-    from rpsft.evaluation.loss_metrics import LossSettings
+def test_the_default_loss_section_is_the_sweep_loss_settings():
+    import rpsft.sweeps.config.evaluation as sweep_config
 
-    with pytest.warns(DeprecationWarning, match="LossSettings"):
-        make = sweep_config.LossEval
-    settings = make(n_id=3)
-    assert isinstance(settings, LossSettings)
-    assert settings == sweep_config.sweep_loss_settings({"n_id": 3})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert sweep_config.EvaluationConfig().loss == sweep_config.sweep_loss_settings()
+    assert sweep_config.EvaluationConfig().loss == sweep_config.sweep_loss_settings()
+    assert sweep_config.sweep_loss_settings({"n_id": 3}).n_id == 3

@@ -155,7 +155,8 @@ def test_select_prints_intervals_and_distinguishability(outcome):
 
 def test_training_data_that_repeats_a_scored_item_fails_before_any_trial(tmp_path, tiny_dir):
     from rpsft.core.data import write_jsonl
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.runner import run_sweep
 
     first = json.loads((PAPER_DATA / "id" / "math500.jsonl").read_text().split("\n")[0])

@@ -246,7 +246,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
     config_path = tmp_path / "killme.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     log = open(tmp_path / "first.log", "w")
-    first = rpsft("sweep", str(config_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    first = rpsft("sweep", "run", str(config_path), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     db = tmp_path / "sweeps" / "mlflow.db"
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
 
@@ -329,7 +329,8 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
     ],
 )
 def test_bad_config_names_the_field(tmp_path, tiny_dir, override, field):
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     raw = sweep_dict("bad", tiny_dir, tmp_path, **override)
     if "space" in override:
@@ -348,7 +349,7 @@ def test_bad_config_names_the_field(tmp_path, tiny_dir, override, field):
     ],
 )
 def test_unusable_storage_fails_before_any_trial(tmp_path, tiny_dir, storage, concurrency, field):
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     storage = {k: v.format(tmp=tmp_path) for k, v in storage.items()}
     raw = sweep_dict("nostore", tiny_dir, tmp_path, storage=storage, concurrency=concurrency)
@@ -361,7 +362,7 @@ def test_unusable_storage_fails_before_any_trial(tmp_path, tiny_dir, storage, co
 @pytest.mark.slow
 @pytest.mark.integration
 def test_more_gpus_than_the_cluster_fails_before_any_trial(tmp_path, tiny_dir):
-    from rpsft.sweeps.config import SweepConfigError
+    from rpsft.sweeps.config.errors import SweepConfigError
 
     raw = sweep_dict("gpus", tiny_dir, tmp_path, resources={"cpus": 1, "gpus": 1})
     with pytest.raises(SweepConfigError, match=r"resources\.gpus: each trial asks for 1 GPU"):
@@ -378,7 +379,7 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "rpsft"), "sweep", str(path)], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "rpsft"), "sweep", "run", str(path)], capture_output=True, text=True
     )
     assert proc.returncode == 2
     assert "space.layers" in proc.stderr and "unknown preset 'bogus'" in proc.stderr
@@ -387,7 +388,7 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
 def test_shipped_sweep_configs_validate():
     """Every shipped config validates: sweeps, regression configs (a sweep plus tolerances), study configs
     (a sweep plus the claims' slices) and RL configs."""
-    from rpsft.sweeps.config import load_sweep_config
+    from rpsft.sweeps.config.sweep import load_sweep_config
     from rpsft.sweeps.stages.regression import load_regression_config
     from rpsft.sweeps.stages.study import load_study_config
 

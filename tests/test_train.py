@@ -252,10 +252,15 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
 def test_a_mixed_precision_run_returns_the_model_it_saves(tmp_path, smol_tokenizer, method):
     """bf16 mixed precision autocasts the forward pass during training only: the returned model computes in
     float32, exactly as its checkpoint does once loaded (so it is scored like the float32 base model)."""
+    import contextlib
+
     from rpsft.core.models import full_precision_forward
+    from rpsft.core.precision import cpu_has_native_bf16
 
     cfg = _config(tmp_path, method=method, mixed_precision="bf16", max_steps=2, save_model=True)
-    result = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
+    emulated = not torch.cuda.is_available() and not cpu_has_native_bf16()  # bf16 asked for where it is slow
+    with pytest.warns(RuntimeWarning, match="emulated") if emulated else contextlib.nullcontext():
+        result = train(cfg, model=_tiny(smol_tokenizer), tokenizer=smol_tokenizer, progress=False)
     reloaded, _ = load_model(tmp_path / "out" / "model")
     ids = torch.randint(0, len(smol_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -312,7 +317,7 @@ def test_cli_train_k_auto(tmp_path, tiny_dir, smol_tokenizer):
     config = tmp_path / "train.yaml"
     config.write_text("auto_k_prompts: demo-math:4\nmax_length: 96\nbatch_size: 2\nsave_model: false\n")
     args = ["train", "--config", str(config), "--model", str(tiny_dir), "--data", "demo-math:4"]
-    args += ["--k", "auto", "--layers", "attn", "--max-steps", "1", "--output-dir", str(tmp_path / "out")]
+    args += ["--k", "auto", "--layers", "attn", "--max-steps", "1", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -320,5 +325,5 @@ def test_cli_train_k_auto(tmp_path, tiny_dir, smol_tokenizer):
     _, prompts = load_prompt_examples("demo-math:4")
     assert metrics["config"]["k"] == "auto"
     assert metrics["k_resolved"] == pytest.approx(resolve_auto_k(base, smol_tokenizer, "auto", prompts))
-    bad = CliRunner().invoke(app, ["train", "--k", "auto@1.5", "--output-dir", str(tmp_path / "bad")])
+    bad = CliRunner().invoke(app, ["train", "--k", "auto@1.5", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "--k: 'auto@1.5': the energy target must lie in (0, 1]" in bad.output

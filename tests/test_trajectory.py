@@ -122,7 +122,7 @@ def test_stop_at_step_is_validated(tmp_path):
 
 
 def test_sharded_training_refuses_stop_at_step(tmp_path):
-    from rpsft.core.sharded_train import check_sharded_settings
+    from rpsft.core.sharded_method import check_sharded_settings
 
     config = _config(tmp_path, stop_at_step=2, resources={"workers": 2})
     with pytest.raises(ConfigError, match="stop_at_step: 2 under sharded training.*Fix:"):
@@ -151,7 +151,8 @@ def test_sharded_training_refuses_stop_at_step(tmp_path):
     ],
 )
 def test_trajectory_config_is_validated(tmp_path, tiny_dir, evaluation, extra, message):
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from sweep_helpers import sweep_dict
 
     raw = sweep_dict("traj", tiny_dir, tmp_path, scheduler={"type": "fifo"}, **extra)
@@ -168,7 +169,7 @@ def test_trajectory_config_is_validated(tmp_path, tiny_dir, evaluation, extra, m
 def test_checkpoint_scores_are_the_loss_items_and_the_mc_items_without_base_model(monkeypatch):
     from types import SimpleNamespace
 
-    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.config.sweep import SweepConfig
     from rpsft.sweeps.trial.scoring import TrialScorer
 
     config = SweepConfig.model_validate(
@@ -273,8 +274,8 @@ def test_point_ids_and_artifact_names():
 
 def test_a_trajectory_point_keeps_no_weights(tmp_path):
     from rpsft.sweeps.analysis.selection import select
-    from rpsft.sweeps.config import SweepConfig
-    from rpsft.sweeps.stages.checkpoints import kept_roles, trajectory_roles
+    from rpsft.sweeps.config.sweep import SweepConfig
+    from rpsft.sweeps.retention import kept_roles, trajectory_roles
 
     config = SweepConfig.model_validate(
         {"name": "keep-traj", "keep": {"operating_point": True, "top": 2}, "output_dir": str(tmp_path)}
@@ -328,10 +329,11 @@ def _shape(items):
 @pytest.mark.integration
 def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
     from rpsft.evaluation.intervals import bootstrap_tradeoff
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
     from rpsft.sweeps.analysis.trajectory import metric_steps, point_item_scores
-    from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES, group_points, objective_items
-    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.analysis.uncertainty import group_points, objective_items
     from rpsft.sweeps.store import tracking
+    from rpsft.sweeps.store.sweep_store import ITEM_SCORES
     from rpsft.sweeps.store.tracking import download_json
 
     outcome, root = trajectory_sweep
@@ -384,7 +386,7 @@ def test_a_sweep_stores_its_trials_trajectories(trajectory_sweep):
 @pytest.mark.slow
 @pytest.mark.integration
 def test_export_retrains_a_trajectory_point(trajectory_sweep):
-    from rpsft.sweeps.stages.report import load_stored_sweep
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
     from typer.testing import CliRunner
 
     from rpsft.cli import app
@@ -406,7 +408,8 @@ def test_export_retrains_a_trajectory_point(trajectory_sweep):
 
 
 def test_a_sweep_refuses_stop_at_step_in_its_train_section():
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
 
     with pytest.raises(SweepConfigError, match="train: stop_at_step would stop every trial early. Fix: remove it"):
         parse_sweep_config({"name": "s", "train": {"stop_at_step": 2}, "references": ["sft"]})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from helpers import tradeoff_by_hand
 from rpsft.evaluation.item_split import ItemSplit
+from rpsft.sweeps.analysis.stored_sweep import StoredSweep
 
 BETA = 1.0
 N_ITEMS = 40
@@ -39,7 +40,7 @@ def trajectory_store(tmp_path):
     same runs without trajectory); each run stores ``eval/g_id`` / ``eval/f_ood`` at steps 2 and 4, their item
     scores as ``trajectory/step-<step>.json``, and its final point (step 6) as metrics and ``item_scores.json``."""
     from rpsft.sweeps.analysis.trajectory import log_checkpoint_items
-    from rpsft.sweeps.config import parse_sweep_config
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.store import tracking
     from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore
 
@@ -177,7 +178,7 @@ def test_the_operating_point_is_a_trajectory_step_reported_on_its_own_report_ite
 
 def test_without_trajectory_the_same_runs_give_one_point_per_trial(trajectory_store):
     stores, base, items, runs = trajectory_store
-    stored = stores["final"].load()
+    stored = StoredSweep.read(stores["final"])
     assert sorted(p.trial_id for p in stored.points) == sorted(runs[m[0]][0] for m in CONFIGS.values())
     assert all("step" not in p.params for p in stored.points)
     selection_idx, _ = _parts(base, ItemSplit(0.5, 3))

@@ -12,7 +12,8 @@ needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/pa
 
 
 def test_a_missing_or_own_warm_start_sweep_fails_before_any_training(tmp_path):
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.search.warm_start import check_warm_start
 
     raw = sweep_dict(
@@ -33,7 +34,8 @@ def test_a_missing_or_own_warm_start_sweep_fails_before_any_training(tmp_path):
 @pytest.mark.integration
 def test_a_warm_started_sweep_holds_the_earlier_values_and_mlflow_no_duplicates(tmp_path, tiny_dir):
     import optuna
-    from rpsft.sweeps.config import SweepConfigError, parse_sweep_config
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.search.warm_start import CARRIED_ATTR, check_warm_start
     from rpsft.sweeps.store import tracking
 

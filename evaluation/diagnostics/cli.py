@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
 
 
@@ -27,7 +28,7 @@ def _parse_layers(text: str):
 
 
 def register(app: typer.Typer) -> None:
-    @app.command(context_settings={"allow_extra_args": True})
+    @app.command(cls=RpsftCommand, context_settings={"allow_extra_args": True})
     def diagnose(
         ctx: typer.Context,
         base: str = typer.Option(
@@ -64,8 +65,10 @@ def register(app: typer.Typer) -> None:
         device: str | None = typer.Option(None, help="cpu / cuda (default: cuda if available)."),
         figures: bool = typer.Option(True, help="Write PNG figures (needs matplotlib)."),
     ) -> None:
-        """Diagnostics of tuned checkpoints against their base: energy rank rule, rotation, first-order signal,
-        hidden drift, entropy. Writes <out>/diagnostics.json and PNGs, prints a table."""
+        """Diagnose tuned checkpoints against their base.
+
+        The energy rank rule, rotation, first-order signal, hidden drift and entropy. Writes
+        <out>/diagnostics.json and PNGs, prints a table."""
         extra = list(ctx.args)
         bad = [a for a in extra if a.startswith("-") or a.endswith(".jsonl")]
         if bad:

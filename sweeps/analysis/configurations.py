@@ -15,7 +15,7 @@ from rpsft.sweeps.analysis.selection import TrialPoint
 from rpsft.sweeps.analysis.summary import configuration_label
 from rpsft.sweeps.analysis.trajectory import intermediate_step
 from rpsft.sweeps.analysis.uncertainty import METRIC_ITEMS, SweepIntervals, TrialGroup, sweep_intervals
-from rpsft.sweeps.config import SweepConfigError
+from rpsft.sweeps.config.errors import SweepConfigError
 from rpsft.sweeps.store.sweep_store import TrialRecord
 
 ROTATION = "rotation/mean_deg"
@@ -116,7 +116,7 @@ def _mean_metrics(trials: dict[str, TrialRecord], point: TrialPoint) -> dict[str
 
 
 def configurations(stored: Any) -> tuple[list[Configuration], Any]:
-    """The study's configurations from a stored sweep (:class:`rpsft.sweeps.store.sweep_store.StoredSweep`)."""
+    """The study's configurations from a stored sweep (:class:`rpsft.sweeps.analysis.stored_sweep.StoredSweep`)."""
     analysis = stored.analysis
     if analysis.intervals is None:
         raise SweepConfigError(

@@ -57,7 +57,7 @@ class FrontierPoint:
     family: str
     beta: float
     point: TrialPoint  # G_id / F_ood on the items it was chosen on (point.items)
-    report: Any  # rpsft.sweeps.analysis.uncertainty.PartNumbers: G_id, F_ood, Phi on the report items (or all items)
+    report: Any  # rpsft.sweeps.analysis.selection.PartNumbers: G_id, F_ood, Phi on the report items (or all items)
     phi_interval: Interval | None  # Phi(beta) on report.items, paired bootstrap
 
     @property

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rpsft.evaluation.intervals import Interval
 from rpsft.evaluation.metrics import phi
 
 
@@ -103,6 +104,27 @@ def beta_path(points: Sequence[TrialPoint], beta_min: float = 0.0) -> list[BetaI
 
 
 @dataclass
+class PartNumbers:
+    """A configuration's ``G_id``, ``F_ood`` and ``Phi`` on one part of the items (``selection``, ``report``,
+    or ``all`` when the items are not split or the configuration has no item scores), with its intervals."""
+
+    items: str
+    g_id: float
+    f_ood: float
+    phi: float
+    intervals: dict[str, Interval] | None = None
+    n_items: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"items": self.items, "g_id": self.g_id, "f_ood": self.f_ood, "phi": self.phi}
+        if self.n_items:
+            out["n_items"] = dict(self.n_items)
+        if self.intervals is not None:
+            out["intervals"] = {name: interval.to_dict() for name, interval in self.intervals.items()}
+        return out
+
+
+@dataclass
 class Selection:
     beta: float
     best: TrialPoint
@@ -130,12 +152,10 @@ class Selection:
         return self.analysis.report_intervals.of(point)
 
     def operating_point(self) -> dict[str, Any]:
-        """``{"selection": ..., "report": ...}`` (``rpsft.sweeps.analysis.uncertainty.PartNumbers``): the chosen point on the
+        """``{"selection": ..., "report": ...}`` (:class:`PartNumbers`): the chosen point on the
         items it was chosen on and on the held-out items; without an analysis both are its own numbers."""
         if self.analysis is not None:
             return self.analysis.operating_point(self.best, self.beta)
-        from rpsft.sweeps.analysis.uncertainty import PartNumbers
-
         own = PartNumbers(self.best.items, self.best.g_id, self.best.f_ood, self.best.phi(self.beta))
         return {"selection": own, "report": own}
 

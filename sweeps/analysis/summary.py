@@ -69,7 +69,7 @@ def configuration_label(point: Any) -> str:
     return label if step in (None, "", "None") else f"{label} step={step}"
 
 
-# which items an operating point's numbers are on (rpsft.sweeps.analysis.uncertainty.PartNumbers.items), as printed
+# which items an operating point's numbers are on (rpsft.sweeps.analysis.selection.PartNumbers.items), as printed
 PART_TITLES = {
     "selection": "chosen on the selection items (biased upwards by the choice)",
     "report": "reported on the report items (held out from the choice)",
@@ -79,7 +79,7 @@ ITEMS_NAMES = {"selection": "the selection items", "report": "the report items",
 
 
 def _part_line(numbers: Any, beta: float) -> str:
-    """``G_id .. F_ood .. Phi ..`` of one part (``rpsft.sweeps.analysis.uncertainty.PartNumbers``), with intervals if any."""
+    """``G_id .. F_ood .. Phi ..`` of one part (``rpsft.sweeps.analysis.selection.PartNumbers``), with intervals if any."""
     if numbers.intervals is not None:
         i = numbers.intervals
         return (

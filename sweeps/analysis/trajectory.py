@@ -22,9 +22,10 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from rpsft.sweeps.analysis.points import trial_point, trial_points
 from rpsft.sweeps.analysis.selection import TrialPoint
 from rpsft.sweeps.store import tracking
-from rpsft.sweeps.store.sweep_store import TrialRecord, trial_points
+from rpsft.sweeps.store.sweep_store import ITEM_SCORES, TrialRecord
 
 TRAJECTORY_DIR = "trajectory"  # artifact folder of a trial run
 G_ID, F_OOD = "eval/g_id", "eval/f_ood"  # the objective's numbers at an intermediate evaluation
@@ -65,8 +66,6 @@ def log_checkpoint_items(client: Any, run_id: str, step: int, items: dict[str, A
 def point_item_scores(client: Any, point: TrialPoint) -> dict[str, Any] | None:
     """The stored item scores of a trajectory point: ``trajectory/step-<step>.json`` of an intermediate point,
     ``item_scores.json`` of a final one (``None`` when the run has no such artifact)."""
-    from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES
-
     if not point.run_id:
         return None
     step = intermediate_step(point)
@@ -99,7 +98,7 @@ def final_step(client: Any, record: TrialRecord) -> int:
 def trial_trajectory(client: Any, record: TrialRecord) -> list[TrialPoint]:
     """One finished trial's points: one per intermediate evaluation (``<trial id>@<step>``, from its logged
     ``eval/g_id`` and ``eval/f_ood``) in step order, then its final point; each with ``params["step"]``."""
-    final = record.point()
+    final = trial_point(record)
     last = final_step(client, record)
     g_id, f_ood = metric_steps(client, record, G_ID), metric_steps(client, record, F_OOD)
     points = [
@@ -125,7 +124,7 @@ def trajectory_points(records: Sequence[TrialRecord], client: Any = None) -> lis
 def sweep_points(config: Any, records: Sequence[TrialRecord], client: Any = None) -> list[TrialPoint]:
     """The points a sweep's analysis ranks (:func:`rpsft.sweeps.analysis.uncertainty.analyze_sweep`): with
     ``evaluation.trajectory: true`` every scored checkpoint (:func:`trajectory_points`, each a candidate operating
-    point), else each finished trial's final point (:func:`rpsft.sweeps.store.sweep_store.trial_points`, as before trajectories)."""
+    point), else each finished trial's final point (:func:`rpsft.sweeps.analysis.points.trial_points`)."""
     if config.evaluation.trajectory:
         return trajectory_points(records, client)
     return trial_points(records)

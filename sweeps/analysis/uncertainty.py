@@ -25,13 +25,11 @@ from typing import Any
 from rpsft.evaluation.intervals import Interval, IntervalError, TradeOffDraws, bootstrap_tradeoff
 from rpsft.evaluation.item_split import ALL, REPORT, SELECTION, ItemSplit
 from rpsft.evaluation.metrics import phi
-from rpsft.sweeps.analysis.selection import TrialPoint
+from rpsft.sweeps.analysis.selection import PartNumbers, TrialPoint
 from rpsft.sweeps.analysis.trajectory import intermediate_step, point_item_scores
 from rpsft.sweeps.store import tracking
-from rpsft.sweeps.store.sweep_store import BASE_ITEM_SCORES, KNOBS, SweepStore
-from rpsft.sweeps.store.sweep_store import INTERVALS as INTERVALS  # noqa: F401  (named here for readers of intervals.json)
+from rpsft.sweeps.store.sweep_store import BASE_ITEM_SCORES, ITEM_SCORES, KNOBS, SweepStore
 
-ITEM_SCORES = "item_scores.json"
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
 METRIC_ITEMS = {"nll": ("id_nll", "ood_nll"), "kl": ("id_nll", "ood_kl"), "mc": ("id_nll", "ood_mc")}
 _SEED_SUFFIX = re.compile(r" seed=-?\d+$")
@@ -255,27 +253,6 @@ class Comparison:
 
 
 @dataclass
-class PartNumbers:
-    """A configuration's ``G_id``, ``F_ood`` and ``Phi`` on one part of the items (``selection``, ``report``,
-    or ``all`` when the items are not split or the configuration has no item scores), with its intervals."""
-
-    items: str
-    g_id: float
-    f_ood: float
-    phi: float
-    intervals: dict[str, Interval] | None = None
-    n_items: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"items": self.items, "g_id": self.g_id, "f_ood": self.f_ood, "phi": self.phi}
-        if self.n_items:
-            out["n_items"] = dict(self.n_items)
-        if self.intervals is not None:
-            out["intervals"] = {name: interval.to_dict() for name, interval in self.intervals.items()}
-        return out
-
-
-@dataclass
 class SweepAnalysis:
     """A sweep's configurations (seeds grouped), their intervals, and how to compare them.
 
@@ -368,11 +345,10 @@ def selection_points(
 
 
 def read_base_item_scores(config: Any, client: Any, parent_run_id: str) -> dict[str, Any] | None:
-    """The base model's item scores: ``<sweep>/base_item_scores.json``, else the parent run's artifact."""
-    path = SweepStore.of(config).base_item_scores
-    if path.is_file():
-        return json.loads(path.read_text())
-    return tracking.download_json(client, parent_run_id, BASE_ITEM_SCORES)
+    """The base model's item scores: the sweep directory's (:meth:`rpsft.sweeps.store.sweep_store.SweepStore.
+    read_base_item_scores`), else the parent run's artifact."""
+    stored = SweepStore.of(config).read_base_item_scores()
+    return stored if stored is not None else tracking.download_json(client, parent_run_id, BASE_ITEM_SCORES)
 
 
 def analyze_items(

@@ -49,7 +49,7 @@ def _column(distribution: Any, n: int, rng: random.Random) -> list[Any]:
 
 
 def initial_design(distributions: dict[str, Any], num_trials: int, seed: int) -> list[dict[str, Any]]:
-    """``design_size`` points of the knobs' Optuna ``distributions`` (``rpsft.sweeps.runner.search_distributions``)."""
+    """``design_size`` points of the knobs' Optuna ``distributions`` (``rpsft.sweeps.search.space.search_distributions``)."""
     n = design_size(distributions, num_trials)
     if n <= 0:
         return []

@@ -1,5 +1,5 @@
 """The Tune callback (run in the driver) that deletes, after each trial ends, the weights of the trials that
-can no longer be kept (:func:`rpsft.sweeps.stages.checkpoints.prune`). A module-level class, so Tune's pickled experiment
+can no longer be kept (:func:`rpsft.sweeps.retention.prune`). A module-level class, so Tune's pickled experiment
 restores it on resume."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ray import tune
-from rpsft.sweeps.stages.checkpoints import prune
+from rpsft.sweeps.retention import prune
 
 
 class CheckpointPruner(tune.Callback):
@@ -20,11 +20,11 @@ class CheckpointPruner(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from rpsft.sweeps.store import tracking
-        from rpsft.sweeps.store.sweep_store import read_trials
+        from rpsft.sweeps.store.sweep_store import SweepStore
 
         context = self.context
         client = tracking.client_for(context.tracking_uri)
-        records = read_trials(client, context.experiment_id, context.parent_run_id)
+        records = SweepStore.of(self.config).trials(context)
         cache = self.__dict__.setdefault("item_cache", {})  # a pruner pickled before the cache existed
         prune(
             self.config,

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpsft.sweeps.config import SweepConfig, SweepConfigError
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.store.sweep_store import TrialRecord
 
 CARRIED_ATTR = "rpsft.carried_over_from"
@@ -71,7 +72,7 @@ def _check_compatible(config: SweepConfig, earlier: SweepConfig, name: str) -> N
 
 def check_warm_start(config: SweepConfig) -> list[Any]:
     """The stored earlier sweeps, after checking that each exists and matches (before any training)."""
-    from rpsft.sweeps.store.sweep_store import load_stored_sweep
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
 
     stored = []
     for name in config.search.warm_start:
@@ -99,7 +100,7 @@ def _values(config: SweepConfig, trial: TrialRecord) -> float | list[float] | No
 
 def carry_over(config: SweepConfig, storage: Any, dists: dict[str, Any], stored: list[Any]) -> WarmStart:
     """Add the finished searched trials of ``stored`` sweeps to this sweep's Optuna study (created here, with
-    the directions the Tune searcher uses); ``dists`` are the space's (``runner.search_distributions``)."""
+    the directions the Tune searcher uses); ``dists`` are the space's (``rpsft.sweeps.search.space.search_distributions``)."""
     import optuna
 
     if not stored:

@@ -28,7 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rpsft.core.config import format_validation_error
-from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig, parse_sweep_config, read_config_with_sweep
 from rpsft.sweeps.store.sweep_store import TrialRecord, trial_label
 
 BASELINE_VERSION = 1

@@ -1,20 +1,14 @@
-"""Reading a finished (or running) sweep back from its state file and MLflow (see :mod:`rpsft.sweeps.store.sweep_store`)."""
+"""The selection of a finished (or running) sweep, read back from its state file and MLflow (see
+:mod:`rpsft.sweeps.analysis.stored_sweep`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from rpsft.sweeps.analysis.selection import Selection
+from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
 from rpsft.sweeps.store import tracking
-from rpsft.sweeps.store.sweep_store import (
-    DEFAULT_ROOT,
-    StoredSweep,
-    SweepContext,
-    TrialRecord,
-    load_stored_sweep,
-)
-
-__all__ = ["StoredSweep", "load_selection", "load_stored_sweep"]
+from rpsft.sweeps.store.sweep_store import DEFAULT_ROOT, SweepContext, TrialRecord
 
 
 def load_selection(

@@ -31,7 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rpsft.core.config import format_validation_error
-from rpsft.sweeps.config import SweepConfigError, read_yaml_mapping
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import read_yaml_mapping
 from rpsft.sweeps.store import tracking
 from transformers import TrainerCallback
 
@@ -384,7 +385,7 @@ def run_rl_once(
     import torch
     from rpsft.core.models import load_model
     from rpsft.evaluation.rl_prompts import load_rl_prompts
-    from rpsft.sweeps.trial.run import MlflowStepLogger
+    from rpsft.sweeps.trial.training import MlflowStepLogger
 
     torch.manual_seed(settings.seed)
     prompts = load_rl_prompts(settings.data, settings.limit)
@@ -490,8 +491,8 @@ def run_rl(
     """DAPO from each named trial of ``sweep`` (kept or exported checkpoints), or from ``model``. With a sweep,
     runs are MLflow children of its parent run and scored by its evaluation; a run already finished with the
     same settings and init is reported, not repeated."""
+    from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
     from rpsft.sweeps.stages.checkpoints import local_checkpoint
-    from rpsft.sweeps.store.sweep_store import load_stored_sweep
 
     if sweep is None and model is None:
         raise SweepConfigError(

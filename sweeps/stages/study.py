@@ -25,7 +25,8 @@ from rpsft.sweeps.analysis.configurations import (
     forgetting_views,
     stored_view_intervals,
 )
-from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config, read_config_with_sweep
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig, parse_sweep_config, read_config_with_sweep
 
 
 class StudyConfig(BaseModel):
@@ -113,6 +114,7 @@ def run_study(
 ) -> tuple[StudyResult, Any]:
     """Run the study's sweep (or resume it, or reuse it when finished) and evaluate the claims; with
     ``run=False`` only the claims, on the trials stored so far."""
+    from rpsft.sweeps.analysis.stored_sweep import StoredSweep
     from rpsft.sweeps.runner import absolutize, resume_sweep, run_sweep
     from rpsft.sweeps.store.sweep_store import SweepStore
 
@@ -128,7 +130,7 @@ def run_study(
         resume_sweep(config.name, root=config.output_dir, address=address, echo=echo)
     else:
         echo(f"[rpsft] study {study.name}: sweep {config.name} is finished; evaluating the claims")
-    stored = store.load()
+    stored = StoredSweep.read(store)
     base = stored.base_metrics()
     ev = config.evaluation
     setup = {

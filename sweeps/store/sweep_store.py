@@ -1,27 +1,45 @@
-"""A sweep as stored: its directory, its state file, and its trials read once from MLflow as typed records.
+"""A sweep's persisted state, read and written only through :class:`SweepStore`.
 
-Everything of a sweep lives under ``<output_dir>/<name>/`` (:class:`SweepStore` names each path): ``sweep.json``
-(config, MLflow ids, shared context), ``tune/`` (Ray Tune's experiment), ``optuna.db`` (default Optuna
-storage), ``driver.lock``, ``trials/<trial id>/`` (each trial's training output; ``model/`` while its weights
-may still be kept), ``bases/`` (pretrained bases shared by all trials), ``rotation_base.pt`` (the base model's
-subspaces for the rotation diagnostic), ``base_item_scores.json``, ``intervals.json``, ``exports/<trial id>/``
-(``rpsft export``) and ``rl/`` (``rpsft rl``: ``inits/`` and one directory per RL run).
+A sweep persists in two places: its directory ``<output_dir>/<name>/`` and its MLflow experiment (a parent run
+per sweep, a child run per trial, :mod:`rpsft.sweeps.store.tracking`). :class:`SweepStore` is the one
+interface to both, in the manner of Optuna's ``BaseStorage``: every other module asks it for a path, the
+state, or the trial records, and no other module builds a path under the sweep directory or opens
+``sweep.json`` itself.
 
-A trial run of MLflow is read into one :class:`TrialRecord` (frozen): selection, the report, regression, warm
-starts, checkpoints and RL all read the same records, and its Phi is :func:`rpsft.evaluation.metrics.phi`.
+The directory holds (each path named by a :class:`SweepStore` property or method): ``sweep.json`` (the state
+file: config, MLflow ids, shared context, status), ``tune/`` (Ray Tune's experiment), ``optuna.db`` (default
+Optuna storage), ``driver.lock``, ``trials/<trial id>/`` (each trial's training output; ``model/`` while its
+weights may still be kept), ``ray_train/`` (Ray Train's runs of trials over several workers), ``bases/``
+(pretrained bases shared by all trials), ``rotation_base.pt`` (the base model's subspaces for the rotation
+diagnostic), ``base_item_scores.json``, ``intervals.json``, ``exports/<trial id>/`` (``rpsft export``) and
+``rl/`` (``rpsft rl``: ``inits/`` and one directory per RL run).
+
+Contract:
+
+* A store is a value: ``SweepStore(root, name)`` with ``root`` resolved once, so two spellings of one directory
+  are one store. Building one touches nothing on disk; paths are only named, never created, except by the
+  writers below.
+* ``sweep.json`` exists from the first :meth:`SweepStore.write_state` on; before it, :meth:`SweepStore.exists`
+  is False, :meth:`SweepStore.status` is None, and every other reader of the state raises
+  :class:`rpsft.sweeps.config.errors.SweepConfigError` naming the sweep and the fix.
+* Writers replace a whole file atomically (a partial file renamed into place): a reader sees the old file or
+  the new one, never a part.
+* Trial records are read from MLflow on each call (nothing is cached here), into frozen :class:`TrialRecord`
+  objects in start order; selection, the report, regression, warm starts, checkpoints and RL all read the
+  same records, and a record's Phi is :func:`rpsft.evaluation.metrics.phi`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rpsft.evaluation.metrics import phi
-from rpsft.sweeps.analysis.selection import Selection, TrialPoint, select
-from rpsft.sweeps.config import SweepConfig, SweepConfigError, parse_sweep_config
+from rpsft.sweeps.config.errors import SweepConfigError
+from rpsft.sweeps.config.sweep import SweepConfig, parse_sweep_config
 from rpsft.sweeps.store import tracking
 
 STATE_FILE = "sweep.json"
@@ -30,12 +48,14 @@ LOCK_FILE = "driver.lock"
 OPTUNA_DB = "optuna.db"
 TRIALS_DIR = "trials"
 MODEL_DIR = "model"  # a trial's weights under its directory, and the artifact path in its MLflow run
+RAY_TRAIN_DIR = "ray_train"
 BASES_DIR = "bases"
 ROTATION_BASE = "rotation_base.pt"
-BASE_ITEM_SCORES = "base_item_scores.json"
-INTERVALS = "intervals.json"
+BASE_ITEM_SCORES = "base_item_scores.json"  # also the artifact of the sweep's parent run
+INTERVALS = "intervals.json"  # also the artifact of the sweep's parent run
 EXPORTS_DIR = "exports"
 RL_DIR = "rl"
+ITEM_SCORES = "item_scores.json"  # a trial run's artifact: its per-item scores
 DEFAULT_ROOT = "runs/sweeps"
 TAG_MODEL_VERSION = "rpsft.model_version"  # the registered model version of a trial's kept weights
 
@@ -201,36 +221,13 @@ class TrialRecord:
         except (KeyError, ValueError):
             return None
 
-    def point(self) -> TrialPoint:
-        """This finished trial as a selection point (see :attr:`finished`)."""
-        if not self.finished:
-            raise ValueError(f"trial {self.trial_id}: no finished G_id and F_ood to select on")
-        return TrialPoint(self.trial_id, self.g_id, self.f_ood, params=dict(self.params), run_id=self.run_id)
-
-
-def trial_points(records: Sequence[TrialRecord]) -> list[TrialPoint]:
-    """The finished trials that carry ``g_id`` and ``f_ood``, as selection points."""
-    return [record.point() for record in records if record.finished]
-
-
-def read_trials(
-    client: Any, experiment_id: str, parent_run_id: str, role: str = "trial"
-) -> list[TrialRecord]:
-    """The child runs of a sweep's parent run with ``role`` (see :func:`rpsft.sweeps.store.tracking.child_runs`), in start
-    order, as records."""
-    records = [
-        TrialRecord.from_run(run)
-        for run in tracking.child_runs(client, experiment_id, parent_run_id, role=role)
-    ]
-    return sorted(records, key=lambda record: record.start_time or 0)
-
 
 # ----------------------------------------------------------------------------------------------- the store
 
 
 @dataclass(frozen=True)
 class SweepStore:
-    """The directory of one sweep, ``<root>/<name>/``, and everything in it."""
+    """The persisted state of one sweep: its directory ``<root>/<name>/`` and its trial records in MLflow."""
 
     root: Path
     name: str
@@ -240,30 +237,39 @@ class SweepStore:
 
     @classmethod
     def of(cls, config: SweepConfig) -> SweepStore:
+        """The store of a config's sweep: ``<output_dir>/<name>`` (:meth:`SweepConfig.sweep_dir`)."""
         return cls(Path(config.output_dir), config.name)
+
+    # ------------------------------------------------------------------------------------------- layout
 
     @property
     def dir(self) -> Path:
+        """The sweep's directory, ``<root>/<name>``."""
         return self.root / self.name
 
     @property
     def state_file(self) -> Path:
+        """``sweep.json``: written by :meth:`write_state`, read by :meth:`read_state`."""
         return self.dir / STATE_FILE
 
     @property
     def tune_dir(self) -> Path:
+        """Ray Tune's experiment (restored on resume)."""
         return self.dir / TUNE_DIR
 
     @property
     def lock_file(self) -> Path:
+        """The file the running driver holds locked."""
         return self.dir / LOCK_FILE
 
     @property
     def optuna_db(self) -> Path:
+        """The default (SQLite) Optuna storage."""
         return self.dir / OPTUNA_DB
 
     @property
     def bases_dir(self) -> Path:
+        """The pretrained bases every trial shares."""
         return self.dir / BASES_DIR
 
     @property
@@ -273,44 +279,61 @@ class SweepStore:
 
     @property
     def base_item_scores(self) -> Path:
+        """The base model's per-item scores: written by :meth:`write_base_item_scores`."""
         return self.dir / BASE_ITEM_SCORES
 
     @property
     def intervals(self) -> Path:
+        """Every configuration's intervals: written by :meth:`write_intervals`."""
         return self.dir / INTERVALS
 
+    @property
+    def ray_train_dir(self) -> Path:
+        """Ray Train's runs of the trials over several workers (``train-<trial id>``)."""
+        return self.dir / RAY_TRAIN_DIR
+
     def trial_dir(self, trial_id: str) -> Path:
+        """A trial's training output (its checkpoints)."""
         return self.dir / TRIALS_DIR / trial_id
 
     def trial_model_dir(self, trial_id: str) -> Path:
+        """A trial's saved weights, while they may still be kept."""
         return self.trial_dir(trial_id) / MODEL_DIR
 
     def export_dir(self, trial_id: str) -> Path:
+        """Where ``rpsft export`` writes a trial's (or a trajectory point's) weights."""
         return self.dir / EXPORTS_DIR / trial_id
 
     @property
     def rl_dir(self) -> Path:
+        """The RL stage's runs, one directory each."""
         return self.dir / RL_DIR
 
     @property
     def rl_inits_dir(self) -> Path:
+        """The kept weights RL starts from, downloaded."""
         return self.rl_dir / "inits"
 
     # ------------------------------------------------------------------------------------------- state
 
     def exists(self) -> bool:
+        """Whether the sweep has a state file (it has started once)."""
         return self.state_file.is_file()
 
     def write_state(self, config: SweepConfig, context: SweepContext, status: str, optuna_url: str) -> None:
+        """Write ``sweep.json``: the sweep's name, ``status`` (``running``, ``incomplete`` or ``finished``), its
+        Optuna storage URL and ``context`` (which holds the config)."""
         state = {
             "name": config.name,
             "status": status,
             "optuna_storage": optuna_url,
             "context": context.__dict__,
         }
-        write_json(self.state_file, state, indent=2)
+        _write_json(self.state_file, state, indent=2)
 
     def read_state(self) -> dict[str, Any]:
+        """``sweep.json`` as written by :meth:`write_state`; raises :class:`SweepConfigError` (naming the fix)
+        when the sweep has none."""
         if not self.exists():
             raise SweepConfigError(
                 f"name: no sweep {self.name!r} under {self.root} ({self.state_file} is missing). "
@@ -323,75 +346,41 @@ class SweepStore:
         return self.read_state().get("status") if self.exists() else None
 
     def context(self) -> SweepContext:
+        """The context every trial shares, from ``sweep.json``."""
         return SweepContext(**self.read_state()["context"])
 
     def config(self, context: SweepContext | None = None) -> SweepConfig:
+        """The sweep's config as stored (in ``context``, read from ``sweep.json`` when not given), validated."""
         return parse_sweep_config((context or self.context()).config, f"{self.name}/{STATE_FILE}")
 
-    def load(self) -> StoredSweep:
-        """The sweep's config and context from ``sweep.json``, its trials from MLflow (read once), its analysis."""
-        context = self.context()
-        return StoredSweep.read(self, self.config(context), context)
+    # ------------------------------------------------------------------------------------------- records
+
+    def write_base_item_scores(self, scores: Mapping[str, Any]) -> None:
+        """Write the base model's per-item scores (the driver, once per sweep)."""
+        _write_json(self.base_item_scores, scores)
+
+    def read_base_item_scores(self) -> dict[str, Any] | None:
+        """The base model's per-item scores as written by :meth:`write_base_item_scores`; ``None`` when this
+        directory has none (the sweep's parent run holds them too, as the artifact ``base_item_scores.json``)."""
+        return json.loads(self.base_item_scores.read_text()) if self.base_item_scores.is_file() else None
+
+    def write_intervals(self, intervals: Mapping[str, Any]) -> None:
+        """Write every configuration's intervals (the driver, at the sweep's end)."""
+        _write_json(self.intervals, intervals)
+
+    def trials(self, context: SweepContext | None = None, role: str = "trial") -> list[TrialRecord]:
+        """The sweep's child runs with ``role`` (``trial``, or ``rl`` for the RL stage's runs; see
+        :func:`rpsft.sweeps.store.tracking.child_runs`), any status, in start order, read from MLflow now;
+        ``context`` (read from ``sweep.json`` when not given) names the tracking server and the parent run."""
+        context = context or self.context()
+        client = tracking.client_for(context.tracking_uri)
+        runs = tracking.child_runs(client, context.experiment_id, context.parent_run_id, role=role)
+        return sorted((TrialRecord.from_run(run) for run in runs), key=lambda record: record.start_time or 0)
 
 
-def write_json(path: Path, payload: Any, indent: int | None = None) -> None:
+def _write_json(path: Path, payload: Any, indent: int | None = None) -> None:
     """Write ``payload`` to ``path`` atomically (a partial file renamed into place)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     tmp.write_text(json.dumps(payload, indent=indent))
     tmp.replace(path)
-
-
-@dataclass
-class StoredSweep:
-    """A sweep as stored: its config and context (from ``sweep.json``), its trial records (from MLflow), and its
-    finished trials grouped by configuration (seeds pooled) with their intervals."""
-
-    store: SweepStore
-    config: SweepConfig
-    context: SweepContext
-    trials: list[TrialRecord]
-    analysis: Any  # rpsft.sweeps.analysis.uncertainty.SweepAnalysis
-
-    @classmethod
-    def read(cls, store: SweepStore, config: SweepConfig, context: SweepContext) -> StoredSweep:
-        from rpsft.sweeps.analysis.trajectory import sweep_points
-        from rpsft.sweeps.analysis.uncertainty import analyze_sweep
-
-        client = tracking.client_for(context.tracking_uri)
-        trials = read_trials(client, context.experiment_id, context.parent_run_id)
-        points = sweep_points(config, trials, client)  # every scored checkpoint with evaluation.trajectory
-        analysis = analyze_sweep(config, client, context.parent_run_id, points)
-        return cls(store, config, context, trials, analysis)
-
-    @property
-    def client(self) -> Any:
-        return tracking.client_for(self.context.tracking_uri)
-
-    @property
-    def points(self) -> list[TrialPoint]:
-        """One point per configuration with G_id and F_ood (the mean over its seeds), on the selection items
-        when the items are split (``evaluation.split``; see :class:`rpsft.sweeps.analysis.uncertainty.SweepAnalysis`)."""
-        return self.analysis.points
-
-    def selection(self, beta: float | None = None) -> Selection:
-        if not self.points:
-            raise ValueError(
-                f"select: sweep {self.config.name!r} has no finished trial with G_id and F_ood yet"
-            )
-        return select(self.points, self.config.objective.beta if beta is None else beta).attach(self.analysis)
-
-    def base_metrics(self) -> dict[str, float]:
-        """The base model's per-benchmark numbers (trial metric names), from the parent run's ``base/`` metrics."""
-        parent = self.client.get_run(self.context.parent_run_id)
-        prefix = tracking.BASE_PREFIX
-        return {k.removeprefix(prefix): v for k, v in parent.data.metrics.items() if k.startswith(prefix)}
-
-    def rl_runs(self) -> list[TrialRecord]:
-        """The sweep's finished RL runs (``rpsft rl``), as records."""
-        runs = read_trials(self.client, self.context.experiment_id, self.context.parent_run_id, role="rl")
-        return [run for run in runs if run.status == "FINISHED"]
-
-
-def load_stored_sweep(name: str, root: str | Path = DEFAULT_ROOT) -> StoredSweep:
-    return SweepStore(Path(root), name).load()

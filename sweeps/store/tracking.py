@@ -7,10 +7,12 @@ already finished is not trained again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import tempfile
-import warnings
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +157,37 @@ def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any
         client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
 
 
+PROGRESS_BAR_VARIABLE = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow reads it at each download
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_before: str | None = None
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """MLflow's "Downloading artifacts" progress bars off while rpsft downloads its own small artifacts; the
+    variable that switches them is as it was afterwards (also when downloads overlap in threads)."""
+    global _quiet_depth, _quiet_before
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_before = os.environ.get(PROGRESS_BAR_VARIABLE)
+            os.environ[PROGRESS_BAR_VARIABLE] = "false"
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                if _quiet_before is None:
+                    os.environ.pop(PROGRESS_BAR_VARIABLE, None)
+                else:
+                    os.environ[PROGRESS_BAR_VARIABLE] = _quiet_before
+
+
 def download_json(client: Any, run_id: str, name: str) -> dict[str, Any] | None:
-    """A JSON artifact of a run, or ``None`` if the run has none of that name."""
-    with tempfile.TemporaryDirectory() as tmp:
+    """A JSON artifact of a run, or ``None`` if the run has none of that name (no progress bar: it is small)."""
+    with tempfile.TemporaryDirectory() as tmp, quiet_downloads():
         try:
             path = client.download_artifacts(run_id, name, tmp)
         except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
@@ -182,18 +212,6 @@ def finish_run(client: MlflowClient, run_id: str, status: str = "FINISHED", stat
     if state:
         client.set_tag(run_id, TAG_STATE, state)
     client.set_terminated(run_id, status=status)
-
-
-def trial_points(runs: list[Any]) -> list[Any]:
-    """Deprecated: :func:`rpsft.sweeps.store.sweep_store.trial_points` on :class:`rpsft.sweeps.store.sweep_store.TrialRecord` objects."""
-    from rpsft.sweeps.store.sweep_store import TrialRecord, trial_points
-
-    warnings.warn(
-        "rpsft.sweeps.store.tracking.trial_points is deprecated; use rpsft.sweeps.store.sweep_store.trial_points on the sweep's TrialRecords",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return trial_points([TrialRecord.from_run(run) for run in runs])
 
 
 def tag_operating_point(client: MlflowClient, trials: list[Any], chosen_run_id: str, beta: float) -> None:

@@ -40,11 +40,11 @@ def train_and_score_on_workers(
     context: SweepContext, train_config: Any, trial_id: str, run_id: str
 ) -> dict[str, float]:
     """Train ``train_config`` on its workers and score it; returns the trial's metrics (as
-    :func:`rpsft.sweeps.trial.run.train_and_score` does for one process)."""
+    :func:`rpsft.sweeps.trial.training.train_and_score` does for one process)."""
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
-    from rpsft.sweeps.config import SweepConfig
+    from rpsft.sweeps.config.sweep import SweepConfig
 
     config = SweepConfig.model_validate(context.config)
     resources = train_config.resources
@@ -59,7 +59,7 @@ def train_and_score_on_workers(
         torch_config=TorchConfig(backend="nccl" if resources.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(
             name=f"train-{trial_id}",
-            storage_path=str(SweepStore.of(config).dir / "ray_train"),
+            storage_path=str(SweepStore.of(config).ray_train_dir),
             callbacks=[TuneReportCallback()],
         ),
     )
@@ -77,22 +77,22 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     import ray.train
     from rpsft.core.config import TrainConfig
     from rpsft.core.sharded_train import train_on_rank
-    from rpsft.sweeps.config import SweepConfig
-    from rpsft.sweeps.trial.run import (
+    from rpsft.sweeps.config.sweep import SweepConfig
+    from rpsft.sweeps.trial.scoring import TrialScorer
+    from rpsft.sweeps.trial.training import (
         MlflowStepLogger,
-        _torch_threads,
         duration,
         log_trained,
         score_trained,
+        set_torch_threads,
         training_summary,
     )
-    from rpsft.sweeps.trial.scoring import TrialScorer
 
     context: SweepContext = loop_config["context"]
     config = SweepConfig.model_validate(context.config)
     train_config = TrainConfig.model_validate(loop_config["train_config"])
     rank = ray.train.get_context().get_world_rank()
-    _torch_threads(train_config.resources.cpus)
+    set_torch_threads(train_config.resources.cpus)
     client = tracking.client_for(context.tracking_uri) if rank == 0 else None
     step_logger = MlflowStepLogger(client, loop_config["run_id"]) if rank == 0 else None
     started = time.monotonic()

@@ -8,21 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
-from pathlib import Path
 from typing import Any
 
-from rpsft.sweeps.analysis.uncertainty import ITEM_SCORES
-from rpsft.sweeps.config import SweepConfig
+from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.store import tracking
 from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord, trial_label
-from rpsft.sweeps.trial import faults
+from rpsft.sweeps.trial.hooks import start_attempt
 from rpsft.sweeps.trial.scoring import TrialScorer
+from rpsft.sweeps.trial.training import (
+    MlflowStepLogger,
+    duration,
+    log_trained,
+    set_torch_threads,
+    train_and_score,
+)
 from transformers import TrainerCallback
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-PER_STEP_KEYS = ("loss", "grad_norm", "learning_rate", "rpsft/penalty", "rpsft/drift_mean", "rpsft/drift_max")
 
 
 def resolve_params(params: dict[str, Any], context: SweepContext) -> dict[str, Any]:
@@ -34,42 +36,6 @@ def resolve_params(params: dict[str, Any], context: SweepContext) -> dict[str, A
             raise ValueError(f"k: {k!r} was not resolved before the trials. Fix: rerun `rpsft sweep`")
         out["k_spec"], out["k"] = k, context.auto_k[k]
     return out
-
-
-class MlflowStepLogger(TrainerCallback):
-    """Per-step task loss, penalty and protected drift into the trial's MLflow run. The writes are queued
-    (MLflow's asynchronous logging), so training does not wait on the tracking server, nor stop while it is
-    down; the end of training waits until every queued write has landed."""
-
-    def __init__(self, client: Any, run_id: str, keys: dict[str, str] | None = None) -> None:
-        self.client, self.run_id = client, run_id
-        self.keys = keys or {key: key for key in PER_STEP_KEYS}  # the Trainer's log key -> the metric's name
-        self.pending: list[Any] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.log(logs, state.global_step)
-
-    def log(self, logs: dict[str, Any], step: int) -> None:
-        """Queue the per-step keys of ``logs`` (the Trainer's names) for the run, at ``step``."""
-        values = {name: logs[key] for key, name in self.keys.items() if logs.get(key) is not None}
-        if values:
-            self.pending += tracking.log_metrics(
-                self.client, self.run_id, values, step=step, synchronous=False
-            )
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.flush()
-
-    def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        for operation in pending:
-            operation.wait()
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 class TuneProgress(TrainerCallback):
@@ -146,14 +112,10 @@ def trial_knobs(train_config: Any, resolved: dict[str, Any]) -> dict[str, Any]:
     return knobs
 
 
-def _torch_threads(cpus: float) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, int(cpus)))
-
-
 def run_trial(params: dict[str, Any], context: SweepContext) -> None:
-    """The Tune trainable: one (method, k, lambda, layers, period) training run, scored and tracked."""
+    """The Tune trainable: one (method, k, lambda, layers, period) training run, scored and tracked. The
+    sweep's ``hooks`` (:mod:`rpsft.sweeps.trial.hooks`) are called before training, as Trainer callbacks during
+    it, and after the trial's MLflow writes, before its result goes to Tune."""
     from ray import tune
 
     config = SweepConfig.model_validate(context.config)
@@ -185,11 +147,13 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         return
 
     try:
-        fault_callbacks = faults.maybe_inject(config.sweep_dir(), trial_id, trial_label(params))
-        _torch_threads(config.resources.cpus)
+        hooks = start_attempt(config.hooks, config.sweep_dir(), trial_id, trial_label(params))
+        hooks.before_training()
+        set_torch_threads(config.resources.cpus)
         resolved = resolve_params(params, context)
         trial_dir = SweepStore.of(config).trial_dir(trial_id)
         train_config = config.trial_train_config(resolved, output_dir=trial_dir)
+        hook_callbacks = hooks.training_callbacks(distributed=train_config.resources.distributed)
         tracking.log_params(
             client,
             run_id,
@@ -213,7 +177,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
             metrics = train_and_score_on_workers(context, train_config, trial_id, run_id)
         else:
             metrics = _train_and_score(
-                config, context, train_config, scorer, client, run_id, report, extra_callbacks=fault_callbacks
+                config, context, train_config, scorer, client, run_id, report, extra_callbacks=hook_callbacks
             )
         result = {**metrics, **scorer.primary(metrics)}
         final_step = int(result.get("global_steps") or train_config.max_steps or 0)  # epochs: the steps trained
@@ -223,7 +187,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         )
         tracking.log_json_artifact(client, run_id, "result.json", result)
         tracking.finish_run(client, run_id, "FINISHED", state="finished")
-        faults.at_trial_end(config.sweep_dir(), trial_id, trial_label(params))
+        hooks.at_trial_end()
     except SystemExit:  # Tune stops a trial (ASHA) by raising SystemExit in its report()
         tracking.finish_run(client, run_id, "KILLED", state="early-stopped")
         raise
@@ -232,89 +196,6 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         tracking.finish_run(client, run_id, "FAILED", state="failed")
         raise
     report(metrics, final_step, final=True)
-
-
-def train_and_score(
-    config: SweepConfig, context: SweepContext, train_config: Any, scorer: TrialScorer, callbacks=()
-) -> tuple[Any, dict[str, float], dict[str, Any]]:
-    """Train one trial and score it: ``(train result, metrics, per-item scores)``. Nothing is logged here, so
-    a trial retrained outside the sweep (``rpsft export``) runs the very same code."""
-    import torch
-    from rpsft.core.bases import load_or_compute_bases
-    from rpsft.core.models import load_model, load_tokenizer
-    from rpsft.core.selection import select_matrices
-    from rpsft.core.train import train
-
-    tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)
-    model, _ = load_model(train_config.model, dtype=train_config.dtype, cache_dir=train_config.cache_dir)
-    bases = None
-    if train_config.effective_k:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
-        selection = select_matrices(model, train_config.layers)
-        bases = load_or_compute_bases(
-            selection, train_config.effective_k, cache_dir=context.bases_dir, method=train_config.basis_method
-        )
-    result = train(
-        train_config,
-        model=model,
-        tokenizer=tokenizer,
-        bases=bases,
-        callbacks=list(callbacks),
-        progress=False,
-        print_logs=False,
-    )
-    metrics, items = score_trained(config, train_config, scorer, result.model.eval(), tokenizer)
-    metrics.update(training_summary(result.metrics, result.drift))
-    return result, metrics, items
-
-
-def score_trained(
-    config: SweepConfig, train_config: Any, scorer: TrialScorer, trained: Any, tokenizer: Any
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """``(metrics, per-item scores)`` of a trained model, with the base model beside it when the KL is scored."""
-    import torch
-    from rpsft.core.models import load_model
-
-    base_model = None
-    if config.evaluation.loss.kl:
-        base_model, _ = load_model(
-            train_config.model, dtype=train_config.dtype, cache_dir=train_config.cache_dir
-        )
-        base_model.to(next(trained.parameters()).device).eval()
-    with torch.no_grad():
-        metrics, items, _ = scorer.final_scores(trained, tokenizer, base_model=base_model)
-    return metrics, items
-
-
-def training_summary(train_metrics: dict[str, Any], drift: dict[str, float]) -> dict[str, float]:
-    """The training numbers a trial's result carries: loss, time, the resumed step, and the protected drift."""
-    return {
-        "train_loss": train_metrics["train_loss"],
-        "train_seconds": train_metrics["train_seconds"],
-        "resumed_from_step": train_metrics["resumed_from_step"],
-        "global_steps": train_metrics["global_steps"],
-        "drift_mean": sum(drift.values()) / len(drift) if drift else 0.0,
-        "drift_max": max(drift.values()) if drift else 0.0,
-    }
-
-
-def log_trained(
-    config: SweepConfig,
-    client: Any,
-    run_id: str,
-    trained: Any,
-    items: dict[str, Any],
-    train_metrics: dict[str, Any],
-) -> dict[str, float]:
-    """The trained trial's records on its run: item scores, rotation against the base subspaces (its numbers
-    returned) and the training record."""
-    tracking.log_json_artifact(client, run_id, ITEM_SCORES, items)
-    rotation = _log_rotation(config, trained, client, run_id) if config.evaluation.rotation else {}
-    tracking.log_json_artifact(
-        client, run_id, "train_metrics.json", {k: v for k, v in train_metrics.items() if k != "config"}
-    )
-    return rotation
 
 
 def _train_and_score(
@@ -349,35 +230,6 @@ def _train_and_score(
         raise
     metrics.update(log_trained(config, client, run_id, result.model, items, result.metrics))
     return metrics
-
-
-def rotation_base_path(config: SweepConfig) -> Path:
-    """Deprecated: :attr:`rpsft.sweeps.store.sweep_store.SweepStore.rotation_base`."""
-    warnings.warn(
-        "rpsft.sweeps.trial.run.rotation_base_path is deprecated; use rpsft.sweeps.store.sweep_store.SweepStore.of(config).rotation_base",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return SweepStore.of(config).rotation_base
-
-
-def _log_rotation(config: SweepConfig, trained: Any, client: Any, run_id: str) -> dict[str, float]:
-    """Rotation of the trained model against the base subspaces the driver cached; the summary as an artifact,
-    the flat ``rotation/*`` numbers returned for the run's metrics."""
-    import torch
-    from rpsft.evaluation.diagnostics.rotation import rotation_metrics, rotation_summary
-
-    base_subspaces = torch.load(SweepStore.of(config).rotation_base, map_location="cpu")
-    with torch.no_grad():
-        summary = rotation_summary(
-            None,
-            trained,
-            list(base_subspaces),
-            top_k=config.evaluation.rotation_top_k,
-            base_subspaces={name: u.double() for name, u in base_subspaces.items()},
-        )
-    tracking.log_json_artifact(client, run_id, "rotation.json", summary)
-    return rotation_metrics(summary)
 
 
 def _stored_result(trial: TrialRecord) -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from rpsft.evaluation.metrics import phi
-from rpsft.sweeps.config import SweepConfig
+from rpsft.sweeps.config.sweep import SweepConfig
 
 
 def _tradeoff_metrics(prefix: str, trade: Any, betas: list[float]) -> dict[str, float]:
