@@ -61,6 +61,8 @@ def _rescore(stored, model_dir):
 
 
 @needs_paper_data
+# bf16 autocast on purpose, also on CPUs that only emulate it: the warning that says so is expected here
+@pytest.mark.filterwarnings("default:mixed_precision. bf16 on a CPU:RuntimeWarning")
 def test_keep_register_export_rl_and_report(tiny_dir, tmp_path):
     from rpsft.dashboards.report import build_report
     from rpsft.dashboards.sweep_data import load_sweep_data
