@@ -83,7 +83,7 @@ from typing import Literal
 
 from rpsft.core.errors import ConfigError
 from rpsft.core.memory.dims import ModelDims
-from rpsft.core.memory.report import MemoryEstimate
+from rpsft.core.memory.report import EstimateInputs, MemoryEstimate
 
 Strategy = Literal["fsdp2", "ddp", "single"]
 ParamDtype = Literal["float32", "bfloat16", "float16"]
@@ -94,24 +94,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
-class _Run:
+class _Run(EstimateInputs):
     """The inputs of one estimate (:func:`estimate_worker_memory`'s, checked) and the sizes its rules read."""
-
-    dims: ModelDims
-    workers: int
-    strategy: Strategy
-    param_dtype: ParamDtype
-    mixed_precision: MixedPrecision | None
-    batch_size: int
-    max_length: int
-    activation_checkpointing: bool
-    bases_bytes_total: int
-    bases_replicated_bytes: int
-    optimizer: Optimizer
-    grad_accum: int
-    trainable_params: int
-    with_reference_model: bool
-    repeat_kv: bool
 
     @property
     def p(self) -> int:

@@ -24,7 +24,29 @@ def first_line(exc: BaseException) -> str:
 
 
 @dataclass(frozen=True)
-class MemoryEstimate:
+class EstimateInputs:
+    """What one estimate is for: the model's sizes and the run's settings (checked by
+    :func:`rpsft.core.memory.estimate.estimate_worker_memory`)."""
+
+    dims: ModelDims
+    workers: int
+    strategy: Strategy
+    param_dtype: ParamDtype
+    mixed_precision: MixedPrecision | None
+    batch_size: int
+    max_length: int
+    activation_checkpointing: bool
+    bases_bytes_total: int
+    bases_replicated_bytes: int
+    optimizer: Optimizer
+    grad_accum: int
+    trainable_params: int
+    with_reference_model: bool
+    repeat_kv: bool
+
+
+@dataclass(frozen=True)
+class MemoryEstimate(EstimateInputs):
     """Per-worker memory of one training step, in bytes, with the inputs it was estimated for.
 
     The parts (:meth:`breakdown`) are each alive in some phases of the run; ``load_peak``,
@@ -49,21 +71,6 @@ class MemoryEstimate:
     optimizer_step_peak: int
     load_peak: int
     total: int
-    dims: ModelDims
-    workers: int
-    strategy: Strategy
-    param_dtype: ParamDtype
-    mixed_precision: MixedPrecision | None
-    batch_size: int
-    max_length: int
-    activation_checkpointing: bool
-    bases_bytes_total: int
-    bases_replicated_bytes: int
-    optimizer: Optimizer
-    grad_accum: int
-    trainable_params: int
-    with_reference_model: bool
-    repeat_kv: bool
 
     PARTS = (
         "weights",
