@@ -90,10 +90,11 @@ class SearchSpace(BaseModel):
             )
         return value
 
-    @field_validator("layers", mode="before")
+    @field_validator("layers", "period", "penalty_mode", mode="before")
     @classmethod
-    def _layers_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, (str, dict)) else value
+    def _one_choice_as_list(cls, value: Any) -> Any:
+        """A single choice (``layers: attn``, ``period: 4``, ``penalty_mode: decoupled``) is a list of one."""
+        return [value] if isinstance(value, (str, dict, int)) else value
 
     @field_validator("layers")
     @classmethod
@@ -102,22 +103,12 @@ class SearchSpace(BaseModel):
             resolve_spec(item)
         return value
 
-    @field_validator("period", mode="before")
-    @classmethod
-    def _period_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int) else value
-
     @field_validator("period")
     @classmethod
     def _check_period(cls, value: list[int]) -> list[int]:
         if any(p < 1 for p in non_empty(value, "periods")):
             raise ValueError(f"period must be >= 1, got {min(value)}. Fix: 1 = every optimizer step")
         return value
-
-    @field_validator("penalty_mode", mode="before")
-    @classmethod
-    def _penalty_mode_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("penalty_mode")
     @classmethod
