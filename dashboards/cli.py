@@ -51,10 +51,11 @@ def report(
     typer.echo(f"report: {files.html}")
     for path in files.pngs:
         typer.echo(f"figure: {path}")
-    if files.png_error:
-        typer.secho(files.png_error, fg=typer.colors.YELLOW, err=True)
     if log:
         typer.echo(f"MLflow: {log_report(data, files)}")
+    if files.png_error:  # asked for and missing: the HTML report is there, the command still fails
+        typer.secho(f"error: {files.png_error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 def study(
@@ -74,12 +75,15 @@ def study(
     result, _ = run_study(spec, address=address, run=run, echo=typer.echo)
     path = write_result(result, spec.results_dir)
     typer.echo(f"results: {path}")
-    if png:
-        for figure in write_study_figures(result.to_dict(), spec.results_dir):
-            typer.echo(f"figure: {figure}")
+    figures, png_error = write_study_figures(result.to_dict(), spec.results_dir) if png else ([], None)
+    for figure in figures:
+        typer.echo(f"figure: {figure}")
     typer.echo(f"page: {write_reproduction_page(docs)}")
     for claim in result.claims:
         typer.echo(f"{claim.id} {claim.verdict:15s} {claim.evidence}")
+    if png_error:
+        typer.secho(f"error: {png_error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1)
 
 
 def register(app: typer.Typer, sweep_app: typer.Typer) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from rpsft.dashboards.sweep_data import CURVES, ROTATION_LAYER_PREFIX, ROTATION_MEAN, SweepData, TrialRecord
@@ -54,6 +55,26 @@ def _error_bars(trials: list[TrialRecord], name: str) -> dict[str, Any] | None:
     }
 
 
+def varying_knobs(trials: list[TrialRecord]) -> list[str]:
+    """The knobs (method, k, lambda, layers, ...) whose logged value differs between ``trials``."""
+    knobs = sorted({knob for t in trials for knob in t.knobs})
+    return [knob for knob in knobs if len({t.knobs.get(knob) for t in trials}) > 1]
+
+
+def knob_label(trial: TrialRecord, knobs: list[str]) -> str:
+    """``k=8 lambda=100``: the trial's values of ``knobs`` (``k=auto`` for an energy-rule k)."""
+
+    def short(value: str) -> str:
+        try:
+            return f"{float(value):.3g}"
+        except ValueError:
+            return value
+
+    return (
+        " ".join(f"{knob}={short(trial.knobs[knob])}" for knob in knobs if knob in trial.knobs) or trial.label
+    )
+
+
 def tradeoff_figure(data: SweepData) -> Any:
     """G_id (up) against F_ood (left): every finished trial, the Pareto front, the operating point per beta,
     and the line of equal Phi through the operating point at the sweep's beta."""
@@ -63,24 +84,29 @@ def tradeoff_figure(data: SweepData) -> Any:
     finished = [t for t in data.trials if t.finished]
     searched = [t for t in finished if not t.reference]
     if searched:
-        lams = [t.lam or 0.0 for t in searched]
+        lams = sorted({t.lam for t in searched if t.lam})
+        marker: dict[str, Any] = {"size": 11, "color": PALETTE[0], "line": {"width": 1, "color": "#333"}}
+        if len(lams) > 1:  # colour only where lambda varies
+            marker.update(
+                color=[math.log10(t.lam) if t.lam else 0.0 for t in searched],
+                colorscale="Viridis",
+                colorbar={"title": "log10 lambda"},
+            )
+        varying = varying_knobs(searched)
         fig.add_trace(
             go.Scatter(
                 x=[t.metrics["f_ood"] for t in searched],
                 y=[t.metrics["g_id"] for t in searched],
-                mode="markers",
+                mode="markers+text",
                 name="searched trials",
                 error_x=_error_bars(searched, "f_ood"),
                 error_y=_error_bars(searched, "g_id"),
-                text=[_hover(t, beta) for t in searched],
+                text=[knob_label(t, varying) for t in searched],
+                textposition="bottom right",
+                textfont={"size": 11},
+                hovertext=[_hover(t, beta) for t in searched],
                 hoverinfo="text",
-                marker={
-                    "size": 11,
-                    "color": [math.log10(v) if v > 0 else 0.0 for v in lams],
-                    "colorscale": "Viridis",
-                    "colorbar": {"title": "log10 lambda"},
-                    "line": {"width": 1, "color": "#333"},
-                },
+                marker=marker,
             )
         )
     for i, trial in enumerate(t for t in finished if t.reference):
@@ -88,11 +114,14 @@ def tradeoff_figure(data: SweepData) -> Any:
             go.Scatter(
                 x=[trial.metrics["f_ood"]],
                 y=[trial.metrics["g_id"]],
-                mode="markers",
+                mode="markers+text",
                 name=f"[ref] {trial.reference}",
                 error_x=_error_bars([trial], "f_ood"),
                 error_y=_error_bars([trial], "g_id"),
-                text=[_hover(trial, beta)],
+                text=[trial.reference],
+                textposition="bottom right",
+                textfont={"size": 11},
+                hovertext=[_hover(trial, beta)],
                 hoverinfo="text",
                 marker={"size": 13, "symbol": REFERENCE_SYMBOLS[i % len(REFERENCE_SYMBOLS)], "color": "#555"},
             )
@@ -135,16 +164,26 @@ def tradeoff_figure(data: SweepData) -> Any:
             best = plotted(data.selections[betas[0]].best)
             on = " (chosen on the selection items)" if chosen_on == "selection" else ""
             label = "beta=" + ", ".join(f"{b:g}" for b in betas)
-            fig.add_trace(
+            color = PALETTE[(i + 1) % len(PALETTE)]
+            fig.add_trace(  # a ring around the point it marks, so the point stays visible
                 go.Scatter(
                     x=[best.f_ood],
                     y=[best.g_id],
-                    mode="markers+text",
+                    mode="markers",
                     name=f"operating point, {label}{on}",
-                    text=[label],
-                    textposition="top center",
-                    marker={"size": 20, "symbol": "star", "color": PALETTE[(i + 1) % len(PALETTE)]},
+                    marker={"size": 26, "symbol": "circle-open", "color": color, "line": {"width": 3}},
                 )
+            )
+            fig.add_annotation(  # the star beside the point, with an arrow to it
+                x=best.f_ood,
+                y=best.g_id,
+                text=f"\u2605 operating point, {label}",
+                showarrow=True,
+                arrowhead=2,
+                arrowcolor=color,
+                ax=60,
+                ay=-40 - 24 * i,
+                font={"color": color, "size": 12},
             )
         best = plotted(data.selections[beta].best)
         xs = [t.metrics["f_ood"] for t in finished] + [0.0]
@@ -186,35 +225,104 @@ def _lambda_groups(trials: list[TrialRecord], max_lines: int = 6) -> dict[str, l
     return dict(sorted(groups.items(), key=lambda kv: min(t.lam for t in kv[1])))
 
 
-def _k_category(value: float) -> str:
-    return f"{value:g}"
+RANK_SHARE_TITLE = (
+    "k as a share of each protected matrix's rank (mean over the matrices; log axis; 1 = full rank)"
+)
+
+
+def share_of_rank_axis(fig: Any) -> None:
+    """A log x axis of rank shares, ticked at 1-2-5 steps as percentages."""
+    ticks = [m * 10.0**e for e in range(-4, 1) for m in (1, 2, 5) if m * 10.0**e <= 1.0]
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[f"{t:.2%}".replace(".00%", "%") for t in ticks])
+
+
+def phi_interval(trial: TrialRecord, beta: float) -> tuple[float, float] | None:
+    """The trial's logged 95% interval of Phi at ``beta`` (``phi@<beta>_lo`` / ``_hi``), if it has one."""
+    name = f"phi_at_{beta:g}"  # phi@<beta> as MLflow stores it (rpsft.sweeps.store.tracking)
+    lo, hi = trial.metrics.get(f"{name}_lo"), trial.metrics.get(f"{name}_hi")
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def rank_fraction_of(data: SweepData) -> Callable[[TrialRecord], float | None]:
+    """``trial -> the share of each protected matrix's rank its k protects`` (mean over the matrices of its
+    layer subset; :func:`rpsft.core.k_spec.mean_rank_fraction`), read from the model's config alone. L2-init is
+    1 (full rank), SFT 0; ``None`` where the model's config cannot be read or the trial has no k."""
+    from rpsft.core.k_spec import mean_rank_fraction, parse_k_spec
+    from rpsft.core.memory.dims import model_dims_for, protected_shapes
+
+    try:
+        dims = model_dims_for(data.config.model, cache_dir=data.config.cache_dir, local_files_only=True)
+    except Exception:  # noqa: BLE001  # the model moved or needs a hub: the figure falls back to k itself
+        dims = None
+
+    def fraction(trial: TrialRecord) -> float | None:
+        if trial.method == "l2-init":
+            return 1.0
+        if trial.method == "sft":
+            return 0.0
+        text = trial.params.get("k_resolved") or trial.params.get("k")
+        try:
+            k = parse_k_spec(text)
+        except ValueError:
+            return None
+        if isinstance(k, float) or dims is None:
+            return float(k) if isinstance(k, float) else None
+        label = trial.params.get("layers", "all")
+        try:
+            spec = data.config.space.layers_for(label)
+        except KeyError:
+            spec = label  # a reference's preset
+        return mean_rank_fraction(k, protected_shapes(dims, spec).values())
+
+    return fraction
 
 
 def phi_vs_k_figure(data: SweepData) -> Any:
-    """Phi(beta) against the rank k, one line per lambda (or lambda bin), one marker per layer subset; the
-    references as horizontal lines. Integer ranks and rank fractions share a categorical axis (fractions first)."""
+    """Phi(beta) with its 95% interval against the share of each matrix's rank that k protects, on a log axis:
+    one line per lambda (or lambda bin), one marker per layer subset, ``k: auto`` marked. Full rank (L2-init)
+    sits at 1; SFT (k = 0) is a horizontal band, as are the other references."""
     go = _go()
     beta = data.beta
     fig = go.Figure()
-    ranked = [t for t in data.trials if t.finished and not t.reference and t.k_value is not None and t.lam]
-    order = sorted({t.k_value for t in ranked}, key=lambda k: (k >= 1, k))
+    fraction = rank_fraction_of(data)
+    ranked = [
+        t for t in data.trials if t.finished and not t.reference and t.lam and (fraction(t) or 0.0) > 0.0
+    ]
     layer_names = sorted({t.params.get("layers", "all") for t in ranked})
     symbols = {name: LAYER_SYMBOLS[i % len(LAYER_SYMBOLS)] for i, name in enumerate(layer_names)}
+
+    def bars(trials: list[TrialRecord]) -> dict[str, Any] | None:
+        intervals = [phi_interval(t, beta) for t in trials]
+        if any(i is None for i in intervals):
+            return None
+        return {
+            "type": "data",
+            "symmetric": False,
+            "array": [hi - t.phi(beta) for t, (_, hi) in zip(trials, intervals)],
+            "arrayminus": [t.phi(beta) - lo for t, (lo, _) in zip(trials, intervals)],
+            "thickness": 1,
+            "width": 4,
+        }
+
     for i, (group, trials) in enumerate(_lambda_groups(ranked).items()):
-        trials = sorted(trials, key=lambda t: order.index(t.k_value))
+        trials = sorted(trials, key=fraction)
+        color = PALETTE[i % len(PALETTE)]
         fig.add_trace(
             go.Scatter(
-                x=[_k_category(t.k_value) for t in trials],
+                x=[fraction(t) for t in trials],
                 y=[t.phi(beta) for t in trials],
-                mode="lines+markers",
+                mode="lines+markers+text",
                 name=group,
-                text=[f"{t.label}<br>Phi {t.phi(beta):+.4f}" for t in trials],
+                error_y=bars(trials),
+                text=["auto" if str(t.params.get("k", "")).startswith("auto") else "" for t in trials],
+                textposition="top center",
+                hovertext=[f"{t.label}<br>Phi {t.phi(beta):+.4f}" for t in trials],
                 hoverinfo="text",
-                line={"color": PALETTE[i % len(PALETTE)]},
+                line={"color": color},
                 marker={
                     "size": 11,
                     "symbol": [symbols[t.params.get("layers", "all")] for t in trials],
-                    "color": PALETTE[i % len(PALETTE)],
+                    "color": color,
                 },
             )
         )
@@ -229,16 +337,38 @@ def phi_vs_k_figure(data: SweepData) -> Any:
             )
         )
     for trial in data.trials:
-        if trial.finished and trial.reference:
-            fig.add_hline(
-                y=trial.phi(beta),
-                line={"dash": "dash", "color": "#888", "width": 1},
-                annotation_text=f"[ref] {trial.reference}",
-                annotation_position="top left",
+        if not (trial.finished and trial.reference):
+            continue
+        interval = phi_interval(trial, beta)
+        if trial.method == "l2-init":  # full rank: a point at 1
+            fig.add_trace(
+                go.Scatter(
+                    x=[1.0],
+                    y=[trial.phi(beta)],
+                    mode="markers+text",
+                    name=f"[ref] {trial.reference} (full rank)",
+                    error_y=bars([trial]),
+                    text=[f"{trial.reference} (full rank)"],
+                    textposition="top left",
+                    marker={"size": 13, "symbol": "diamond", "color": "#555"},
+                )
             )
-    fig.update_xaxes(type="category", categoryorder="array", categoryarray=[_k_category(k) for k in order])
+            continue
+        name = f"[ref] {trial.reference}" + (" (k = 0)" if trial.method == "sft" else "")
+        if interval is not None:
+            fig.add_hrect(y0=interval[0], y1=interval[1], fillcolor="#888", opacity=0.12, line_width=0)
+        fig.add_hline(
+            y=trial.phi(beta),
+            line={"dash": "dash", "color": "#888", "width": 1},
+            annotation_text=name,
+            annotation_position="top left",
+        )
+    share_of_rank_axis(fig)
     return _layout(
-        fig, f"Phi(k) at beta={beta:g}", "k (rank; a value < 1 is a share of each matrix's rank)", "Phi"
+        fig,
+        f"Phi(k) at beta={beta:g} (bars and bands: 95% intervals)",
+        RANK_SHARE_TITLE,
+        f"Phi = G_id - {beta:g} F_ood",
     )
 
 
@@ -247,40 +377,90 @@ def _trial_line(trial: TrialRecord, points: list[tuple[float, float]], color: st
     return _go().Scatter(
         x=[x for x, _ in points],
         y=[y for _, y in points],
-        mode="lines+markers",
         name=trial.label,
         legendgroup=trial.run_id,
         line={"color": color},
-        **kwargs,
+        **{"mode": "lines+markers", **kwargs},
     )
 
 
-def training_curves_figure(data: SweepData) -> Any:
-    """Per-step task loss, penalty, protected drift, and the trade-off at the intermediate evaluations of every
-    trial (four panels a row)."""
+def moving_average(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
+    """The trailing mean of the last ``window`` values at each step (fewer at the start)."""
+    out = []
+    for i, (step, _) in enumerate(points):
+        recent = [v for _, v in points[max(0, i - window + 1) : i + 1]]
+        out.append((step, sum(recent) / len(recent)))
+    return out
+
+
+def curve_panels(data: SweepData) -> list[tuple[str, str, str, list[TrialRecord]]]:
+    """``(metric, panel title, y label, trials)`` of each training-curve panel that has data: one penalty panel
+    per method (an L2-init penalty is far larger than a rank-k one)."""
+    panels = []
+    for key, (title, y_label) in CURVES.items():
+        trials = [t for t in data.trials if t.history.get(key)]
+        if not trials:
+            continue
+        if key != "rpsft/penalty":
+            panels.append((key, title, y_label, trials))
+            continue
+        for method in sorted({t.method for t in trials}):
+            panels.append((key, f"{method} penalty", y_label, [t for t in trials if t.method == method]))
+    return panels
+
+
+def training_curves_figure(data: SweepData, window: int | None = None) -> Any:
+    """Per-step task loss (with its moving average over ``window`` steps, by default about an epoch or a tenth
+    of the run), each method's penalty, the protected drift, and the trade-off at the intermediate evaluations
+    of every trial (up to four panels a row), each panel with its own labelled y axis."""
     from plotly.subplots import make_subplots
 
-    keys = [k for k in CURVES if any(t.history.get(k) for t in data.trials)]
-    if not keys:
+    panels = curve_panels(data)
+    if not panels:
         return None
-    cols = min(4, len(keys))
-    rows = -(-len(keys) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[CURVES[k] for k in keys])
-    for i, trial in enumerate(data.trials):
-        color = PALETTE[i % len(PALETTE)]
-        shown = False  # one legend entry per trial
-        for index, key in enumerate(keys):
-            series = trial.history.get(key)
-            if not series:
-                continue
-            fig.add_trace(
-                _trial_line(trial, series, color, showlegend=not shown, marker={"size": 4}),
-                row=index // cols + 1,
-                col=index % cols + 1,
-            )
-            shown = True
-    fig.update_xaxes(title_text="step")
-    return _layout(fig, "Training curves", "", "", height=420 * rows + 100)
+    if window is None:
+        steps = max((len(t.history.get("loss", [])) for t in data.trials), default=0)
+        train = data.config.train  # the sweep's shared TrainConfig fields, as given
+        epochs = train.get("epochs") if train.get("max_steps", 0) is None else None
+        window = max(2, steps // epochs if epochs else steps // 10)  # an epoch, or a tenth of the run
+    cols = min(4, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = make_subplots(
+        rows=rows, cols=cols, subplot_titles=[title for _, title, _, _ in panels], horizontal_spacing=0.09
+    )
+    colors = {t.run_id: PALETTE[i % len(PALETTE)] for i, t in enumerate(data.trials)}
+    shown: set[str] = set()  # one legend entry per trial
+    for index, (key, _, _, trials) in enumerate(panels):
+        row, col = index // cols + 1, index % cols + 1
+        for trial in trials:
+            series = trial.history[key]
+            color = colors[trial.run_id]
+            legend = trial.run_id not in shown
+            shown.add(trial.run_id)
+            if key == "loss":
+                fig.add_trace(
+                    _trial_line(trial, series, color, showlegend=False, opacity=0.3, mode="lines"),
+                    row=row,
+                    col=col,
+                )
+                fig.add_trace(
+                    _trial_line(
+                        trial, moving_average(series, window), color, showlegend=legend, mode="lines"
+                    ),
+                    row=row,
+                    col=col,
+                )
+            else:
+                fig.add_trace(
+                    _trial_line(trial, series, color, showlegend=legend, marker={"size": 4}), row=row, col=col
+                )
+    # the layout first: its (empty) figure-wide axis titles would replace the first panel's
+    _layout(fig, f"Training curves (moving average over {window} steps)", "", "", height=420 * rows + 100)
+    fig.update_layout(margin={"l": 80, "t": 90})
+    for index, (_, _, y_label, _) in enumerate(panels):
+        fig.update_yaxes(title_text=y_label, row=index // cols + 1, col=index % cols + 1)
+    fig.update_xaxes(title_text="optimizer step")
+    return fig
 
 
 def rotation_figure(data: SweepData) -> Any:

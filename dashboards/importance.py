@@ -82,7 +82,12 @@ def study_of(
     import optuna
 
     distributions = _distributions(trials) if distributions is None else distributions
-    study = optuna.create_study(direction=direction)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created in memory" in the report
+    try:
+        study = optuna.create_study(direction=direction)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     for trial in trials:
         objective = value(trial)
         if objective is None or not math.isfinite(objective):

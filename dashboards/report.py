@@ -10,7 +10,6 @@ import base64
 import html
 import json
 import math
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -315,11 +314,12 @@ def write_pngs(figures: dict[str, Any], out_dir: Path) -> tuple[list[Path], str 
     try:
         pio.write_images(list(figures.values()), [str(p) for p in paths], width=1200, height=560, scale=1)
     except Exception as exc:  # kaleido needs a Chrome or Chromium: the HTML report does not
+        first_line = (str(exc).strip().splitlines() or [""])[0]
         reason = (
-            f"PNG export failed ({type(exc).__name__}: {exc}). Fix: install Chromium (apt-get install chromium) "
-            "or `plotly_get_chrome`, or pass --no-png"
+            f"the PNG figures were not written: kaleido could not export them ({type(exc).__name__}: "
+            f"{first_line}). Fix: install Chromium (`apt-get install chromium`, which scripts/setup.sh does "
+            "as root) or Chrome (`plotly_get_chrome`), or pass --no-png"
         )
-        warnings.warn(reason, stacklevel=2)
         return [], reason
     return paths, None
 

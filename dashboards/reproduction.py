@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
-from rpsft.dashboards.figures import _go, _layout
+from rpsft.dashboards.figures import RANK_SHARE_TITLE, _go, _layout, share_of_rank_axis
 
 METHOD_COLORS = {
     "sft": "#d62728",
@@ -22,6 +23,13 @@ METHOD_COLORS = {
 
 def _error(interval: dict[str, float], estimate: float) -> tuple[float, float]:
     return interval["high"] - estimate, estimate - interval["low"]
+
+
+def short_label(label: str) -> str:
+    """A configuration's label without what the figure's points share: ``[ref] rpsft k=32 lambda=100 layers=all
+    step=16`` -> ``rpsft k=32 λ=100``."""
+    text = re.sub(r"^\[ref\] | layers=all| step=\d+| \(\d+ seeds\)", "", label)
+    return text.replace("lambda=", "\u03bb=").replace("learning_rate=", "lr=")
 
 
 def tradeoff_figure(result: dict[str, Any]) -> Any:
@@ -40,47 +48,106 @@ def tradeoff_figure(result: dict[str, Any]) -> Any:
             go.Scatter(
                 x=f,
                 y=g,
-                mode="markers",
+                mode="markers+text",
                 name=method,
                 marker={"size": 9, "color": METHOD_COLORS.get(method)},
                 error_x={"type": "data", "array": list(fp), "arrayminus": list(fm), "thickness": 1},
                 error_y={"type": "data", "array": list(gp), "arrayminus": list(gm), "thickness": 1},
-                text=[c["label"] for c in configs],
-                hovertemplate="%{text}<br>F_ood %{x:.4f}<br>G_id %{y:.4f}<extra></extra>",
+                text=[short_label(c["label"]) for c in configs],
+                textposition="top right",
+                textfont={"size": 10, "color": METHOD_COLORS.get(method)},
+                hovertext=[c["label"] for c in configs],
+                hovertemplate="%{hovertext}<br>F_ood %{x:.4f}<br>G_id %{y:.4f}<extra></extra>",
             )
         )
     fig.add_trace(
-        go.Scatter(x=[0], y=[0], mode="markers", name="base", marker={"symbol": "x", "size": 10, "color": "black"})
+        go.Scatter(
+            x=[0], y=[0], mode="markers", name="base", marker={"symbol": "x", "size": 10, "color": "black"}
+        )
     )
     return _layout(fig, f"{result['model']}: ID gain vs OOD forgetting (95% intervals)", "F_ood", "G_id")
 
 
+def _rank_share(model: str, layers: str) -> Any:
+    """``k -> the mean share of each protected matrix's rank`` for the study's model (its config alone): a k
+    below 1 is a share already; an int rank is resolved per matrix. Without the model's config, ranks map to
+    ``None``."""
+    from rpsft.core.k_spec import mean_rank_fraction
+    from rpsft.core.memory.dims import model_dims_for, protected_shapes
+
+    try:
+        shapes = list(protected_shapes(model_dims_for(model, local_files_only=True), layers).values())
+    except Exception:  # noqa: BLE001  # not readable here: only the shares that are given are placed
+        shapes = []
+
+    def share(k: float) -> float | None:
+        if k < 1.0:
+            return k
+        return mean_rank_fraction(int(k), shapes) if shapes else None
+
+    return share
+
+
 def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
-    """Phi(k) on the k slice (C4): k = 0 is SFT, the last point is full rank (L2-init)."""
+    """Phi(k) on the k slice (C4) with 95% intervals, against the share of each protected matrix's rank that k
+    protects on a log axis: full rank (L2-init) at 1, SFT (k = 0) as a band, ``k: auto`` marked."""
     go = _go()
-    rows = claim["numbers"].get("phi_by_k", [])
+    numbers = claim["numbers"]
+    beta = numbers.get("beta", 1)
+    share = _rank_share(result["model"], numbers.get("layers", "all"))
     fig = go.Figure()
-    if rows:
-        finite = [r["k"] for r in rows if math.isfinite(r["k"]) and r["k"] > 0]
-        top = max(finite) * 2 if finite else 1.0
-        xs = [top if not math.isfinite(r["k"]) else r["k"] for r in rows]
-        ys = [r["phi"]["estimate"] for r in rows]
+
+    def trace(rows: list[dict[str, Any]], name: str, **style: Any) -> Any:
+        xs = [1.0 if not math.isfinite(r["k"]) else share(r["k"]) for r in rows]
+        return go.Scatter(
+            x=xs,
+            y=[r["phi"]["estimate"] for r in rows],
+            name=name,
+            error_y={
+                "type": "data",
+                "array": [r["phi"]["high"] - r["phi"]["estimate"] for r in rows],
+                "arrayminus": [r["phi"]["estimate"] - r["phi"]["low"] for r in rows],
+            },
+            text=[r["label"] for r in rows],
+            hovertemplate="%{text}<br>Phi %{y:.4f}<extra></extra>",
+            **style,
+        )
+
+    rows = numbers.get("phi_by_k", [])
+    sft = [r for r in rows if r["k"] == 0]
+    ranked = [r for r in rows if r["k"] != 0]
+    if ranked:
         fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=ys,
-                mode="lines+markers",
-                name=f"Phi at beta={claim['numbers'].get('beta', 1):g}",
-                error_y={
-                    "type": "data",
-                    "array": [r["phi"]["high"] - r["phi"]["estimate"] for r in rows],
-                    "arrayminus": [r["phi"]["estimate"] - r["phi"]["low"] for r in rows],
-                },
-                text=[r["label"] for r in rows],
-                hovertemplate="%{text}<br>Phi %{y:.4f}<extra></extra>",
+            trace(ranked, "RPSFT k (full rank: L2-init)", mode="lines+markers", marker={"size": 10})
+        )
+    if numbers.get("auto"):
+        fig.add_trace(
+            trace(
+                numbers["auto"],
+                "k: auto (energy rule)",
+                mode="markers+text",
+                textposition="top center",
+                marker={"size": 14, "symbol": "star", "color": "#ff7f0e"},
             )
         )
-    return _layout(fig, f"{result['model']}: Phi(k) (k = 0: SFT; rightmost: full rank)", "k", "Phi")
+    for row in sft:
+        phi = row["phi"]
+        fig.add_hrect(
+            y0=phi["low"], y1=phi["high"], fillcolor=METHOD_COLORS["sft"], opacity=0.1, line_width=0
+        )
+        fig.add_hline(
+            y=phi["estimate"],
+            line={"dash": "dash", "color": METHOD_COLORS["sft"], "width": 1},
+            annotation_text=f"{row['label']} (k = 0)",
+            annotation_position="top left",
+        )
+    share_of_rank_axis(fig)
+    return _layout(
+        fig,
+        f"{result['model']}: Phi(k) at beta={beta:g} (bars, band: 95% intervals)",
+        RANK_SHARE_TITLE,
+        "Phi",
+    )
 
 
 REGIME_COLORS = {"loss": "#1f77b4", "decoupled": "#ff7f0e", "sgd": "#2ca02c"}
@@ -160,13 +227,11 @@ def study_figures(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> list[Path]:
+def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> tuple[list[Path], str | None]:
+    """The study's figures as PNG: ``(paths, None)``, or ``([], why not)``."""
     from rpsft.dashboards.report import write_pngs
 
-    paths, error = write_pngs(study_figures(result), Path(results_dir))
-    if error:
-        raise RuntimeError(f"study figures: {error}")
-    return paths
+    return write_pngs(study_figures(result), Path(results_dir))
 
 
 # ------------------------------------------------------------------------------------------ the page
@@ -230,7 +295,10 @@ def _c2_section(result: dict[str, Any]) -> list[str]:
     paper = numbers.get("paper_protocol")
     if paper:
         chosen = ", ".join(f"{name}: {label or '-'}" for name, label in paper["configurations"].items())
-        lines += ["", f"Paper protocol (final step, {paper['items']} items; {chosen}): **{paper['verdict']}**."]
+        lines += [
+            "",
+            f"Paper protocol (final step, {paper['items']} items; {chosen}): **{paper['verdict']}**.",
+        ]
         if paper["differences"]:
             lines += ["", "| paper protocol | " + " | ".join(f"beta={b}" for b in betas) + " |"]
             lines.append("|---" * (len(betas) + 1) + "|")
@@ -271,8 +339,10 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
     ]
     lines += [
         "**Scale.** These studies run the paper's comparison at the scale a 2-core CPU affords: the embedded "
-        "135M / 270M models, a few optimizer steps on CHAMP competition-math solutions (`champ:train`, never the "
-        "scored items), and the loss-based trade-off: `G_id` is the drop in per-token NLL of the reference "
+        "135M / 270M models, trained on a fixed subset of CHAMP competition-math solutions (`champ:train`, never "
+        "the scored items) for the steps or epochs each study's line below states (see "
+        "[Choosing the training regime](regime.md)), and the loss-based trade-off: `G_id` is the drop in per-token "
+        "NLL of the reference "
         "solutions of MATH-500, Minerva and OlympiadBench items, `F_ood` the rise in NLL of the base model's own "
         "greedy answers to GPQA, IFEval, MMLU-Pro, Safety and TruthfulQA-MC prompts (see "
         "`evaluation/loss_metrics.py`). The paper reports accuracies of 7-8B models after 12-20 epochs; a verdict "
@@ -284,7 +354,12 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
     ]
     if intro:
         lines += [intro, ""]
-    lines += ["## Claims", "", "| claim | " + " | ".join(r["model"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
+    lines += [
+        "## Claims",
+        "",
+        "| claim | " + " | ".join(r["model"] for r in results) + " |",
+        "|---" * (len(results) + 1) + "|",
+    ]
     claim_ids = [c["id"] for c in results[0]["claims"]]
     texts = {c["id"]: c["claim"] for c in results[0]["claims"]}
     for cid in claim_ids:
@@ -299,7 +374,9 @@ def reproduction_markdown(results: list[dict[str, Any]], docs_dir: Path, intro: 
             "",
             f"## {r['model']}",
             "",
-            f"Sweep `{r['sweep']}`: data `{r['data']}`; " + ", ".join(f"{k} {v}" for k, v in r["setup"].items()) + ".",
+            f"Sweep `{r['sweep']}`: data `{r['data']}`; "
+            + ", ".join(f"{k} {v}" for k, v in r["setup"].items())
+            + ".",
             "",
         ]
         lines += [line for caveat in r.get("caveats", []) for line in (f"> **Caveat.** {caveat}", "")]

@@ -11,15 +11,16 @@ from rpsft.sweeps.analysis.selection import Selection
 from rpsft.sweeps.analysis.stored_sweep import load_stored_sweep
 from rpsft.sweeps.store.sweep_store import DEFAULT_ROOT, TrialRecord
 
-# per-step series drawn as training curves (MLflow metric name -> panel title)
+# per-step series drawn as training curves (MLflow metric name -> (panel title, y-axis label)); the penalty is
+# drawn in one panel per method, as the penalties of different methods differ in scale
 CURVES = {
-    "loss": "task loss",
-    "rpsft/penalty": "RPSFT penalty",
-    "rpsft/drift_mean": "protected drift (mean)",
-    "eval/objective": "Phi at the rungs",
-    "eval/g_id": "G_id at the evaluations",
-    "eval/f_ood": "F_ood at the evaluations",
-    "eval/drift_mean": "protected drift at the evaluations",
+    "loss": ("task loss (faint: per step)", "cross-entropy (nats/token)"),
+    "rpsft/penalty": ("penalty", "lambda x penalty"),
+    "rpsft/drift_mean": ("protected drift (mean)", "||Uk^T (W - W0) Vk||_F"),
+    "eval/objective": ("Phi at the rungs", "Phi"),
+    "eval/g_id": ("G_id at the evaluations", "G_id"),
+    "eval/f_ood": ("F_ood at the evaluations", "F_ood"),
+    "eval/drift_mean": ("protected drift at the evaluations", "||Uk^T (W - W0) Vk||_F"),
 }
 ROTATION_MEAN = "rotation/mean_deg"
 ROTATION_LAYER_PREFIX = "rotation/layer_"
@@ -99,7 +100,9 @@ def _histories(client: Any, trial: TrialRecord) -> dict[str, list[tuple[int, flo
         if key in trial.metrics:
             series = client.get_metric_history(trial.run_id, key)
             out[key] = sorted((m.step, m.value) for m in series if math.isfinite(m.value))
-    last_step = trial.metrics.get("global_steps") or max((step for step, _ in out.get("loss", [])), default=None)
+    last_step = trial.metrics.get("global_steps") or max(
+        (step for step, _ in out.get("loss", [])), default=None
+    )
     for key, final in FINAL_OF_EVAL.items():  # the final scoring is the last point of each evaluation curve
         if out.get(key) and last_step is not None and math.isfinite(trial.metrics.get(final, math.nan)):
             out[key] = [*(p for p in out[key] if p[0] < last_step), (last_step, trial.metrics[final])]

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import typer
-from rpsft.core.cli_errors import InputErrorGroup
+from rpsft.core.cli_errors import InputErrorGroup, check_options
 from rpsft.core.cli_help import RpsftCommand
 from rpsft.core.errors import InputError
 from rpsft.core.method_table import METHOD_NAMES
@@ -61,6 +61,14 @@ def train(
         seed=seed,
     )
     overrides["lambda"] = lam
+    from rpsft.core.config import TrainConfig
+
+    option_names = {"output_dir": "--out", "max_steps": "--max-steps"}
+    check_options(
+        TrainConfig,
+        {field: (option_names.get(field, f"--{field}"), value) for field, value in overrides.items()},
+        "rpsft train",
+    )
     if workers is not None:
         overrides["resources"] = {"workers": workers}
     cfg = load_train_config(config, overrides)

@@ -45,13 +45,19 @@ def check_options(model: type[BaseModel], options: Mapping[str, tuple[str, Any]]
     try:
         model.model_validate(given)
     except ValidationError as exc:
+        # only the given values' own errors: the rest (fields a config file sets, checks across fields) are
+        # reported when the whole config is validated
+        errors = [err for err in exc.errors() if err["loc"] and str(err["loc"][0]) in given]
+        if not errors:
+            return
         lines = []
-        for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else ""
-            option, value = options.get(field, (field, given.get(field)))
+        for err in errors:
+            field = str(err["loc"][0])
+            option, value = options[field][0], given[field]
             reason = err["msg"].removeprefix("Value error, ")
             lines.append(f"{option} {value}: {reason[:1].lower()}{reason[1:]}")
         raise InputError(
-            "\n".join(dict.fromkeys(lines)) + f"\nFix: change the value(s) above (`{command} --help` lists each "
+            "\n".join(dict.fromkeys(lines))
+            + f"\nFix: change the value(s) above (`{command} --help` lists each "
             "option's accepted values)"
         ) from None

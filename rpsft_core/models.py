@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from rpsft.core.errors import ModelSourceError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -170,13 +171,21 @@ def cache_is_intact(target: Path) -> bool:
 
 
 def _cached_model_dir(target: Path, gguf: Callable[[], Path]) -> str:
-    """``target``, dequantized from ``gguf()`` first unless it already holds an intact cache."""
-    if not cache_is_intact(target):
-        if target.exists():
-            print(
-                f"[rpsft] model cache {target} fails its content check; dequantizing again", file=sys.stderr
-            )
-        _dequantize_to_cache(gguf(), target)
+    """``target``, dequantized from ``gguf()`` first unless it already holds an intact cache.
+
+    A lock beside the cache lets one process dequantize while the others (concurrent trials or test workers)
+    wait for it, so none replaces a cache another is reading."""
+    if cache_is_intact(target):
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.with_name(f"{target.name}.lock"))):
+        if not cache_is_intact(target):
+            if target.exists():
+                print(
+                    f"[rpsft] model cache {target} fails its content check; dequantizing again",
+                    file=sys.stderr,
+                )
+            _dequantize_to_cache(gguf(), target)
     return str(target)
 
 

@@ -62,6 +62,19 @@ def sweep_group() -> typer.Typer:
     )
 
 
+def mlflow_command() -> str:
+    """The ``mlflow`` executable beside this Python (``.venv/bin/mlflow`` from the checkout), as a user would
+    type it from the current directory."""
+    import sys
+
+    path = Path(sys.executable).parent / "mlflow"
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:  # another drive
+        return str(path)
+    return relative if not relative.startswith("..") else str(path)
+
+
 def _print_outcome(outcome, beta: float) -> None:
     from rpsft.sweeps.analysis.summary import selection_text, trials_table
 
@@ -72,7 +85,7 @@ def _print_outcome(outcome, beta: float) -> None:
         typer.echo("\nno finished trial carries G_id/F_ood: nothing to select")
     typer.echo(
         f"\nMLflow: {outcome.tracking_uri}  (experiment id {outcome.experiment_id}, parent run {outcome.parent_run_id})"
-        f"\n  browse: mlflow ui --backend-store-uri {outcome.tracking_uri}"
+        f"\n  browse: {mlflow_command()} ui --backend-store-uri {outcome.tracking_uri}"
         f"\nsweep state: {outcome.sweep_dir}"
     )
 

@@ -143,7 +143,9 @@ def run_tuner(
                 scheduler=build_scheduler(config),
                 num_samples=config.num_reference_trials + config.search.num_trials,
                 max_concurrent_trials=config.concurrency,
-                reuse_actors=False,
+                # a trial's worker serves the next trial of the same resources: no new process and imports
+                # per trial (each trial seeds its own RNGs, so results are the same as in a fresh worker)
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
@@ -295,7 +297,9 @@ class NotYetThere:
     @classmethod
     def now(cls, store: SweepStore, storage_files: list[Path]) -> NotYetThere:
         ends = ("", "-journal", "-wal", "-shm", ".lock")
-        files = tuple(p for f in storage_files for p in (f.with_name(f.name + e) for e in ends) if not p.exists())
+        files = tuple(
+            p for f in storage_files for p in (f.with_name(f.name + e) for e in ends) if not p.exists()
+        )
         folders = {folder for path in (store.dir, *files) for folder in path.parents if not folder.exists()}
         return cls(
             None if store.dir.exists() else store.dir,
@@ -484,6 +488,24 @@ def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
     return len(running)
 
 
+def close_lost_trial_runs(client: Any, trials: list[TrialRecord]) -> int:
+    """Mark KILLED (state ``lost``) the trial runs still RUNNING once the sweep's budget is done: a driver killed
+    between a trial's start and Tune's next experiment checkpoint leaves a run that Tune forgot on restore (it
+    ran another trial in its place), so nothing will ever finish it. Returns how many were closed."""
+    running = [trial for trial in trials if trial.running]
+    for trial in running:
+        tracking.set_tags(
+            client,
+            trial.run_id,
+            {
+                tracking.TAG_FAILURE: "lost: started before the sweep's driver was killed, after Tune's last "
+                "experiment checkpoint; the resumed sweep ran another trial in its place"
+            },
+        )
+        tracking.finish_run(client, trial.run_id, "KILLED", state="lost")
+    return len(running)
+
+
 def _part_metrics(prefix: str, numbers: Any, beta: float) -> dict[str, float]:
     out = {f"{prefix}g_id": numbers.g_id, f"{prefix}f_ood": numbers.f_ood, f"{prefix}phi": numbers.phi}
     if numbers.intervals:
@@ -513,6 +535,15 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     store = SweepStore.of(config)
     client = tracking.client_for(context.tracking_uri)
     trials = store.trials(context)
+    expected = config.num_reference_trials + config.search.num_trials
+    if sum(1 for trial in trials if trial.done) >= expected:
+        lost = close_lost_trial_runs(client, trials)
+        if lost:
+            echo(
+                f"[rpsft] sweep {config.name}: {lost} trial run(s) started before a crash that Tune never "
+                "recorded (another trial took the place): KILLED"
+            )
+            trials = store.trials(context)
     # every scored checkpoint with evaluation.trajectory: true, else each trial's final point
     analysis = analyze_sweep(config, client, context.parent_run_id, sweep_points(config, trials, client))
     selection = None
@@ -548,7 +579,6 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     tracking.finish_run(client, context.parent_run_id, "FINISHED")
     # interrupted (Ctrl-C, a failed trial): the state says so, and `rpsft sweep resume` / `rpsft study` go on
     done = sum(1 for trial in trials if trial.done)
-    expected = config.num_reference_trials + config.search.num_trials
     if done >= expected:
         closed = close_orphaned_optuna_trials(optuna_url, config.name)
         if closed:

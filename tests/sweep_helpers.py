@@ -145,3 +145,31 @@ def resume_cli(name: str, root: Path, timeout: float) -> str:
     assert proc.returncode == 0, out[-4000:]
     assert "operating point" in out
     return out
+
+
+def log_trial_run(
+    client, experiment_id, parent, trial_id, params, metrics, *, items=None, tags=None, status="FINISHED"
+) -> str:
+    """A sweep's trial run written straight to MLflow (no training): its params, metrics, tags and per-item
+    scores (``item_scores.json``); returns its run id. Runs come back in start order."""
+    import time
+
+    from rpsft.sweeps.store import tracking
+
+    run = client.create_run(
+        experiment_id,
+        tags={
+            tracking.PARENT_TAG: parent,
+            tracking.TAG_TRIAL: trial_id,
+            tracking.TAG_ROLE: "trial",
+            **(tags or {}),
+        },
+    )
+    run_id = run.info.run_id
+    tracking.log_params(client, run_id, params)
+    tracking.log_metrics(client, run_id, metrics)
+    if items is not None:
+        tracking.log_json_artifact(client, run_id, "item_scores.json", items)
+    client.set_terminated(run_id, status=status)
+    time.sleep(0.01)  # distinct start times
+    return run_id

@@ -128,6 +128,17 @@ def test_options_reach_the_package_under_their_own_field(handovers):
     assert call[2]["work_dir"] == Path("X")
 
 
+def test_train_names_the_options_of_bad_values_and_the_fields_of_a_bad_file(tmp_path):
+    output = _refused(["train", "--max-steps", "-3", "--lambda", "-1", "--out", str(tmp_path)])
+    assert "--max-steps -3: input should be greater than 0" in output
+    assert "--lambda -1.0: lambda must be >= 0" in output
+    assert "max_steps:" not in output and "Fix: change the value(s) above" in output
+    bad = tmp_path / "train.yaml"
+    bad.write_text("max_steps: -3\n")
+    output = _refused(["train", "--config", str(bad), "--lambda", "2"])
+    assert "max_steps: Input should be greater than 0" in output and "--lambda" not in output
+
+
 def test_bad_input_exits_2_without_a_traceback_and_a_bug_keeps_it(monkeypatch):
     import rpsft.core.config
 
@@ -185,7 +196,14 @@ def test_select_refuses_a_beta_that_is_not_a_forgetting_weight(beta, handovers):
 def test_a_missing_local_model_fails_without_a_preflight_warning(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
-    for model in (str(tmp_path / "none"), "./none", "../none", "~/no-such-model-here", "models/none", "x.gguf"):
+    for model in (
+        str(tmp_path / "none"),
+        "./none",
+        "../none",
+        "~/no-such-model-here",
+        "models/none",
+        "x.gguf",
+    ):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             output = _refused(["train", "--model", model, "--max-steps", "1", "--out", str(tmp_path / "out")])
@@ -278,7 +296,10 @@ def test_a_sweep_name_that_is_a_path_is_refused_with_the_runs_dir_fix(args, hand
     output = _refused(args)
     what = "--from" if "--from" in args else "NAME"
     assert f"{what}: '../sweeps/demo' is a path" in output
-    assert "Fix: pass the name and the folder that holds the sweep with --runs-dir, e.g. demo --runs-dir ../sweeps" in output
+    assert (
+        "Fix: pass the name and the folder that holds the sweep with --runs-dir, e.g. demo --runs-dir ../sweeps"
+        in output
+    )
     assert not handovers
 
 
@@ -302,7 +323,8 @@ def test_an_export_that_compared_nothing_says_so(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "args", [["--help"], ["sweep", "--help"], ["sweep", "run", "--help"], ["eval", "--help"], ["train", "--help"]]
+    "args",
+    [["--help"], ["sweep", "--help"], ["sweep", "run", "--help"], ["eval", "--help"], ["train", "--help"]],
 )
 def test_help_screens_read_cleanly(args):
     result = runner.invoke(app, args, prog_name="rpsft")

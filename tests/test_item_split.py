@@ -6,7 +6,6 @@ against an independent computation on the items."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from rpsft.sweeps.analysis.points import trial_points
 from rpsft.sweeps.analysis.selection import TrialPoint, select
 from rpsft.sweeps.analysis.stored_sweep import StoredSweep
 from rpsft.sweeps.analysis.uncertainty import analyze_items
+from sweep_helpers import log_trial_run
 
 BETA = 1.0
 LAYOUT = {"id": {"math500": 10, "gsm8k": 7}, "ood": {"gpqa": 2, "mmlu": 33}}
@@ -185,28 +185,6 @@ def test_no_split_reproduces_the_choice_on_all_items_exactly():
 # ------------------------------------------------------------------------------------------ a stored sweep
 
 
-def _log_run(client, experiment_id, parent, trial_id, params, metrics, items=None, tags=None):
-    from rpsft.sweeps.store import tracking
-
-    run = client.create_run(
-        experiment_id,
-        tags={
-            tracking.PARENT_TAG: parent,
-            tracking.TAG_TRIAL: trial_id,
-            tracking.TAG_ROLE: "trial",
-            **(tags or {}),
-        },
-    )
-    run_id = run.info.run_id
-    tracking.log_params(client, run_id, params)
-    tracking.log_metrics(client, run_id, metrics)
-    if items is not None:
-        tracking.log_json_artifact(client, run_id, "item_scores.json", items)
-    client.set_terminated(run_id, status="FINISHED")
-    time.sleep(0.01)
-    return run_id
-
-
 @pytest.fixture
 def stored_sweep(tmp_path):
     """Two stored sweeps over the same MLflow runs (SQLite): ``split`` (report_fraction 0.5, seed 1) and
@@ -246,7 +224,9 @@ def stored_sweep(tmp_path):
             if items is None:
                 g, f = -1.0, 0.5  # its own numbers on all items: the worst configuration
             metrics = {"g_id": g, "f_ood": f, "phi": g - BETA * f}
-            run_id = _log_run(client, experiment_id, parent, f"{name}-{i}", params, metrics, items, tags)
+            run_id = log_trial_run(
+                client, experiment_id, parent, f"{name}-{i}", params, metrics, items=items, tags=tags
+            )
             configs[name].append((run_id, items, g, f))
     stores = {}
     for sweep, fraction in (("split", 0.5), ("whole", 0.0)):

@@ -203,3 +203,29 @@ def test_report_embeds_rpsft_diagnose_figures(finished_sweep, tmp_path):
 
     missing = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "o2"), "--diagnostics", str(tmp_path)])
     assert missing.exit_code == 2 and "diagnostics.json" in missing.output
+
+
+def test_report_without_chrome_writes_its_html_and_fails_saying_why(finished_sweep, tmp_path, monkeypatch):
+    import plotly.io
+
+    from rpsft.cli import app
+
+    def no_chrome(*args, **kwargs):
+        raise RuntimeError(
+            "Kaleido requires Google Chrome to be installed.\n  File 'kaleido/_sync.py', line 3"
+        )
+
+    monkeypatch.setattr(plotly.io, "write_images", no_chrome)
+    outcome, root = finished_sweep
+    args = ["sweep", "report", outcome.name, "--runs-dir", str(root / "sweeps"), "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--no-log"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (tmp_path / "report.html").is_file() and not list(tmp_path.glob("*.png"))
+    assert result.output.count("the PNG figures were not written") == 1
+    assert (
+        "(RuntimeError: Kaleido requires Google Chrome to be installed.). Fix: install Chromium"
+        in result.output
+    )
+    assert "line 3" not in result.output
+    result = CliRunner().invoke(app, [*args, "--no-log", "--no-png"])  # not asked for: not an error
+    assert result.exit_code == 0, result.output

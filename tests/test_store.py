@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from rpsft.sweeps.config.errors import SweepConfigError
 from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.store import tracking
 from rpsft.sweeps.store.sweep_store import SweepContext, SweepStore, TrialRecord
+from sweep_helpers import log_trial_run
 
 
 def _config(tmp_path, name="store-unit") -> SweepConfig:
@@ -62,7 +62,9 @@ def test_one_layout_for_every_path_of_a_sweep(tmp_path):
 def test_state_round_trip_and_a_missing_sweep_names_the_fix(tmp_path):
     config = _config(tmp_path)
     store = SweepStore.of(config)
-    with pytest.raises(SweepConfigError, match=r"name: no sweep 'store-unit'.*Fix: .*rpsft sweep run.*--runs-dir"):
+    with pytest.raises(
+        SweepConfigError, match=r"name: no sweep 'store-unit'.*Fix: .*rpsft sweep run.*--runs-dir"
+    ):
         store.read_state()
     assert not store.exists() and store.status() is None
     context = SweepContext(
@@ -103,20 +105,7 @@ def test_the_base_item_scores_and_intervals_round_trip_through_the_store(tmp_pat
 
 
 def _log_trial(client, experiment_id, parent, trial_id, params, metrics, status="FINISHED", tags=None):
-    run = client.create_run(
-        experiment_id,
-        tags={
-            tracking.PARENT_TAG: parent,
-            tracking.TAG_TRIAL: trial_id,
-            tracking.TAG_ROLE: "trial",
-            **(tags or {}),
-        },
-    )
-    tracking.log_params(client, run.info.run_id, params)
-    tracking.log_metrics(client, run.info.run_id, metrics)
-    client.set_terminated(run.info.run_id, status=status)
-    time.sleep(0.01)  # distinct start times: records come back in start order
-    return run.info.run_id
+    return log_trial_run(client, experiment_id, parent, trial_id, params, metrics, tags=tags, status=status)
 
 
 @pytest.fixture
@@ -240,3 +229,22 @@ def test_phi_is_one_function_on_floats_and_arrays_and_the_intervals_agree():
         assert select([point], beta).best.phi(beta) == interval.estimate
     assert math.isnan(phi(float("nan"), 0.0, 1.0))
 
+
+def test_the_experiment_opens_as_model_training_in_mlflow_and_the_summary_names_the_venv_mlflow(
+    tmp_path, monkeypatch
+):
+    import sys
+
+    from rpsft.sweeps.cli import mlflow_command
+
+    client = tracking.client_for(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.ensure_experiment(client, "kind")
+    assert tracking.ensure_experiment(client, "kind") == experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    monkeypatch.chdir(tmp_path)
+    assert mlflow_command() == ".venv/bin/mlflow"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # not below the venv's folder: the absolute path
+    assert mlflow_command() == str(tmp_path / ".venv" / "bin" / "mlflow")

@@ -29,7 +29,10 @@ def _items(id_shift, ood_shift, noise=0.02, seed=0):
 
 def _study(spec):
     """spec: list of (params, G shift, F shift, extra metrics); returns configurations and their intervals."""
-    base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
+    base = {
+        "id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]},
+        "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]},
+    }
     groups, items, metrics = [], {}, {}
     for i, (params, g, f, extra) in enumerate(spec):
         run = f"run{i}"
@@ -43,7 +46,9 @@ def _study(spec):
         point = group.point
         summary = intervals.of(point)
         # the point estimate the intervals use (the planted shift plus the realised noise)
-        point = TrialPoint(point.trial_id, summary["g_id"].estimate, summary["f_ood"].estimate, point.params, point.run_id)
+        point = TrialPoint(
+            point.trial_id, summary["g_id"].estimate, summary["f_ood"].estimate, point.params, point.run_id
+        )
         configs.append(Configuration(point, summary, metrics[point.run_id]))
     return configs, intervals
 
@@ -55,7 +60,10 @@ def _study_analysis(spec, split=SPLIT):
     """:func:`_study` and the sweep's analysis of the same configurations (as ``StoredSweep.analysis``: chosen on
     the selection items of ``split``, reported on its report items; no split: all items)."""
     configs, intervals = _study(spec)
-    base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
+    base = {
+        "id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]},
+        "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]},
+    }
     items = {f"run{i}": _items(g, f, seed=i) for i, (_, g, f, _) in enumerate(spec)}
     points = [c.point for c in configs]
     analysis = analyze_items(points, base, items, "nll", [1.0, 0.5, 2.0], split=split, draws=1000)
@@ -67,6 +75,7 @@ def _c2_by_hand(spec, split, betas):
     items (means of the planted item scores), each family's choice per beta (max Phi on the selection items) and
     the chosen configurations' Phi on the report items. Returns ``(choice {family: {beta: index}}, report Phi
     {index: {beta: Phi}})``."""
+
     def part(which):
         if not split.active:
             return np.arange(N_ITEMS), np.arange(N_ITEMS)
@@ -87,13 +96,18 @@ def _c2_by_hand(spec, split, betas):
         for beta in betas:
             g, f = numbers[i]["selection"]
             best = fam.get(beta)
-            if best is None or g - beta * f > numbers[best]["selection"][0] - beta * numbers[best]["selection"][1]:
+            if (
+                best is None
+                or g - beta * f > numbers[best]["selection"][0] - beta * numbers[best]["selection"][1]
+            ):
                 fam[beta] = i
     report = {i: {b: n["report"][0] - b * n["report"][1] for b in betas} for i, n in numbers.items()}
     return choice, report
 
 
-CLAIMS = Claims(betas=[0.5, 1.0, 2.0], k_slice={"lambda": 10, "layers": "all"}, drift_slice={"k": 64, "layers": "all"})
+CLAIMS = Claims(
+    betas=[0.5, 1.0, 2.0], k_slice={"lambda": 10, "layers": "all"}, drift_slice={"k": 64, "layers": "all"}
+)
 
 
 def _ref(method, **kw):
@@ -101,12 +115,21 @@ def _ref(method, **kw):
 
 
 def _rpsft(k, lam=10, **kw):
-    return {"method": "rpsft", "k": k, "lambda": lam, "layers": "all", "reference": f"rpsft k={k} lambda={lam}", **kw}
+    return {
+        "method": "rpsft",
+        "k": k,
+        "lambda": lam,
+        "layers": "all",
+        "reference": f"rpsft k={k} lambda={lam}",
+        **kw,
+    }
 
 
 def _verdicts(spec, split=SPLIT, claims=None):
     configs, intervals, analysis = _study_analysis(spec, split)
-    return {c.id: c for c in evaluate_claims(configs, intervals, claims or CLAIMS, beta0=1.0, analysis=analysis)}
+    return {
+        c.id: c for c in evaluate_claims(configs, intervals, claims or CLAIMS, beta0=1.0, analysis=analysis)
+    }
 
 
 def paper_like():
@@ -147,7 +170,12 @@ def test_planted_failures_are_not_reproduced():
         (_rpsft(64, lam=1), 0.02, 0.01, {"drift_mean": 0.1}),  # drift does not move with lambda: C5 fails
         (_rpsft(64, lam=100), 0.02, 0.01, {"drift_mean": 0.1}),
         (_rpsft(256), 0.40, 0.00, {"drift_mean": 0.05}),
-        ({**_rpsft("auto"), "k_resolved": 0.01}, -0.20, 0.30, {}),  # the energy rule's k is far worse: C6 fails
+        (
+            {**_rpsft("auto"), "k_resolved": 0.01},
+            -0.20,
+            0.30,
+            {},
+        ),  # the energy rule's k is far worse: C6 fails
     ]
     verdicts = _verdicts(spec)
     assert verdicts["C1"].verdict == "not reproduced"
@@ -202,7 +230,9 @@ def test_c2_compares_family_frontiers_on_the_report_items(split):
     _check_c2(c2, spec, split)
     assert c2.verdict == "reproduced"
     if split.active:
-        assert c2.evidence.startswith("frontiers chosen on the selection items, reported on the held-out report items")
+        assert c2.evidence.startswith(
+            "frontiers chosen on the selection items, reported on the held-out report items"
+        )
         assert c2.numbers["split"]["active"] and c2.numbers["paper_protocol"]["items"] == "report"
     else:
         assert "chosen and reported on the same items" in c2.evidence
@@ -226,7 +256,12 @@ def test_c2_reports_the_paper_protocol_alongside():
     c2 = _verdicts(spec, claims=_claims({"rpsft": {"k": 64, "lambda": 10}, "lora": "lora"}))["C2"]
     paper = c2.numbers["paper_protocol"]
     # rpsft: the knobs named, layers left at the method default (all); sft, l2-init: their bare references
-    assert paper["configurations"] == {"rpsft": labels[4], "sft": labels[0], "l2-init": labels[1], "lora": labels[2]}
+    assert paper["configurations"] == {
+        "rpsft": labels[4],
+        "sft": labels[0],
+        "l2-init": labels[1],
+        "lora": labels[2],
+    }
     for name, j in (("sft", 0), ("l2-init", 1), ("lora", 2)):
         for beta in CLAIMS.betas:
             want = report[4][beta] - report[j][beta]
@@ -242,7 +277,10 @@ def test_c2_reports_the_paper_protocol_alongside():
     assert default["differences"] == {} and default["verdict"] == "inconclusive"
     # knobs that match several configurations, even at the defaults: none is guessed
     ambiguous = _verdicts(spec, claims=_claims({"rpsft": {"k": 64}}))["C2"].numbers["paper_protocol"]
-    assert ambiguous["configurations"]["rpsft"] is None and "matches 3 configurations" in ambiguous["how"]["rpsft"]
+    assert (
+        ambiguous["configurations"]["rpsft"] is None
+        and "matches 3 configurations" in ambiguous["how"]["rpsft"]
+    )
 
 
 def test_the_paper_protocol_uses_a_trajectorys_final_step():
@@ -273,7 +311,10 @@ def test_reproduction_page_renders_c2s_frontiers(tmp_path):
     write_result(result, tmp_path / "docs" / "results" / "tiny")
     page = write_reproduction_page(tmp_path / "docs").read_text()
     c2 = next(c for c in claims if c.id == "C2").numbers
-    assert "**C2 family frontiers** (chosen on the selection items, reported on the held-out report items)" in page
+    assert (
+        "**C2 family frontiers** (chosen on the selection items, reported on the held-out report items)"
+        in page
+    )
     assert "| family | beta=0.5 | beta=1 | beta=2 |" in page
     rpsft = c2["frontiers"]["rpsft"]["1"]
     phi = rpsft["report"]["phi_interval"]
@@ -296,8 +337,12 @@ def test_reproduction_page_renders_c2s_frontiers(tmp_path):
 
 
 def test_seeds_group_into_one_configuration():
-    a = TrialPoint("t1", 0.2, 0.1, params={"method": "sft", "reference": "sft seed=1", "seed": "1"}, run_id="r1")
-    b = TrialPoint("t2", 0.4, 0.3, params={"method": "sft", "reference": "sft seed=2", "seed": "2"}, run_id="r2")
+    a = TrialPoint(
+        "t1", 0.2, 0.1, params={"method": "sft", "reference": "sft seed=1", "seed": "1"}, run_id="r1"
+    )
+    b = TrialPoint(
+        "t2", 0.4, 0.3, params={"method": "sft", "reference": "sft seed=2", "seed": "2"}, run_id="r2"
+    )
     c = TrialPoint("t3", 0.4, 0.3, params={"method": "rpsft", "k": "8", "lambda": "1"}, run_id="r3")
     keys = {knob_key(p.params) for p in (a, b)}
     assert len(keys) == 1 and knob_key(c.params) not in keys
@@ -334,13 +379,35 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     assert "Caveat" not in page
     stored_caveat = {**stored, "caveats": ["measured before the scoring fix"]}
     path.write_text(json.dumps(stored_caveat))
-    assert "> **Caveat.** measured before the scoring fix" in write_reproduction_page(tmp_path / "docs").read_text()
+    assert (
+        "> **Caveat.** measured before the scoring fix"
+        in write_reproduction_page(tmp_path / "docs").read_text()
+    )
     figures = study_figures(stored)
     assert set(figures) == {"tradeoff", "phi_k", "drift_lambda", "rotation"}
-    # the Phi(k) figure plots the k slice in k order: SFT (k = 0) first, full rank last
-    ys = list(figures["phi_k"].data[0].y)
-    assert ys[0] == pytest.approx(next(c for c in configs if c.method == "sft").intervals["phi@1"].estimate)
-    assert len(ys) == 5  # sft, k=8, k=64, k=256, l2-init (k: auto is not a grid point)
+    # the Phi(k) figure: the k slice in k order with full rank (L2-init) at a share of 1; SFT (k = 0) as a line
+    # with its interval as a band, as k = 0 has no place on the log axis; k: auto beside the grid
+    phi_k = figures["phi_k"]
+    line = phi_k.data[0]
+
+    def estimate(c):
+        return c.intervals["phi@1"].estimate
+
+    lam = CLAIMS.k_slice.lam
+    grid = sorted(
+        (c for c in configs if c.method == "rpsft" and not c.auto and c.lam == lam), key=lambda c: c.k_value
+    )
+    l2 = next(c for c in configs if c.method == "l2-init" and c.lam == lam)
+    assert list(line.y) == pytest.approx([estimate(c) for c in [*grid, l2]])  # k=8, k=64, k=256, full rank
+    assert line.x[-1] == 1.0 and phi_k.layout.xaxis.type == "log"
+    sft = next(c for c in configs if c.method == "sft").intervals["phi@1"]
+    (sft_line,) = [shape for shape in phi_k.layout.shapes if shape.type == "line"]
+    (band,) = [shape for shape in phi_k.layout.shapes if shape.type == "rect"]
+    assert sft_line.y0 == pytest.approx(sft.estimate) and (band.y0, band.y1) == pytest.approx(
+        (sft.low, sft.high)
+    )
+    auto = next(t for t in phi_k.data if t.name.startswith("k: auto"))
+    assert list(auto.y) == pytest.approx([estimate(c) for c in configs if c.auto and c.lam == lam])
 
 
 def test_a_docs_folder_without_results_is_bad_input(tmp_path):
@@ -356,7 +423,9 @@ def test_a_docs_folder_without_results_is_bad_input(tmp_path):
 
 def _drift_config(params, drift, train_loss, default_optimizer="adamw_torch"):
     point = TrialPoint(f"t-{len(str(params))}-{drift}", 0.1, 0.05, params=params, run_id=f"r-{drift}")
-    return Configuration(point, {}, {"drift_mean": drift, "train_loss": train_loss}, default_optimizer=default_optimizer)
+    return Configuration(
+        point, {}, {"drift_mean": drift, "train_loss": train_loss}, default_optimizer=default_optimizer
+    )
 
 
 def _loglog(lams, drifts):
@@ -369,7 +438,9 @@ def _regime_configs(loss_drifts, decoupled_drifts):
     loss = [  # Adam, penalty in the loss: no optimizer / penalty_mode logged (older trials), or logged explicitly
         _drift_config(_rpsft(64, lam=1), loss_drifts[0], 1.10),
         _drift_config(_rpsft(64, lam=10), loss_drifts[1], 1.20),
-        _drift_config(_rpsft(64, lam=100, optimizer="adamw_torch", penalty_mode="loss"), loss_drifts[2], 1.30),
+        _drift_config(
+            _rpsft(64, lam=100, optimizer="adamw_torch", penalty_mode="loss"), loss_drifts[2], 1.30
+        ),
     ]
     decoupled = [
         _drift_config(_rpsft(64, lam=lam, penalty_mode="decoupled"), d, 1.0 + i / 10)
@@ -412,8 +483,13 @@ def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
     }
     assert result.verdict == "reproduced"  # the paper's setting decides, the others are reported
     assert result.numbers["slope_fit"] == regimes["loss"]["slope_fit"]
-    assert "under decoupled (Adam, decoupled penalty): drift 0.5 at lambda=1 (train loss 1)," in result.evidence
-    assert f"{regimes['sgd']['slope_tail']:+.2f} between the two largest lambdas (not reproduced)" in result.evidence
+    assert (
+        "under decoupled (Adam, decoupled penalty): drift 0.5 at lambda=1 (train loss 1)," in result.evidence
+    )
+    assert (
+        f"{regimes['sgd']['slope_tail']:+.2f} between the two largest lambdas (not reproduced)"
+        in result.evidence
+    )
 
     # the same data with the regimes' drifts swapped: the verdict follows the Adam / loss regime again
     loss, decoupled, sgd, others = _regime_configs([0.5, 0.3, 0.25], [1.0, 0.1, 0.012])
@@ -429,7 +505,9 @@ def test_c5_fits_each_regime_and_the_verdict_is_adam_loss():
 def test_c5_reads_the_sweeps_optimizer_for_trials_that_did_not_log_one():
     from rpsft.sweeps.analysis.claims import drift_slices
 
-    configs = [_drift_config(_rpsft(64, lam=lam), d, 1.0, default_optimizer="sgd") for lam, d in ((1, 1), (10, 0.1))]
+    configs = [
+        _drift_config(_rpsft(64, lam=lam), d, 1.0, default_optimizer="sgd") for lam, d in ((1, 1), (10, 0.1))
+    ]
     assert list(drift_slices(configs, CLAIMS)) == ["sgd"]
 
 
@@ -473,7 +551,10 @@ def _views_study(with_mc=True):
     from rpsft.sweeps.analysis.configurations import attach_views, view_intervals
     from rpsft.sweeps.analysis.uncertainty import group_points
 
-    base = {"id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]}, "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]}}
+    base = {
+        "id_nll": {"math": [(float(v), 1.0) for v in BASE_ID]},
+        "ood_nll": {"gpqa": [(float(v), 1.0) for v in BASE_OOD]},
+    }
     if with_mc:
         base["ood_mc"] = {"arc_c": [(float(v), 1.0) for v in BASE_MC]}
     mc = {
@@ -573,7 +654,9 @@ def test_reproduction_page_renders_the_forgetting_views(tmp_path):
     a = configs["A"].f_ood_views
     row = f"| {configs['A'].label} | {a['nll'].estimate:+.4f} [{a['nll'].low:+.4f}, {a['nll'].high:+.4f}] | "
     assert row in page
-    assert f"| {configs['D'].label} | " in page and page.split(f"| {configs['D'].label} | ")[1].split("\n")[0].endswith("| - |")
+    assert f"| {configs['D'].label} | " in page and page.split(f"| {configs['D'].label} | ")[1].split("\n")[
+        0
+    ].endswith("| - |")
     assert "**Disagreements.** Rule: the views disagree on a configuration when" in page
     assert f"opposite signs: {configs['A'].label}" in page
 
@@ -620,14 +703,18 @@ def test_a_reference_sets_its_own_optimizer_and_learning_rate():
     from rpsft.sweeps.store.sweep_store import trial_label
 
     ref = {"method": "rpsft", "k": 32, "lambda": 100, "layers": "all"}
-    config = _sweep([{**ref, "optimizer": "sgd", "learning_rate": 0.05}, {**ref, "optimizer": "adamw_torch"}, ref])
+    config = _sweep(
+        [{**ref, "optimizer": "sgd", "learning_rate": 0.05}, {**ref, "optimizer": "adamw_torch"}, ref]
+    )
     sgd, adamw, plain = config.reference_params()
     train_sgd = config.trial_train_config(sgd)
     assert (train_sgd.optimizer, train_sgd.learning_rate) == ("sgd", 0.05)
     train_adamw = config.trial_train_config(adamw)
     assert (train_adamw.optimizer, train_adamw.learning_rate) == ("adamw_torch", 5.0e-5)  # the sweep's lr
     assert trial_label(sgd) == "[ref] rpsft k=32 lambda=100 layers=all optimizer=sgd lr=0.05"
-    assert trial_label(adamw) == trial_label(plain) == "[ref] rpsft k=32 lambda=100 layers=all"  # the sweep's own
+    assert (
+        trial_label(adamw) == trial_label(plain) == "[ref] rpsft k=32 lambda=100 layers=all"
+    )  # the sweep's own
     # as logged by the trial (every trial logs its optimizer and learning rate): two configurations
     logged = [
         {**p, "optimizer": t.optimizer, "learning_rate": t.learning_rate}

@@ -288,6 +288,15 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(tmp_path, tiny_dir
     for r in runs:
         by_trial.setdefault(r.data.tags["rpsft.trial_id"], []).append(r)
     assert all(len(v) == 1 for v in by_trial.values())  # no duplicate run for any trial
+    # a trial started after Tune's last experiment checkpoint is forgotten on restore and replaced: its run is
+    # closed as lost, not left RUNNING, and the budget is met by finished trials
+    lost = {t: v[0] for t, v in by_trial.items() if v[0].data.tags.get("rpsft.state") == "lost"}
+    assert all(
+        r.info.status == "KILLED" and "lost: started before" in r.data.tags["rpsft.failure"]
+        for r in lost.values()
+    )
+    assert ("trial run(s) started before a crash that Tune never recorded" in out) == bool(lost)
+    by_trial = {t: v for t, v in by_trial.items() if t not in lost}
     assert len(by_trial) == 6  # 2 references + 4 searched: none lost
     assert all(v[0].info.status == "FINISHED" for v in by_trial.values())
     for trial_id, old in before.items():  # finished before the kill: same run, not trained again
@@ -379,7 +388,9 @@ def test_cli_reports_a_bad_config_with_exit_code_2(tmp_path, tiny_dir):
     path = tmp_path / "cli.yaml"
     path.write_text(yaml.safe_dump(raw))
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "rpsft"), "sweep", "run", str(path)], capture_output=True, text=True
+        [str(Path(sys.executable).parent / "rpsft"), "sweep", "run", str(path)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "space.layers" in proc.stderr and "unknown preset 'bogus'" in proc.stderr

@@ -59,6 +59,7 @@ class Claims(BaseModel):
     # params, final step; a family left out: its reference at the method defaults (named by the method alone)
     paper_protocol: dict[str, str | dict[str, int | float | str]] | None = None
 
+
 @dataclass
 class ClaimResult:
     id: str
@@ -80,7 +81,6 @@ def _best(configs: list[Configuration], beta: float) -> Configuration | None:
 
 def _reference(configs: list[Configuration], method: str) -> Configuration | None:
     return next((c for c in configs if c.method == method and c.param("reference")), None)
-
 
 
 def claim_c1(configs: list[Configuration]) -> ClaimResult:
@@ -319,9 +319,7 @@ def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
         if abs(c.point.g_id - sft.point.g_id) <= EQUAL_GAIN * abs(sft.point.g_id)
         or _sign(intervals.draws.g_difference(intervals.key_of(c.point), key_sft)) == 0
     ]
-    per_gain = {
-        c.label: c.metrics[ROTATION] / c.point.g_id for c in rpsft + [sft] if c.point.g_id > 0
-    }
+    per_gain = {c.label: c.metrics[ROTATION] / c.point.g_id for c in rpsft + [sft] if c.point.g_id > 0}
     numbers = {
         "sft_rotation_deg": sft.metrics[ROTATION],
         "sft_g_id": sft.point.g_id,
@@ -341,9 +339,12 @@ def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
             numbers,
         )
     less = [c for c in equal if c.metrics[ROTATION] < sft.metrics[ROTATION]]
-    verdict: Verdict = "reproduced" if len(less) == len(equal) else "not reproduced" if not less else "inconclusive"
-    evidence = f"SFT rotates {sft.metrics[ROTATION]:.4g} deg at G_id {sft.point.g_id:+.4f}; at equal ID gain: " + ", ".join(
-        f"{c.label} {c.metrics[ROTATION]:.4g} deg (G_id {c.point.g_id:+.4f})" for c in equal
+    verdict: Verdict = (
+        "reproduced" if len(less) == len(equal) else "not reproduced" if not less else "inconclusive"
+    )
+    evidence = (
+        f"SFT rotates {sft.metrics[ROTATION]:.4g} deg at G_id {sft.point.g_id:+.4f}; at equal ID gain: "
+        + ", ".join(f"{c.label} {c.metrics[ROTATION]:.4g} deg (G_id {c.point.g_id:+.4f})" for c in equal)
     )
     return ClaimResult("C3", text, verdict, evidence, numbers)
 
@@ -359,7 +360,12 @@ def k_slice(configs: list[Configuration], claims: Claims) -> list[Configuration]
         same_layers = (c.param("layers") or "all") == layers
         if c.method == "sft" and c.param("reference"):
             out.append(c)
-        elif c.method in ("rpsft", "l2-init") and same_layers and c.lam is not None and math.isclose(c.lam, lam):
+        elif (
+            c.method in ("rpsft", "l2-init")
+            and same_layers
+            and c.lam is not None
+            and math.isclose(c.lam, lam)
+        ):
             out.append(c)
     return out
 
@@ -379,10 +385,16 @@ def claim_c4(configs: list[Configuration], intervals: Any, claims: Claims, beta0
         return ClaimResult("C4", text, "inconclusive", f"the k slice has {len(grid)} points; needs 3 or more")
     best = _best(grid, beta0)
     ends = [grid[0], grid[-1]]
+    auto = [c for c in k_slice(configs, claims) if c.auto]
     numbers = {
         "beta": beta0,
+        "layers": claims.k_slice.layers,
         "phi_by_k": [
             {"label": c.label, "k": _k_order(c), "phi": c.intervals[f"phi@{beta0:g}"].to_dict()} for c in grid
+        ],
+        # k: auto, beside the grid (C6 compares it): its k is the resolved fraction of each matrix's rank
+        "auto": [
+            {"label": c.label, "k": _k_order(c), "phi": c.intervals[f"phi@{beta0:g}"].to_dict()} for c in auto
         ],
         "best": best.label,
     }
@@ -498,7 +510,9 @@ def claim_c5(configs: list[Configuration], claims: Claims) -> ClaimResult:
     numbers: dict[str, Any] = {"paper_regime": PAPER_REGIME, "regimes": fits}
     paper = fits.get(PAPER_REGIME)
     others = [
-        _drift_text(fit, f"under {name} ({fit['setting']})") for name, fit in fits.items() if name != PAPER_REGIME
+        _drift_text(fit, f"under {name} ({fit['setting']})")
+        for name, fit in fits.items()
+        if name != PAPER_REGIME
     ]
     if paper is None or "slope_tail" not in paper:
         lead = f"fewer than 2 lambdas at k={k}, layers={layers} under {REGIME_TEXT[PAPER_REGIME]}"
@@ -531,8 +545,7 @@ def claim_c6(configs: list[Configuration], intervals: Any, claims: Claims, beta0
     verdict: Verdict = "not reproduced" if _sign(diff) == -1 else "reproduced"
     evidence = (
         f"k: auto resolved to {a.k_value:.4g} of each matrix's rank; best grid k {best.label}; "
-        f"Phi(auto) - Phi(best) {diff.text()}"
-        + (" (indistinguishable)" if _sign(diff) == 0 else "")
+        f"Phi(auto) - Phi(best) {diff.text()}" + (" (indistinguishable)" if _sign(diff) == 0 else "")
     )
     return ClaimResult("C6", text, verdict, evidence, numbers)
 
