@@ -238,7 +238,9 @@ def share_of_rank_axis(fig: Any) -> None:
 
 def phi_interval(trial: TrialRecord, beta: float) -> tuple[float, float] | None:
     """The trial's logged 95% interval of Phi at ``beta`` (``phi@<beta>_lo`` / ``_hi``), if it has one."""
-    name = f"phi_at_{beta:g}"  # phi@<beta> as MLflow stores it (rpsft.sweeps.store.tracking)
+    from rpsft.sweeps.store.tracking import metric_name
+
+    name = metric_name(f"phi@{beta:g}")  # as MLflow stores it
     lo, hi = trial.metrics.get(f"{name}_lo"), trial.metrics.get(f"{name}_hi")
     return None if lo is None or hi is None else (lo, hi)
 
@@ -247,7 +249,8 @@ def rank_fraction_of(data: SweepData) -> Callable[[TrialRecord], float | None]:
     """``trial -> the share of each protected matrix's rank its k protects`` (mean over the matrices of its
     layer subset; :func:`rpsft.core.k_spec.mean_rank_fraction`), read from the model's config alone. L2-init is
     1 (full rank), SFT 0; ``None`` where the model's config cannot be read or the trial has no k."""
-    from rpsft.core.k_spec import mean_rank_fraction, parse_k_spec
+    from rpsft.core.bases import mean_rank_fraction
+    from rpsft.core.k_spec import parse_k_spec
     from rpsft.core.memory.dims import model_dims_for, protected_shapes
 
     try:

@@ -72,7 +72,7 @@ def _rank_share(model: str, layers: str) -> Any:
     """``k -> the mean share of each protected matrix's rank`` for the study's model (its config alone): a k
     below 1 is a share already; an int rank is resolved per matrix. Without the model's config, ranks map to
     ``None``."""
-    from rpsft.core.k_spec import mean_rank_fraction
+    from rpsft.core.bases import mean_rank_fraction
     from rpsft.core.memory.dims import model_dims_for, protected_shapes
 
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,6 +52,17 @@ def resolve_k(k: KSpec, shape: tuple[int, int]) -> int:
     if isinstance(check_k(k), float):
         return max(1, min(rank, round(k * rank)))
     return min(int(k), rank)
+
+
+def mean_rank_fraction(k: int | float, shapes: Iterable[tuple[int, int]]) -> float:
+    """The share of each matrix's rank that ``k`` (an int rank or a rank fraction) protects, averaged over the
+    matrices' ``shapes``: ``resolve_k(k, shape) / min(shape)``. 0 for ``k = 0`` (SFT); 1 at full rank."""
+    shapes = list(shapes)
+    if not shapes:
+        raise ValueError("mean_rank_fraction: no matrices")
+    if k == 0:
+        return 0.0
+    return sum(resolve_k(k, shape) / min(shape) for shape in shapes) / len(shapes)
 
 
 def project_block(weight: Tensor, u: Tensor, v: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ into the matrix's own rank), ``auto`` or ``auto@<target>``: :class:`AutoK`, reso
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,16 +91,3 @@ def is_auto_k(value: Any) -> bool:
     if isinstance(value, AutoK):
         return True
     return isinstance(value, str) and value.strip().lower().startswith("auto")
-
-
-def mean_rank_fraction(k: int | float, shapes: Iterable[tuple[int, int]]) -> float:
-    """The share of each matrix's rank that ``k`` (an int rank or a rank fraction) protects, averaged over the
-    matrices' ``shapes``: ``resolve_k(k, shape) / min(shape)``. 0 for ``k = 0`` (SFT); 1 at full rank."""
-    from rpsft.core.bases import resolve_k
-
-    shapes = list(shapes)
-    if not shapes:
-        raise ValueError("mean_rank_fraction: no matrices")
-    if k == 0:
-        return 0.0
-    return sum(resolve_k(k, shape) / min(shape) for shape in shapes) / len(shapes)

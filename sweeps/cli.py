@@ -75,6 +75,23 @@ def mlflow_command() -> str:
     return relative if not relative.startswith("..") else str(path)
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def mlflow_view_text(tracking_uri: str, experiment_id: str, sweep: str) -> str:
+    """How to open the sweep's trials in the MLflow UI, sorted by Phi with G_id, F_ood and the knobs as columns
+    (:func:`rpsft.sweeps.store.tracking.share_trials_view`): the server's own address for a tracking server,
+    else the ``mlflow ui`` command over the store and the address it serves."""
+    from rpsft.sweeps.store.tracking import trials_view_url
+
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"\n  trials by Phi: {trials_view_url(tracking_uri, experiment_id, sweep)}"
+    return (
+        f"\n  browse: {mlflow_command()} ui --backend-store-uri {tracking_uri}"
+        f"\n  trials by Phi: {trials_view_url(MLFLOW_UI, experiment_id, sweep)}"
+    )
+
+
 def _print_outcome(outcome, beta: float) -> None:
     from rpsft.sweeps.analysis.summary import selection_text, trials_table
 
@@ -85,8 +102,8 @@ def _print_outcome(outcome, beta: float) -> None:
         typer.echo("\nno finished trial carries G_id/F_ood: nothing to select")
     typer.echo(
         f"\nMLflow: {outcome.tracking_uri}  (experiment id {outcome.experiment_id}, parent run {outcome.parent_run_id})"
-        f"\n  browse: {mlflow_command()} ui --backend-store-uri {outcome.tracking_uri}"
-        f"\nsweep state: {outcome.sweep_dir}"
+        + mlflow_view_text(outcome.tracking_uri, outcome.experiment_id, outcome.name)
+        + f"\nsweep state: {outcome.sweep_dir}"
     )
 
 
@@ -167,7 +184,7 @@ def select(
     text = trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection)
     if frontiers is not None:
         text += "\n" + frontiers_text(frontiers)
-    typer.echo(text)
+    typer.echo(text + "\n\nMLflow:" + mlflow_view_text(context.tracking_uri, context.experiment_id, name))
 
 
 def export(
@@ -248,7 +265,9 @@ def rl(
         )
     except InputError:
         raise
-    except ValueError as exc:  # rpsft.sweeps.stages.rl / rpsft.sweeps.analysis.selection report bad settings so
+    except (
+        ValueError
+    ) as exc:  # rpsft.sweeps.stages.rl / rpsft.sweeps.analysis.selection report bad settings so
         raise InputError(str(exc)) from exc
     from rpsft.sweeps.analysis.summary import rl_table
 

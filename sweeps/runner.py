@@ -405,6 +405,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
             "warm_start": config.search.warm_start or None,
         },
     )
+    tracking.share_trials_view(client, experiment_id, config.name, config.objective.beta)
     tracking.log_json_artifact(
         client, parent, "sweep_config.json", config.model_dump(mode="json", by_alias=True)
     )
@@ -464,7 +465,9 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     preflight.check_resources(config, cluster)
     preflight.check_memory(config, cluster, echo=echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
-    tracking.client_for(context.tracking_uri).update_run(context.parent_run_id, status="RUNNING")
+    client = tracking.client_for(context.tracking_uri)
+    client.update_run(context.parent_run_id, status="RUNNING")
+    tracking.share_trials_view(client, context.experiment_id, config.name, config.objective.beta)
     store.write_state(config, context, "running", optuna_url)
     run_tuner(config, context, storage, restore=True)
     return finish(config, context, optuna_url, echo=echo)
@@ -553,6 +556,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
         selection.attach(analysis)
         tracking.tag_operating_point(client, trials, selection.best.run_id, beta)
         tracking.log_json_artifact(client, context.parent_run_id, "selection.json", selection.to_dict())
+        tracking.log_trials_table(client, context.parent_run_id, trials, beta)
         if analysis.intervals is not None:
             intervals = {**analysis.intervals.to_dict(analysis.all_points), "split": analysis.split_dict()}
             store.write_intervals(intervals)

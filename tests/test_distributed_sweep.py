@@ -79,6 +79,9 @@ def test_a_killed_sweep_of_two_worker_trials_resumes_and_nests_its_runs(tmp_path
     assert len(parents) == 1
     by_trial: dict[str, list] = {}
     for run in runs:
+        if run.data.tags.get("rpsft.state") == "lost":  # started after Tune's last checkpoint, replaced on resume
+            assert run.info.status == "KILLED"
+            continue
         by_trial.setdefault(run.data.tags["rpsft.trial_id"], []).append(run)
     assert len(by_trial) == 2 and all(len(v) == 1 for v in by_trial.values())  # l2-init and one rpsft trial
     for trial_id, (run,) in by_trial.items():

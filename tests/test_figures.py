@@ -153,7 +153,7 @@ def test_phi_of_k_places_k_as_the_share_of_each_matrix_rank_with_intervals(sweep
 
 
 def test_a_shared_rank_fraction_helper_agrees_with_torch_ranks():
-    from rpsft.core.k_spec import mean_rank_fraction
+    from rpsft.core.bases import mean_rank_fraction
 
     shapes = [(576, 576), (192, 576), (1536, 576)]
     ranks = [torch.linalg.matrix_rank(torch.randn(m, n, dtype=torch.float64)).item() for m, n in shapes]

@@ -432,3 +432,40 @@ def test_trial_page_shows_its_metrics_params_tags_and_artifacts(mlflow_ui, shots
 
     check_png(trial_shot)
     check_png(artifact_shot)
+
+
+def test_the_printed_url_opens_the_trials_sorted_by_phi_with_the_tradeoff_columns(mlflow_ui, shots):
+    """No clicks: the address `rpsft sweep run` prints opens this sweep's trials, best Phi first, with G_id,
+    F_ood, Phi and its interval and the knobs as columns (a view stored as an experiment tag)."""
+    from rpsft.sweeps.cli import mlflow_view_text
+    from rpsft.sweeps.store.tracking import trials_view_url
+
+    base_url, outcome, client = mlflow_ui
+    url = trials_view_url(base_url, outcome.experiment_id, outcome.name)
+    assert f"trials by Phi: {url}" in mlflow_view_text(base_url, outcome.experiment_id, outcome.name)
+    trials = [t for t in outcome.trials if t.finished]
+    assert len(trials) >= 3
+    best_first = sorted(trials, key=lambda t: -t.metrics["phi"])
+    with open_page(url, width=2600) as driver:  # wide enough that the grid renders the knob columns too
+        text = wait_for_text(
+            driver, ["g_id", "f_ood", "phi", "lambda", *[t.label[:12] for t in trials]], TIMEOUT
+        )
+        screenshot(driver, shots / "mlflow_trials_by_phi.png")
+        for column in ("phi_at_1_lo", "phi_at_1_hi", "method", "layers"):
+            assert column in text, column
+        # every trial's Phi is on the page (as MLflow prints the stored float), in descending order
+        positions = [text.find(repr(t.metrics["phi"])) for t in best_first]
+        assert all(p >= 0 for p in positions), (positions, text[:3000])
+        assert positions == sorted(positions), [(t.label, t.metrics["phi"]) for t in best_first]
+        assert "Judges" not in text and "Prompts" not in text  # the model-training layout, not the GenAI one
+        parent = client.get_run(outcome.parent_run_id).info.run_name
+        assert parent not in text.split("\n")  # only the trials, not the sweep's parent run
+    check_png(shots / "mlflow_trials_by_phi.png")
+    # the parent run's table artifact: the same trials, best Phi first, with the interval and the knobs
+    path = client.download_artifacts(outcome.parent_run_id, "trials_table.json", str(shots))
+    table = json.loads(Path(path).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["run id"] for r in rows] == [t.run_id for t in best_first]
+    for row, trial in zip(rows, best_first):
+        assert (row["Phi"], row["G_id"]) == pytest.approx((trial.metrics["phi"], trial.metrics["g_id"]), abs=1e-9)
+        assert row["Phi low"] <= row["Phi"] <= row["Phi high"] and row["trial"] == trial.label

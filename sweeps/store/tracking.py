@@ -47,6 +47,56 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
 
 
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow UI: ?viewStateShareKey=<key> opens the stored view
+TRIALS_VIEW_PARAMS = ("method", "k", "lambda", "layers")
+
+
+def share_trials_view(client: MlflowClient, experiment_id: str, sweep: str, beta: float) -> str:
+    """Store, as an experiment tag, the MLflow UI view of a sweep's trials that opens on the trade-off: only this
+    sweep's trial runs, sorted by Phi (best first), with the columns G_id, F_ood, Phi and its 95% interval at
+    ``beta``, and the knobs. Returns the share key that :func:`trials_view_url` opens."""
+    key = f"rpsft-{sweep}"
+    interval = metric_name(f"phi@{beta:g}")
+    metrics = ["phi", f"{interval}_lo", f"{interval}_hi", "g_id", "f_ood"]
+    state = {
+        "searchFilter": f"tags.`{TAG_SWEEP}` = '{_quote(sweep)}' AND tags.`{TAG_ROLE}` = 'trial'",
+        "orderByKey": "metrics.`phi`",
+        "orderByAsc": False,
+        "selectedColumns": [f"metrics.`{m}`" for m in metrics]
+        + [f"params.`{p}`" for p in TRIALS_VIEW_PARAMS],
+    }
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + key, json.dumps(state))
+    return key
+
+
+TRIALS_TABLE = "trials_table.json"
+
+
+def log_trials_table(client: MlflowClient, run_id: str, trials: list[Any], beta: float) -> None:
+    """Every finished trial of the sweep as one table artifact of the parent run (``trials_table.json``, which the
+    MLflow UI renders as a table): its label, knobs, G_id, F_ood, Phi and Phi's 95% interval, best Phi first."""
+    interval = metric_name(f"phi@{beta:g}")
+    rows = sorted((t for t in trials if t.finished), key=lambda t: -t.metrics.get("phi", -math.inf))
+    columns: dict[str, list[Any]] = {"trial": [t.label for t in rows]}
+    for knob in TRIALS_VIEW_PARAMS:
+        columns[knob] = [t.params.get(knob, "") for t in rows]
+    for name, key in (("G_id", "g_id"), ("F_ood", "f_ood"), ("Phi", "phi")):
+        columns[name] = [t.metrics.get(key) for t in rows]
+    columns["Phi low"] = [t.metrics.get(f"{interval}_lo") for t in rows]
+    columns["Phi high"] = [t.metrics.get(f"{interval}_hi") for t in rows]
+    columns["run id"] = [t.run_id for t in rows]
+    client.log_table(run_id, columns, TRIALS_TABLE)
+
+
+def trials_view_url(ui: str, experiment_id: str, sweep: str) -> str:
+    """The MLflow UI address (``ui``: the server's base URL) of the view :func:`share_trials_view` stored, in
+    MLflow's model-training layout (``workflowType``) rather than its GenAI one."""
+    return (
+        f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+        f"?viewStateShareKey=rpsft-{sweep}&workflowType=machine_learning"
+    )
+
+
 def create_parent_run(client: MlflowClient, experiment_id: str, sweep: str, params: dict[str, Any]) -> str:
     run = client.create_run(
         experiment_id, run_name=sweep, tags={TAG_SWEEP: sweep, TAG_ROLE: "sweep", "mlflow.runName": sweep}
@@ -151,11 +201,17 @@ def metric_name(name: str) -> str:
     return name.replace("@", "_at_").replace(":", "_")
 
 
-def log_json_artifact(client: MlflowClient, run_id: str, name: str, payload: Any, *, compact: bool = False) -> None:
+def log_json_artifact(
+    client: MlflowClient, run_id: str, name: str, payload: Any, *, compact: bool = False
+) -> None:
     """``payload`` as the JSON artifact ``name`` of a run (``name`` may sit in a folder: ``trajectory/x.json``)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(name).name
-        text = json.dumps(payload, separators=(",", ":")) if compact else json.dumps(payload, indent=2, default=str)
+        text = (
+            json.dumps(payload, separators=(",", ":"))
+            if compact
+            else json.dumps(payload, indent=2, default=str)
+        )
         path.write_text(text)
         folder = str(Path(name).parent)
         client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
