@@ -53,9 +53,9 @@ def report(
         typer.echo(f"figure: {path}")
     if log:
         typer.echo(f"MLflow: {log_report(data, files)}")
-    from rpsft.sweeps.cli import mlflow_view_text
+    from rpsft.sweeps.cli import shared_view_text
 
-    typer.echo(mlflow_view_text(data.tracking_uri, data.experiment_id, data.name).lstrip("\n"))
+    typer.echo(shared_view_text(data.tracking_uri, data.experiment_id, data.name, data.beta).lstrip("\n"))
     if files.png_error:  # asked for and missing: the HTML report is there, the command still fails
         typer.secho(f"error: {files.png_error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1)

@@ -466,6 +466,47 @@ def training_curves_figure(data: SweepData, window: int | None = None) -> Any:
     return fig
 
 
+def trajectory_figure(data: SweepData) -> Any:
+    """Each trial's path in the (F_ood, G_id) plane through its intermediate evaluations (``evaluation.every``),
+    each point labelled by its optimizer step; the base model at the origin. ``None`` without intermediate
+    evaluations."""
+    go = _go()
+    fig = go.Figure()
+    for i, trial in enumerate(data.trials):
+        g, f = dict(trial.history.get("eval/g_id", [])), dict(trial.history.get("eval/f_ood", []))
+        steps = sorted(set(g) & set(f))
+        if not steps:
+            continue
+        fig.add_trace(
+            _trial_line(
+                trial,
+                [(f[s], g[s]) for s in steps],
+                PALETTE[i % len(PALETTE)],
+                mode="lines+markers+text",
+                text=[f"{s:g}" for s in steps],
+                textposition="top center",
+                marker={"size": 8},
+            )
+        )
+    if not fig.data:
+        return None
+    fig.add_trace(
+        go.Scatter(
+            x=[0.0],
+            y=[0.0],
+            mode="markers",
+            name="base model",
+            marker={"size": 12, "symbol": "x", "color": "black"},
+        )
+    )
+    return _layout(
+        fig,
+        "Trajectories: each trial through its evaluations (labels: optimizer step)",
+        "F_ood (forgetting, lower is better)",
+        "G_id (in-domain gain, higher is better)",
+    )
+
+
 def rotation_figure(data: SweepData) -> Any:
     """Per-layer rotation of each trial (left) and the mean rotation against forgetting (right)."""
     go = _go()
@@ -576,6 +617,7 @@ def report_figures(data: SweepData, importances: dict[str, dict[str, float]] | N
         "parallel": importance.parallel_figure(data),
         **{f"contour_{layers}": fig for layers, fig in importance.contour_figures(data).items()},
         "training_curves": training_curves_figure(data),
+        "trajectories": trajectory_figure(data),
         "rotation": rotation_figure(data),
         "rl_tradeoff": rl_figure(data),
     }

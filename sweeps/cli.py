@@ -78,6 +78,14 @@ def mlflow_command() -> str:
 MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 
+def shared_view_text(tracking_uri: str, experiment_id: str, sweep: str, beta: float) -> str:
+    """:func:`mlflow_view_text`, after (re)storing the view, for sweeps stored before it existed."""
+    from rpsft.sweeps.store import tracking
+
+    tracking.share_trials_view(tracking.client_for(tracking_uri), experiment_id, sweep, beta)
+    return mlflow_view_text(tracking_uri, experiment_id, sweep)
+
+
 def mlflow_view_text(tracking_uri: str, experiment_id: str, sweep: str) -> str:
     """How to open the sweep's trials in the MLflow UI, sorted by Phi with G_id, F_ood and the knobs as columns
     (:func:`rpsft.sweeps.store.tracking.share_trials_view`): the server's own address for a tracking server,
@@ -184,7 +192,8 @@ def select(
     text = trials_table(trials, selection.beta, selection) + "\n\n" + selection_text(selection)
     if frontiers is not None:
         text += "\n" + frontiers_text(frontiers)
-    typer.echo(text + "\n\nMLflow:" + mlflow_view_text(context.tracking_uri, context.experiment_id, name))
+    view = shared_view_text(context.tracking_uri, context.experiment_id, name, selection.beta)
+    typer.echo(text + "\n\nMLflow:" + view)
 
 
 def export(

@@ -18,6 +18,9 @@ def _run(client, experiment_id, parent, trial_id, params, metrics, tags=None):
     scale = 25.0 if params["method"] == "l2-init" else 3.0  # penalties of different methods differ in scale
     for step, loss in enumerate(LOSSES, start=1):
         client.log_metric(run_id, "loss", loss, step=step)
+        if step % 2 == 0 and params["method"] == "rpsft":  # intermediate evaluations every 2 steps
+            client.log_metric(run_id, "eval/g_id", metrics["g_id"] * step / 4, step=step)
+            client.log_metric(run_id, "eval/f_ood", metrics["f_ood"] * step / 4, step=step)
         if params["method"] != "sft":
             client.log_metric(run_id, "rpsft/penalty", scale * step, step=step)
     return run_id
@@ -182,3 +185,23 @@ def test_training_curves_have_labelled_axes_a_penalty_panel_per_method_and_a_mov
     assert list(smooth.y) == pytest.approx(
         [2.0, 1.5, 1.3, 1.2, 1.0]
     )  # the mean of each step and the one before
+
+
+def test_trajectories_follow_each_trial_through_its_evaluations(sweep_data):
+    from rpsft.dashboards.figures import report_figures, trajectory_figure
+
+    data, _ = sweep_data
+    fig = trajectory_figure(data)
+    paths = {t.name: t for t in fig.data if t.name != "base model"}
+    assert len(paths) == 3  # the rpsft trials; the references logged no intermediate evaluation
+    for trial_id in ("k8", "k025", "auto"):
+        _, g, f, _, _ = TRIALS[trial_id]
+        path = next(
+            t
+            for name, t in paths.items()
+            if name == next(r.label for r in data.trials if r.trial_id == trial_id)
+        )
+        # steps 2 and 4 of the intermediate evaluations, then the final scoring at the last step (5)
+        assert list(path.text) == ["2", "4", "5"]
+        assert list(path.x) == pytest.approx([f / 2, f, f]) and list(path.y) == pytest.approx([g / 2, g, g])
+    assert "trajectories" in report_figures(data)
