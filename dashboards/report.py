@@ -28,6 +28,7 @@ FIGURE_TITLES = {
     "importance": "Parameter importance",
     "parallel": "Parallel coordinates of the searched trials",
     "training_curves": "Training curves",
+    "trajectories": "Trajectories through the evaluations",
     "rotation": "Rotation",
     "rl_tradeoff": "Trade-off before and after RL",
 }

@@ -189,6 +189,7 @@ def test_training_curves_have_labelled_axes_a_penalty_panel_per_method_and_a_mov
 
 def test_trajectories_follow_each_trial_through_its_evaluations(sweep_data):
     from rpsft.dashboards.figures import report_figures, trajectory_figure
+    from rpsft.dashboards.report import figure_title
 
     data, _ = sweep_data
     fig = trajectory_figure(data)
@@ -204,4 +205,5 @@ def test_trajectories_follow_each_trial_through_its_evaluations(sweep_data):
         # steps 2 and 4 of the intermediate evaluations, then the final scoring at the last step (5)
         assert list(path.text) == ["2", "4", "5"]
         assert list(path.x) == pytest.approx([f / 2, f, f]) and list(path.y) == pytest.approx([g / 2, g, g])
-    assert "trajectories" in report_figures(data)
+    figures = report_figures(data)
+    assert "trajectories" in figures and all(figure_title(name) for name in figures)  # each has its heading

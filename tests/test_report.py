@@ -117,7 +117,9 @@ def test_report_is_logged_to_the_parent_run_with_pngs(report):
     outcome, out, output = report
     client, _ = mlflow_runs(outcome)
     logged = {Path(a.path).name for a in client.list_artifacts(outcome.parent_run_id, "report")}
-    expected = {"report.html", "tradeoff.png", "phi_vs_k.png", "training_curves.png", "rotation.png"}
+    expected = {
+        "report.html", "tradeoff.png", "phi_vs_k.png", "training_curves.png", "trajectories.png", "rotation.png"
+    }  # fmt: skip
     assert expected <= logged, output
     for name in expected - {"report.html"}:
         check_png(out / name, min_bytes=5_000)
@@ -137,7 +139,9 @@ def test_report_renders_in_headless_chromium(report):
         )
         WebDriverWait(driver, 60).until(lambda d: (n := d.execute_script(rendered)) and all(n))
         traces = driver.execute_script(rendered)
-        assert len(traces) == 4 and all(n > 0 for n in traces)  # trade-off, Phi(k), curves, rotation
+        assert len(traces) == 5 and all(
+            n > 0 for n in traces
+        )  # trade-off, Phi(k), curves, trajectories, rotation
         title = driver.execute_script("return document.querySelector('h1').innerText")
         assert outcome.name in title
         screenshot(driver, shots / "report-top.png")
