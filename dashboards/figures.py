@@ -55,6 +55,21 @@ def _error_bars(trials: list[TrialRecord], name: str) -> dict[str, Any] | None:
     }
 
 
+F_OOD_AXIS = "F_ood (forgetting, lower is better)"
+G_ID_AXIS = "G_id (in-domain gain, higher is better)"
+
+
+def base_model_marker() -> Any:
+    """The base model at the origin of the (F_ood, G_id) plane."""
+    return _go().Scatter(
+        x=[0.0],
+        y=[0.0],
+        mode="markers",
+        name="base model",
+        marker={"size": 12, "symbol": "x", "color": "black"},
+    )
+
+
 def varying_knobs(trials: list[TrialRecord]) -> list[str]:
     """The knobs (method, k, lambda, layers, ...) whose logged value differs between ``trials``."""
     knobs = sorted({knob for t in trials for knob in t.knobs})
@@ -126,15 +141,7 @@ def tradeoff_figure(data: SweepData) -> Any:
                 marker={"size": 13, "symbol": REFERENCE_SYMBOLS[i % len(REFERENCE_SYMBOLS)], "color": "#555"},
             )
         )
-    fig.add_trace(
-        go.Scatter(
-            x=[0.0],
-            y=[0.0],
-            mode="markers",
-            name="base model",
-            marker={"size": 12, "symbol": "x", "color": "black"},
-        )
-    )
+    fig.add_trace(base_model_marker())
     if data.selections:
         # the figure plots every trial on all items; the choice may have been made on the selection items
         # (rpsft.evaluation.item_split): the front, the stars and the Phi line are drawn on all items too
@@ -202,8 +209,8 @@ def tradeoff_figure(data: SweepData) -> Any:
     return _layout(
         fig,
         f"ID gain vs OOD forgetting ({data.config.objective.metric}; bars: 95% paired bootstrap intervals)",
-        "F_ood (forgetting, lower is better)",
-        "G_id (in-domain gain, higher is better)",
+        F_OOD_AXIS,
+        G_ID_AXIS,
     )
 
 
@@ -490,20 +497,12 @@ def trajectory_figure(data: SweepData) -> Any:
         )
     if not fig.data:
         return None
-    fig.add_trace(
-        go.Scatter(
-            x=[0.0],
-            y=[0.0],
-            mode="markers",
-            name="base model",
-            marker={"size": 12, "symbol": "x", "color": "black"},
-        )
-    )
+    fig.add_trace(base_model_marker())
     return _layout(
         fig,
         "Trajectories: each trial through its evaluations (labels: optimizer step)",
-        "F_ood (forgetting, lower is better)",
-        "G_id (in-domain gain, higher is better)",
+        F_OOD_AXIS,
+        G_ID_AXIS,
     )
 
 
