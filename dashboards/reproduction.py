@@ -108,8 +108,9 @@ def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
                 "array": [r["phi"]["high"] - r["phi"]["estimate"] for r in rows],
                 "arrayminus": [r["phi"]["estimate"] - r["phi"]["low"] for r in rows],
             },
-            text=[r["label"] for r in rows],
-            hovertemplate="%{text}<br>Phi %{y:.4f}<extra></extra>",
+            text=[short_label(r["label"]) for r in rows],
+            hovertext=[r["label"] for r in rows],
+            hovertemplate="%{hovertext}<br>Phi %{y:.4f}<extra></extra>",
             **style,
         )
 
