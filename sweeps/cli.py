@@ -274,9 +274,8 @@ def rl(
         )
     except InputError:
         raise
-    except (
-        ValueError
-    ) as exc:  # rpsft.sweeps.stages.rl / rpsft.sweeps.analysis.selection report bad settings so
+    # rpsft.sweeps.stages.rl / rpsft.sweeps.analysis.selection report bad settings as ValueError
+    except ValueError as exc:
         raise InputError(str(exc)) from exc
     from rpsft.sweeps.analysis.summary import rl_table
 

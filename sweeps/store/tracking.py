@@ -51,11 +51,16 @@ SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # MLflow UI: ?viewStateShareKey=
 TRIALS_VIEW_PARAMS = ("method", "k", "lambda", "layers")
 
 
+def trials_view_key(sweep: str) -> str:
+    """The share key of a sweep's trials view (:func:`share_trials_view`, :func:`trials_view_url`)."""
+    return f"rpsft-{sweep}"
+
+
 def share_trials_view(client: MlflowClient, experiment_id: str, sweep: str, beta: float) -> str:
     """Store, as an experiment tag, the MLflow UI view of a sweep's trials that opens on the trade-off: only this
     sweep's trial runs, sorted by Phi (best first), with the columns G_id, F_ood, Phi and its 95% interval at
     ``beta``, and the knobs. Returns the share key that :func:`trials_view_url` opens."""
-    key = f"rpsft-{sweep}"
+    key = trials_view_key(sweep)
     interval = metric_name(f"phi@{beta:g}")
     metrics = ["phi", f"{interval}_lo", f"{interval}_hi", "g_id", "f_ood"]
     state = {
@@ -93,7 +98,7 @@ def trials_view_url(ui: str, experiment_id: str, sweep: str) -> str:
     MLflow's model-training layout (``workflowType``) rather than its GenAI one."""
     return (
         f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
-        f"?viewStateShareKey=rpsft-{sweep}&workflowType=machine_learning"
+        f"?viewStateShareKey={trials_view_key(sweep)}&workflowType=machine_learning"
     )
 
 
