@@ -1,4 +1,4 @@
-"""Plotly figures of a sweep: the ID-vs-OOD trade-off, Phi against k, training curves, rotation."""
+"""Plotly figures of a sweep's outcome: the ID-vs-OOD trade-off and Phi against k; the report's figure list."""
 
 from __future__ import annotations
 
@@ -7,67 +7,21 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from rpsft.dashboards.sweep_data import CURVES, ROTATION_LAYER_PREFIX, ROTATION_MEAN, SweepData, TrialRecord
-
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
-REFERENCE_SYMBOLS = ["square", "diamond", "triangle-up", "triangle-down", "pentagon", "hexagon", "x"]
-LAYER_SYMBOLS = ["circle", "circle-open", "square-open", "diamond-open", "triangle-up-open", "star-open"]
-
-
-def _go():
-    import plotly.graph_objects as go
-
-    return go
-
-
-def _layout(fig: Any, title: str, x: str, y: str, height: int = 560) -> Any:
-    fig.update_layout(
-        title=title,
-        xaxis_title=x,
-        yaxis_title=y,
-        template="plotly_white",
-        height=height,
-        legend={"font": {"size": 11}, "orientation": "h", "yanchor": "top", "y": -0.18, "x": 0},
-        margin={"l": 60, "r": 20, "t": 60, "b": 40},
-    )
-    return fig
-
-
-def _hover(trial: TrialRecord, beta: float) -> str:
-    phi = trial.phi(beta)
-    return (
-        f"{trial.label}<br>trial {trial.trial_id}<br>G_id {trial.metrics['g_id']:+.4f}  "
-        f"F_ood {trial.metrics['f_ood']:+.4f}<br>Phi(beta={beta:g}) {phi:+.4f}"
-    )
-
-
-def _error_bars(trials: list[TrialRecord], name: str) -> dict[str, Any] | None:
-    """Asymmetric error bars from each trial's logged 95% interval (``<name>_lo`` / ``<name>_hi``)."""
-    if not trials or not all(f"{name}_lo" in t.metrics and f"{name}_hi" in t.metrics for t in trials):
-        return None
-    return {
-        "type": "data",
-        "symmetric": False,
-        "array": [t.metrics[f"{name}_hi"] - t.metrics[name] for t in trials],
-        "arrayminus": [t.metrics[name] - t.metrics[f"{name}_lo"] for t in trials],
-        "thickness": 1,
-        "width": 3,
-    }
-
-
-F_OOD_AXIS = "F_ood (forgetting, lower is better)"
-G_ID_AXIS = "G_id (in-domain gain, higher is better)"
-
-
-def base_model_marker() -> Any:
-    """The base model at the origin of the (F_ood, G_id) plane."""
-    return _go().Scatter(
-        x=[0.0],
-        y=[0.0],
-        mode="markers",
-        name="base model",
-        marker={"size": 12, "symbol": "x", "color": "black"},
-    )
+from rpsft.dashboards.curves import rl_figure, rotation_figure, training_curves_figure, trajectory_figure
+from rpsft.dashboards.plot_style import (
+    F_OOD_AXIS,
+    G_ID_AXIS,
+    LAYER_SYMBOLS,
+    PALETTE,
+    REFERENCE_SYMBOLS,
+    base_model_marker,
+    hover_text,
+    interval_bars,
+    metric_bars,
+    plotly_go,
+    styled,
+)
+from rpsft.dashboards.sweep_data import SweepData, TrialRecord
 
 
 def varying_knobs(trials: list[TrialRecord]) -> list[str]:
@@ -93,7 +47,7 @@ def knob_label(trial: TrialRecord, knobs: list[str]) -> str:
 def tradeoff_figure(data: SweepData) -> Any:
     """G_id (up) against F_ood (left): every finished trial, the Pareto front, the operating point per beta,
     and the line of equal Phi through the operating point at the sweep's beta."""
-    go = _go()
+    go = plotly_go()
     fig = go.Figure()
     beta = data.beta
     finished = [t for t in data.trials if t.finished]
@@ -114,12 +68,12 @@ def tradeoff_figure(data: SweepData) -> Any:
                 y=[t.metrics["g_id"] for t in searched],
                 mode="markers+text",
                 name="searched trials",
-                error_x=_error_bars(searched, "f_ood"),
-                error_y=_error_bars(searched, "g_id"),
+                error_x=metric_bars(searched, "f_ood"),
+                error_y=metric_bars(searched, "g_id"),
                 text=[knob_label(t, varying) for t in searched],
                 textposition="bottom right",
                 textfont={"size": 11},
-                hovertext=[_hover(t, beta) for t in searched],
+                hovertext=[hover_text(t, beta) for t in searched],
                 hoverinfo="text",
                 marker=marker,
             )
@@ -131,12 +85,12 @@ def tradeoff_figure(data: SweepData) -> Any:
                 y=[trial.metrics["g_id"]],
                 mode="markers+text",
                 name=f"[ref] {trial.reference}",
-                error_x=_error_bars([trial], "f_ood"),
-                error_y=_error_bars([trial], "g_id"),
+                error_x=metric_bars([trial], "f_ood"),
+                error_y=metric_bars([trial], "g_id"),
                 text=[trial.reference],
                 textposition="bottom right",
                 textfont={"size": 11},
-                hovertext=[_hover(trial, beta)],
+                hovertext=[hover_text(trial, beta)],
                 hoverinfo="text",
                 marker={"size": 13, "symbol": REFERENCE_SYMBOLS[i % len(REFERENCE_SYMBOLS)], "color": "#555"},
             )
@@ -206,7 +160,7 @@ def tradeoff_figure(data: SweepData) -> Any:
                 line={"color": "#999", "dash": "dash", "width": 1},
             )
         )
-    return _layout(
+    return styled(
         fig,
         f"ID gain vs OOD forgetting ({data.config.objective.metric}; bars: 95% paired bootstrap intervals)",
         F_OOD_AXIS,
@@ -291,7 +245,7 @@ def phi_vs_k_figure(data: SweepData) -> Any:
     """Phi(beta) with its 95% interval against the share of each matrix's rank that k protects, on a log axis:
     one line per lambda (or lambda bin), one marker per layer subset, ``k: auto`` marked. Full rank (L2-init)
     sits at 1; SFT (k = 0) is a horizontal band, as are the other references."""
-    go = _go()
+    go = plotly_go()
     beta = data.beta
     fig = go.Figure()
     fraction = rank_fraction_of(data)
@@ -305,14 +259,7 @@ def phi_vs_k_figure(data: SweepData) -> Any:
         intervals = [phi_interval(t, beta) for t in trials]
         if any(i is None for i in intervals):
             return None
-        return {
-            "type": "data",
-            "symmetric": False,
-            "array": [hi - t.phi(beta) for t, (_, hi) in zip(trials, intervals)],
-            "arrayminus": [t.phi(beta) - lo for t, (lo, _) in zip(trials, intervals)],
-            "thickness": 1,
-            "width": 4,
-        }
+        return interval_bars([(t.phi(beta), lo, hi) for t, (lo, hi) in zip(trials, intervals)], width=4)
 
     for i, (group, trials) in enumerate(_lambda_groups(ranked).items()):
         trials = sorted(trials, key=fraction)
@@ -374,233 +321,11 @@ def phi_vs_k_figure(data: SweepData) -> Any:
             annotation_position="top left",
         )
     share_of_rank_axis(fig)
-    return _layout(
+    return styled(
         fig,
         f"Phi(k) at beta={beta:g} (bars and bands: 95% intervals)",
         RANK_SHARE_TITLE,
         f"Phi = G_id - {beta:g} F_ood",
-    )
-
-
-def _trial_line(trial: TrialRecord, points: list[tuple[float, float]], color: str, **kwargs: Any) -> Any:
-    """One trial's ``(x, y)`` series as a line, in the trial's legend group."""
-    return _go().Scatter(
-        x=[x for x, _ in points],
-        y=[y for _, y in points],
-        name=trial.label,
-        legendgroup=trial.run_id,
-        line={"color": color},
-        **{"mode": "lines+markers", **kwargs},
-    )
-
-
-def moving_average(points: list[tuple[float, float]], window: int) -> list[tuple[float, float]]:
-    """The trailing mean of the last ``window`` values at each step (fewer at the start)."""
-    out = []
-    for i, (step, _) in enumerate(points):
-        recent = [v for _, v in points[max(0, i - window + 1) : i + 1]]
-        out.append((step, sum(recent) / len(recent)))
-    return out
-
-
-def curve_panels(data: SweepData) -> list[tuple[str, str, str, list[TrialRecord]]]:
-    """``(metric, panel title, y label, trials)`` of each training-curve panel that has data: one penalty panel
-    per method (an L2-init penalty is far larger than a rank-k one)."""
-    panels = []
-    for key, (title, y_label) in CURVES.items():
-        trials = [t for t in data.trials if t.history.get(key)]
-        if not trials:
-            continue
-        if key != "rpsft/penalty":
-            panels.append((key, title, y_label, trials))
-            continue
-        for method in sorted({t.method for t in trials}):
-            panels.append((key, f"{method} penalty", y_label, [t for t in trials if t.method == method]))
-    return panels
-
-
-def training_curves_figure(data: SweepData, window: int | None = None) -> Any:
-    """Per-step task loss (with its moving average over ``window`` steps, by default about an epoch or a tenth
-    of the run), each method's penalty, the protected drift, and the trade-off at the intermediate evaluations
-    of every trial (up to four panels a row), each panel with its own labelled y axis."""
-    from plotly.subplots import make_subplots
-
-    panels = curve_panels(data)
-    if not panels:
-        return None
-    if window is None:
-        steps = max((len(t.history.get("loss", [])) for t in data.trials), default=0)
-        train = data.config.train  # the sweep's shared TrainConfig fields, as given
-        epochs = train.get("epochs") if train.get("max_steps", 0) is None else None
-        window = max(2, steps // epochs if epochs else steps // 10)  # an epoch, or a tenth of the run
-    cols = min(4, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=[title for _, title, _, _ in panels], horizontal_spacing=0.09
-    )
-    colors = {t.run_id: PALETTE[i % len(PALETTE)] for i, t in enumerate(data.trials)}
-    shown: set[str] = set()  # one legend entry per trial
-    for index, (key, _, _, trials) in enumerate(panels):
-        row, col = index // cols + 1, index % cols + 1
-        for trial in trials:
-            series = trial.history[key]
-            color = colors[trial.run_id]
-            legend = trial.run_id not in shown
-            shown.add(trial.run_id)
-            if key == "loss":
-                fig.add_trace(
-                    _trial_line(trial, series, color, showlegend=False, opacity=0.3, mode="lines"),
-                    row=row,
-                    col=col,
-                )
-                fig.add_trace(
-                    _trial_line(
-                        trial, moving_average(series, window), color, showlegend=legend, mode="lines"
-                    ),
-                    row=row,
-                    col=col,
-                )
-            else:
-                fig.add_trace(
-                    _trial_line(trial, series, color, showlegend=legend, marker={"size": 4}), row=row, col=col
-                )
-    # the layout first: its (empty) figure-wide axis titles would replace the first panel's
-    _layout(fig, f"Training curves (moving average over {window} steps)", "", "", height=420 * rows + 100)
-    fig.update_layout(margin={"l": 80, "t": 90})
-    for index, (_, _, y_label, _) in enumerate(panels):
-        fig.update_yaxes(title_text=y_label, row=index // cols + 1, col=index % cols + 1)
-    fig.update_xaxes(title_text="optimizer step")
-    return fig
-
-
-def trajectory_figure(data: SweepData) -> Any:
-    """Each trial's path in the (F_ood, G_id) plane through its intermediate evaluations (``evaluation.every``),
-    each point labelled by its optimizer step; the base model at the origin. ``None`` without intermediate
-    evaluations."""
-    go = _go()
-    fig = go.Figure()
-    for i, trial in enumerate(data.trials):
-        g, f = dict(trial.history.get("eval/g_id", [])), dict(trial.history.get("eval/f_ood", []))
-        steps = sorted(set(g) & set(f))
-        if not steps:
-            continue
-        fig.add_trace(
-            _trial_line(
-                trial,
-                [(f[s], g[s]) for s in steps],
-                PALETTE[i % len(PALETTE)],
-                mode="lines+markers+text",
-                text=[f"{s:g}" for s in steps],
-                textposition="top center",
-                marker={"size": 8},
-            )
-        )
-    if not fig.data:
-        return None
-    fig.add_trace(base_model_marker())
-    return _layout(
-        fig,
-        "Trajectories: each trial through its evaluations (labels: optimizer step)",
-        F_OOD_AXIS,
-        G_ID_AXIS,
-    )
-
-
-def rotation_figure(data: SweepData) -> Any:
-    """Per-layer rotation of each trial (left) and the mean rotation against forgetting (right)."""
-    go = _go()
-    from plotly.subplots import make_subplots
-
-    rotated = [t for t in data.trials if ROTATION_MEAN in t.metrics]
-    if not rotated:
-        return None
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=["rotation per layer (mean principal angle, degrees)", "mean rotation vs F_ood"],
-    )
-    for i, trial in enumerate(rotated):
-        layers = sorted(
-            (int(index), value)
-            for key, value in trial.metrics.items()
-            if key.startswith(ROTATION_LAYER_PREFIX)
-            and (index := key[len(ROTATION_LAYER_PREFIX) :].split("_")[0]).isdigit()
-        )
-        fig.add_trace(_trial_line(trial, layers, PALETTE[i % len(PALETTE)]), row=1, col=1)
-    with_f = [t for t in rotated if "f_ood" in t.metrics]
-    fig.add_trace(
-        go.Scatter(
-            x=[t.metrics[ROTATION_MEAN] for t in with_f],
-            y=[t.metrics["f_ood"] for t in with_f],
-            mode="markers",
-            name="trials",
-            text=[t.label for t in with_f],
-            hoverinfo="text",
-            marker={"size": 11, "color": [PALETTE[rotated.index(t) % len(PALETTE)] for t in with_f]},
-            showlegend=False,
-        ),
-        row=1,
-        col=2,
-    )
-    fig.update_xaxes(title_text="layer", dtick=1, row=1, col=1)
-    fig.update_xaxes(title_text="mean rotation (degrees)", row=1, col=2)
-    fig.update_yaxes(title_text="degrees", row=1, col=1)
-    fig.update_yaxes(title_text="F_ood", row=1, col=2)
-    return _layout(fig, "Rotation of the top-K left singular subspaces", "", "", height=520)
-
-
-def rl_figure(data: SweepData) -> Any:
-    """The trade-off before and after RL: each RL run's initial checkpoint and its RL checkpoint (G_id against
-    F_ood), joined by an arrow; the base model is the origin."""
-    from rpsft.dashboards.tables import rl_rows
-
-    rows = [r for r in rl_rows(data) if None not in (r["id_init"], r["ood_init"], r["id_rl"], r["ood_rl"])]
-    if not rows:
-        return None
-    go = _go()
-    fig = go.Figure()
-    for i, row in enumerate(rows):
-        color = PALETTE[i % len(PALETTE)]
-        fig.add_trace(
-            go.Scatter(
-                x=[row["ood_init"], row["ood_rl"]],
-                y=[row["id_init"], row["id_rl"]],
-                mode="lines+markers",
-                name=f"{row['init']}: init -> RL",
-                line={"color": color},
-                marker={"size": [10, 14], "symbol": ["circle-open", "circle"], "color": color},
-                hovertext=[f"{row['init']} (init)", f"{row['init']} + RL (step {row['chosen_step']})"],
-                hoverinfo="text+x+y",
-            )
-        )
-        fig.add_annotation(
-            x=row["ood_rl"],
-            y=row["id_rl"],
-            ax=row["ood_init"],
-            ay=row["id_init"],
-            xref="x",
-            yref="y",
-            axref="x",
-            ayref="y",
-            showarrow=True,
-            arrowhead=3,
-            arrowcolor=color,
-            text="",
-        )
-    fig.add_trace(
-        go.Scatter(
-            x=[0],
-            y=[0],
-            mode="markers",
-            name="base model",
-            marker={"symbol": "x", "size": 10, "color": "#444"},
-        )
-    )
-    return _layout(
-        fig,
-        "Trade-off before and after RL (open: initial checkpoint)",
-        "F_ood (forgetting, lower is better)",
-        "G_id (gain, higher is better)",
     )
 
 

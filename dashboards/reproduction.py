@@ -9,7 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rpsft.dashboards.figures import RANK_SHARE_TITLE, _go, _layout, share_of_rank_axis
+from rpsft.dashboards.figures import RANK_SHARE_TITLE, share_of_rank_axis
+from rpsft.dashboards.plot_style import plotly_go, styled
 
 METHOD_COLORS = {
     "sft": "#d62728",
@@ -34,7 +35,7 @@ def short_label(label: str) -> str:
 
 def tradeoff_figure(result: dict[str, Any]) -> Any:
     """G_id against F_ood with the paired bootstrap intervals as error bars, one colour per method."""
-    go = _go()
+    go = plotly_go()
     fig = go.Figure()
     by_method: dict[str, list[dict[str, Any]]] = {}
     for config in result["configurations"]:
@@ -65,7 +66,7 @@ def tradeoff_figure(result: dict[str, Any]) -> Any:
             x=[0], y=[0], mode="markers", name="base", marker={"symbol": "x", "size": 10, "color": "black"}
         )
     )
-    return _layout(fig, f"{result['model']}: ID gain vs OOD forgetting (95% intervals)", "F_ood", "G_id")
+    return styled(fig, f"{result['model']}: ID gain vs OOD forgetting (95% intervals)", "F_ood", "G_id")
 
 
 def _rank_share(model: str, layers: str) -> Any:
@@ -91,7 +92,7 @@ def _rank_share(model: str, layers: str) -> Any:
 def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
     """Phi(k) on the k slice (C4) with 95% intervals, against the share of each protected matrix's rank that k
     protects on a log axis: full rank (L2-init) at 1, SFT (k = 0) as a band, ``k: auto`` marked."""
-    go = _go()
+    go = plotly_go()
     numbers = claim["numbers"]
     beta = numbers.get("beta", 1)
     share = _rank_share(result["model"], numbers.get("layers", "all"))
@@ -143,7 +144,7 @@ def phi_k_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
             annotation_position="top left",
         )
     share_of_rank_axis(fig)
-    return _layout(
+    return styled(
         fig,
         f"{result['model']}: Phi(k) at beta={beta:g} (bars, band: 95% intervals)",
         RANK_SHARE_TITLE,
@@ -157,7 +158,7 @@ REGIME_COLORS = {"loss": "#1f77b4", "decoupled": "#ff7f0e", "sgd": "#2ca02c"}
 def drift_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
     """Protected drift against lambda on log-log axes (C5), one line per regime (Adam with the penalty in the
     loss, Adam decoupled, SGD), with a 1/lambda guide through the paper regime's largest lambda."""
-    go = _go()
+    go = plotly_go()
     numbers = claim["numbers"]
     # claims files from before the regimes hold one slice at the top level
     regimes = numbers.get("regimes") or {}
@@ -190,14 +191,14 @@ def drift_figure(result: dict[str, Any], claim: dict[str, Any]) -> Any:
         )
     fig.update_xaxes(type="log")
     fig.update_yaxes(type="log")
-    return _layout(
+    return styled(
         fig, f"{result['model']}: protected drift vs lambda", "lambda", "||Uk^T (W - W0) Vk||_F (mean)"
     )
 
 
 def rotation_figure(result: dict[str, Any]) -> Any:
     """Mean rotation of the top singular subspaces against the ID gain (C3)."""
-    go = _go()
+    go = plotly_go()
     fig = go.Figure()
     by_method: dict[str, list[dict[str, Any]]] = {}
     for config in result["configurations"]:
@@ -215,7 +216,7 @@ def rotation_figure(result: dict[str, Any]) -> Any:
                 hovertemplate="%{text}<br>G_id %{x:.4f}<br>rotation %{y:.4g} deg<extra></extra>",
             )
         )
-    return _layout(fig, f"{result['model']}: rotation vs ID gain", "G_id", "mean principal angle (deg)")
+    return styled(fig, f"{result['model']}: rotation vs ID gain", "G_id", "mean principal angle (deg)")
 
 
 def study_figures(result: dict[str, Any]) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from rpsft.sweeps.runner import driver_lock\n"
+            "import sys, time; from pathlib import Path; from rpsft.sweeps.driver_guard import driver_lock\n"
             "from rpsft.sweeps.store.sweep_store import SweepStore\n"
             "with driver_lock(SweepStore(Path(sys.argv[1]).parent, 'locked')):\n"
             "    print('held', flush=True); time.sleep(600)",
@@ -165,7 +165,7 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
     time.sleep(0.2)
-    from rpsft.sweeps.runner import driver_lock
+    from rpsft.sweeps.driver_guard import driver_lock
     from rpsft.sweeps.store.sweep_store import SweepStore
 
     with driver_lock(SweepStore.of(config)):  # the killed holder left no stale lock

@@ -166,7 +166,7 @@ def test_a_shared_rank_fraction_helper_agrees_with_torch_ranks():
 
 
 def test_training_curves_have_labelled_axes_a_penalty_panel_per_method_and_a_moving_average(sweep_data):
-    from rpsft.dashboards.figures import training_curves_figure
+    from rpsft.dashboards.curves import training_curves_figure
 
     data, _ = sweep_data
     fig = training_curves_figure(data, window=2)
@@ -188,7 +188,8 @@ def test_training_curves_have_labelled_axes_a_penalty_panel_per_method_and_a_mov
 
 
 def test_trajectories_follow_each_trial_through_its_evaluations(sweep_data):
-    from rpsft.dashboards.figures import report_figures, trajectory_figure
+    from rpsft.dashboards.curves import trajectory_figure
+    from rpsft.dashboards.figures import report_figures
     from rpsft.dashboards.report import figure_title
 
     data, _ = sweep_data
