@@ -19,7 +19,7 @@ _EXPORTS = {
     "Benchmark": "rpsft.evaluation.benchmarks",
     "HubSource": "rpsft.evaluation.benchmarks",
     "EvalConfigError": "rpsft.evaluation.benchmarks",
-    "BUILTIN_BENCHMARKS": "rpsft.evaluation.benchmarks",
+    "builtin_registry": "rpsft.evaluation.benchmarks",
     "EvalDataError": "rpsft.evaluation.items",
     "load_items": "rpsft.evaluation.items",
     "EvalSettings": "rpsft.evaluation.settings",

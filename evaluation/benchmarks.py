@@ -1,10 +1,11 @@
-"""The registry of benchmarks: typed configs for the paper's ID math and OOD benchmarks, plus config-only extras.
+"""The registry of benchmarks: the paper's ID math and OOD benchmarks, and the extras a config declares.
 
-A benchmark is data, not code: a name, a suite (``id`` or ``ood``), a scorer (``math``: ``\\boxed{}`` answer
-checked by math-verify; ``mc``: option letter; ``ifeval``: lm-eval's loose IFEval checkers), the JSONL file
-under a data dir (the format of ``shared/paper-data``), an optional smaller ``_test`` file, the hub source for
-users without the files, and the paper's number of samples ``k``. A new benchmark in the paper-data JSONL
-format needs only an entry (see :func:`load_benchmark_entries`), no code.
+A benchmark is data, not code. The built-in ones are YAML files under ``evaluation/builtin/`` (one per
+benchmark), read by the same loader as a user's entries (:func:`load_benchmark_entries`), so adding one means
+adding a file. An entry holds a name, a suite (``id`` or ``ood``), a scorer (``math``: ``\\boxed{}`` answer
+checked by math-verify; ``mc``: option letter; ``ifeval``: lm-eval's loose IFEval checkers), the JSONL file under
+a data dir (the format of ``shared/paper-data``), an optional smaller ``_test`` file, the hub source for users
+without the files, and the paper's number of samples ``k``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from rpsft.core.errors import InputError
 
 Suite = Literal["id", "ood"]
 Scorer = Literal["math", "mc", "ifeval"]
 SUITES: tuple[str, ...] = ("id", "ood")
 TASK_PREFIX = "rpsft_"
+DEFAULT_SAMPLES = 4  # samples per item where neither the entry nor the file says (the paper's OOD k)
 
 # Same wording as the system message of the paper data.
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -56,21 +58,77 @@ class HubSource(BaseModel):
     system_prompt: str = MATH_SYSTEM_PROMPT
 
 
+def read_task_yaml(path: Path) -> dict[str, Any]:
+    """An lm-eval task YAML file as written (its ``include:`` not followed, ``!function`` tags read as None)."""
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    try:
+        config = yaml.load(path.read_text(), Loader=Loader)
+    except yaml.YAMLError:
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _task_name(task: str) -> str:
+    """The name a task entry gets by default: the ``task:`` of its YAML file, else the file's or folder's stem, else
+    the registry name itself."""
+    path = Path(task).expanduser()
+    if path.is_file() and isinstance(read_task_yaml(path).get("task"), str):
+        return read_task_yaml(path)["task"]
+    return path.name.removesuffix(".yaml").removesuffix(".yml") if path.suffix or path.is_dir() else task
+
+
 class Benchmark(BaseModel):
-    """One benchmark. ``file``/``test_file`` are relative to the data dir (or absolute)."""
+    """One benchmark: items in a file (``file``/``test_file``, relative to the data dir or absolute) or on the hub,
+    scored by one of rpsft's scorers; or an lm-eval task (``task``: a registry name, a task YAML or a directory
+    of task YAML), scored by the task's own primary metric."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str
+    name: str = Field("", description="default for a task entry: the task's name")
     title: str = ""
     suite: Suite
-    scorer: Scorer
+    scorer: Scorer | None = Field(None, description="math, mc or ifeval; none for a task entry")
+    task: str | None = Field(
+        None,
+        description="an lm-eval task: a registry name (gsm8k, arc_challenge, mmlu_pro, ...), or a path to a task "
+        "YAML file or a directory of them (see --include-path)",
+    )
     file: str | None = None
     test_file: str | None = None
     hub: HubSource | None = None
-    k: int = Field(4, ge=1, description="samples per item in the paper (Avg@k, Pass@k)")
+    k: int | None = Field(
+        None,
+        ge=1,
+        description="samples per item (Avg@k, Pass@k): the paper's number; by default as many as the file repeats "
+        f"each prompt, or {DEFAULT_SAMPLES} where it does not",
+    )
     default: bool = Field(True, description="part of its suite when the suite is named")
     has_solutions: bool = Field(False, description="rows carry a reference `solution` (loss-based ID gain)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_entry(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("task") and not data.get("name"):
+            name = _task_name(str(data["task"]))
+            data = {**data, "name": re.sub(r"[^a-z0-9_]+", "_", name.lower()).strip("_") or "task"}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Benchmark:
+        if self.task is not None:
+            mixed = [f for f in ("scorer", "file", "test_file", "hub", "k") if getattr(self, f) is not None]
+            if mixed or self.has_solutions:
+                raise ValueError(
+                    f"a task entry is scored by its lm-eval task, so {', '.join(mixed or ['has_solutions'])} "
+                    "cannot be set with 'task'. Fix: keep name, title, suite, task and default"
+                )
+        elif self.scorer is None:
+            raise ValueError("a benchmark needs 'scorer' (math, mc or ifeval), or 'task' (an lm-eval task)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -80,6 +138,11 @@ class Benchmark(BaseModel):
                 f"benchmark name {value!r} must be lowercase letters, digits and '_'. Fix: e.g. 'my_math'"
             )
         return value
+
+    @property
+    def is_task(self) -> bool:
+        """Whether this entry names an lm-eval task (scored by the task's own metric)."""
+        return self.task is not None
 
     @property
     def task_name(self) -> str:
@@ -95,193 +158,6 @@ class Benchmark(BaseModel):
         if subset == "test" and self.test_file:
             return self.test_file
         return self.file
-
-
-def _hub(path: str, **kwargs: Any) -> HubSource:
-    return HubSource(path=path, **kwargs)
-
-
-_MC_HUB = dict(answer_format="letter")
-
-BUILTIN_BENCHMARKS: tuple[Benchmark, ...] = (
-    # ---- in-domain math (paper Sec. 5: AIME/AMC k=16, MATH-500 and OlympiadBench 4, Minerva 8)
-    Benchmark(
-        name="aime24",
-        title="AIME24",
-        suite="id",
-        scorer="math",
-        file="id/aime-24.jsonl",
-        k=16,
-        hub=_hub("HuggingFaceH4/aime_2024", split="train", question="problem", solution="solution"),
-    ),
-    Benchmark(
-        name="aime25",
-        title="AIME25",
-        suite="id",
-        scorer="math",
-        file="id/aime-25.jsonl",
-        k=16,
-        hub=_hub("math-ai/aime25", split="test", question="problem"),
-    ),
-    Benchmark(
-        name="amc23",
-        title="AMC23",
-        suite="id",
-        scorer="math",
-        file="id/amc.jsonl",
-        k=16,
-        hub=_hub("math-ai/amc23", split="test", question="question"),
-    ),
-    Benchmark(
-        name="math500",
-        title="MATH-500",
-        suite="id",
-        scorer="math",
-        file="id/math500.jsonl",
-        k=4,
-        has_solutions=True,
-        hub=_hub("HuggingFaceH4/MATH-500", split="test", question="problem", solution="solution"),
-    ),
-    Benchmark(
-        name="minerva",
-        title="Minerva",
-        suite="id",
-        scorer="math",
-        file="id/minerva.jsonl",
-        k=8,
-        has_solutions=True,
-        hub=_hub("math-ai/minervamath", split="test", question="question"),
-    ),
-    Benchmark(
-        name="olympiadbench",
-        title="OlympiadBench",
-        suite="id",
-        scorer="math",
-        file="id/olympiadBench.jsonl",
-        k=4,
-        has_solutions=True,
-        hub=_hub(
-            "Hothan/OlympiadBench",
-            name="OE_TO_maths_en_COMP",
-            split="train",
-            question="question",
-            answer="final_answer",
-            solution="solution",
-            unit="unit",
-        ),
-    ),
-    # ---- out-of-domain (k = 4)
-    Benchmark(
-        name="gpqa",
-        title="GPQA",
-        suite="ood",
-        scorer="mc",
-        file="ood/gpqa.jsonl",
-        test_file="ood/gpqa_test.jsonl",
-        hub=_hub(
-            "Idavidrein/gpqa",
-            name="gpqa_main",
-            split="train",
-            question="Question",
-            choices=["Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2", "Incorrect Answer 3"],
-            answer=None,
-            answer_format="first",
-            shuffle_choices=True,
-        ),
-    ),
-    Benchmark(
-        name="ifeval",
-        title="IFEval-loose",
-        suite="ood",
-        scorer="ifeval",
-        file="ood/ifeval_loose.jsonl",
-        test_file="ood/ifeval_loose_test.jsonl",
-        hub=_hub(
-            "google/IFEval",
-            split="train",
-            question="prompt",
-            answer=None,
-            instruction_ids="instruction_id_list",
-            instruction_kwargs="kwargs",
-        ),
-    ),
-    Benchmark(
-        name="mmlu_pro",
-        title="MMLU-Pro",
-        suite="ood",
-        scorer="mc",
-        file="ood/mmlu_pro.jsonl",
-        hub=_hub("TIGER-Lab/MMLU-Pro", split="test", choices="options", **_MC_HUB),
-    ),
-    Benchmark(
-        name="supergpqa",
-        title="SuperGPQA",
-        suite="ood",
-        scorer="mc",
-        file="ood/supergpqa.jsonl",
-        hub=_hub("m-a-p/SuperGPQA", split="train", choices="options", answer="answer_letter", **_MC_HUB),
-    ),
-    Benchmark(
-        name="safety",
-        title="Safety",
-        suite="ood",
-        scorer="mc",
-        file="ood/safety_benchmark.jsonl",
-        test_file="ood/safety_benchmark_test.jsonl",
-        hub=None,
-    ),
-    Benchmark(
-        name="truthfulqa_mc",
-        title="TruthfulQA-MC",
-        suite="ood",
-        scorer="mc",
-        file="ood/truthful_qa_mc.jsonl",
-        test_file="ood/truthful_qa_mc_test.jsonl",
-        hub=_hub(
-            "truthfulqa/truthful_qa",
-            name="multiple_choice",
-            split="validation",
-            choices="mc1_targets.choices",
-            answer="mc1_targets.labels",
-            answer_format="onehot",
-            shuffle_choices=True,
-        ),
-    ),
-    # ---- in paper-data but not among the paper's reported OOD benchmarks: run when named
-    Benchmark(
-        name="arc_c",
-        title="ARC-C",
-        suite="ood",
-        scorer="mc",
-        file="ood/arc_c.jsonl",
-        test_file="ood/arc_c_test.jsonl",
-        default=False,
-        hub=_hub(
-            "allenai/ai2_arc",
-            name="ARC-Challenge",
-            split="test",
-            choices="choices.text",
-            answer="answerKey",
-            **_MC_HUB,
-        ),
-    ),
-    Benchmark(
-        name="commonsenseqa",
-        title="CommonsenseQA",
-        suite="ood",
-        scorer="mc",
-        file="ood/commonsenseqa.jsonl",
-        test_file="ood/commonsenseqa_test.jsonl",
-        default=False,
-        hub=_hub(
-            "tau/commonsense_qa", split="validation", choices="choices.text", answer="answerKey", **_MC_HUB
-        ),
-    ),
-)
-
-
-def builtin_registry() -> dict[str, Benchmark]:
-    return {b.name: b for b in BUILTIN_BENCHMARKS}
 
 
 def parse_benchmark_entries(entries: Any, where: str) -> list[Benchmark]:
@@ -300,9 +176,10 @@ def parse_benchmark_entries(entries: Any, where: str) -> list[Benchmark]:
             field = ".".join(str(p) for p in err["loc"]) or "entry"
             raise EvalConfigError(
                 f"{where}: benchmarks[{i}].{field}: {err['msg']}. Fix: an entry needs name, suite (id|ood), "
-                "scorer (math|mc|ifeval) and file (JSONL relative to the data dir) or hub"
+                "scorer (math|mc|ifeval) and file (JSONL relative to the data dir) or hub; or suite and task "
+                "(an lm-eval task name or task YAML)"
             ) from None
-        if out[-1].file is None and out[-1].hub is None:
+        if not out[-1].is_task and out[-1].file is None and out[-1].hub is None:
             raise EvalConfigError(
                 f"{where}: benchmarks[{i}] ({out[-1].name}) has neither 'file' nor 'hub'. Fix: give the JSONL "
                 "file relative to the data dir"
@@ -311,14 +188,29 @@ def parse_benchmark_entries(entries: Any, where: str) -> list[Benchmark]:
 
 
 def load_benchmark_entries(path: str | Path) -> list[Benchmark]:
-    """Benchmarks declared in a YAML file: a list, or a mapping with a ``benchmarks:`` list."""
+    """Benchmarks declared in YAML: a file holding one entry, a list of entries or a mapping with a
+    ``benchmarks:`` list; or a directory of such files (``*.yaml``, read in name order)."""
     path = Path(path)
+    if path.is_dir():
+        return [bench for file in sorted(path.glob("*.yaml")) for bench in load_benchmark_entries(file)]
     if not path.is_file():
         raise EvalConfigError(f"benchmarks file {path} does not exist. Fix: pass an existing YAML file")
     data = yaml.safe_load(path.read_text())
     if isinstance(data, dict):
-        data = data.get("benchmarks")
+        data = data["benchmarks"] if "benchmarks" in data else [data]
     return parse_benchmark_entries(data, str(path))
+
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+
+
+def builtin_registry() -> dict[str, Benchmark]:
+    """The built-in benchmarks, one YAML file each under ``evaluation/builtin/``: the in-domain suite first,
+    then the out-of-domain one; within a suite the ``default`` members first, each group in name order."""
+    benches = sorted(
+        load_benchmark_entries(BUILTIN_DIR), key=lambda b: (SUITES.index(b.suite), not b.default, b.name)
+    )
+    return {b.name: b for b in benches}
 
 
 def build_registry(extra: list[Benchmark] | None = None) -> dict[str, Benchmark]:

@@ -166,10 +166,13 @@ def bootstrap_tradeoff(
     names = list(configs)
     # the same item indices for everything, per benchmark
     indices = {
-        (suite, bench): rng.integers(0, n, size=(draws, n)) for suite, benches in layout.items()
+        (suite, bench): rng.integers(0, n, size=(draws, n))
+        for suite, benches in layout.items()
         for bench, n in benches.items()
     }
-    seed_picks = {name: rng.integers(0, len(configs[name]), size=(draws, len(configs[name]))) for name in names}
+    seed_picks = {
+        name: rng.integers(0, len(configs[name]), size=(draws, len(configs[name]))) for name in names
+    }
     point: dict[str, dict[str, float]] = {name: {} for name in names}
     drawn: dict[str, dict[str, np.ndarray]] = {name: {} for name in names}
     for suite in ("id", "ood"):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ class Item:
     instruction_ids: str = "[]"  # JSON list
     instruction_kwargs: str = "[]"  # JSON list of dicts
     solution: str = ""
+    repeats: int = 1  # rows of the file that carry this prompt (an avg@n file repeats each prompt n times)
     pass_k: int = 0  # filled by the task loader: the k of pass@k (0 = number of samples)
 
     def messages(self) -> list[dict[str, str]]:
@@ -250,7 +251,24 @@ def _read_jsonl_cached(bench_json: str, path: str, mtime_ns: int, size: int) -> 
         items.append(_row_to_item(bench, row, len(items), where))
     if not items:
         raise EvalDataError(f"{bench.name}: {path} has no rows. Fix: one JSON object per line")
-    return tuple(items)
+    return tuple(collapse_repeats(bench, items))
+
+
+_REFERENCE_FIELDS = ("ground_truth", "target", "choices", "instruction_ids", "instruction_kwargs", "unit")
+
+
+def collapse_repeats(bench: Benchmark, items: list[Item]) -> list[Item]:
+    """Rows that repeat an earlier row (the same prompt and the same reference) are one item: the form some
+    releases use for avg@n (N problems x n identical rows), and duplicates a benchmark may hold by accident. The
+    item keeps its first row and counts the rows in ``repeats``; items are numbered in order of first appearance.
+    Rows with the same prompt but another reference stay separate items."""
+    groups: dict[tuple[str, ...], list[Item]] = {}
+    for item in items:
+        key = (item.system, item.user, *(str(getattr(item, f)) for f in _REFERENCE_FIELDS))
+        groups.setdefault(key, []).append(item)
+    if len(groups) == len(items):
+        return items
+    return [replace(rows[0], index=index, repeats=len(rows)) for index, rows in enumerate(groups.values())]
 
 
 def read_jsonl_items(bench: Benchmark, path: str | Path) -> list[Item]:
@@ -349,10 +367,11 @@ def _read_hub_cached(bench_json: str) -> tuple[Item, ...]:
             f"{type(exc).__name__}: {str(exc)[:300]}. Fix: pass --data-dir with the JSONL files, or allow hub "
             "access (unset HF_DATASETS_OFFLINE / log in for gated sets)"
         ) from None
-    return tuple(
+    items = [
         _hub_row_to_item(bench, dict(row), i, f"{bench.name}: hub {hub.path} row {i}")
         for i, row in enumerate(dataset)
-    )
+    ]
+    return tuple(collapse_repeats(bench, items))
 
 
 # ------------------------------------------------------------------------------------------------ public
@@ -361,7 +380,8 @@ def _read_hub_cached(bench_json: str) -> tuple[Item, ...]:
 def load_items(
     bench: Benchmark, data_dir: str | Path | None = None, subset: str = "full", limit: int | None = None
 ) -> list[Item]:
-    """All items of a benchmark (validated), or the first ``limit``."""
+    """All items of a benchmark (validated; rows with the same prompt are one item, see
+    :func:`collapse_repeats`), or the first ``limit``."""
     path = resolve_file(bench, data_dir, subset)
     items = (
         read_jsonl_items(bench, path) if path is not None else list(_read_hub_cached(bench.model_dump_json()))

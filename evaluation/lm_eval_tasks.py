@@ -90,9 +90,10 @@ def task_config(planned: PlannedTask, settings: EvalSettings, *, data_dir_key: b
     }
 
 
-def plan_config_hash(plan: EvalPlan) -> str:
+def plan_config_hash(plan: EvalPlan, backend: str = "hf") -> str:
     """Identifies everything that determines a plan's scores except the model (for the base-score cache): the
-    task configs, the data sources, the limit, the batch size, the backend, the seed and the lm-eval version."""
+    task configs, the data sources, the limit, the batch size, the backend that runs it (``hf`` or ``vllm``, as
+    :func:`rpsft.evaluation.backends.resolve_backend` chose it), the seed and the lm-eval version."""
     import lm_eval
 
     settings = plan.settings
@@ -101,11 +102,14 @@ def plan_config_hash(plan: EvalPlan) -> str:
         "lm_eval": getattr(lm_eval, "__version__", "?"),
         "limit": settings.limit,
         "batch_size": settings.batch_size,
-        "backend": settings.backend,
+        "backend": backend,
         "seed": settings.seed,
         "tasks": [
-            {"config": task_config(t, settings, data_dir_key=False), "source": t.source} for t in plan.tasks
+            {"config": task_config(t, settings, data_dir_key=False), "source": t.source}
+            for t in plan.own_tasks
         ],
+        "lm_eval_tasks": [{"source": t.source} for t in plan.tasks if t.harness is not None],
+        "task_chat_template": settings.task_chat_template,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -115,12 +119,13 @@ def task_yaml(planned: PlannedTask, settings: EvalSettings) -> str:
 
 
 def write_task_dir(plan: EvalPlan, directory: str | Path) -> Path:
-    """Write one ``<task>.yaml`` per planned benchmark into ``directory`` (replacing older rpsft_*.yaml)."""
+    """Write one ``<task>.yaml`` per planned benchmark into ``directory`` (replacing older rpsft_*.yaml); task
+    entries are lm-eval's own tasks and get none."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("rpsft_*.yaml"):
         old.unlink()
-    for planned in plan.tasks:
+    for planned in plan.own_tasks:
         (directory / f"{planned.bench.task_name}.yaml").write_text(task_yaml(planned, plan.settings))
     return directory
 

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
+from rpsft.evaluation.backends import resolve_backend, vllm_arguments
 from rpsft.evaluation.benchmarks import EvalConfigError
+from rpsft.evaluation.harness_tasks import seeded_evaluate
 from rpsft.evaluation.lm_eval_tasks import (
     FILTER_NAME,
     METRIC_AVG,
@@ -43,9 +45,18 @@ class BenchmarkScore(BaseModel):
     n_items: int
     n_samples: int = Field(description="samples per item (the k of Avg@k)")
     pass_k: int
-    avg_at_k: float
+    avg_at_k: float = Field(
+        description="the score: avg@k, or a task entry's primary metric as lm-eval reports it"
+    )
     pass_at_k: float
     extra: dict[str, float] = Field(default_factory=dict)
+    metric: str = Field("avg@k", description="what avg_at_k holds: avg@k, or a task entry's metric")
+    higher_is_better: bool = True
+    stderr: float | None = Field(None, description="lm-eval's standard error of the score (task entries)")
+
+    def oriented(self, value: float) -> float:
+        """``value`` with the sign that makes higher better."""
+        return value if self.higher_is_better else -value
 
 
 class EvalResult(BaseModel):
@@ -59,12 +70,25 @@ class EvalResult(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
     samples: dict[str, list[dict[str, Any]]] | None = None
+    items: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="per benchmark, each item's score in document order (avg@k over its samples, or a task "
+        "entry's metric), signed so that higher is better",
+    )
 
     def suite_scores(self, metric: str = "avg_at_k") -> dict[str, dict[str, float]]:
-        """``{"id": {benchmark: score}, "ood": {...}}`` for ``metric`` (``avg_at_k`` or ``pass_at_k``)."""
+        """``{"id": {benchmark: score}, "ood": {...}}`` for ``metric`` (``avg_at_k`` or ``pass_at_k``), signed so
+        that higher is better."""
         out: dict[str, dict[str, float]] = {"id": {}, "ood": {}}
         for name, score in self.benchmarks.items():
-            out.setdefault(score.suite, {})[name] = float(getattr(score, metric))
+            out.setdefault(score.suite, {})[name] = score.oriented(float(getattr(score, metric)))
+        return out
+
+    def item_scores(self) -> dict[str, dict[str, list[tuple[float, int]]]]:
+        """``{suite: {benchmark: [(score, 1), ...]}}``, the per-item form of :mod:`rpsft.evaluation.intervals`."""
+        out: dict[str, dict[str, list[tuple[float, int]]]] = {"id": {}, "ood": {}}
+        for name, values in self.items.items():
+            out.setdefault(self.benchmarks[name].suite, {})[name] = [(v, 1) for v in values]
         return out
 
     def table(self) -> str:
@@ -82,7 +106,7 @@ class EvalResult(BaseModel):
 
 
 def format_table(result: EvalResult) -> str:
-    rows = [("benchmark", "suite", "items", "k", "avg@k", "pass@k")]
+    rows = [("benchmark", "suite", "items", "k", "metric", "score", "pass@k", "lm-eval stderr")]
     for score in result.benchmarks.values():
         rows.append(
             (
@@ -90,8 +114,10 @@ def format_table(result: EvalResult) -> str:
                 score.suite,
                 str(score.n_items),
                 str(score.n_samples),
+                score.metric + ("" if score.higher_is_better else " (lower is better)"),
                 f"{score.avg_at_k:.4f}",
-                f"{score.pass_at_k:.4f}",
+                f"{score.pass_at_k:.4f}" if score.metric == "avg@k" else "",
+                "" if score.stderr is None else f"{score.stderr:.4f}",
             )
         )
     for suite in ("id", "ood"):
@@ -102,8 +128,10 @@ def format_table(result: EvalResult) -> str:
                     suite,
                     "",
                     "",
+                    "",
                     f"{result.suites[suite]:.4f}",
                     f"{result.suites_pass[suite]:.4f}",
+                    "",
                 )
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -111,8 +139,9 @@ def format_table(result: EvalResult) -> str:
     for j, row in enumerate(rows):
         lines.append(
             "  ".join(
-                cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
-            )
+                cell.ljust(w) if i in (0, 1, 4) else cell.rjust(w)
+                for i, (cell, w) in enumerate(zip(row, widths))
+            ).rstrip()
         )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -167,18 +196,7 @@ def _check_model(settings: EvalSettings, model: Any, tokenizer: Any) -> None:
         raise EvalConfigError(
             "tokenizer: an in-memory model needs its tokenizer. Fix: evaluate(model, tokenizer, settings)"
         )
-    if settings.backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise EvalConfigError(
-                "backend: vllm is not installed. Fix: pip install vllm, or use --backend hf"
-            )
-        if not isinstance(model, (str, Path)):
-            raise EvalConfigError(
-                "backend: vllm loads the model from a path; an in-memory model needs --backend hf. "
-                "Fix: pass a model name/path, or use the hf backend"
-            )
+    resolve_backend(settings.backend, model)  # refuses vllm without vLLM, or with an in-memory model
 
 
 def make_lm(model: Any, tokenizer: Any, settings: EvalSettings):
@@ -188,13 +206,11 @@ def make_lm(model: Any, tokenizer: Any, settings: EvalSettings):
     if isinstance(model, LM):
         return model
     if isinstance(model, (str, Path)):
-        if settings.backend == "vllm":
+        if resolve_backend(settings.backend, model) == "vllm":
             from lm_eval.models.vllm_causallms import VLLM
             from rpsft.core.models import resolve_model_dir
 
-            return VLLM(
-                pretrained=resolve_model_dir(str(model)), batch_size=settings.batch_size, seed=settings.seed
-            )
+            return VLLM(**vllm_arguments(resolve_model_dir(str(model)), settings))
         from rpsft.core.models import load_model
 
         model, tokenizer = load_model(str(model), device=settings.device)
@@ -204,10 +220,10 @@ def make_lm(model: Any, tokenizer: Any, settings: EvalSettings):
 
 
 def parse_results(raw: dict[str, Any], plan: EvalPlan) -> dict[str, BenchmarkScore]:
-    """Per-benchmark scores from ``simple_evaluate``'s output."""
+    """Per-benchmark scores of rpsft's own tasks from ``simple_evaluate``'s output."""
     scores: dict[str, BenchmarkScore] = {}
     n_samples = raw.get("n-samples", {})
-    for planned in plan.tasks:
+    for planned in plan.own_tasks:
         bench = planned.bench
         res = raw["results"][bench.task_name]
         extra = {}
@@ -218,7 +234,7 @@ def parse_results(raw: dict[str, Any], plan: EvalPlan) -> dict[str, BenchmarkSco
             name=bench.name,
             title=bench.display,
             suite=bench.suite,
-            scorer=bench.scorer,
+            scorer=str(bench.scorer),
             task=bench.task_name,
             n_items=int(n_items),
             n_samples=planned.n_samples,
@@ -230,9 +246,52 @@ def parse_results(raw: dict[str, Any], plan: EvalPlan) -> dict[str, BenchmarkSco
     return scores
 
 
+def parse_task_results(
+    raw: dict[str, Any], plan: EvalPlan
+) -> tuple[dict[str, BenchmarkScore], dict[str, list[float]]]:
+    """Scores and per-item scores of the task entries, from :func:`rpsft.evaluation.harness_tasks.run_tasks`."""
+    from rpsft.evaluation.harness_tasks import item_values, task_result
+
+    scores: dict[str, BenchmarkScore] = {}
+    items: dict[str, list[float]] = {}
+    for planned in plan.tasks:
+        task = planned.harness
+        if task is None:
+            continue
+        score, stderr = task_result(raw, task)
+        items[planned.bench.name] = item_values(raw, task)
+        scores[planned.bench.name] = BenchmarkScore(
+            name=planned.bench.name,
+            title=planned.bench.title or task.name,
+            suite=planned.bench.suite,
+            scorer="lm-eval",
+            task=task.name,
+            n_items=len(items[planned.bench.name]),
+            n_samples=1,
+            pass_k=1,
+            avg_at_k=score,
+            pass_at_k=score,
+            metric=task.metric,
+            higher_is_better=task.higher_is_better,
+            stderr=stderr,
+        )
+    return scores, items
+
+
+def _own_items(raw: dict[str, Any], plan: EvalPlan) -> dict[str, list[float]]:
+    """Each item's avg@k over its samples, per own benchmark, in item order."""
+    out: dict[str, list[float]] = {}
+    for planned in plan.own_tasks:
+        rows = sorted(
+            raw.get("samples", {}).get(planned.bench.task_name, []), key=lambda r: r["doc"]["index"]
+        )
+        out[planned.bench.name] = [float(r[METRIC_AVG]) for r in rows]
+    return out
+
+
 def _samples(raw: dict[str, Any], plan: EvalPlan) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
-    for planned in plan.tasks:
+    for planned in plan.own_tasks:
         rows = []
         for s in raw.get("samples", {}).get(planned.bench.task_name, []):
             resps = s.get("filtered_resps", [[]])
@@ -250,14 +309,14 @@ def _samples(raw: dict[str, Any], plan: EvalPlan) -> dict[str, list[dict[str, An
 
 
 def build_result(
-    model_label: str, scores: dict[str, BenchmarkScore], plan: EvalPlan, seconds: float
+    model_label: str, scores: dict[str, BenchmarkScore], plan: EvalPlan, seconds: float, backend: str = "hf"
 ) -> EvalResult:
     suites = {
-        suite: macro_average({n: s.avg_at_k for n, s in scores.items() if s.suite == suite})
+        suite: macro_average({n: s.oriented(s.avg_at_k) for n, s in scores.items() if s.suite == suite})
         for suite in ("id", "ood")
     }
     suites_pass = {
-        suite: macro_average({n: s.pass_at_k for n, s in scores.items() if s.suite == suite})
+        suite: macro_average({n: s.oriented(s.pass_at_k) for n, s in scores.items() if s.suite == suite})
         for suite in ("id", "ood")
     }
     return EvalResult(
@@ -265,7 +324,7 @@ def build_result(
         benchmarks=scores,
         suites=suites,
         suites_pass=suites_pass,
-        config_hash=plan_config_hash(plan),
+        config_hash=plan_config_hash(plan, backend),
         settings=json.loads(plan.settings.model_dump_json()),
         seconds=seconds,
     )
@@ -280,7 +339,6 @@ def run_lm_eval(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """``simple_evaluate`` on the plan's tasks (YAML written to ``tasks_dir`` or a temporary directory)."""
-    import lm_eval
     from lm_eval.tasks import TaskManager
 
     settings = plan.settings
@@ -290,21 +348,15 @@ def run_lm_eval(
         write_task_dir(plan, tasks_dir)
         stack.enter_context(_quiet_lm_eval(verbose))
         manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-        raw = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=plan.task_names,
-            task_manager=manager,
+        raw = seeded_evaluate(
+            lm,
+            plan.task_names,
+            manager,
+            settings,
             apply_chat_template=True,
-            limit=settings.limit,
             log_samples=log_samples,
             bootstrap_iters=0,
-            random_seed=settings.seed,
-            numpy_random_seed=settings.seed,
-            torch_random_seed=settings.seed,
-            fewshot_random_seed=settings.seed,
         )
-    if raw is None:
-        raise RuntimeError("lm_eval.simple_evaluate returned no results (not rank 0?)")
     return raw
 
 
@@ -330,11 +382,28 @@ def evaluate(
     _check_model(settings, model, tokenizer)
     label = model_label or (str(model) if isinstance(model, (str, Path)) else type(model).__name__)
     start = time.perf_counter()
+    scores: dict[str, BenchmarkScore] = {}
+    items: dict[str, list[float]] = {}
+    raw = None
     # HFLM switches the model to eval mode when it wraps it: keep the caller's mode (and RNG states).
     with _preserved_state(model), _quiet_lm_eval(verbose):
         lm = make_lm(model, tokenizer, settings)
-        raw = run_lm_eval(lm, plan, log_samples=log_samples, tasks_dir=tasks_dir, verbose=verbose)
-    result = build_result(label, parse_results(raw, plan), plan, time.perf_counter() - start)
-    if log_samples:
+        if plan.own_tasks:
+            raw = run_lm_eval(lm, plan, log_samples=True, tasks_dir=tasks_dir, verbose=verbose)
+            scores.update(parse_results(raw, plan))
+            items.update(_own_items(raw, plan))
+        if len(plan.own_tasks) < len(plan.tasks):
+            from rpsft.evaluation.harness_tasks import run_tasks
+
+            task_scores, task_items = parse_task_results(
+                run_tasks(lm, [t.harness for t in plan.tasks if t.harness is not None], settings), plan
+            )
+            scores.update(task_scores)
+            items.update(task_items)
+    scores = {t.bench.name: scores[t.bench.name] for t in plan.tasks}  # in plan order
+    backend = resolve_backend(settings.backend, model)
+    result = build_result(label, scores, plan, time.perf_counter() - start, backend)
+    result.items = {name: items[name] for name in scores}
+    if log_samples and raw is not None:
         result.samples = _samples(raw, plan)
     return result

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rpsft.evaluation.backends import resolve_backend
 from rpsft.evaluation.benchmarks import EvalConfigError
 from rpsft.evaluation.lm_eval_tasks import plan_config_hash
 from rpsft.evaluation.metrics import TradeOff, tradeoff
@@ -103,7 +104,7 @@ def base_scores(
     plan = plan or plan_evaluation(settings)
     cache = BaseScoreCache(cache_dir or settings.resolved_cache_dir())
     key = key or model_key(base_model)
-    config_hash = plan_config_hash(plan)
+    config_hash = plan_config_hash(plan, resolve_backend(settings.backend, base_model))
     cached = cache.get(key, config_hash)
     if cached is not None:
         return cached, True
@@ -144,7 +145,7 @@ def evaluate_tradeoff(
     if base_model is None:
         if base_key is None:
             raise EvalConfigError("base: give base_model, or base_key of a cached base result")
-        base = cache.get(base_key, plan_config_hash(plan))
+        base = cache.get(base_key, plan_config_hash(plan, resolve_backend(settings.backend, tuned_model)))
         if base is None:
             raise EvalConfigError(
                 f"base: no cached base result for key {base_key[:12]} and this task config. Fix: pass base_model"

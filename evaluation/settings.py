@@ -15,12 +15,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rpsft.core.config import format_validation_error, read_yaml_mapping
 from rpsft.evaluation.benchmarks import (
+    DEFAULT_SAMPLES,
     Benchmark,
     EvalConfigError,
     build_registry,
     load_benchmark_entries,
     resolve_benchmarks,
 )
+from rpsft.evaluation.harness_tasks import ResolvedTask, resolve_task, task_source
 from rpsft.evaluation.items import Item, load_items, source_digest
 
 
@@ -55,10 +57,19 @@ class EvalSettings(BaseModel):
     benchmarks: list[Benchmark] = Field(default_factory=list, description="extra, config-declared benchmarks")
     benchmarks_file: str | None = None
     cache_dir: str | None = None
-    backend: Literal["hf", "vllm"] = "hf"
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM where installed, with a GPU, for a model named by path; else hf"
+    )
     device: str | None = None
+    include_path: list[str] = Field(
+        default_factory=list,
+        description="directories of lm-eval task YAML for task entries (lm-eval's include_path)",
+    )
+    task_chat_template: bool = Field(
+        False, description="apply the model's chat template to the lm-eval tasks of task entries"
+    )
 
-    @field_validator("suite", "exclude", mode="before")
+    @field_validator("suite", "exclude", "include_path", mode="before")
     @classmethod
     def _names(cls, value: Any) -> list[str]:
         return _split_names(value)
@@ -79,8 +90,22 @@ class EvalSettings(BaseModel):
 
         return default_cache_dir() / "eval"
 
-    def samples_for(self, bench: Benchmark) -> int:
-        return self.k if self.k is not None else bench.k
+    def samples_for(self, bench: Benchmark, repeats: set[int] | None = None) -> int:
+        """Samples per item of ``bench``: ``k`` (``--samples``), else the entry's ``k``, else the default. A file
+        in the avg@n form (every prompt in exactly n > 1 identical rows; ``repeats``: the row counts seen) fixes
+        the number at n, and a ``k`` that differs is refused. Uneven counts are duplicates, scored once."""
+        repeats = repeats or {1}
+        if len(repeats) > 1 or repeats == {1}:
+            return self.k or bench.k or DEFAULT_SAMPLES
+        (rows,) = repeats
+        for name, value in (("k (--samples)", self.k), (f"benchmarks[{bench.name}].k", bench.k)):
+            if value is not None and value != rows:
+                raise EvalConfigError(
+                    f"{name}: {value} samples per item conflicts with {bench.name}'s file, which repeats each "
+                    f"prompt {rows} times (read as one item sampled {rows} times, avg@{rows}). Fix: leave {name} "
+                    "unset, or give a file with each prompt once"
+                )
+        return rows
 
     def generation_kwargs(self, n_samples: int) -> dict[str, Any]:
         temperature = self.temperature if self.temperature is not None else (0.0 if n_samples == 1 else 0.6)
@@ -111,12 +136,18 @@ def load_eval_settings(
             read_yaml_mapping(path, what="eval settings YAML (e.g. 'suite: id,ood')", error=EvalConfigError)
         )
         where = str(path)
+
         # relative paths in a config file are relative to the file
+        def relative_to_file(value: Any) -> Any:
+            if not isinstance(value, str) or Path(value).expanduser().is_absolute():
+                return value
+            candidate = (path.parent / value).resolve()
+            return str(candidate) if candidate.exists() or not Path(value).exists() else value
+
         for key in ("data_dir", "benchmarks_file"):
-            if isinstance(data.get(key), str) and not Path(data[key]).expanduser().is_absolute():
-                candidate = (path.parent / data[key]).resolve()
-                if candidate.exists() or not Path(data[key]).exists():
-                    data[key] = str(candidate)
+            data[key] = relative_to_file(data.get(key))
+        if isinstance(data.get("include_path"), list):
+            data["include_path"] = [relative_to_file(p) for p in data["include_path"]]
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return EvalSettings.model_validate(data)
@@ -129,9 +160,33 @@ class PlannedTask:
     bench: Benchmark
     n_samples: int
     pass_k: int
-    items: list[Item]  # the items that will be scored (after limit)
+    items: list[Item]  # the items that will be scored (after limit); none for a task entry
     n_total: int
-    source: str  # file sha256 or hub id
+    source: str  # file sha256 or hub id; for a task entry its lm-eval spec and task file's sha256
+    harness: ResolvedTask | None = None  # a task entry, resolved
+    harness_limit: int | None = None  # the limit lm-eval applies to a task entry's documents
+    n_rows: int = 0  # rows of the file (more than n_total where rows repeat)
+
+    def repeats_note(self) -> str | None:
+        """A line on rows read as repeats of others, if any."""
+        if self.n_rows <= self.n_total:
+            return None
+        if self.n_rows == self.n_total * self.n_samples:
+            return (
+                f"{self.bench.name}: {self.n_rows} rows are {self.n_total} prompts x {self.n_samples} identical "
+                f"rows, scored as {self.n_total} items with {self.n_samples} samples each (avg@{self.n_samples})"
+            )
+        return (
+            f"{self.bench.name}: {self.n_rows - self.n_total} of {self.n_rows} rows repeat an earlier row and are "
+            f"scored once: {self.n_total} items"
+        )
+
+    @property
+    def n_items(self) -> int:
+        """Items scored (after ``limit``)."""
+        if self.harness is None:
+            return len(self.items)
+        return min(self.n_total, self.harness_limit) if self.harness_limit else self.n_total
 
 
 @dataclass
@@ -144,8 +199,14 @@ class EvalPlan:
         return [t.bench for t in self.tasks]
 
     @property
+    def own_tasks(self) -> list[PlannedTask]:
+        """The benchmarks rpsft writes lm-eval tasks for (all but the task entries)."""
+        return [t for t in self.tasks if t.harness is None]
+
+    @property
     def task_names(self) -> list[str]:
-        return [t.bench.task_name for t in self.tasks]
+        """The lm-eval names of rpsft's own tasks."""
+        return [t.bench.task_name for t in self.own_tasks]
 
     def task(self, name: str) -> PlannedTask:
         for t in self.tasks:
@@ -167,16 +228,32 @@ def plan_evaluation(settings: EvalSettings, *, check_ifeval: bool = True) -> Eva
     benches = resolve_benchmarks(settings.suite, registry, settings.exclude)
     tasks: list[PlannedTask] = []
     for bench in benches:
+        if bench.is_task:
+            resolved = resolve_task(bench, settings.include_path)
+            tasks.append(
+                PlannedTask(
+                    bench,
+                    1,
+                    1,
+                    [],
+                    resolved.n_docs,
+                    task_source(resolved),
+                    resolved,
+                    harness_limit=settings.limit,
+                )
+            )
+            continue
         all_items = load_items(bench, settings.data_dir, settings.subset)
         items = all_items[: settings.limit] if settings.limit else all_items
-        n = settings.samples_for(bench)
+        n = settings.samples_for(bench, {item.repeats for item in all_items})
         pass_k = settings.pass_k or n
         if pass_k > n:
             raise EvalConfigError(
                 f"pass_k: {pass_k} exceeds the {n} samples per item of {bench.name}. Fix: pass_k <= k"
             )
         source = source_digest(bench, settings.data_dir, settings.subset)
-        tasks.append(PlannedTask(bench, n, pass_k, items, len(all_items), source))
+        rows = sum(item.repeats for item in all_items)
+        tasks.append(PlannedTask(bench, n, pass_k, items, len(all_items), source, n_rows=rows))
     if check_ifeval:
         for t in tasks:
             if t.bench.scorer == "ifeval":

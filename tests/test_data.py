@@ -304,11 +304,11 @@ def test_demo_math_answers_are_correct():
 def test_one_reader_of_chat_messages_for_sft_eval_and_rl_rows(messages, problem):
     """SFT rows, evaluation items and RL prompts read a ``prompt`` message list with the same reader, so a
     bad message is refused by each with the same reason (its position and the fix)."""
-    from rpsft.evaluation.benchmarks import BUILTIN_BENCHMARKS
+    from rpsft.evaluation.benchmarks import builtin_registry
     from rpsft.evaluation.items import EvalDataError, _row_to_item
     from rpsft.evaluation.rl_prompts import row_to_rl_prompt
 
-    bench = next(b for b in BUILTIN_BENCHMARKS if b.scorer == "math")
+    bench = next(b for b in builtin_registry().values() if b.scorer == "math")
     readers = [
         (lambda: row_to_messages({"prompt": messages, "response": "a"}, "sft:1"), DataError),
         (

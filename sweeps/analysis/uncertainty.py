@@ -31,7 +31,12 @@ from rpsft.sweeps.store import tracking
 from rpsft.sweeps.store.sweep_store import BASE_ITEM_SCORES, ITEM_SCORES, KNOBS, SweepStore
 
 # which stored item scores each objective metric uses: (ID scores, OOD scores)
-METRIC_ITEMS = {"nll": ("id_nll", "ood_nll"), "kl": ("id_nll", "ood_kl"), "mc": ("id_nll", "ood_mc")}
+METRIC_ITEMS = {
+    "nll": ("id_nll", "ood_nll"),
+    "kl": ("id_nll", "ood_kl"),
+    "mc": ("id_nll", "ood_mc"),
+    "accuracy": ("id_acc", "ood_acc"),
+}
 _SEED_SUFFIX = re.compile(r" seed=-?\d+$")
 _KNOB_DEFAULTS = {"penalty_mode": "loss", "optimizer": "adamw_torch"}  # as TrainConfig's defaults
 
@@ -88,7 +93,7 @@ def group_points(points: Sequence[TrialPoint]) -> list[TrialGroup]:
 def objective_items(scores: Mapping[str, Any], metric: str) -> dict[str, Any]:
     """The ``{"id": ..., "ood": ...}`` item scores an objective metric uses, from a stored item-scores record."""
     if metric not in METRIC_ITEMS:
-        raise IntervalError(f"intervals: objective.metric {metric!r} has no per-item scores (nll, kl or mc do)")
+        raise IntervalError(f"intervals: objective.metric {metric!r} has no per-item scores (nll, kl, mc, accuracy do)")
     id_key, ood_key = METRIC_ITEMS[metric]
     return {"id": scores.get(id_key) or {}, "ood": scores.get(ood_key) or {}}
 

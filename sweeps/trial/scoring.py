@@ -36,6 +36,12 @@ def _loss_item_scores(scores: Any) -> dict[str, Any]:
     return out
 
 
+def _harness_item_scores(result: Any) -> dict[str, Any]:
+    """An ``EvalResult``'s per-item scores as stored (``id_acc``, ``ood_acc``; higher is better)."""
+    items = result.item_scores()
+    return {"id_acc": items["id"], "ood_acc": items["ood"]}
+
+
 def benchmark_metrics(scores: Any) -> dict[str, float]:
     """Per-benchmark NLLs of one model (a ``LossScores``): ``nll/id/<benchmark>``, ``nll/ood/<benchmark>``."""
     out = {f"nll/id/{name}": value for name, value in (scores.id_nll or {}).items()}
@@ -137,7 +143,11 @@ class TrialScorer:
             mc_metrics, mc_items, mc_base_items = self.mc_metrics(model, tokenizer, metrics)
             metrics.update(mc_metrics)
             items["ood_mc"], base_items["ood_mc"] = mc_items, mc_base_items
-        metrics.update(self.harness_metrics(model, tokenizer))
+        if self.harness_settings is not None:
+            harness_metrics, harness_items, harness_base_items = self.harness_scores(model, tokenizer)
+            metrics.update(harness_metrics)
+            items.update(harness_items)
+            base_items.update(harness_base_items)
         metrics.update(self.interval_metrics(items, base_items))
         return metrics, items, base_items
 
@@ -186,6 +196,11 @@ class TrialScorer:
         items = _loss_item_scores(base)
         if self.mc_settings is not None:
             items["ood_mc"] = self._mc_items(self._base_mc(base_model, tokenizer))
+        if self.harness_settings is not None:
+            from rpsft.evaluation.scoring import base_scores
+
+            result, _ = base_scores(base_model, tokenizer, self.harness_settings, key=self.base_key)
+            items.update(_harness_item_scores(result))
         return items
 
     # ------------------------------------------------------------------ multiple choice
@@ -242,15 +257,17 @@ class TrialScorer:
                 out[f"mc/phi@{beta:g}"] = phi(loss_metrics["nll/g_id"], f_ood, beta)
         return out, tuned, base
 
-    def harness_metrics(self, model: Any, tokenizer: Any) -> dict[str, float]:
+    def harness_scores(
+        self, model: Any, tokenizer: Any
+    ) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+        """``(metrics, item scores, base item scores)`` of the lm-eval harness: ``acc/g_id``, ``acc/f_ood``,
+        ``acc/phi@<beta>`` and ``acc/<suite>/<benchmark>``; the per-item scores as ``id_acc`` / ``ood_acc``."""
         from rpsft.evaluation.scoring import evaluate_tradeoff
 
-        if self.harness_settings is None:
-            return {}
-        tuned, _, trade = evaluate_tradeoff(model, tokenizer, self.harness_settings, base_key=self.base_key)
+        tuned, base, trade = evaluate_tradeoff(model, tokenizer, self.harness_settings, base_key=self.base_key)
         out = _tradeoff_metrics("acc", trade, self.betas)
         out.update(harness_benchmark_metrics(tuned))
-        return out
+        return out, _harness_item_scores(tuned), _harness_item_scores(base)
 
     def primary(self, metrics: dict[str, float]) -> dict[str, float]:
         """``g_id``, ``f_ood``, ``phi@beta`` and ``objective`` (Phi at the first beta) of the objective metric."""
