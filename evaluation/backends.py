@@ -47,14 +47,15 @@ def resolve_backend(requested: Backend, model: Any) -> Literal["hf", "vllm"]:
 
 
 def vllm_arguments(model_dir: str, settings: Any) -> dict[str, Any]:
-    """The arguments of lm-eval's ``VLLM`` model: every visible GPU as tensor-parallel ranks, vLLM's own
-    batching, the settings' seed and generation length."""
+    """The arguments of lm-eval's ``VLLM`` model: one GPU (the models rpsft tunes fit one; tensor parallelism
+    needs a head count the GPU count divides), vLLM's own batching and the settings' seed. Generation lengths
+    stay the tasks' own (``max_gen_toks`` in their ``generation_kwargs``; lm-eval's default of 256 otherwise, as
+    for Hugging Face), so both backends generate the same lengths."""
     return {
         "pretrained": model_dir,
         "dtype": "auto",
         "batch_size": "auto",
         "seed": settings.seed,
-        "max_gen_toks": settings.max_new_tokens,
-        "tensor_parallel_size": max(1, cuda_gpus()),
+        "tensor_parallel_size": 1,
         "gpu_memory_utilization": VLLM_GPU_MEMORY_UTILIZATION,
     }

@@ -190,10 +190,12 @@ def eval_command(
 
 def _loss_settings(settings, plan):
     """The loss metrics' settings for ``rpsft eval --loss``, bounded by the plan's benchmarks (``--suite`` and
-    ``--exclude``): its ID benchmarks with reference solutions and its OOD benchmarks with items."""
+    ``--exclude``): its built-in ID benchmarks with reference solutions and its built-in OOD benchmarks."""
+    from rpsft.evaluation.benchmarks import build_registry
     from rpsft.evaluation.loss_metrics import LossSettings, loss_items
 
-    chosen = [t.bench for t in plan.tasks if not t.bench.is_task]
+    builtin = build_registry()  # the loss metrics read the built-in benchmarks, as a sweep's do
+    chosen = [t.bench for t in plan.tasks if builtin.get(t.bench.name) == t.bench]
     id_names = [b.name for b in chosen if b.suite == "id" and b.has_solutions]
     ood_names = [b.name for b in chosen if b.suite == "ood"]
     if not id_names and not ood_names:

@@ -15,6 +15,8 @@ for every benchmark. lm-eval's own standard error is kept beside.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,6 +48,7 @@ class ResolvedTask:
     n_docs: int
     include_path: tuple[str, ...]
     output_type: str
+    config_digest: str  # sha256 of lm-eval's resolved task config and the local data files it names
 
 
 def _include_paths(bench: Benchmark, include_path: list[str]) -> tuple[str, ...]:
@@ -111,11 +114,20 @@ def _registry_file(manager: Any, name: str) -> str:
 def resolve_task(bench: Benchmark, include_path: list[str] | None = None) -> ResolvedTask:
     """Find and load the entry's task (its dataset included); refuse what cannot be scored per item. Resolved
     once per process for each entry and include path (a sweep plans its evaluation for every trial)."""
-    return _resolve(bench.model_dump_json(), tuple(include_path or ()))
+    return _resolve(bench.model_dump_json(), tuple(include_path or ()), _mtimes(bench, include_path or []))
+
+
+def _mtimes(bench: Benchmark, include_path: list[str]) -> tuple[int, ...]:
+    """Modification times of the files an entry may read (its task YAML and the local data files they name), so
+    an edited task or changed data is resolved again."""
+    roots = [Path(str(bench.task)).expanduser(), *(Path(p).expanduser() for p in include_path)]
+    files = [f for root in roots if root.exists() for f in ([root] if root.is_file() else root.rglob("*.y*ml"))]
+    files += [data for f in files for data in _data_files(read_task_yaml(f))]
+    return tuple(f.stat().st_mtime_ns for f in files)
 
 
 @lru_cache(maxsize=64)
-def _resolve(bench_json: str, include_path: tuple[str, ...]) -> ResolvedTask:
+def _resolve(bench_json: str, include_path: tuple[str, ...], mtimes: tuple[int, ...]) -> ResolvedTask:
     from lm_eval.api.metrics import mean
 
     bench = Benchmark.model_validate_json(bench_json)
@@ -129,7 +141,8 @@ def _resolve(bench_json: str, include_path: tuple[str, ...]) -> ResolvedTask:
         source = spec if Path(spec).is_file() else _registry_file(manager, spec)
         raise EvalConfigError(
             f"{where}: lm-eval could not load task {bench.task!r} ({type(exc).__name__}: {str(exc)[:240]}). "
-            "Fix: where the hub is out of reach (HF_DATASETS_OFFLINE), point the task at local files: "
+            "Fix: correct the task YAML if it is at fault; where its dataset is out of reach (offline, "
+            "HF_DATASETS_OFFLINE), point the task at local files: "
             + LOCAL_OVERRIDE.format(source=source, name=Path(spec).stem if Path(spec).is_file() else spec)
         ) from None
     tasks = loaded["tasks"]
@@ -151,6 +164,10 @@ def _resolve(bench_json: str, include_path: tuple[str, ...]) -> ResolvedTask:
             "cannot be resampled for intervals. Fix: a task whose first metric aggregates by mean"
         )
     filters = [f["name"] for f in (getattr(config, "filter_list", None) or []) if isinstance(f, dict)]
+    dumped = task.dump_config()
+    digest = hashlib.sha256(json.dumps(dumped, sort_keys=True, default=_stable).encode())
+    for file in _data_files(dumped):
+        digest.update(file.read_bytes())
     return ResolvedTask(
         bench=bench,
         spec=spec,
@@ -161,12 +178,21 @@ def _resolve(bench_json: str, include_path: tuple[str, ...]) -> ResolvedTask:
         n_docs=len(task.eval_docs),
         include_path=paths,
         output_type=str(config.output_type),
+        config_digest=digest.hexdigest(),
     )
 
 
-def _data_files(yaml_file: Path) -> list[Path]:
-    """The local files a task YAML's ``dataset_kwargs.data_files`` names."""
-    files = (read_task_yaml(yaml_file).get("dataset_kwargs") or {}).get("data_files")
+def _stable(value: Any) -> str:
+    """A JSON stand-in for what a task config holds besides data: a function by its dotted name (its repr holds
+    an address that differs between processes), anything else by its type and ``str``."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return f"{type(value).__name__}:{value}"
+
+
+def _data_files(config: dict[str, Any]) -> list[Path]:
+    """The local files a task config's ``dataset_kwargs.data_files`` names."""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
     if isinstance(files, dict):
         files = list(files.values())
     names = [
@@ -178,17 +204,11 @@ def _data_files(yaml_file: Path) -> list[Path]:
 
 
 def task_source(task: ResolvedTask) -> str:
-    """What identifies a task entry's scores in the base-score cache: the spec, the task, its metric and filter,
-    and, for a task YAML, the sha256 of the file and of the local data files it names."""
-    import hashlib
-    import json
-
-    digest = hashlib.sha256(json.dumps([task.spec, task.name, task.metric, task.filter]).encode())
-    spec = Path(task.spec)
-    if spec.is_file():
-        for file in [spec, *_data_files(spec)]:
-            digest.update(file.read_bytes())
-    return "lm-eval:" + digest.hexdigest()
+    """What identifies a task entry's scores in the base-score cache: the entry (name and suite), where lm-eval
+    looked (spec and include path), and lm-eval's resolved task config with the local data files it names (so
+    an edited task YAML, an ``include:``d file or changed data gives another key)."""
+    entry = [task.bench.name, task.bench.suite, task.spec, list(task.include_path), task.config_digest]
+    return "lm-eval:" + hashlib.sha256(json.dumps(entry).encode()).hexdigest()
 
 
 def run_tasks(lm: Any, resolved: list[ResolvedTask], settings: Any) -> dict[str, Any]:

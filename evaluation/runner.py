@@ -134,13 +134,20 @@ def format_table(result: EvalResult) -> str:
                     "",
                 )
             )
+    # columns only task entries fill (their metric, lm-eval's stderr) are left out when none is scored
+    keep = [
+        i for i in range(len(rows[0])) if i not in (4, 7) or any(r[i] not in ("", "avg@k") for r in rows[1:])
+    ]
+    if 4 not in keep:  # every score is an avg@k
+        rows[0] = (*rows[0][:5], "avg@k", *rows[0][6:])
+    rows = [tuple(row[i] for i in keep) for row in rows]
+    left = {keep.index(i) for i in (0, 1, 4) if i in keep}
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for j, row in enumerate(rows):
         lines.append(
             "  ".join(
-                cell.ljust(w) if i in (0, 1, 4) else cell.rjust(w)
-                for i, (cell, w) in enumerate(zip(row, widths))
+                cell.ljust(w) if i in left else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
             ).rstrip()
         )
         if j == 0:

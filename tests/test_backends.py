@@ -64,16 +64,15 @@ def _vllm_init_parameters() -> tuple[set[str], bool]:
     return names, init.args.kwarg is not None
 
 
-def test_the_vllm_arguments_are_lm_evals_and_use_every_gpu(machine):
+def test_the_vllm_arguments_are_lm_evals_and_leave_generation_lengths_to_the_tasks(machine):
     machine(True, 2)
     settings = EvalSettings(seed=7, max_new_tokens=64)
     arguments = backends.vllm_arguments("/models/m", settings)
     named, takes_kwargs = _vllm_init_parameters()
     assert set(arguments) - {"gpu_memory_utilization"} <= named  # the rest goes to vllm.LLM through **kwargs
     assert takes_kwargs
-    assert (
-        arguments["tensor_parallel_size"] == 2 and arguments["seed"] == 7 and arguments["max_gen_toks"] == 64
-    )
+    assert arguments["tensor_parallel_size"] == 1 and arguments["seed"] == 7
+    assert "max_gen_toks" not in arguments  # the tasks' own, or lm-eval's default as for HFLM
     assert arguments["pretrained"] == "/models/m" and arguments["batch_size"] == "auto"
 
 

@@ -430,3 +430,75 @@ def test_the_loss_metrics_of_rpsft_eval_are_bounded_by_the_suite():
     assert (loss.id_benchmarks, loss.ood_benchmarks, loss.n_id, loss.n_ood) == (["math500"], ["gpqa"], 3, 3)
     only_ood = plan_evaluation(EvalSettings(suite=["gpqa"], data_dir=str(PAPER_DATA), limit=3))
     assert _loss_settings(only_ood.settings, only_ood).id_benchmarks == []
+    # a benchmark a config declares (or one that replaces a built-in) is not among the loss metrics' built-ins
+    mine = {"name": "gpqa", "suite": "ood", "scorer": "mc", "file": "ood/gpqa_test.jsonl"}
+    declared = plan_evaluation(
+        EvalSettings(suite=["gpqa", "math500"], data_dir=str(PAPER_DATA), limit=3, benchmarks=[mine])
+    )
+    assert _loss_settings(declared.settings, declared).ood_benchmarks == []
+
+
+def test_the_base_score_key_of_a_task_entry_follows_its_suite_name_yaml_and_data(local_tasks, tmp_path):
+    """A cached base result is reused only for the same entry on the same task and data: moving the entry to
+    another suite, renaming it, editing its task YAML or its local data each give another key."""
+    from rpsft.evaluation.benchmarks import Benchmark
+    from rpsft.evaluation.harness_tasks import resolve_task, task_source
+
+    path = local_tasks["arc_challenge_local"]
+
+    def key(**entry) -> str:
+        return task_source(resolve_task(Benchmark(**{"suite": "ood", "task": str(path), **entry})))
+
+    first = key()
+    assert key() == first  # stable
+    assert len({first, key(suite="id"), key(name="renamed")}) == 3
+    path.write_text(path.read_text() + "num_fewshot: 1\n")
+    edited = key()
+    assert edited != first
+    data = tmp_path / "arc_test.jsonl"
+    data.write_text(
+        data.read_text().replace("Which animal is a mammal?", "Which animal is a mammal, really?")
+    )
+    assert key() != edited
+
+
+def test_a_lower_is_better_entry_enters_the_tradeoff_and_its_interval_with_one_sign():
+    """F_ood from the suite scores and from the paired bootstrap of the items agree in sign and size when the
+    OOD entry's metric is lower-is-better: the tuned model's higher raw value is forgetting."""
+    from rpsft.evaluation.intervals import bootstrap_tradeoff
+    from rpsft.evaluation.runner import BenchmarkScore, EvalResult
+    from rpsft.evaluation.scoring import compute_tradeoff
+
+    def result(raw: list[float]) -> EvalResult:
+        score = BenchmarkScore(
+            name="err", title="", suite="ood", scorer="lm-eval", task="err", n_items=len(raw), n_samples=1,
+            pass_k=1, avg_at_k=statistics.fmean(raw), pass_at_k=statistics.fmean(raw), metric="error",
+            higher_is_better=False,
+        )  # fmt: skip
+        return EvalResult(
+            model="m", benchmarks={"err": score}, suites={"id": None, "ood": -score.avg_at_k},
+            suites_pass={"id": None, "ood": -score.avg_at_k}, config_hash="h", items={"err": [-v for v in raw]},
+        )  # fmt: skip
+
+    base, tuned = result([0.1, 0.2, 0.3, 0.2]), result([0.3, 0.4, 0.3, 0.5])
+    trade = compute_tradeoff(base, tuned, [1.0])
+    assert trade.f_ood == pytest.approx(0.175)  # the error rose by 0.175: forgetting, positive
+    draws = bootstrap_tradeoff(base.item_scores(), {"tuned": [tuned.item_scores()]}, draws=200)
+    interval = draws.f_ood("tuned")
+    assert interval.estimate == pytest.approx(0.175) and interval.low <= 0.175 <= interval.high
+
+
+def test_a_sweep_refuses_the_vllm_backend_for_its_in_memory_trials(tmp_path, smol_tokenizer):
+    from rpsft.sweeps.config.errors import SweepConfigError
+    from rpsft.sweeps.config.sweep import parse_sweep_config
+    from rpsft.sweeps.trial.scoring import TrialScorer
+    from sweep_helpers import sweep_dict, tiny_model_dir
+
+    raw = sweep_dict(
+        "v", tiny_model_dir(tmp_path, smol_tokenizer), tmp_path, evaluation={"harness": {"backend": "vllm"}}
+    )
+    scorer = TrialScorer(parse_sweep_config(raw), base_key="b", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(
+        SweepConfigError, match="evaluation.harness.backend: vllm .* Fix: backend: auto or hf"
+    ):
+        scorer.check()

@@ -50,8 +50,12 @@ def benchmark_metrics(scores: Any) -> dict[str, float]:
 
 
 def harness_benchmark_metrics(result: Any) -> dict[str, float]:
-    """Per-benchmark lm-eval accuracies of one model (an ``EvalResult``): ``acc/<suite>/<benchmark>``."""
-    return {f"acc/{score.suite}/{name}": score.avg_at_k for name, score in result.benchmarks.items()}
+    """Per-benchmark lm-eval scores of one model (an ``EvalResult``): ``acc/<suite>/<benchmark>``, the avg@k of a
+    built-in benchmark or a task entry's primary metric, signed so that higher is better."""
+    return {
+        f"acc/{score.suite}/{name}": score.oriented(score.avg_at_k)
+        for name, score in result.benchmarks.items()
+    }
 
 
 class TrialScorer:
@@ -85,6 +89,13 @@ class TrialScorer:
             docs = mc_benchmark_docs(self.mc_settings)
             prompts += [doc.stem for rows in docs.values() for doc in rows]
         if self.harness_settings is not None:
+            if self.harness_settings.backend == "vllm":
+                from rpsft.sweeps.config.errors import SweepConfigError
+
+                raise SweepConfigError(
+                    "evaluation.harness.backend: vllm loads a model by path, and a sweep scores its trials in "
+                    "memory. Fix: backend: auto or hf"
+                )
             plan_evaluation(self.harness_settings)
         return prompts
 
@@ -264,7 +275,9 @@ class TrialScorer:
         ``acc/phi@<beta>`` and ``acc/<suite>/<benchmark>``; the per-item scores as ``id_acc`` / ``ood_acc``."""
         from rpsft.evaluation.scoring import evaluate_tradeoff
 
-        tuned, base, trade = evaluate_tradeoff(model, tokenizer, self.harness_settings, base_key=self.base_key)
+        tuned, base, trade = evaluate_tradeoff(
+            model, tokenizer, self.harness_settings, base_key=self.base_key
+        )
         out = _tradeoff_metrics("acc", trade, self.betas)
         out.update(harness_benchmark_metrics(tuned))
         return out, _harness_item_scores(tuned), _harness_item_scores(base)
