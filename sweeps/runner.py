@@ -69,6 +69,15 @@ def absolutize(config: SweepConfig) -> SweepConfig:
     data["evaluation"]["data_dir"] = str(Path(config.evaluation.data_dir).expanduser().resolve())
     if config.evaluation.auto_k_prompts:
         data["evaluation"]["auto_k_prompts"] = existing(config.evaluation.auto_k_prompts)
+    harness = data["evaluation"].get("harness") or {}  # the fields given (unset ones follow the section)
+    for key in ("data_dir", "benchmarks_file"):
+        if harness.get(key):
+            harness[key] = existing(harness[key])
+    if harness.get("include_path"):
+        harness["include_path"] = [existing(p) for p in harness["include_path"]]
+    for entry in harness.get("benchmarks") or []:
+        if entry.get("task"):  # a task YAML or directory; a registry name stays a name
+            entry["task"] = existing(entry["task"])
     return SweepConfig.model_validate(data)
 
 

@@ -502,3 +502,28 @@ def test_a_sweep_refuses_the_vllm_backend_for_its_in_memory_trials(tmp_path, smo
         SweepConfigError, match="evaluation.harness.backend: vllm .* Fix: backend: auto or hf"
     ):
         scorer.check()
+
+
+def test_a_sweep_hands_its_trials_absolute_task_paths(local_tasks, tmp_path, smol_tokenizer, monkeypatch):
+    """Ray runs trials in their own directories: a task YAML or include path given relative to the working
+    directory reaches them absolute, and a registry name stays a name."""
+    from rpsft.sweeps.config.sweep import parse_sweep_config
+    from rpsft.sweeps.runner import absolutize
+    from sweep_helpers import sweep_dict, tiny_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    harness = {
+        "suite": ["arc_challenge_local", "arc_challenge"],
+        "include_path": ["."],
+        "benchmarks": [
+            {"suite": "ood", "task": local_tasks["arc_challenge_local"].name},
+            {"suite": "ood", "task": "arc_challenge"},
+        ],
+    }
+    raw = sweep_dict(
+        "abs", tiny_model_dir(tmp_path, smol_tokenizer), tmp_path, evaluation={"harness": harness}
+    )
+    settings = absolutize(parse_sweep_config(raw)).evaluation.harness
+    assert settings.include_path == [str(tmp_path)]
+    assert [b.task for b in settings.benchmarks] == [str(local_tasks["arc_challenge_local"]), "arc_challenge"]
+    assert [b.name for b in settings.benchmarks] == ["arc_challenge_local", "arc_challenge"]
