@@ -129,7 +129,8 @@ def _reporter(config: SweepConfig) -> Any:
 
 def run_tuner(
     config: SweepConfig, context: SweepContext, storage: Any, restore: bool, warm_started: bool = False
-) -> None:
+) -> set[str]:
+    """Run (or restore) the Tune experiment to its end; returns the ids of the trials Tune knows."""
     from ray import tune
 
     # reference trials report their Phi under another key, so ASHA and Optuna leave them alone
@@ -164,7 +165,10 @@ def run_tuner(
                 callbacks=callbacks,
             ),
         )
-    tuner.fit()
+    grid = tuner.fit()
+    return {
+        str(result.metrics["trial_id"]) for result in grid if result.metrics and "trial_id" in result.metrics
+    }
 
 
 # ----------------------------------------------------------------------------------------------- preparation
@@ -355,8 +359,8 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
         tracking.log_metrics(client, parent, {f"warm_start/{k}": v for k, v in warm.carried.items()})
     store.write_state(config, context, "running", optuna_url)
     echo(f"[rpsft] MLflow: {mlflow_uri}  experiment {config.storage.experiment!r}  parent run {parent}")
-    run_tuner(config, context, storage, restore=False, warm_started=sum(warm.carried.values()) > 0)
-    return finish(config, context, optuna_url, echo=echo)
+    known = run_tuner(config, context, storage, restore=False, warm_started=sum(warm.carried.values()) > 0)
+    return finish(config, context, optuna_url, echo=echo, tune_trials=known)
 
 
 def resume_sweep(
@@ -385,8 +389,8 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     client.update_run(context.parent_run_id, status="RUNNING")
     tracking.share_trials_view(client, context.experiment_id, config.name, config.objective.beta)
     store.write_state(config, context, "running", optuna_url)
-    run_tuner(config, context, storage, restore=True)
-    return finish(config, context, optuna_url, echo=echo)
+    known = run_tuner(config, context, storage, restore=True)
+    return finish(config, context, optuna_url, echo=echo, tune_trials=known)
 
 
 def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
@@ -407,12 +411,18 @@ def close_orphaned_optuna_trials(optuna_url: str, study_name: str) -> int:
     return len(running)
 
 
-def close_lost_trial_runs(client: Any, trials: list[TrialRecord]) -> int:
-    """Mark KILLED (state ``lost``) the trial runs still RUNNING once the sweep's budget is done: a driver killed
-    between a trial's start and Tune's next experiment checkpoint leaves a run that Tune forgot on restore (it
-    ran another trial in its place), so nothing will ever finish it. Returns how many were closed."""
-    running = [trial for trial in trials if trial.running]
-    for trial in running:
+def close_lost_trial_runs(client: Any, trials: list[TrialRecord], tune_trials: set[str] | None = None) -> int:
+    """Mark KILLED (state ``lost``) the trial runs Tune forgot: a driver killed between a trial's start and Tune's
+    next experiment checkpoint leaves a run that Tune does not restore (it runs another trial in its place). Such
+    a run is still RUNNING once the sweep's budget is done, or FINISHED if the trial ended before the kill but
+    Tune never recorded it (``tune_trials``: the trial ids Tune knows); either way the sweep does not count it.
+    Returns how many were closed."""
+    lost = [
+        trial
+        for trial in trials
+        if trial.running or (tune_trials and trial.status == "FINISHED" and trial.trial_id not in tune_trials)
+    ]
+    for trial in lost:
         tracking.set_tags(
             client,
             trial.run_id,
@@ -422,7 +432,7 @@ def close_lost_trial_runs(client: Any, trials: list[TrialRecord]) -> int:
             },
         )
         tracking.finish_run(client, trial.run_id, "KILLED", state="lost")
-    return len(running)
+    return len(lost)
 
 
 def _part_metrics(prefix: str, numbers: Any, beta: float) -> dict[str, float]:
@@ -445,7 +455,13 @@ def operating_point_metrics(parts: dict[str, Any], beta: float, n_finished: int)
     return out
 
 
-def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=print) -> SweepOutcome:
+def finish(
+    config: SweepConfig,
+    context: SweepContext,
+    optuna_url: str,
+    echo=print,
+    tune_trials: set[str] | None = None,
+) -> SweepOutcome:
     """Select the operating point from MLflow, tag it, log the selection and the intervals on the parent run,
     mark done. Trials that differ only in their seed are one configuration (their mean)."""
     from rpsft.sweeps.analysis.trajectory import sweep_points
@@ -456,7 +472,7 @@ def finish(config: SweepConfig, context: SweepContext, optuna_url: str, echo=pri
     trials = store.trials(context)
     expected = config.num_reference_trials + config.search.num_trials
     if sum(1 for trial in trials if trial.done) >= expected:
-        lost = close_lost_trial_runs(client, trials)
+        lost = close_lost_trial_runs(client, trials, tune_trials)
         if lost:
             echo(
                 f"[rpsft] sweep {config.name}: {lost} trial run(s) started before a crash that Tune never "

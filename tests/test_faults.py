@@ -185,3 +185,34 @@ def test_a_trial_lost_mid_training_resumes_from_its_checkpoint(tmp_path, tiny_di
     assert sft.data.metrics["resumed_from_step"] == 0
     steps = [m.step for m in client.get_metric_history(lora.info.run_id, "loss")]
     assert sorted(steps) == [1, 2, 3, 4]  # steps 1-2 from the first attempt, 3-4 from the resumed one
+
+
+def test_runs_tune_forgot_are_closed_as_lost_whether_running_or_finished(tmp_path):
+    """After a driver kill, Tune restores only the trials its last experiment checkpoint holds. A trial run it
+    forgot is lost: still RUNNING, or FINISHED before the kill but never recorded. Runs Tune knows stay as
+    they are, and without Tune's list only RUNNING runs are closed."""
+    from mlflow.tracking import MlflowClient
+    from rpsft.sweeps.runner import close_lost_trial_runs
+    from rpsft.sweeps.store.sweep_store import TrialRecord
+    from sweep_helpers import log_trial_run
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    parent = client.create_run(experiment).info.run_id
+    status = {"known": "FINISHED", "forgotten": "FINISHED", "running": "RUNNING", "failed": "FAILED"}
+    ids = {
+        t: log_trial_run(client, experiment, parent, t, {}, {"g_id": 0.1}, status=s)
+        for t, s in status.items()
+    }
+
+    def records() -> dict[str, TrialRecord]:
+        return {t: TrialRecord.from_run(client.get_run(run_id)) for t, run_id in ids.items()}
+
+    assert close_lost_trial_runs(client, list(records().values()), None) == 1  # only the RUNNING one
+    assert records()["forgotten"].status == "FINISHED"
+    assert close_lost_trial_runs(client, list(records().values()), {"known", "failed"}) == 1
+    after = records()
+    assert (after["forgotten"].status, after["forgotten"].state) == ("KILLED", "lost")
+    assert "lost: started before" in after["forgotten"].failure
+    assert (after["running"].status, after["running"].state) == ("KILLED", "lost")
+    assert (after["known"].status, after["failed"].status) == ("FINISHED", "FAILED")
