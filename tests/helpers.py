@@ -1,4 +1,7 @@
-"""Shared test helpers: matrices with a decaying spectrum and subspace angles (independent of rpsft.core)."""
+"""Shared test helpers: matrices with a decaying spectrum and subspace angles (independent of rpsft.core), a
+scripted lm-eval model."""
+
+from collections import defaultdict
 
 import torch
 
@@ -37,3 +40,42 @@ def tradeoff_by_hand(base, record, benches, indices=None):
             diffs.append(sign * (t[idx, 0].sum() / t[idx, 1].sum() - b[idx, 0].sum() / b[idx, 1].sum()))
         out[suite] = float(np.mean(diffs))
     return out["id"], out["ood"]
+
+
+def scripted_lm(respond):
+    """An lm-eval LM whose i-th sample for a prompt is ``respond(doc, i)``; it keeps the prompts it saw
+    (``contexts``) and counts its calls. It cannot score log-likelihoods."""
+    from lm_eval.api.model import LM
+
+    class ScriptedLM(LM):
+        def __init__(self):
+            super().__init__()
+            self.seen = defaultdict(int)
+            self.calls = 0
+            self.contexts = []
+
+        def generate_until(self, requests, disable_tqdm=False):
+            self.calls += 1
+            out = []
+            for req in requests:
+                context, _ = req.args
+                i = self.seen[context]
+                self.seen[context] += 1
+                self.contexts.append(context)
+                out.append(respond(req.doc, i))
+            return out
+
+        def loglikelihood(self, requests):
+            raise NotImplementedError
+
+        def loglikelihood_rolling(self, requests):
+            raise NotImplementedError
+
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return "".join(f"<{m['role']}>{m['content']}" for m in chat_history) + "<assistant>"
+
+        @property
+        def tokenizer_name(self):
+            return "scripted"
+
+    return ScriptedLM()

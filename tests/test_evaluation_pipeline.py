@@ -6,55 +6,17 @@ Expected numbers are computed by hand in the tests from the scripted responses.
 
 import json
 import random
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import scripted_lm
 from rpsft.evaluation.benchmarks import EvalConfigError
 from rpsft.evaluation.settings import EvalSettings, load_eval_settings, plan_evaluation
 from typer.testing import CliRunner
 
 PAPER_DATA = Path(__file__).resolve().parents[2] / "shared" / "paper-data"
 needs_paper_data = pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present")
-
-
-def _scripted_lm(respond):
-    """An lm-eval LM whose i-th sample for an item is ``respond(doc, i)``; counts its calls."""
-    from lm_eval.api.model import LM
-
-    class ScriptedLM(LM):
-        def __init__(self):
-            super().__init__()
-            self.seen = defaultdict(int)
-            self.calls = 0
-            self.contexts = []
-
-        def generate_until(self, requests, disable_tqdm=False):
-            self.calls += 1
-            out = []
-            for req in requests:
-                context, _ = req.args
-                i = self.seen[context]
-                self.seen[context] += 1
-                self.contexts.append(context)
-                out.append(respond(req.doc, i))
-            return out
-
-        def loglikelihood(self, requests):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests):
-            raise NotImplementedError
-
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):
-            return "".join(f"<{m['role']}>{m['content']}" for m in chat_history) + "<assistant>"
-
-        @property
-        def tokenizer_name(self):
-            return "scripted"
-
-    return ScriptedLM()
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -143,7 +105,7 @@ def test_all_repeats_are_scored_and_config_only_benchmarks_run(synth_dir, tmp_pa
             return f"so {answers[key]}" if i in correct[key] else "so \\boxed{-1}"
         return f"The answer is {doc['target']}" if i in correct[key] else "The answer is (Z)"
 
-    lm = _scripted_lm(respond)
+    lm = scripted_lm(respond)
     settings = _only_extras(synth_dir, cache_dir=str(tmp_path / "cache"))
     result = evaluate(lm, settings=settings, log_samples=True)
     arith, caps = result.benchmarks["synth_arith"], result.benchmarks["synth_capitals"]
@@ -158,7 +120,7 @@ def test_all_repeats_are_scored_and_config_only_benchmarks_run(synth_dir, tmp_pa
     # the prompt is the item's own system + user message through the chat template, no few-shot
     assert lm.contexts[0].startswith("<system>Please reason step by step")
     # pass@k with k < n: unbiased estimator, per item 1 - C(2,2)/C(4,2) = 5/6, 1 - C(3,2)/C(4,2) = 1/2, 0
-    result2 = evaluate(_scripted_lm(respond), settings=settings.model_copy(update={"pass_k": 2}))
+    result2 = evaluate(scripted_lm(respond), settings=settings.model_copy(update={"pass_k": 2}))
     assert result2.benchmarks["synth_arith"].pass_at_k == pytest.approx((5 / 6 + 1 / 2 + 0) / 3)
 
 
@@ -379,29 +341,29 @@ def test_base_scores_are_cached_per_model_and_task_config(synth_dir, tmp_path):
     def base_respond(doc, i):  # right on sample 0 only
         return f"\\boxed{{{doc['target']}}}" if i == 0 else "\\boxed{-1}"
 
-    base_lm = _scripted_lm(base_respond)
+    base_lm = scripted_lm(base_respond)
     first, hit = base_scores(base_lm, settings=settings, key="base-model")
     assert not hit and base_lm.calls == 1
-    again_lm = _scripted_lm(base_respond)
+    again_lm = scripted_lm(base_respond)
     second, hit = base_scores(again_lm, settings=settings, key="base-model")
     assert hit and again_lm.calls == 0 and second == first
     # another task config (k) or another model key is another cache entry
     _, hit = base_scores(
-        _scripted_lm(base_respond), settings=settings.model_copy(update={"k": 1}), key="base-model"
+        scripted_lm(base_respond), settings=settings.model_copy(update={"k": 1}), key="base-model"
     )
     assert not hit
-    _, hit = base_scores(_scripted_lm(base_respond), settings=settings, key="other-model")
+    _, hit = base_scores(scripted_lm(base_respond), settings=settings, key="other-model")
     assert not hit
 
     def tuned_respond(doc, i):  # math always right, MC always wrong
         return f"\\boxed{{{doc['target']}}}" if doc["scorer"] == "math" else "\\boxed{Z}"
 
-    tuned = evaluate(_scripted_lm(tuned_respond), settings=settings)
+    tuned = evaluate(scripted_lm(tuned_respond), settings=settings)
     trade = compute_tradeoff(first, tuned, betas=[0.5, 1.0])
     # base: arith 0.5, capitals 0.5 (sample 0 of 2 right); tuned: arith 1.0, capitals 0.0
     assert trade.g_id == pytest.approx(0.5) and trade.f_ood == pytest.approx(0.5)
     assert trade.phi == pytest.approx({"0.5": 0.25, "1.0": 0.0})
-    other = evaluate(_scripted_lm(tuned_respond), settings=settings.model_copy(update={"k": 1}))
+    other = evaluate(scripted_lm(tuned_respond), settings=settings.model_copy(update={"k": 1}))
     with pytest.raises(EvalConfigError, match="different task configs"):
         compute_tradeoff(first, other)
 

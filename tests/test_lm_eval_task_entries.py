@@ -13,6 +13,7 @@ from pathlib import Path
 import lm_eval
 import pytest
 import yaml
+from helpers import scripted_lm
 from rpsft.evaluation.benchmarks import EvalConfigError
 from rpsft.evaluation.settings import EvalSettings, plan_evaluation
 
@@ -119,24 +120,12 @@ def test_task_entries_resolve_to_the_registry_files_primary_metric_and_first_fil
 def _gsm_scripted_lm(correct_for: set[str]):
     """An lm-eval LM that answers a gsm8k question in the strict ``#### N`` form, right for the questions in
     ``correct_for`` and wrong for the others."""
-    from lm_eval.api.model import LM
 
-    class Scripted(LM):
-        def generate_until(self, requests, disable_tqdm=False):
-            out = []
-            for req in requests:
-                answer = int(req.doc["answer"].split("#### ")[-1])
-                right = req.doc["question"] in correct_for
-                out.append(f" Adding up. #### {answer if right else answer + 1}\n\nQuestion:")
-            return out
+    def respond(doc, _):
+        answer = int(doc["answer"].split("#### ")[-1])
+        return f" Adding up. #### {answer if doc['question'] in correct_for else answer + 1}\n\nQuestion:"
 
-        def loglikelihood(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-    return Scripted()
+    return scripted_lm(respond)
 
 
 @pytest.mark.slow

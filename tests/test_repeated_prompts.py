@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import scripted_lm
 from rpsft.evaluation.benchmarks import EvalConfigError
 from rpsft.evaluation.settings import EvalSettings, plan_evaluation
 
@@ -95,40 +96,16 @@ def test_the_duplicate_rows_of_a_real_benchmark_are_counted_once():
 def test_the_scored_samples_and_the_bootstrap_see_unique_items(repeated):
     """lm-eval generates 4 samples for each of the 3 items (12 generations, not 48), avg@4 is the mean over an
     item's samples, and the paired bootstrap resamples 3 items."""
-    from lm_eval.api.model import LM
     from rpsft.evaluation.intervals import bootstrap_tradeoff
     from rpsft.evaluation.runner import evaluate
 
-    class Counting(LM):
-        def __init__(self):
-            super().__init__()
-            self.calls: list[str] = []
+    def respond(doc, nth):  # the third problem: right on every other sample
+        right = doc["user"] != PROBLEMS[2][0] or nth % 2 == 1
+        return f"\\boxed{{{doc['target'] if right else 'no'}}}"
 
-        def generate_until(self, requests, disable_tqdm=False):
-            out = []
-            for req in requests:
-                self.calls.append(req.doc["user"])
-                nth = self.calls.count(req.doc["user"])  # the third problem: right on every other sample
-                right = req.doc["user"] != PROBLEMS[2][0] or nth % 2 == 0
-                out.append(f"\\boxed{{{req.doc['target'] if right else 'no'}}}")
-            return out
-
-        def loglikelihood(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-        def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            raise NotImplementedError
-
-        def apply_chat_template(self, chat_history, add_generation_prompt=True):
-            return "".join(f"<{m['role']}>{m['content']}" for m in chat_history)
-
-        @property
-        def tokenizer_name(self):
-            return "counting"
-
-    lm = Counting()
+    lm = scripted_lm(respond)
     result = evaluate(lm, None, _settings(repeated, temperature=1.0))
-    assert sorted(lm.calls) == sorted(q for q, _ in PROBLEMS for _ in range(4))
+    assert sorted(lm.seen.values()) == [4, 4, 4] and len(lm.contexts) == 12  # 3 prompts, 4 samples each
     items = result.items["rep"]
     assert items == [1.0, 1.0, 0.5]
     assert result.benchmarks["rep"].avg_at_k == pytest.approx(np.mean(items))
