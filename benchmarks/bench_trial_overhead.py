@@ -1,4 +1,4 @@
-"""The per-trial overhead of a sweep: one Ray worker reused by every trial (the sweeps' setting) against a new
+"""The per-trial overhead of a sweep: one Ray worker reused by every trial against a new
 worker per trial, on the same small sweep in one run.
 
     python benchmarks/bench_trial_overhead.py           # a tiny Llama, 5 trials, each way (~1.5 min on 2 cores)
@@ -54,18 +54,18 @@ def tiny_sweep(root: Path, name: str, trials: int) -> dict:
 
 
 def timed_sweep(raw: dict, reuse: bool) -> tuple[float, dict[str, tuple[float, float]]]:
-    """Seconds of the whole sweep and each trial's (G_id, F_ood); ``reuse=False`` gives every trial a new worker."""
+    """Seconds of the whole sweep and each trial's (G_id, F_ood); ``reuse=True`` keeps one worker for every trial
+    (Tune's ``reuse_actors``), ``False`` gives every trial a new one."""
     from ray import tune
     from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.runner import run_sweep
 
     config = tune.TuneConfig
 
-    def fresh_workers(*args, **kwargs):
-        return config(*args, **{**kwargs, "reuse_actors": False})
+    def workers(*args, **kwargs):
+        return config(*args, **{**kwargs, "reuse_actors": reuse})
 
-    if not reuse:
-        tune.TuneConfig = fresh_workers
+    tune.TuneConfig = workers
     try:
         started = time.perf_counter()
         outcome = run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
@@ -92,7 +92,7 @@ def main() -> None:
         ray.shutdown()
     print(f"load_avg_1m {os.getloadavg()[0]:.2f}")
     print("| workers | trials | sweep (s) | per trial (s) |\n|---|---|---|---|")
-    for reuse, label in ((False, "one per trial"), (True, "reused (the sweeps' setting)")):
+    for reuse, label in ((False, "one per trial (the sweeps' setting)"), (True, "reused")):
         print(f"| {label} | {args.trials} | {seconds[reuse]:.1f} | {seconds[reuse] / args.trials:.1f} |")
     print(f"\nratio (one per trial / reused): {seconds[False] / seconds[True]:.2f}")
     same = reused == fresh

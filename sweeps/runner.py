@@ -152,9 +152,9 @@ def run_tuner(
                 scheduler=build_scheduler(config),
                 num_samples=config.num_reference_trials + config.search.num_trials,
                 max_concurrent_trials=config.concurrency,
-                # a trial's worker serves the next trial of the same resources: no new process and imports
-                # per trial (each trial seeds its own RNGs, so results are the same as in a fresh worker)
-                reuse_actors=True,
+                # a new worker process per trial: a reused worker (reuse_actors) saves its start-up, but its
+                # memory grew trial after trial until Ray's monitor killed it, which ended the whole sweep
+                reuse_actors=False,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
