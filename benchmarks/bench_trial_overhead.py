@@ -55,23 +55,15 @@ def tiny_sweep(root: Path, name: str, trials: int) -> dict:
 
 def timed_sweep(raw: dict, reuse: bool) -> tuple[float, dict[str, tuple[float, float]]]:
     """Seconds of the whole sweep and each trial's (G_id, F_ood); ``reuse=True`` keeps one worker for every trial
-    (Tune's ``reuse_actors``), ``False`` gives every trial a new one."""
-    from ray import tune
+    (``reuse_workers``), ``False`` gives every trial a new one."""
     from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.runner import run_sweep
 
-    config = tune.TuneConfig
-
-    def workers(*args, **kwargs):
-        return config(*args, **{**kwargs, "reuse_actors": reuse})
-
-    tune.TuneConfig = workers
-    try:
-        started = time.perf_counter()
-        outcome = run_sweep(parse_sweep_config(raw), echo=lambda *a, **k: None, progress=False)
-        seconds = time.perf_counter() - started
-    finally:
-        tune.TuneConfig = config
+    started = time.perf_counter()
+    outcome = run_sweep(
+        parse_sweep_config({**raw, "reuse_workers": reuse}), echo=lambda *a, **k: None, progress=False
+    )
+    seconds = time.perf_counter() - started
     return seconds, {t.label: (t.metrics["g_id"], t.metrics["f_ood"]) for t in outcome.trials if t.finished}
 
 
@@ -92,7 +84,7 @@ def main() -> None:
         ray.shutdown()
     print(f"load_avg_1m {os.getloadavg()[0]:.2f}")
     print("| workers | trials | sweep (s) | per trial (s) |\n|---|---|---|---|")
-    for reuse, label in ((False, "one per trial (the sweeps' setting)"), (True, "reused")):
+    for reuse, label in ((False, "one per trial (the default)"), (True, "reused (reuse_workers: true)")):
         print(f"| {label} | {args.trials} | {seconds[reuse]:.1f} | {seconds[reuse] / args.trials:.1f} |")
     print(f"\nratio (one per trial / reused): {seconds[False] / seconds[True]:.2f}")
     same = reused == fresh

@@ -152,9 +152,9 @@ def run_tuner(
                 scheduler=build_scheduler(config),
                 num_samples=config.num_reference_trials + config.search.num_trials,
                 max_concurrent_trials=config.concurrency,
-                # a new worker process per trial: a reused worker (reuse_actors) saves its start-up, but its
-                # memory grew trial after trial until Ray's monitor killed it, which ended the whole sweep
-                reuse_actors=False,
+                # a new worker process per trial unless asked: a reused worker saves its start-up, but its
+                # memory grows trial after trial (until Ray's monitor kills it, which ends the whole sweep)
+                reuse_actors=config.reuse_workers,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,

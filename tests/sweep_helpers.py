@@ -86,6 +86,7 @@ BASE: dict[str, Any] = {
     "objective": {"mode": "phi", "metric": "nll", "betas": [1.0, 0.5]},
     "search": {"num_trials": 3, "seed": 0},
     "resources": {"cpus": 1},
+    "reuse_workers": True,  # tiny models: one worker for all trials keeps the suite short
 }
 
 
