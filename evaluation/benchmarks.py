@@ -76,8 +76,9 @@ def _task_name(task: str) -> str:
     """The name a task entry gets by default: the ``task:`` of its YAML file, else the file's or folder's stem, else
     the registry name itself."""
     path = Path(task).expanduser()
-    if path.is_file() and isinstance(read_task_yaml(path).get("task"), str):
-        return read_task_yaml(path)["task"]
+    named = read_task_yaml(path).get("task") if path.is_file() else None
+    if isinstance(named, str):
+        return named
     return path.name.removesuffix(".yaml").removesuffix(".yml") if path.suffix or path.is_dir() else task
 
 
