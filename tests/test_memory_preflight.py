@@ -5,7 +5,6 @@ Llama, and the sweep-level check (the paper's 8B GPU config, and a real local Ra
 from __future__ import annotations
 
 import ast
-import math
 import re
 from pathlib import Path
 
@@ -439,10 +438,26 @@ def test_batch_size_fix_is_the_largest_that_fits(dims_8b: ModelDims) -> None:
     batch = int(re.search(r"train\.batch_size: (\d+)", message).group(1))
     accum = int(re.search(r"train\.grad_accum: (\d+)", message).group(1))
 
-    assert 1 <= batch < 16 and accum == math.ceil(16 / batch)
+    assert 1 <= batch < 16 and batch * accum == 16  # the same sequences per optimizer step
     check_fits(estimate(dims_8b, batch_size=batch, grad_accum=accum, **run), DEVICE_80G)
-    with pytest.raises(MemoryPreflightError):
-        check_fits(estimate(dims_8b, batch_size=batch + 1, grad_accum=2, **run), DEVICE_80G)
+    larger = [size for size in range(batch + 1, 16) if 16 % size == 0]
+    for size in larger:
+        with pytest.raises(MemoryPreflightError):
+            check_fits(estimate(dims_8b, batch_size=size, grad_accum=16 // size, **run), DEVICE_80G)
+
+
+def test_a_batch_fix_keeps_the_sequences_of_a_step(dims_8b: ModelDims) -> None:
+    """16 sequences a step (8 x 2) and room for a batch of 7: the suggested batch divides 16 (4, with grad_accum
+    4), so a step still trains 16 sequences, not 7 x 3."""
+    run = dict(strategy="single", param_dtype="bfloat16", mixed_precision="bf16", max_length=4096)
+    too_big = estimate(dims_8b, batch_size=8, grad_accum=2, **run)
+    budget = estimate(dims_8b, batch_size=7, grad_accum=3, **run).total
+    assert budget < too_big.total
+    with pytest.raises(MemoryPreflightError) as caught:
+        check_fits(too_big, budget, headroom=1.0, more_workers=False)
+    batch = int(re.search(r"train\.batch_size: (\d+)", str(caught.value)).group(1))
+    accum = int(re.search(r"train\.grad_accum: (\d+)", str(caught.value)).group(1))
+    assert (batch, accum) == (4, 4)
 
 
 def test_a_combined_fix_when_no_single_change_fits(dims_8b: ModelDims) -> None:

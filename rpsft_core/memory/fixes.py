@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +76,10 @@ def _fix(estimate: MemoryEstimate, budget: int, gpu: bool, changes: dict[str, An
 
 
 def _batch_changes(estimate: MemoryEstimate, size: int) -> dict[str, int]:
-    """A smaller ``batch_size`` with ``grad_accum`` raised to keep the sequences of an optimizer step."""
+    """A smaller ``batch_size`` that divides the sequences of an optimizer step, with ``grad_accum`` raised to
+    keep them."""
     sequences = estimate.batch_size * estimate.grad_accum
-    return {"batch_size": size, "grad_accum": max(estimate.grad_accum, math.ceil(sequences / size))}
+    return {"batch_size": size, "grad_accum": sequences // size}
 
 
 def _fewest_fsdp2_workers(estimate: MemoryEstimate, budget: int) -> int | None:
@@ -92,16 +92,13 @@ def _fewest_fsdp2_workers(estimate: MemoryEstimate, budget: int) -> int | None:
 
 
 def _largest_batch(estimate: MemoryEstimate, budget: int) -> int | None:
-    """The largest batch size below the current one at which ``estimate`` fits (``grad_accum`` raised to
-    keep the sequences per step), by bisection: the estimate grows with the batch."""
-    low, high = 0, estimate.batch_size - 1  # the answer lies in [low, high]; 0: none fits
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _reestimate(estimate, **_batch_changes(estimate, middle)).total <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    return low or None
+    """The largest batch size below the current one that divides the sequences per step and at which
+    ``estimate`` fits (``grad_accum`` raised to keep those sequences); ``None`` when none does."""
+    sequences = estimate.batch_size * estimate.grad_accum
+    for size in range(estimate.batch_size - 1, 0, -1):
+        if sequences % size == 0 and _reestimate(estimate, **_batch_changes(estimate, size)).total <= budget:
+            return size
+    return None
 
 
 def _changes_alone(estimate: MemoryEstimate, budget: int, more_workers: bool) -> list[dict[str, Any]]:
@@ -166,7 +163,9 @@ def suggest_fixes(
     checkpointing and the fewest FSDP2 workers is added, with the largest batch size, and bfloat16
     parameters if that is still not enough. ``gpu``: a change to more workers names
     ``resources.gpus_per_worker``."""
-    fixes = [_fix(estimate, budget, gpu, changes) for changes in _changes_alone(estimate, budget, more_workers)]
+    fixes = [
+        _fix(estimate, budget, gpu, changes) for changes in _changes_alone(estimate, budget, more_workers)
+    ]
     fixes = [fix for fix in fixes if fix.estimate.total < estimate.total]
     if any(fix.fits for fix in fixes):
         return fixes
