@@ -26,6 +26,7 @@ from rpsft.sweeps.config.sweep import SweepConfig
 from rpsft.sweeps.driver_guard import NotYetThere, driver_lock, local_storage_file, nothing_left_when_refused
 from rpsft.sweeps.ray_session import init_ray
 from rpsft.sweeps.search.space import build_scheduler, build_searcher, search_dims, search_distributions
+from rpsft.sweeps.shared_storage import check_every_node_sees
 from rpsft.sweeps.store import tracking
 from rpsft.sweeps.store.sweep_store import (
     DEFAULT_ROOT,
@@ -288,6 +289,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     preflight.check_mlflow(mlflow_uri)
     cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
+    check_every_node_sees(config)
     preflight.check_memory(config, cluster, echo=echo)
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
@@ -383,6 +385,7 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     preflight.check_mlflow(context.tracking_uri)
     cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
+    check_every_node_sees(config)
     preflight.check_memory(config, cluster, echo=echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     client = tracking.client_for(context.tracking_uri)

@@ -74,3 +74,34 @@ class _AfterStep(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.step:
             self.fault.fire(self.trial, f"after step {self.step}")
+
+
+class HoldForNodeLoss(TrialHook):
+    """A node lost mid-training: on the first attempt of a matching trial, after optimizer step ``at_step``,
+    write this worker's Ray node id to ``<sweep dir>/node_loss/<trial id>`` and wait (at most ``hold_s``) for
+    the test to kill that node. Later attempts (the trial rescheduled on another node) run normally."""
+
+    def __init__(self, match: str, at_step: int, hold_s: float = 300.0):
+        self.match, self.at_step, self.hold_s = match, at_step, hold_s
+
+    def training_callbacks(self, trial: TrialContext) -> list[TrainerCallback]:
+        if self.match in trial.label and trial.attempt == 1:
+            return [_HoldAfterStep(self, trial)]
+        return []
+
+
+class _HoldAfterStep(TrainerCallback):
+    def __init__(self, hook: HoldForNodeLoss, trial: TrialContext) -> None:
+        self.hook, self.trial = hook, trial
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step != self.hook.at_step:
+            return
+        import time
+
+        import ray
+
+        marker = Path(self.trial.sweep_dir) / "node_loss" / self.trial.trial_id
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(ray.get_runtime_context().get_node_id())
+        time.sleep(self.hook.hold_s)  # the node dies here; past hold_s the test has failed already

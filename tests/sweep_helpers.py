@@ -104,13 +104,13 @@ def sweep_dict(name: str, model_dir: Path, root: Path, **overrides: Any) -> dict
     return raw
 
 
-def fault_hooks(monkeypatch, **args: Any) -> list[dict[str, Any]]:
-    """A sweep's ``hooks:`` that inject faults (``fault_hooks.Fault`` with ``args``). The trials' Ray workers
+def fault_hooks(monkeypatch, hook: str = "Fault", **args: Any) -> list[dict[str, Any]]:
+    """A sweep's ``hooks:`` that inject faults (``fault_hooks.<hook>`` with ``args``). The trials' Ray workers
     import the hook from this directory: it goes on ``PYTHONPATH`` (pytest puts it only on this process's
     ``sys.path``), which local workers inherit and the driver hands to a cluster's workers."""
     here = str(Path(__file__).resolve().parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    return [{"path": "fault_hooks:Fault", "args": args}]
+    return [{"path": f"fault_hooks:{hook}", "args": args}]
 
 
 def run_quietly(raw: dict[str, Any]):

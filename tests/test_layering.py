@@ -98,6 +98,7 @@ def string_imports(path: Path) -> list[int]:
 #   analysis     the trade-off read out of stored trials: points, selection, intervals, trajectories, summaries
 #   trial        one trial: training and scoring, in one process or over Ray Train workers
 #   preflight    the checks a sweep passes before any trial starts
+#   shared_storage  on a cluster of several nodes, the check that every node sees the sweep's paths
 #   retention    which trials keep their weights, and the kept ones in the Model Registry
 #   ray_session  the driver's Ray connection and the environment its workers get
 #   search       the search: samplers, initial design, warm starts, and the Tune callback that prunes weights
@@ -112,6 +113,7 @@ SWEEPS_ORDER = (
     (
         "rpsft.sweeps.trial",
         "rpsft.sweeps.preflight",
+        "rpsft.sweeps.shared_storage",
         "rpsft.sweeps.retention",
         "rpsft.sweeps.ray_session",
         "rpsft.sweeps.driver_guard",

@@ -79,7 +79,11 @@ class SweepConfig(BaseModel):
     keep: Keep = Field(default_factory=Keep)
     storage: Storage = Field(default_factory=Storage)
     seed: int = 0
-    output_dir: str = "runs/sweeps"
+    output_dir: str = Field(
+        "runs/sweeps",
+        description="where the sweeps' state lives (<output_dir>/<name>/); on a Ray cluster of several nodes, a "
+        "path every node sees (the preflight checks it)",
+    )
     cache_dir: str | None = None
 
     @field_validator("references", mode="before")

@@ -27,6 +27,8 @@ TAG_STATE = "rpsft.state"
 TAG_OPERATING_POINT = "rpsft.operating_point"
 TAG_FAILURE = "rpsft.failure"
 TAG_FAILURE_STEP = "rpsft.failure_step"
+TAG_NODES = "rpsft.nodes"  # the Ray node ids a trial ran on, one per attempt, comma-separated in order
+TAG_WORKER_NODES = "rpsft.worker_nodes"  # a trial over Ray Train workers: each rank's node id, in rank order
 PARENT_TAG = "mlflow.parentRunId"
 BASE_PREFIX = "base/"  # the parent run's metrics of the base model
 MAX_BATCH = 500
@@ -161,6 +163,14 @@ def start_child_run(
         return existing, True
     all_tags = {PARENT_TAG: parent_run_id, TAG_TRIAL: trial_id, "mlflow.runName": run_name, **(tags or {})}
     return client.create_run(experiment_id, run_name=run_name, tags=all_tags), False
+
+
+def record_node(client: MlflowClient, run: Any, node_id: str) -> list[str]:
+    """Append this attempt's Ray node id to the run's :data:`TAG_NODES`; returns the node ids so far."""
+    earlier = run.data.tags.get(TAG_NODES, "")
+    nodes = [*filter(None, earlier.split(",")), node_id]
+    client.set_tag(run.info.run_id, TAG_NODES, ",".join(nodes))
+    return nodes
 
 
 def _param_value(value: Any) -> str:

@@ -7,7 +7,8 @@ DDP, the data sharded across the workers, the penalty on each worker's rows, che
 
 After every optimizer step all workers report to Ray Train, and :class:`TuneReportCallback` hands rank 0's
 progress on to the Tune trial (the driver's table); rank 0 also logs the step to the trial's MLflow run. After
-training, rank 0 loads the consolidated checkpoint, scores it exactly as a one-process trial is scored, and
+training, rank 0 tags the trial's run with every rank's Ray node (``rpsft.worker_nodes``), loads the
+consolidated checkpoint, scores it exactly as a one-process trial is scored, and
 logs the item scores; its numbers come back in the checkpoint of its last report, and the Tune trial
 records and reports them as any trial does.
 """
@@ -72,6 +73,16 @@ def train_and_score_on_workers(
         return json.loads((Path(record_dir) / SCORES_FILE).read_text())
 
 
+def worker_nodes() -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all workers call it)."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    return [str(node) for node in nodes]
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker of a trial: train on this rank; rank 0 then scores, logs and reports the result."""
     import ray.train
@@ -110,9 +121,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     result = train_on_rank(
         train_config, bases_dir=context.bases_dir, on_step=on_step, on_step_every_rank=True
     )
+    nodes = worker_nodes()
     metrics: dict[str, Any] = {}
     if rank == 0:
         from rpsft.core.models import load_model, load_tokenizer
+
+        client.set_tag(loop_config["run_id"], tracking.TAG_WORKER_NODES, ",".join(nodes))
 
         step_logger.flush()
         tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)

@@ -116,6 +116,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
     """The Tune trainable: one (method, k, lambda, layers, period) training run, scored and tracked. The
     sweep's ``hooks`` (:mod:`rpsft.sweeps.trial.hooks`) are called before training, as Trainer callbacks during
     it, and after the trial's MLflow writes, before its result goes to Tune."""
+    import ray
     from ray import tune
 
     config = SweepConfig.model_validate(context.config)
@@ -146,6 +147,7 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         tune.report({**_stored_result(TrialRecord.from_run(run)), "final": True})
         return
 
+    tracking.record_node(client, run, ray.get_runtime_context().get_node_id())  # which node, per attempt
     try:
         hooks = start_attempt(config.hooks, config.sweep_dir(), trial_id, trial_label(params))
         hooks.before_training()
@@ -180,7 +182,9 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 config, context, train_config, scorer, client, run_id, report, extra_callbacks=hook_callbacks
             )
         result = {**metrics, **scorer.primary(metrics)}
-        final_step = int(result.get("global_steps") or train_config.max_steps or 0)  # epochs: the steps trained
+        final_step = int(
+            result.get("global_steps") or train_config.max_steps or 0
+        )  # epochs: the steps trained
         tracking.log_metrics(client, run_id, result, step=final_step)
         tracking.log_json_artifact(
             client, run_id, "trial_config.json", train_config.model_dump(mode="json", by_alias=True)
@@ -221,7 +225,9 @@ def _train_and_score(
             log_checkpoint_items(client, run_id, step, items)
 
         keep_items = store if config.evaluation.trajectory else None  # item scores only for trajectory points
-        callbacks.append(IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report, keep_items))
+        callbacks.append(
+            IntermediateEvaluation(scorer, tokenizer, config.evaluation.every, report, keep_items)
+        )
     try:
         result, metrics, items = train_and_score(config, context, train_config, scorer, callbacks)
     except BaseException:

@@ -1,0 +1,345 @@
+"""Sweeps on a real Ray cluster of several nodes on this machine: a head without CPUs and two worker nodes of one
+CPU each (separate raylets with their own object stores, as ``ray.cluster_utils.Cluster`` starts them), so a
+trial that needs a CPU can only run on a worker node, and two at once run on two nodes.
+
+- trials spread over the nodes, each trial's node on its MLflow run;
+- a node killed mid-trial: the trial resumes from its last checkpoint on the surviving node, the finished trial
+  is untouched, one MLflow run per trial, and the sweep ends with an operating point;
+- a trial over 2 Ray Train workers on two nodes (gloo across raylets) trains as the same 2 workers in one
+  process group on one machine;
+- the driver killed and restarted from another directory resumes the sweep on the same cluster;
+- the preflight refuses a node that does not see ``output_dir`` (a node started in its own mount namespace with
+  an empty tmpfs over the sweeps' directory).
+
+Select them with ``pytest -k "multi_node or node_loss or across_nodes"``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import PAPER_DATA
+from sweep_helpers import (
+    drop_pg_schema,
+    fault_hooks,
+    pg_available,
+    pg_schema,
+    rpsft,
+    run_quietly,
+    sweep_dict,
+)
+
+pytestmark = [
+    pytest.mark.skipif(not PAPER_DATA.is_dir(), reason="shared/paper-data is not present"),
+    pytest.mark.slow,
+    pytest.mark.integration,
+]
+
+WORKER_NODES = 2
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node with no CPUs and :data:`WORKER_NODES` nodes of 1 CPU each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(WORKER_NODES):
+        nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    yield nodes
+    if ray.is_initialized():
+        ray.shutdown()
+    nodes.shutdown()
+
+
+@pytest.fixture
+def driver(cluster):
+    """The test process connects to the cluster as the sweep's driver (``storage.ray_address``), then leaves."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield cluster.address
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def worker_node_ids(cluster) -> set[str]:
+    return {node.node_id for node in cluster.worker_nodes}
+
+
+def trial_runs(outcome):
+    from rpsft.sweeps.store import tracking
+
+    client = tracking.client_for(outcome.tracking_uri)
+    return client, tracking.child_runs(client, outcome.experiment_id, outcome.parent_run_id)
+
+
+def nodes_of(run) -> list[str]:
+    from rpsft.sweeps.store.tracking import TAG_NODES
+
+    return run.data.tags[TAG_NODES].split(",")
+
+
+def multi_node_sweep(name, tiny_dir, root, address, **overrides):
+    raw = sweep_dict(name, tiny_dir, root, search={"num_trials": 0, "seed": 0}, **overrides)
+    raw["storage"] = {**raw.get("storage", {}), "ray_address": address}
+    raw["reuse_workers"] = False  # each trial is placed on its own
+    return raw
+
+
+def test_multi_node_trials_spread_over_the_nodes(tmp_path, tiny_dir, cluster, driver):
+    if not pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432 (two trials at once need it)")
+    schemas = [pg_schema(), pg_schema()]
+    try:
+        raw = multi_node_sweep(
+            "spread", tiny_dir, tmp_path, driver, references=["sft", "lora"], concurrency=2
+        )
+        raw["storage"].update(optuna=schemas[0][1], mlflow=schemas[1][1])
+        outcome = run_quietly(raw)
+        client, runs = trial_runs(outcome)
+        assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+        nodes = [nodes_of(run) for run in runs]
+        assert all(len(attempts) == 1 for attempts in nodes)
+        assert {attempts[0] for attempts in nodes} == worker_node_ids(cluster)  # one trial on each node
+        assert outcome.selection is not None
+    finally:
+        for schema, _ in schemas:
+            drop_pg_schema(schema)
+
+
+def test_node_loss_mid_trial_resumes_from_its_checkpoint_on_a_surviving_node(
+    tmp_path, tiny_dir, cluster, driver, monkeypatch
+):
+    hooks = fault_hooks(monkeypatch, "HoldForNodeLoss", match="[ref] lora", at_step=3)
+    raw = multi_node_sweep(
+        "nodeloss",
+        tiny_dir,
+        tmp_path,
+        driver,
+        references=["sft", "lora"],
+        failure={"max_retries": 1},
+        hooks=hooks,
+    )
+    raw["train"] = {**raw["train"], "max_steps": 4, "checkpoint_every": 2}
+    outcome: list = []
+    errors: list = []
+
+    def sweep() -> None:
+        try:
+            outcome.append(run_quietly(raw))
+        except BaseException as exc:  # noqa: BLE001  # re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+    markers = tmp_path / "sweeps" / "nodeloss" / "node_loss"
+    deadline = time.monotonic() + 300
+    while not (markers.is_dir() and any(markers.iterdir())) and time.monotonic() < deadline:
+        assert thread.is_alive() or not errors, errors
+        time.sleep(0.5)
+    (marker,) = markers.iterdir()
+    lost = marker.read_text()
+    (node,) = [node for node in cluster.worker_nodes if node.node_id == lost]
+    killed_at = time.time()
+    cluster.remove_node(node, allow_graceful=False)  # the raylet, its object store and its workers
+    try:
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "the sweep did not end after the node loss"
+        assert not errors, errors
+        client, runs = trial_runs(outcome[0])
+        by_reference = {run.data.tags["rpsft.reference"]: run for run in runs}
+        assert sorted(by_reference) == ["lora", "sft"] and len(runs) == 2  # one run per trial
+        lora, sft = by_reference["lora"], by_reference["sft"]
+        assert lora.info.status == "FINISHED"
+        assert lora.data.metrics["resumed_from_step"] == 2  # its last checkpoint, not step 0
+        first, second = nodes_of(lora)
+        assert first == lost and second != lost and second in {n.node_id for n in cluster.worker_nodes}
+        steps = [m.step for m in client.get_metric_history(lora.info.run_id, "loss")]
+        assert sorted(set(steps)) == [1, 2, 3, 4]  # 3-4 trained again from the step-2 checkpoint
+        assert sft.info.status == "FINISHED" and len(nodes_of(sft)) == 1  # finished before, untouched
+        assert sft.info.end_time / 1000 < killed_at and sft.data.metrics["resumed_from_step"] == 0
+        assert outcome[0].selection is not None
+    finally:
+        cluster.add_node(num_cpus=1)  # back to two worker nodes for the other tests
+        cluster.wait_for_nodes()
+
+
+def test_a_two_worker_trial_trains_across_nodes_as_on_one_machine(tmp_path, tiny_dir, cluster, driver):
+    from mlflow.artifacts import download_artifacts
+    from rpsft.core.config import TrainConfig
+    from rpsft.core.sharded_train import train_local_workers
+    from rpsft.sweeps.store.tracking import TAG_WORKER_NODES
+
+    raw = multi_node_sweep(
+        "across",
+        tiny_dir,
+        tmp_path,
+        driver,
+        references=["l2-init"],
+        resources={"cpus": 1, "workers": 2, "strategy": "fsdp2"},
+    )
+    raw["train"] = {**raw["train"], "max_steps": 3}
+    outcome = run_quietly(raw)
+    client, (run,) = trial_runs(outcome)
+    assert run.info.status == "FINISHED"
+    ranks = run.data.tags[TAG_WORKER_NODES].split(",")
+    assert len(ranks) == 2 and set(ranks) == worker_node_ids(cluster)  # rank 0 and rank 1 on two nodes
+
+    # the same config on 2 local processes of one machine (one process group, no Ray)
+    def artifact(name: str) -> dict:
+        path = download_artifacts(
+            run_id=run.info.run_id, artifact_path=name, tracking_uri=outcome.tracking_uri
+        )
+        return json.loads(Path(path).read_text())
+
+    config = TrainConfig.model_validate(artifact("trial_config.json"))
+    local = train_local_workers(
+        config.model_copy(update={"output_dir": str(tmp_path / "one-machine"), "save_model": False})
+    ).metrics
+    across = artifact("train_metrics.json")
+    assert across["workers"] == local["workers"] == 2
+    losses = [(r["step"], r["loss"]) for r in across["log_history"] if "loss" in r]
+    local_losses = [(r["step"], r["loss"]) for r in local["log_history"] if "loss" in r]
+    assert [s for s, _ in losses] == [s for s, _ in local_losses] == [1, 2, 3]
+    for (_, got), (_, want) in zip(losses, local_losses, strict=True):
+        assert got == pytest.approx(want, rel=1e-10)
+    assert set(across["drift"]) == set(local["drift"]) and local["drift"]
+    for name, drift in local["drift"].items():
+        assert across["drift"][name] == pytest.approx(drift, rel=1e-9) and drift > 0
+
+
+def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(tmp_path, tiny_dir, cluster, driver):
+    from mlflow.tracking import MlflowClient
+
+    raw = multi_node_sweep("restart", tiny_dir, tmp_path, driver, references=["sft", "lora", "l2-init"])
+    runs_dir = tmp_path / "sweeps"
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    (first_dir / "restart.yaml").write_text(yaml.safe_dump(raw))
+    db = runs_dir / "mlflow.db"
+
+    def finished_runs() -> list:
+        if not db.exists():
+            return []
+        try:
+            client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+            experiment = client.get_experiment_by_name("rpsft-sweeps")
+            if experiment is None:
+                return []
+            query = "tags.`rpsft.role` = 'trial' and attributes.status = 'FINISHED'"
+            return client.search_runs([experiment.experiment_id], query)
+        except Exception:  # noqa: BLE001  # the database is being created
+            return []
+
+    first = rpsft(
+        "sweep",
+        "run",
+        "restart.yaml",
+        "--address",
+        driver,
+        cwd=first_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not finished_runs() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(1)
+    done_before = {run.info.run_id: run for run in finished_runs()}
+    assert done_before and first.poll() is None, "no trial finished before the driver ended"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+
+    second = rpsft(
+        "sweep",
+        "resume",
+        "restart",
+        "--runs-dir",
+        str(runs_dir),
+        "--address",
+        driver,
+        cwd=second_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = second.communicate(timeout=400)
+    assert second.returncode == 0, out[-4000:]
+    assert "operating point" in out
+    after = {run.info.run_id: run for run in finished_runs()}
+    references = sorted(run.data.tags["rpsft.reference"] for run in after.values())
+    assert references == ["l2-init", "lora", "sft"]  # each trial finished once, in one run
+    for run_id, before in done_before.items():  # the trials finished before the kill were not rerun
+        assert nodes_of(after[run_id]) == nodes_of(before)
+        assert after[run_id].info.end_time == before.info.end_time
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _can_unshare_mounts() -> bool:
+    if not shutil.which("unshare") or not shutil.which("mount"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, timeout=30
+    )
+    return probe.returncode == 0
+
+
+def test_multi_node_preflight_refuses_an_output_dir_a_node_does_not_see(tmp_path, tiny_dir, cluster, driver):
+    import ray
+    from rpsft.sweeps.config.errors import SweepConfigError
+
+    if not _can_unshare_mounts():
+        pytest.skip("needs `unshare -m` and mount (root) to give one node its own view of the filesystem")
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    ray_bin = Path(sys.executable).parent / "ray"
+    start = (
+        f"mount -t tmpfs tmpfs {sweeps} && exec {ray_bin} start --address {cluster.address} --num-cpus 0 "
+        f"--block --disable-usage-stats --dashboard-agent-listen-port {_free_port()} "
+        f"--metrics-export-port {_free_port()} --runtime-env-agent-port {_free_port()}"
+    )
+    log = (tmp_path / "local-node.log").open("w")
+    node = subprocess.Popen(
+        ["unshare", "-m", "sh", "-c", start], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        ray.init(address=driver)
+        deadline = time.monotonic() + 120
+        while len([n for n in ray.nodes() if n["Alive"]]) < 1 + WORKER_NODES + 1:
+            assert node.poll() is None and time.monotonic() < deadline, (
+                tmp_path / "local-node.log"
+            ).read_text()
+            time.sleep(0.5)
+        ray.shutdown()
+        raw = multi_node_sweep("nodelocal", tiny_dir, tmp_path, driver, references=["sft"])
+        with pytest.raises(SweepConfigError) as caught:
+            run_quietly(raw)
+        message = str(caught.value)
+        assert message.startswith(f"output_dir: {sweeps} is not the same directory on node")
+        assert "4-node Ray cluster" in message and "Fix: output_dir on storage every node mounts" in message
+        assert not any(sweeps.iterdir())  # refused before any trial, and the probe is gone
+    finally:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=60)
+        log.close()
