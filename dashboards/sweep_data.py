@@ -17,7 +17,7 @@ CURVES = {
     "loss": ("task loss (faint: per step)", "cross-entropy (nats/token)"),
     "rpsft/penalty": ("penalty", "lambda x penalty"),
     "rpsft/drift_mean": ("protected drift (mean)", "||Uk^T (W - W0) Vk||_F"),
-    "eval/objective": ("Phi at the rungs", "Phi"),
+    "eval/objective": ("Phi at the evaluations", "Phi"),
     "eval/g_id": ("G_id at the evaluations", "G_id"),
     "eval/f_ood": ("F_ood at the evaluations", "F_ood"),
     "eval/drift_mean": ("protected drift at the evaluations", "||Uk^T (W - W0) Vk||_F"),
@@ -91,7 +91,12 @@ def _is_benchmark(name: str) -> bool:
 
 
 # the intermediate evaluations' series and the final metric that continues each at the trial's last step
-FINAL_OF_EVAL = {"eval/g_id": "g_id", "eval/f_ood": "f_ood", "eval/drift_mean": "drift_mean"}
+FINAL_OF_EVAL = {
+    "eval/objective": "objective",
+    "eval/g_id": "g_id",
+    "eval/f_ood": "f_ood",
+    "eval/drift_mean": "drift_mean",
+}
 
 
 def _histories(client: Any, trial: TrialRecord) -> dict[str, list[tuple[int, float]]]:

@@ -21,6 +21,7 @@ def _run(client, experiment_id, parent, trial_id, params, metrics, tags=None):
         if step % 2 == 0 and params["method"] == "rpsft":  # intermediate evaluations every 2 steps
             client.log_metric(run_id, "eval/g_id", metrics["g_id"] * step / 4, step=step)
             client.log_metric(run_id, "eval/f_ood", metrics["f_ood"] * step / 4, step=step)
+            client.log_metric(run_id, "eval/objective", metrics["objective"] * step / 4, step=step)
         if params["method"] != "sft":
             client.log_metric(run_id, "rpsft/penalty", scale * step, step=step)
     return run_id
@@ -66,7 +67,14 @@ def sweep_data(tmp_path_factory):
     parent = tracking.create_parent_run(client, experiment_id, "figs", {})
     for trial_id, (params, g, f, half, reference) in TRIALS.items():
         phi = g - BETA * f
-        metrics = {"g_id": g, "f_ood": f, "phi": phi, "g_id_lo": g - half, "g_id_hi": g + half}
+        metrics = {
+            "g_id": g,
+            "f_ood": f,
+            "phi": phi,
+            "objective": phi,
+            "g_id_lo": g - half,
+            "g_id_hi": g + half,
+        }
         metrics.update({"f_ood_lo": f - half, "f_ood_hi": f + half, "phi_at_1_lo": phi - 2 * half})
         metrics["phi_at_1_hi"] = phi + 2 * half
         tags = {tracking.TAG_REFERENCE: reference} if reference else {}
@@ -88,6 +96,18 @@ def sweep_data(tmp_path_factory):
     )
     store.write_state(config, context, "finished", "sqlite:///unused.db")
     return load_sweep_data("figs", root / "sweeps"), model
+
+
+def test_each_evaluation_curve_ends_at_the_trials_final_scores(sweep_data):
+    """The intermediate evaluations (steps 2 and 4) continue with the final scoring at the last step (5)."""
+    data, _ = sweep_data
+    trial = next(t for t in data.trials if t.trial_id == "k8")
+    g, f = TRIALS["k8"][1], TRIALS["k8"][2]
+    finals = {"eval/g_id": g, "eval/f_ood": f, "eval/objective": g - BETA * f}
+    for key, final in finals.items():
+        assert [step for step, _ in trial.history[key]] == [2, 4, len(LOSSES)], key
+        assert trial.history[key][-1][1] == pytest.approx(final), key
+        assert trial.history[key][1][1] == pytest.approx(final), key  # step 4 logged final x 4/4
 
 
 def _trace(fig, name):
