@@ -1,7 +1,8 @@
 """Faults injected into real sweeps (local Ray, SQLite MLflow and Optuna): a trial that raises is recorded
 FAILED with its reason and the sweep goes on; `failure.max_retries` reruns it in the same MLflow run; a
 resumed sweep reruns only what failed; a loss that turns NaN stops training at that step. The faults come from
-the sweep's own trial hook (``fault_hooks.Fault``)."""
+the sweep's own trial hook (``fault_hooks.Fault``). A trial lost mid-training with its node, and resumed from its
+checkpoint, is in ``test_multi_node.py``."""
 
 from __future__ import annotations
 
@@ -170,21 +171,6 @@ def test_a_second_driver_on_the_same_sweep_is_refused(tmp_path, tiny_dir):
 
     with driver_lock(SweepStore.of(config)):  # the killed holder left no stale lock
         assert "pid" in (sweep_dir / LOCK_FILE).read_text()
-
-
-def test_a_trial_lost_mid_training_resumes_from_its_checkpoint(tmp_path, tiny_dir, monkeypatch):
-    hooks = fault_hooks(monkeypatch, match="[ref] lora", at_step=3)
-    raw = _sweep("midway", tiny_dir, tmp_path, failure={"max_retries": 1}, hooks=hooks)
-    raw["train"] = {**raw["train"], "max_steps": 4, "checkpoint_every": 2}
-    outcome = run_quietly(raw)
-    client, by_label = _runs_by_reference(outcome)
-    (lora,) = by_label["lora"]
-    assert lora.info.status == "FINISHED"
-    assert lora.data.metrics["resumed_from_step"] == 2  # not from step 0
-    (sft,) = by_label["sft"]
-    assert sft.data.metrics["resumed_from_step"] == 0
-    steps = [m.step for m in client.get_metric_history(lora.info.run_id, "loss")]
-    assert sorted(steps) == [1, 2, 3, 4]  # steps 1-2 from the first attempt, 3-4 from the resumed one
 
 
 def test_runs_tune_forgot_are_closed_as_lost_whether_running_or_finished(tmp_path):
