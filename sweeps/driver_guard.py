@@ -56,6 +56,33 @@ def local_storage_file(url: str) -> Path | None:
     return None
 
 
+SIDECARS = ("-journal", "-wal", "-shm", ".lock")  # a storage file's companions, kept or removed with it
+SQLITE_HEADER = b"SQLite format 3\x00"
+RECORD_TABLES = ("runs", "studies")  # MLflow's runs, Optuna's studies
+
+
+def holds_records(path: Path) -> bool:
+    """Whether a storage file holds some sweep's records: a SQLite database with a row in MLflow's ``runs`` or
+    Optuna's ``studies``, or a non-empty file of another kind (an Optuna journal). Unreadable: ``True``."""
+    import sqlite3
+
+    if not path.is_file() or path.name.endswith(SIDECARS):
+        return False
+    try:
+        with path.open("rb") as handle:
+            if handle.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                return path.stat().st_size > 0
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            return any(
+                db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+                for table in RECORD_TABLES
+                if table in tables
+            )
+    except (OSError, sqlite3.Error):
+        return True
+
+
 @dataclass(frozen=True)
 class NotYetThere:
     """What a sweep run may create and did not exist when it started: its folder, its storage files (a SQLite
@@ -67,7 +94,7 @@ class NotYetThere:
 
     @classmethod
     def now(cls, store: SweepStore, storage_files: list[Path]) -> NotYetThere:
-        ends = ("", "-journal", "-wal", "-shm", ".lock")
+        ends = ("", *SIDECARS)
         files = tuple(
             p for f in storage_files for p in (f.with_name(f.name + e) for e in ends) if not p.exists()
         )
@@ -79,11 +106,15 @@ class NotYetThere:
         )
 
     def remove(self) -> None:
-        """Remove what this run created: the sweep's folder, the storage files, the folders once empty."""
+        """Remove what this run created: the sweep's folder, the storage files, the folders once empty. A
+        storage file that another sweep has written to meanwhile (MLflow runs, Optuna studies, journal entries)
+        stays, with its SQLite journals."""
         if self.sweep_dir is not None:
             shutil.rmtree(self.sweep_dir, ignore_errors=True)
+        kept = [path for path in self.files if holds_records(path)]
         for path in self.files:
-            path.unlink(missing_ok=True)
+            if not any(path.parent == k.parent and path.name.startswith(k.name) for k in kept):
+                path.unlink(missing_ok=True)
         for folder in self.folders:
             with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
                 folder.rmdir()

@@ -51,6 +51,8 @@ def check_every_node_sees(config: SweepConfig, timeout_s: float = NODE_ANSWER_TI
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if not ray.is_initialized():
+        return 0
     nodes = alive_nodes()
     if len(nodes) < 2:
         return len(nodes)

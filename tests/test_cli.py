@@ -282,6 +282,31 @@ def test_a_sweep_refused_after_its_storage_leaves_what_existed_before(tmp_path, 
     assert (earlier / "sweep.json").read_text() == "{}"
 
 
+def test_a_refusal_keeps_a_shared_store_another_sweep_wrote_to_meanwhile(tmp_path):
+    """The shared ``mlflow.db`` did not exist when this run started, but another sweep created it and logged a
+    run before this one was refused: it stays. The refused run's own empty database goes."""
+    from rpsft.sweeps.driver_guard import NotYetThere
+    from rpsft.sweeps.store import tracking
+    from rpsft.sweeps.store.sweep_store import SweepStore
+
+    root = tmp_path / "sweeps"
+    shared, own = root / "mlflow.db", root / "refused" / "optuna.db"
+    created = NotYetThere.now(SweepStore(root, "refused"), [shared, own])
+    assert shared in created.files and own in created.files
+
+    client = tracking.client_for(f"sqlite:///{shared}")  # the other sweep
+    experiment = tracking.ensure_experiment(client, "rpsft-sweeps", None)
+    other = tracking.create_parent_run(client, experiment, "other", {})
+    own.parent.mkdir(parents=True)
+    from rpsft.sweeps.store.optuna_storage import optuna_storage
+
+    optuna_storage(f"sqlite:///{own}")  # the refused run's own store: tables, no study
+
+    created.remove()
+    assert not own.parent.exists()
+    assert client.get_run(other).info.run_id == other  # the other sweep's store is intact
+
+
 @pytest.mark.parametrize(
     "args",
     [
