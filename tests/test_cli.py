@@ -304,7 +304,10 @@ def test_a_refusal_keeps_a_shared_store_another_sweep_wrote_to_meanwhile(tmp_pat
 
     created.remove()
     assert not own.parent.exists()
-    assert client.get_run(other).info.run_id == other  # the other sweep's store is intact
+    import sqlite3
+
+    with sqlite3.connect(shared) as db:  # the other sweep's store is still there, with its run
+        assert db.execute("SELECT run_uuid FROM runs").fetchall() == [(other,)]
 
 
 @pytest.mark.parametrize(
