@@ -289,7 +289,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     preflight.check_mlflow(mlflow_uri)
     cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
-    check_every_node_sees(config)
+    check_every_node_sees(config, (optuna_url, mlflow_uri))
     preflight.check_memory(config, cluster, echo=echo)
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
@@ -385,7 +385,7 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     preflight.check_mlflow(context.tracking_uri)
     cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
     preflight.check_resources(config, cluster)
-    check_every_node_sees(config)
+    check_every_node_sees(config, (optuna_url, context.tracking_uri))
     preflight.check_memory(config, cluster, echo=echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     client = tracking.client_for(context.tracking_uri)

@@ -28,26 +28,60 @@ def alive_nodes() -> list[dict[str, Any]]:
 
 
 def node_inputs(config: SweepConfig) -> dict[str, str]:
-    """The config fields that name a local path a trial reads (absolute, as :func:`rpsft.sweeps.runner.absolutize`
-    leaves them), by field name: ``model``, ``data``, ``evaluation.data_dir``."""
-    fields = {"model": config.model, "data": config.data, "evaluation.data_dir": config.evaluation.data_dir}
-    return {field: value for field, value in fields.items() if value and Path(value).is_absolute()}
+    """The config fields that name a local path a trial reads and that exist on the driver (absolute, as
+    :func:`rpsft.sweeps.runner.absolutize` leaves them), by field name: ``model``, ``data``,
+    ``evaluation.data_dir``, ``evaluation.auto_k_prompts`` and the harness's data, benchmarks file, include paths
+    and task files."""
+    fields = {
+        "model": config.model,
+        "data": config.data,
+        "evaluation.data_dir": config.evaluation.data_dir,
+        "evaluation.auto_k_prompts": config.evaluation.auto_k_prompts,
+    }
+    harness = config.model_dump(mode="json", by_alias=True)["evaluation"].get("harness") or {}
+    for key in ("data_dir", "benchmarks_file"):
+        fields[f"evaluation.harness.{key}"] = harness.get(key)
+    for i, path in enumerate(harness.get("include_path") or []):
+        fields[f"evaluation.harness.include_path[{i}]"] = path
+    for i, entry in enumerate(harness.get("benchmarks") or []):
+        fields[f"evaluation.harness.benchmarks[{i}].task"] = (
+            entry.get("task") if isinstance(entry, dict) else None
+        )
+    return {
+        field: value
+        for field, value in fields.items()
+        if isinstance(value, str) and Path(value).is_absolute() and Path(value).exists()
+    }
 
 
 def _what_this_node_sees(probe: str, inputs: dict[str, str]) -> dict[str, Any]:
-    """On one node: the probe file's text (``None`` if absent) and the input paths that are missing."""
+    """On one node: the probe file's text (``None`` if absent), the input fields whose paths are missing or
+    unreadable, and the host name."""
     import socket
 
+    def readable(path: Path) -> bool:
+        try:
+            return path.exists()
+        except OSError:  # e.g. no permission on a folder above it
+            return False
+
     path = Path(probe)
-    text = path.read_text() if path.is_file() else None
-    missing = [field for field, value in inputs.items() if not Path(value).exists()]
+    try:
+        text = path.read_text() if path.is_file() else None
+    except OSError as exc:
+        text = f"unreadable: {exc}"
+    missing = [field for field, value in inputs.items() if not readable(Path(value))]
     return {"probe": text, "missing": missing, "host": socket.gethostname()}
 
 
-def check_every_node_sees(config: SweepConfig, timeout_s: float = NODE_ANSWER_TIMEOUT_S) -> int:
+def check_every_node_sees(
+    config: SweepConfig, storage_urls: tuple[str, str], timeout_s: float = NODE_ANSWER_TIMEOUT_S
+) -> int:
     """On a cluster of several nodes, refuse (:class:`SweepConfigError`) an ``output_dir`` or a local input
-    that some node does not see at the driver's path; returns the number of nodes checked (1: nothing to check).
-    Needs a connected Ray session."""
+    that some node does not see at the driver's path, and, when the nodes are on several hosts, a SQLite store
+    (``storage_urls``: Optuna's and MLflow's), which trials on other hosts would write over a network filesystem.
+    Returns the number of nodes checked (0 or 1: nothing to check). Needs a connected Ray session; nodes that join
+    later are not checked."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -57,10 +91,15 @@ def check_every_node_sees(config: SweepConfig, timeout_s: float = NODE_ANSWER_TI
     if len(nodes) < 2:
         return len(nodes)
     root = Path(config.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     probe = root / f"{PROBE_PREFIX}{token}"
-    probe.write_text(token)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    except OSError as exc:
+        raise SweepConfigError(
+            f"output_dir: cannot write to {root} ({exc}). Fix: a writable directory"
+        ) from None
     inputs = node_inputs(config)
     task = ray.remote(num_cpus=0)(_what_this_node_sees)
     try:
@@ -79,6 +118,12 @@ def check_every_node_sees(config: SweepConfig, timeout_s: float = NODE_ANSWER_TI
                 f"storage.ray_address: not every node of the Ray cluster ran the storage check within "
                 f"{timeout_s:g} s. Fix: check that all {len(nodes)} nodes are healthy (`ray status`)"
             ) from None
+        except ray.exceptions.RayError as exc:  # a node died or drained meanwhile, a worker could not start
+            raise SweepConfigError(
+                f"storage.ray_address: the storage check could not run on every node of the Ray cluster "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}). "
+                "Fix: check that all nodes are healthy (`ray status`), then start the sweep again"
+            ) from None
     finally:
         probe.unlink(missing_ok=True)
     by_id = {node["NodeID"]: node for node in nodes}
@@ -88,13 +133,22 @@ def check_every_node_sees(config: SweepConfig, timeout_s: float = NODE_ANSWER_TI
             raise SweepConfigError(
                 f"output_dir: {root} is not the same directory on {where} of this {len(nodes)}-node Ray cluster "
                 "(a file the driver wrote there is not visible). Trials, their retries and the driver share "
-                "checkpoints, bases and Tune's experiment through it. Fix: output_dir on storage every node "
-                "mounts at the same path (NFS, or a bucket mounted with a FUSE driver), or run on one node"
+                "checkpoints, bases and Tune's experiment through it. Fix: output_dir on a shared filesystem "
+                "every node mounts at the same path (NFS, CephFS, EFS, Filestore), or run on one node"
             )
         if answer["missing"]:
             field = answer["missing"][0]
             raise SweepConfigError(
                 f"{field}: {inputs[field]} does not exist on {where} of this {len(nodes)}-node Ray cluster. "
                 f"Fix: put it at the same path on every node (shared storage), or give {field} as a path that does"
+            )
+    hosts = {answer["host"] for answer in answers.values()}
+    for field, url in zip(("storage.optuna", "storage.mlflow"), storage_urls, strict=True):
+        if len(hosts) > 1 and url.startswith("sqlite:"):
+            raise SweepConfigError(
+                f"{field}: {url} is a SQLite file, and this Ray cluster's nodes are on {len(hosts)} hosts: trials "
+                "on every host would write it over a network filesystem, where SQLite's locks are not safe. "
+                "Fix: a postgresql:// URL"
+                + (" or an http(s):// tracking server" if field == "storage.mlflow" else "")
             )
     return len(nodes)

@@ -76,10 +76,10 @@ class _AfterStep(TrainerCallback):
             self.fault.fire(self.trial, f"after step {self.step}")
 
 
-class HoldForNodeLoss(TrialHook):
-    """A node lost mid-training: on the first attempt of a matching trial, after optimizer step ``at_step``,
-    write this worker's Ray node id to ``<sweep dir>/node_loss/<trial id>`` and wait (at most ``hold_s``) for
-    the test to kill that node. Later attempts (the trial rescheduled on another node) run normally."""
+class HoldMidTrial(TrialHook):
+    """A trial held mid-training, for the test to kill its node or its driver: on the first attempt of a matching
+    trial, after optimizer step ``at_step``, write this worker's Ray node id to ``<sweep dir>/held/<trial id>``
+    and wait (at most ``hold_s``). Later attempts (a retry on another node, a resumed sweep) run normally."""
 
     def __init__(self, match: str, at_step: int, hold_s: float = 300.0):
         self.match, self.at_step, self.hold_s = match, at_step, hold_s
@@ -91,7 +91,7 @@ class HoldForNodeLoss(TrialHook):
 
 
 class _HoldAfterStep(TrainerCallback):
-    def __init__(self, hook: HoldForNodeLoss, trial: TrialContext) -> None:
+    def __init__(self, hook: HoldMidTrial, trial: TrialContext) -> None:
         self.hook, self.trial = hook, trial
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -101,7 +101,7 @@ class _HoldAfterStep(TrainerCallback):
 
         import ray
 
-        marker = Path(self.trial.sweep_dir) / "node_loss" / self.trial.trial_id
+        marker = Path(self.trial.sweep_dir) / "held" / self.trial.trial_id
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(ray.get_runtime_context().get_node_id())
-        time.sleep(self.hook.hold_s)  # the node dies here; past hold_s the test has failed already
+        time.sleep(self.hook.hold_s)  # the node or the driver dies here (past hold_s, the test has failed)

@@ -121,7 +121,7 @@ def test_multi_node_trials_spread_and_a_node_loss_resumes_the_trial_from_its_che
     if not pg_available():
         pytest.skip("no PostgreSQL on 127.0.0.1:5432 (two trials at once need it)")
     schemas = [pg_schema(), pg_schema()]
-    hooks = fault_hooks(monkeypatch, "HoldForNodeLoss", match="[ref] lora", at_step=3)
+    hooks = fault_hooks(monkeypatch, "HoldMidTrial", match="[ref] lora", at_step=3)
     raw = multi_node_sweep(
         "nodeloss",
         tiny_dir,
@@ -146,7 +146,7 @@ def test_multi_node_trials_spread_and_a_node_loss_resumes_the_trial_from_its_che
     nodes_before = worker_node_ids(cluster)
     thread = threading.Thread(target=sweep, daemon=True)
     thread.start()
-    markers = tmp_path / "sweeps" / "nodeloss" / "node_loss"
+    markers = tmp_path / "sweeps" / "nodeloss" / "held"
     added = False
     try:
         deadline = time.monotonic() + 300
@@ -231,10 +231,15 @@ def test_a_two_worker_trial_trains_across_nodes_as_on_one_machine(tmp_path, tiny
         assert across["drift"][name] == pytest.approx(drift, rel=1e-9) and drift > 0
 
 
-def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(tmp_path, tiny_dir, cluster, driver):
+def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(
+    tmp_path, tiny_dir, cluster, driver, monkeypatch
+):
+    """The driver is killed while LoRA is held mid-training (SFT finished and saved in Tune's experiment), then
+    `rpsft sweep resume` from another directory finishes the sweep on the same cluster and storage."""
     from mlflow.tracking import MlflowClient
 
-    raw = multi_node_sweep("restart", tiny_dir, tmp_path, driver, references=["sft", "lora"])
+    hooks = fault_hooks(monkeypatch, "HoldMidTrial", match="[ref] lora", at_step=1)
+    raw = multi_node_sweep("restart", tiny_dir, tmp_path, driver, references=["sft", "lora"], hooks=hooks)
     runs_dir = tmp_path / "sweeps"
     first_dir, second_dir = tmp_path / "first", tmp_path / "second"
     first_dir.mkdir()
@@ -255,6 +260,10 @@ def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(tmp_path, tiny_
         except Exception:  # noqa: BLE001  # the database is being created
             return []
 
+    def tune_saved_after(seconds: float) -> bool:
+        states = (runs_dir / "restart" / "tune").glob("experiment_state-*.json")
+        return any(path.stat().st_mtime > seconds for path in states)
+
     first = rpsft(
         "sweep",
         "run",
@@ -265,18 +274,16 @@ def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(tmp_path, tiny_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    held = runs_dir / "restart" / "held"
     deadline = time.monotonic() + 300
-    while not finished_runs() and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(1)
+    while not (held.is_dir() and any(held.iterdir())):  # SFT has finished, LoRA is held after its step 1
+        assert first.poll() is None and time.monotonic() < deadline, "LoRA was never held"
+        time.sleep(0.5)
     done_before = {run.info.run_id: run for run in finished_runs()}
-    assert done_before and first.poll() is None, "no trial finished before the driver ended"
-    # the kill comes once Tune has saved its experiment after that trial ended (a trial it never recorded as
-    # finished is rerun: tested with a local driver in test_sweeps.py)
-    ended = max(run.info.end_time for run in done_before.values()) / 1000 + 2
-    states = runs_dir / "restart" / "tune"
-    while time.monotonic() < deadline and not any(
-        path.stat().st_mtime > ended for path in states.glob("experiment_state-*.json")
-    ):
+    assert [run.data.tags["rpsft.reference"] for run in done_before.values()] == ["sft"]
+    ended = max(run.info.end_time for run in done_before.values()) / 1000 + 1
+    while not tune_saved_after(ended):  # Tune's experiment records SFT as finished
+        assert time.monotonic() < deadline, "Tune never saved its experiment after SFT finished"
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=60)
@@ -300,9 +307,11 @@ def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(tmp_path, tiny_
     after = {run.info.run_id: run for run in finished_runs()}
     references = sorted(run.data.tags["rpsft.reference"] for run in after.values())
     assert references == ["lora", "sft"]  # each trial finished once, in one run
-    for run_id, before in done_before.items():  # the trials finished before the kill were not rerun
+    for run_id, before in done_before.items():  # SFT, finished before the kill, was not rerun
         assert nodes_of(after[run_id]) == nodes_of(before)
         assert after[run_id].info.end_time == before.info.end_time
+    (lora,) = [run for run in after.values() if run.data.tags["rpsft.reference"] == "lora"]
+    assert len(nodes_of(lora)) == 2  # its attempt under the killed driver, and the resumed one
 
 
 def _free_port() -> int:
@@ -311,50 +320,84 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _can_unshare_mounts() -> bool:
-    if not shutil.which("unshare") or not shutil.which("mount"):
+def _can_unshare() -> bool:
+    if not shutil.which("unshare") or not shutil.which("mount") or not shutil.which("hostname"):
         return False
     probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /mnt"], capture_output=True, timeout=30
+        ["unshare", "-m", "-u", "sh", "-c", "hostname probe && mount -t tmpfs tmpfs /mnt"],
+        capture_output=True,
+        timeout=30,
     )
     return probe.returncode == 0
 
 
-def test_multi_node_preflight_refuses_an_output_dir_a_node_does_not_see(tmp_path, tiny_dir, cluster, driver):
+def _alive_nodes(address: str, want: int, deadline: float, node: subprocess.Popen | None = None) -> None:
+    """Wait until the cluster has ``want`` alive nodes (``node``: the process that must stay up meanwhile)."""
     import ray
+
+    if ray.is_initialized():  # a refused sweep leaves its driver connected
+        ray.shutdown()
+    ray.init(address=address)
+    try:
+        while len([n for n in ray.nodes() if n["Alive"]]) != want:
+            assert node is None or node.poll() is None, "the extra node exited"
+            assert time.monotonic() < deadline, f"the cluster never had {want} alive nodes"
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+def test_multi_node_preflight_refuses_what_a_node_does_not_see(tmp_path, tiny_dir, cluster, driver):
+    """A fourth node runs in its own mount and host-name namespaces: an empty tmpfs over the sweeps' directory,
+    and another host name. The preflight refuses that output_dir; then, with an output_dir it sees, it refuses
+    the SQLite stores (nodes on two hosts)."""
     from rpsft.sweeps.config.errors import SweepConfigError
 
-    if not _can_unshare_mounts():
-        pytest.skip("needs `unshare -m` and mount (root) to give one node its own view of the filesystem")
+    if not _can_unshare():
+        pytest.skip(
+            "needs `unshare -m -u`, mount and hostname (root) to give one node its own filesystem view"
+        )
     sweeps = tmp_path / "sweeps"
     sweeps.mkdir()
     ray_bin = Path(sys.executable).parent / "ray"
     start = (
-        f"mount -t tmpfs tmpfs {sweeps} && exec {ray_bin} start --address {cluster.address} --num-cpus 0 "
-        f"--block --disable-usage-stats --dashboard-agent-listen-port {_free_port()} "
-        f"--metrics-export-port {_free_port()} --runtime-env-agent-port {_free_port()}"
+        f"hostname rpsft-other-host && mount -t tmpfs tmpfs {sweeps} && exec {ray_bin} start "
+        f"--address {cluster.address} --num-cpus 0 --block --disable-usage-stats "
+        f"--dashboard-agent-listen-port {_free_port()} --metrics-export-port {_free_port()} "
+        f"--runtime-env-agent-port {_free_port()}"
     )
-    log = (tmp_path / "local-node.log").open("w")
+    log = (tmp_path / "other-node.log").open("w")
     node = subprocess.Popen(
-        ["unshare", "-m", "sh", "-c", start], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        ["unshare", "-m", "-u", "sh", "-c", start],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
-        ray.init(address=driver)
-        deadline = time.monotonic() + 120
-        while len([n for n in ray.nodes() if n["Alive"]]) < 1 + WORKER_NODES + 1:
-            assert node.poll() is None and time.monotonic() < deadline, (
-                tmp_path / "local-node.log"
-            ).read_text()
-            time.sleep(0.5)
-        ray.shutdown()
-        raw = multi_node_sweep("nodelocal", tiny_dir, tmp_path, driver, references=["sft"])
+        _alive_nodes(driver, 1 + WORKER_NODES + 1, time.monotonic() + 120, node)
         with pytest.raises(SweepConfigError) as caught:
-            run_quietly(raw)
+            run_quietly(multi_node_sweep("nodelocal", tiny_dir, tmp_path, driver, references=["sft"]))
         message = str(caught.value)
         assert message.startswith(f"output_dir: {sweeps} is not the same directory on node")
-        assert "4-node Ray cluster" in message and "Fix: output_dir on storage every node mounts" in message
+        assert "(rpsft-other-host, id " in message and "of this 4-node Ray cluster" in message
+        assert "Fix: output_dir on a shared filesystem every node mounts at the same path" in message
         assert not any(sweeps.iterdir())  # refused before any trial, and the probe is gone
+
+        elsewhere = tmp_path / "elsewhere"
+        with pytest.raises(SweepConfigError) as caught:
+            run_quietly(multi_node_sweep("sqlite", tiny_dir, elsewhere, driver, references=["sft"]))
+        message = str(caught.value)
+        assert message.startswith(
+            f"storage.optuna: sqlite:///{elsewhere / 'sweeps' / 'sqlite' / 'optuna.db'}"
+        )
+        assert "nodes are on 2 hosts" in message and "Fix: a postgresql:// URL" in message
+        assert not (elsewhere / "sweeps").exists()  # nothing left by the refused sweep
     finally:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait(timeout=60)
+        os.killpg(node.pid, signal.SIGTERM)  # `ray start --block` stops its node and tells the cluster
+        try:
+            node.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait(timeout=30)
         log.close()
+        _alive_nodes(driver, 1 + WORKER_NODES, time.monotonic() + 90)

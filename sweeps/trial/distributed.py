@@ -5,10 +5,11 @@ process group (gloo on CPUs, NCCL on GPUs). Each runs :func:`rpsft.core.sharded_
 DDP, the data sharded across the workers, the penalty on each worker's rows, checkpoints through
 ``torch.distributed.checkpoint`` in the trial's directory (a retried trial resumes from them).
 
-After every optimizer step all workers report to Ray Train, and :class:`TuneReportCallback` hands rank 0's
+Before training, rank 0 tags the trial's run with every rank's Ray node (``rpsft.worker_nodes``; the run's
+``rpsft.nodes`` is the node of the Tune trial that drives them). After every optimizer step all workers report
+to Ray Train, and :class:`TuneReportCallback` hands rank 0's
 progress on to the Tune trial (the driver's table); rank 0 also logs the step to the trial's MLflow run. After
-training, rank 0 tags the trial's run with every rank's Ray node (``rpsft.worker_nodes``), loads the
-consolidated checkpoint, scores it exactly as a one-process trial is scored, and
+training, rank 0 loads the consolidated checkpoint, scores it exactly as a one-process trial is scored, and
 logs the item scores; its numbers come back in the checkpoint of its last report, and the Tune trial
 records and reports them as any trial does.
 """
@@ -116,17 +117,17 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         progress = {"progress": f"{step}/{max_steps}", "eta": duration((max_steps - step) * per_step)}
         ray.train.report({**progress, "step": step, "final": False})
 
+    nodes = worker_nodes()  # before training, so a lost or failed attempt has them too
+    if rank == 0:
+        client.set_tag(loop_config["run_id"], tracking.TAG_WORKER_NODES, ",".join(nodes))
     # rank 0 scores the consolidated checkpoint; it stays only for a trial whose weights may be kept
     train_config = train_config.model_copy(update={"save_model": True})
     result = train_on_rank(
         train_config, bases_dir=context.bases_dir, on_step=on_step, on_step_every_rank=True
     )
-    nodes = worker_nodes()
     metrics: dict[str, Any] = {}
     if rank == 0:
         from rpsft.core.models import load_model, load_tokenizer
-
-        client.set_tag(loop_config["run_id"], tracking.TAG_WORKER_NODES, ",".join(nodes))
 
         step_logger.flush()
         tokenizer = load_tokenizer(train_config.model, train_config.cache_dir)

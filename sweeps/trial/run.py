@@ -147,8 +147,8 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
         tune.report({**_stored_result(TrialRecord.from_run(run)), "final": True})
         return
 
-    tracking.record_node(client, run, ray.get_runtime_context().get_node_id())  # which node, per attempt
     try:
+        tracking.record_node(client, run, ray.get_runtime_context().get_node_id())  # which node, per attempt
         hooks = start_attempt(config.hooks, config.sweep_dir(), trial_id, trial_label(params))
         hooks.before_training()
         set_torch_threads(config.resources.cpus)
