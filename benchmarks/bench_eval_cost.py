@@ -76,10 +76,10 @@ def main() -> None:
     rows: list[tuple[str, float]] = []
     with torch.no_grad():
         base_s, _ = timed(lambda: scorer.warm_base(model, tokenizer))
-        loss_s, _ = timed(lambda: scorer.loss_metrics(model, tokenizer))
+        loss_s, loss = timed(lambda: scorer.loss_metrics(model, tokenizer))
         rows.append(("loss trade-off (nll)", loss_s))
         if scorer.mc_settings is not None:
-            mc_s, _ = timed(lambda: scorer._mc_scores(model, tokenizer))
+            mc_s, _ = timed(lambda: scorer.mc_metrics(model, tokenizer, loss))
             rows.append(("multiple choice (mc)", mc_s))
     if config.evaluation.rotation:  # against the base subspaces the driver caches once per sweep
         from rpsft.evaluation.diagnostics.rotation import left_subspaces, rotation_summary

@@ -255,6 +255,15 @@ def _base_key(config: SweepConfig) -> str:
     return name_fingerprint(config.model)
 
 
+def connect_and_check(config: SweepConfig, address: str | None, storage: tuple[str, str], echo) -> None:
+    """Connect to Ray (``address``, else ``storage.ray_address``, else a local instance) and check what needs the
+    cluster: its resources, what every node sees (``storage``: the Optuna and MLflow URLs), one trial's memory."""
+    cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
+    preflight.check_resources(config, cluster)
+    check_every_node_sees(config, storage)
+    preflight.check_memory(config, cluster, echo=echo)
+
+
 def run_sweep(
     config: SweepConfig, *, address: str | None = None, progress: bool = True, echo=print
 ) -> SweepOutcome:
@@ -287,10 +296,7 @@ def _run_sweep(config: SweepConfig, *, address: str | None, progress: bool, echo
     earlier_sweeps = check_warm_start(config)
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(mlflow_uri)
-    cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
-    preflight.check_resources(config, cluster)
-    check_every_node_sees(config, (optuna_url, mlflow_uri))
-    preflight.check_memory(config, cluster, echo=echo)
+    connect_and_check(config, address, (optuna_url, mlflow_uri), echo)
 
     echo(f"[rpsft] sweep {config.name}: preparing the base model, shared bases and base scores")
     from rpsft.core.models import resolve_model_dir
@@ -383,10 +389,7 @@ def _resume_sweep(store: SweepStore, *, address: str | None, echo) -> SweepOutco
     optuna_url = state["optuna_storage"]
     storage = preflight.check_optuna_storage(optuna_url)
     preflight.check_mlflow(context.tracking_uri)
-    cluster = init_ray(address or config.storage.ray_address, hooks=bool(config.hooks))
-    preflight.check_resources(config, cluster)
-    check_every_node_sees(config, (optuna_url, context.tracking_uri))
-    preflight.check_memory(config, cluster, echo=echo)
+    connect_and_check(config, address, (optuna_url, context.tracking_uri), echo)
     echo(f"[rpsft] resuming sweep {name} (MLflow parent run {context.parent_run_id})")
     client = tracking.client_for(context.tracking_uri)
     client.update_run(context.parent_run_id, status="RUNNING")

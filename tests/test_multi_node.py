@@ -102,15 +102,23 @@ def multi_node_sweep(name, tiny_dir, root, address, **overrides):
     return raw
 
 
-def _finished(tracking_uri: str, reference: str) -> bool:
+def finished_trial_runs(tracking_uri: str) -> list:
+    """The sweep experiment's FINISHED trial runs; none while the store is still being created."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name("rpsft-sweeps")
-    if experiment is None:
-        return False
-    query = f"tags.`rpsft.reference` = '{reference}' and attributes.status = 'FINISHED'"
-    return bool(client.search_runs([experiment.experiment_id], query))
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment = client.get_experiment_by_name("rpsft-sweeps")
+        if experiment is None:
+            return []
+        query = "tags.`rpsft.role` = 'trial' and attributes.status = 'FINISHED'"
+        return client.search_runs([experiment.experiment_id], query)
+    except Exception:  # noqa: BLE001  # the database is being created
+        return []
+
+
+def finished(tracking_uri: str, reference: str) -> bool:
+    return any(run.data.tags.get("rpsft.reference") == reference for run in finished_trial_runs(tracking_uri))
 
 
 def test_multi_node_trials_spread_and_a_node_loss_resumes_the_trial_from_its_checkpoint(
@@ -150,7 +158,7 @@ def test_multi_node_trials_spread_and_a_node_loss_resumes_the_trial_from_its_che
     added = False
     try:
         deadline = time.monotonic() + 300
-        while not (markers.is_dir() and any(markers.iterdir()) and _finished(schemas[1][1], "sft")):
+        while not (markers.is_dir() and any(markers.iterdir()) and finished(schemas[1][1], "sft")):
             assert thread.is_alive() and time.monotonic() < deadline, errors or "LoRA never reached step 3"
             time.sleep(0.5)
         (marker,) = markers.iterdir()
@@ -236,7 +244,6 @@ def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(
 ):
     """The driver is killed while LoRA is held mid-training (SFT finished and saved in Tune's experiment), then
     `rpsft sweep resume` from another directory finishes the sweep on the same cluster and storage."""
-    from mlflow.tracking import MlflowClient
 
     hooks = fault_hooks(monkeypatch, "HoldMidTrial", match="[ref] lora", at_step=1)
     raw = multi_node_sweep("restart", tiny_dir, tmp_path, driver, references=["sft", "lora"], hooks=hooks)
@@ -248,17 +255,7 @@ def test_multi_node_driver_restarted_elsewhere_resumes_the_sweep(
     db = runs_dir / "mlflow.db"
 
     def finished_runs() -> list:
-        if not db.exists():
-            return []
-        try:
-            client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-            experiment = client.get_experiment_by_name("rpsft-sweeps")
-            if experiment is None:
-                return []
-            query = "tags.`rpsft.role` = 'trial' and attributes.status = 'FINISHED'"
-            return client.search_runs([experiment.experiment_id], query)
-        except Exception:  # noqa: BLE001  # the database is being created
-            return []
+        return finished_trial_runs(f"sqlite:///{db}") if db.exists() else []
 
     def tune_saved_after(seconds: float) -> bool:
         states = (runs_dir / "restart" / "tune").glob("experiment_state-*.json")

@@ -182,9 +182,8 @@ def run_trial(params: dict[str, Any], context: SweepContext) -> None:
                 config, context, train_config, scorer, client, run_id, report, extra_callbacks=hook_callbacks
             )
         result = {**metrics, **scorer.primary(metrics)}
-        final_step = int(
-            result.get("global_steps") or train_config.max_steps or 0
-        )  # epochs: the steps trained
+        # with epochs, the steps trained
+        final_step = int(result.get("global_steps") or train_config.max_steps or 0)
         tracking.log_metrics(client, run_id, result, step=final_step)
         tracking.log_json_artifact(
             client, run_id, "trial_config.json", train_config.model_dump(mode="json", by_alias=True)
