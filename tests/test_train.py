@@ -248,6 +248,38 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(tmp_path, smol_toke
         assert torch.allclose(value, _weights(resumed.model)[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize(("setting", "computed"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_the_training_forward_computes_in_the_resolved_precision(tmp_path, smol_tokenizer, setting, computed):
+    """``mixed_precision: bf16`` autocasts the Trainer's forward during training (the matmuls return bfloat16
+    while the weights stay float32); ``no`` computes in float32. Read from a hook inside the training steps."""
+    import contextlib
+
+    from rpsft.core.precision import cpu_has_native_bf16
+    from transformers import TrainerCallback
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    class LinearDtypes(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+            linear.register_forward_hook(
+                lambda module, inputs, output: seen.append((module.weight.dtype, output.dtype))
+            )
+
+    cfg = _config(tmp_path, method="sft", mixed_precision=setting, max_steps=1, save_model=False)
+    emulated = setting == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16()
+    with pytest.warns(RuntimeWarning, match="emulated") if emulated else contextlib.nullcontext():
+        result = train(
+            cfg,
+            model=_tiny(smol_tokenizer),
+            tokenizer=smol_tokenizer,
+            callbacks=[LinearDtypes()],
+            progress=False,
+        )
+    assert result.metrics["mixed_precision"] == setting
+    assert seen and set(seen) == {(torch.float32, computed)}
+
+
 @pytest.mark.parametrize("method", ["sft", "lora"])
 def test_a_mixed_precision_run_returns_the_model_it_saves(tmp_path, smol_tokenizer, method):
     """bf16 mixed precision autocasts the forward pass during training only: the returned model computes in
