@@ -6,7 +6,7 @@ trial that needs a CPU can only run on a worker node, and two at once run on two
   mid-trial, and that trial resumes from its last checkpoint on a live node, while the finished one is
   untouched, with one MLflow run per trial and an operating point at the end;
 - a trial over 2 Ray Train workers on two nodes (gloo across raylets) trains as the same 2 workers in one
-  process group on one machine;
+  process group on one machine, and its MLflow run is nested and logged as a one-process trial's;
 - the driver killed and restarted from another directory resumes the sweep on the same cluster;
 - the preflight refuses a node that does not see ``output_dir`` (a node started in its own mount namespace with
   an empty tmpfs over the sweeps' directory).
@@ -16,6 +16,7 @@ Select them with ``pytest -k "multi_node or node_loss or across_nodes"``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -213,8 +214,14 @@ def test_a_two_worker_trial_trains_across_nodes_as_on_one_machine(tmp_path, tiny
     outcome = run_quietly(raw)
     client, (run,) = trial_runs(outcome)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == outcome.parent_run_id  # nested as a one-process trial is
     ranks = run.data.tags[TAG_WORKER_NODES].split(",")
     assert len(ranks) == 2 and set(ranks) == worker_node_ids(cluster)  # rank 0 and rank 1 on two nodes
+    # rank 0's per-step records, the penalty computed on the shards included, and the trial's scores
+    for metric in ("loss", "rpsft/penalty"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3], metric
+    assert all(math.isfinite(run.data.metrics[key]) for key in ("g_id", "f_ood", "objective", "train_loss"))
+    assert run.data.metrics["drift_mean"] > 0
 
     # the same config on 2 local processes of one machine (one process group, no Ray)
     def artifact(name: str) -> dict:
@@ -228,7 +235,7 @@ def test_a_two_worker_trial_trains_across_nodes_as_on_one_machine(tmp_path, tiny
         config.model_copy(update={"output_dir": str(tmp_path / "one-machine"), "save_model": False})
     ).metrics
     across = artifact("train_metrics.json")
-    assert across["workers"] == local["workers"] == 2
+    assert across["workers"] == local["workers"] == 2 and across["strategy"] == "fsdp2"
     losses = [(r["step"], r["loss"]) for r in across["log_history"] if "loss" in r]
     local_losses = [(r["step"], r["loss"]) for r in local["log_history"] if "loss" in r]
     assert [s for s, _ in losses] == [s for s, _ in local_losses] == [1, 2, 3]
