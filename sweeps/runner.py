@@ -22,7 +22,7 @@ from rpsft.core.method_table import method_spec
 from rpsft.sweeps import preflight
 from rpsft.sweeps.analysis.selection import Selection, select
 from rpsft.sweeps.config.errors import SweepConfigError
-from rpsft.sweeps.config.sweep import SweepConfig
+from rpsft.sweeps.config.sweep import SweepConfig, input_path_slots
 from rpsft.sweeps.driver_guard import NotYetThere, driver_lock, local_storage_file, nothing_left_when_refused
 from rpsft.sweeps.ray_session import init_ray
 from rpsft.sweeps.search.space import build_scheduler, build_searcher, search_dims, search_distributions
@@ -62,23 +62,12 @@ def absolutize(config: SweepConfig) -> SweepConfig:
         return value
 
     data = config.model_dump(mode="json", by_alias=True)
-    data["model"] = existing(config.model)
-    data["data"] = existing(config.data)
+    for _, container, key in input_path_slots(data):  # a registry task or hub id stays a name
+        container[key] = existing(container[key])
+    data["evaluation"]["data_dir"] = str(Path(config.evaluation.data_dir).expanduser().resolve())
     data["output_dir"] = str(Path(config.output_dir).expanduser().resolve())
     if config.cache_dir:
         data["cache_dir"] = str(Path(config.cache_dir).expanduser().resolve())
-    data["evaluation"]["data_dir"] = str(Path(config.evaluation.data_dir).expanduser().resolve())
-    if config.evaluation.auto_k_prompts:
-        data["evaluation"]["auto_k_prompts"] = existing(config.evaluation.auto_k_prompts)
-    harness = data["evaluation"].get("harness") or {}  # the fields given (unset ones follow the section)
-    for key in ("data_dir", "benchmarks_file"):
-        if harness.get(key):
-            harness[key] = existing(harness[key])
-    if harness.get("include_path"):
-        harness["include_path"] = [existing(p) for p in harness["include_path"]]
-    for entry in harness.get("benchmarks") or []:
-        if entry.get("task"):  # a task YAML or directory; a registry name stays a name
-            entry["task"] = existing(entry["task"])
     return SweepConfig.model_validate(data)
 
 

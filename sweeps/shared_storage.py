@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rpsft.sweeps.config.errors import SweepConfigError
-from rpsft.sweeps.config.sweep import SweepConfig
+from rpsft.sweeps.config.sweep import SweepConfig, input_path_slots
 
 PROBE_PREFIX = ".rpsft-storage-probe-"
 NODE_ANSWER_TIMEOUT_S = 120.0
@@ -28,28 +28,13 @@ def alive_nodes() -> list[dict[str, Any]]:
 
 
 def node_inputs(config: SweepConfig) -> dict[str, str]:
-    """The config fields that name a local path a trial reads and that exist on the driver (absolute, as
-    :func:`rpsft.sweeps.runner.absolutize` leaves them), by field name: ``model``, ``data``,
-    ``evaluation.data_dir``, ``evaluation.auto_k_prompts`` and the harness's data, benchmarks file, include paths
-    and task files."""
-    fields = {
-        "model": config.model,
-        "data": config.data,
-        "evaluation.data_dir": config.evaluation.data_dir,
-        "evaluation.auto_k_prompts": config.evaluation.auto_k_prompts,
-    }
-    harness = config.model_dump(mode="json", by_alias=True)["evaluation"].get("harness") or {}
-    for key in ("data_dir", "benchmarks_file"):
-        fields[f"evaluation.harness.{key}"] = harness.get(key)
-    for i, path in enumerate(harness.get("include_path") or []):
-        fields[f"evaluation.harness.include_path[{i}]"] = path
-    for i, entry in enumerate(harness.get("benchmarks") or []):
-        fields[f"evaluation.harness.benchmarks[{i}].task"] = (
-            entry.get("task") if isinstance(entry, dict) else None
-        )
+    """The config fields that name a local path a trial reads (:func:`input_path_slots`) and that exist on the
+    driver, absolute as :func:`rpsft.sweeps.runner.absolutize` leaves them, by field name."""
+    data = config.model_dump(mode="json", by_alias=True)
+    values = {field: container[key] for field, container, key in input_path_slots(data)}
     return {
         field: value
-        for field, value in fields.items()
+        for field, value in values.items()
         if isinstance(value, str) and Path(value).is_absolute() and Path(value).exists()
     }
 

@@ -493,11 +493,12 @@ def test_a_sweep_refuses_the_vllm_backend_for_its_in_memory_trials(tmp_path, smo
         scorer.check()
 
 
-def test_a_sweep_hands_its_trials_absolute_task_paths(local_tasks, tmp_path, smol_tokenizer, monkeypatch):
+def test_a_sweep_hands_its_trials_and_its_nodes_absolute_input_paths(local_tasks, tmp_path, smol_tokenizer, monkeypatch):
     """Ray runs trials in their own directories: a task YAML or include path given relative to the working
     directory reaches them absolute, and a registry name stays a name."""
     from rpsft.sweeps.config.sweep import parse_sweep_config
     from rpsft.sweeps.runner import absolutize
+    from rpsft.sweeps.shared_storage import node_inputs
     from sweep_helpers import sweep_dict, tiny_model_dir
 
     monkeypatch.chdir(tmp_path)
@@ -512,7 +513,14 @@ def test_a_sweep_hands_its_trials_absolute_task_paths(local_tasks, tmp_path, smo
     raw = sweep_dict(
         "abs", tiny_model_dir(tmp_path, smol_tokenizer), tmp_path, evaluation={"harness": harness}
     )
-    settings = absolutize(parse_sweep_config(raw)).evaluation.harness
+    config = absolutize(parse_sweep_config(raw))
+    settings = config.evaluation.harness
     assert settings.include_path == [str(tmp_path)]
     assert [b.task for b in settings.benchmarks] == [str(local_tasks["arc_challenge_local"]), "arc_challenge"]
     assert [b.name for b in settings.benchmarks] == ["arc_challenge_local", "arc_challenge"]
+    # the same fields are the inputs every node of a cluster must see (a registry name is not a path)
+    inputs = node_inputs(config)
+    assert inputs["evaluation.harness.include_path[0]"] == str(tmp_path)
+    assert inputs["evaluation.harness.benchmarks[0].task"] == str(local_tasks["arc_challenge_local"])
+    assert "evaluation.harness.benchmarks[1].task" not in inputs
+    assert inputs["model"] == config.model and inputs["evaluation.data_dir"] == config.evaluation.data_dir

@@ -11,6 +11,7 @@ with the sweep field named (``space.lambda``, ``references[1]``, ...)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,28 @@ class SweepConfig(BaseModel):
                 where = f"train.{field}"  # a shared training setting, not the searched value
             message = err["msg"].removeprefix("Value error, ").removeprefix(f"{field}: ")
             raise ValueError(f"{where}: {message}") from None
+
+
+def input_path_slots(data: dict[str, Any]) -> Iterator[tuple[str, dict | list, str | int]]:
+    """The fields of a dumped sweep config (``model_dump(mode="json", by_alias=True)``) that may name a local path
+    a trial reads, as ``(field name, container, key)`` so a caller can read or replace each value in place:
+    ``model``, ``data``, ``evaluation.data_dir``, ``evaluation.auto_k_prompts`` and, with a harness, its data
+    dir, benchmarks file, include paths and task files. A value may be a name (a hub id, a registry task), not
+    a path; the caller decides."""
+    yield "model", data, "model"
+    yield "data", data, "data"
+    evaluation = data["evaluation"]
+    yield "evaluation.data_dir", evaluation, "data_dir"
+    yield "evaluation.auto_k_prompts", evaluation, "auto_k_prompts"
+    harness = evaluation.get("harness") or {}
+    for key in ("data_dir", "benchmarks_file"):
+        if key in harness:
+            yield f"evaluation.harness.{key}", harness, key
+    for i in range(len(harness.get("include_path") or [])):
+        yield f"evaluation.harness.include_path[{i}]", harness["include_path"], i
+    for i, entry in enumerate(harness.get("benchmarks") or []):
+        if isinstance(entry, dict) and "task" in entry:
+            yield f"evaluation.harness.benchmarks[{i}].task", entry, "task"
 
 
 def read_yaml_mapping(path: str | Path, field: str = "config", what: str = "sweep YAML") -> dict[str, Any]:
