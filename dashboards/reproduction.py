@@ -33,40 +33,73 @@ def short_label(label: str) -> str:
     return text.replace("lambda=", "\u03bb=").replace("learning_rate=", "lr=")
 
 
+def configurations_by_phi(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The study's configurations by falling Phi at the study's beta: the order of the page's configuration
+    table, whose row numbers label the trade-off figure's points."""
+    key = f"phi@{result['beta']:g}"
+    return sorted(result["configurations"], key=lambda c: -c["intervals"][key]["estimate"])
+
+
 def tradeoff_figure(result: dict[str, Any]) -> Any:
-    """G_id against F_ood with the paired bootstrap intervals as error bars, one colour per method."""
+    """G_id against F_ood with the paired bootstrap intervals as error bars, one colour per method, each point
+    numbered as its row of the page's configuration table. Left: every configuration; right: those that gained
+    on ID (G_id > 0), where the comparison is, at a scale of their own."""
+    from plotly.subplots import make_subplots
+
     go = plotly_go()
-    fig = go.Figure()
-    by_method: dict[str, list[dict[str, Any]]] = {}
-    for config in result["configurations"]:
-        by_method.setdefault(config["params"].get("method", "?"), []).append(config)
-    for method, configs in by_method.items():
-        g = [c["g_id"] for c in configs]
-        f = [c["f_ood"] for c in configs]
-        gp, gm = zip(*(_error(c["intervals"]["g_id"], c["g_id"]) for c in configs))
-        fp, fm = zip(*(_error(c["intervals"]["f_ood"], c["f_ood"]) for c in configs))
+    ordered = configurations_by_phi(result)
+    number = {id(c): i for i, c in enumerate(ordered, start=1)}
+    gained = [c for c in ordered if c["g_id"] > 0]
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("every configuration", "the configurations with G_id > 0"),
+        horizontal_spacing=0.08,
+    )
+    for col, shown in ((1, ordered), (2, gained)):
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for config in shown:
+            by_method.setdefault(config["params"].get("method", "?"), []).append(config)
+        for method, configs in by_method.items():
+            gp, gm = zip(*(_error(c["intervals"]["g_id"], c["g_id"]) for c in configs))
+            fp, fm = zip(*(_error(c["intervals"]["f_ood"], c["f_ood"]) for c in configs))
+            fig.add_trace(
+                go.Scatter(
+                    x=[c["f_ood"] for c in configs],
+                    y=[c["g_id"] for c in configs],
+                    mode="markers+text",
+                    name=method,
+                    legendgroup=method,
+                    showlegend=col == 1,
+                    marker={"size": 9, "color": METHOD_COLORS.get(method)},
+                    error_x={"type": "data", "array": list(fp), "arrayminus": list(fm), "thickness": 1},
+                    error_y={"type": "data", "array": list(gp), "arrayminus": list(gm), "thickness": 1},
+                    text=[str(number[id(c)]) for c in configs],
+                    textposition="top right",
+                    textfont={"size": 11, "color": METHOD_COLORS.get(method)},
+                    hovertext=[f"{number[id(c)]}. {c['label']}" for c in configs],
+                    hovertemplate="%{hovertext}<br>F_ood %{x:.4f}<br>G_id %{y:.4f}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         fig.add_trace(
             go.Scatter(
-                x=f,
-                y=g,
-                mode="markers+text",
-                name=method,
-                marker={"size": 9, "color": METHOD_COLORS.get(method)},
-                error_x={"type": "data", "array": list(fp), "arrayminus": list(fm), "thickness": 1},
-                error_y={"type": "data", "array": list(gp), "arrayminus": list(gm), "thickness": 1},
-                text=[short_label(c["label"]) for c in configs],
-                textposition="top right",
-                textfont={"size": 10, "color": METHOD_COLORS.get(method)},
-                hovertext=[c["label"] for c in configs],
-                hovertemplate="%{hovertext}<br>F_ood %{x:.4f}<br>G_id %{y:.4f}<extra></extra>",
-            )
+                x=[0],
+                y=[0],
+                mode="markers",
+                name="base",
+                legendgroup="base",
+                showlegend=col == 1,
+                marker={"symbol": "x", "size": 10, "color": "black"},
+            ),
+            row=1,
+            col=col,
         )
-    fig.add_trace(
-        go.Scatter(
-            x=[0], y=[0], mode="markers", name="base", marker={"symbol": "x", "size": 10, "color": "black"}
-        )
-    )
-    return styled(fig, f"{result['model']}: ID gain vs OOD forgetting (95% intervals)", "F_ood", "G_id")
+    fig.update_xaxes(title_text="F_ood")
+    fig.update_yaxes(title_text="G_id", row=1, col=1)
+    title = f"{result['model']}: ID gain vs OOD forgetting (95% intervals; numbers: rows of the configuration table)"
+    return styled(fig, title, "F_ood", "G_id")
 
 
 def _rank_share(model: str, layers: str) -> Any:
@@ -248,17 +281,19 @@ def _fmt(interval: dict[str, float] | None) -> str:
 def _configuration_table(result: dict[str, Any]) -> list[str]:
     beta = result["beta"]
     lines = [
-        f"| configuration | seeds | G_id | F_ood | Phi (beta={beta:g}) | drift | rotation (deg) |",
-        "|---|---|---|---|---|---|---|",
+        "**Every configuration** at its final checkpoint, on all scored items (selection and report; nothing is "
+        "chosen from this table), with 95% paired bootstrap intervals.",
+        "",
+        f"| # | configuration | seeds | G_id | F_ood | Phi (beta={beta:g}) | drift | rotation (deg) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     key = f"phi@{beta:g}"
-    rows = sorted(result["configurations"], key=lambda c: -c["intervals"][key]["estimate"])
-    for c in rows:
+    for number, c in enumerate(configurations_by_phi(result), start=1):
         m = c["metrics"]
         rot = f"{m['rotation/mean_deg']:.4g}" if "rotation/mean_deg" in m else "-"
         drift = f"{m['drift_mean']:.4g}" if "drift_mean" in m else "-"
         lines.append(
-            f"| {c['label']} | {c['n_seeds']} | {_fmt(c['intervals']['g_id'])} | {_fmt(c['intervals']['f_ood'])} "
+            f"| {number} | {c['label']} | {c['n_seeds']} | {_fmt(c['intervals']['g_id'])} | {_fmt(c['intervals']['f_ood'])} "
             f"| {_fmt(c['intervals'][key])} | {drift} | {rot} |"
         )
     return lines
