@@ -1,5 +1,7 @@
 """The study's claim verdicts on synthetic configurations whose truth is planted (no model, no training)."""
 
+import re
+
 import numpy as np
 import pytest
 from rpsft.evaluation.item_split import ItemSplit
@@ -370,12 +372,14 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     page = write_reproduction_page(tmp_path / "docs").read_text()
     for claim in claims:
         assert f"**{claim.id} ({claim.verdict}).**" in page
-    # one table row per configuration, with its Phi interval as stored
-    rows = [line for line in page.splitlines() if line.startswith("| [ref]")]
+    # one numbered table row per configuration, by falling Phi, with its Phi interval as stored
+    rows = [line.split(" | ") for line in page.splitlines() if re.match(r"\| \d+ \| \[ref\]", line)]
     assert len(rows) == len(configs)
-    best = max(configs, key=lambda c: c.intervals["phi@1"].estimate)
-    phi = best.intervals["phi@1"]
-    assert f"{phi.estimate:+.4f} [{phi.low:+.4f}, {phi.high:+.4f}]" in rows[0]
+    assert [row[0] for row in rows] == [f"| {i}" for i in range(1, len(configs) + 1)]
+    by_phi = sorted(configs, key=lambda c: -c.intervals["phi@1"].estimate)
+    assert [row[1] for row in rows] == [c.label for c in by_phi]
+    phi = by_phi[0].intervals["phi@1"]
+    assert f"{phi.estimate:+.4f} [{phi.low:+.4f}, {phi.high:+.4f}]" == rows[0][5]
     assert "Caveat" not in page
     stored_caveat = {**stored, "caveats": ["measured before the scoring fix"]}
     path.write_text(json.dumps(stored_caveat))
@@ -385,6 +389,24 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     )
     figures = study_figures(stored)
     assert set(figures) == {"tradeoff", "phi_k", "drift_lambda", "rotation"}
+    # the trade-off figure numbers each point as its table row: every configuration on the left, those with
+    # G_id > 0 on the right (a planted loser, last by Phi, only on the left)
+    import copy
+
+    loser = copy.deepcopy(stored["configurations"][0])
+    loser.update(label="[ref] dft", params={"method": "dft"}, g_id=-0.5, f_ood=0.3)
+    loser["intervals"]["phi@1"]["estimate"] = -1.0
+    number_of = {row[1]: int(row[0].removeprefix("| ")) for row in rows} | {"[ref] dft": len(rows) + 1}
+    tradeoff = study_figures({**stored, "configurations": [loser, *stored["configurations"]]})["tradeoff"]
+    every = [*((c.label, c.point.f_ood, c.point.g_id) for c in configs), ("[ref] dft", 0.3, -0.5)]
+    for axis, shown in (("x", every), ("x2", every[:-1])):
+        points = {
+            (text, x, y)
+            for trace in tradeoff.data
+            if trace.xaxis == axis and trace.name != "base"
+            for text, x, y in zip(trace.text, trace.x, trace.y, strict=True)
+        }
+        assert points == {(str(number_of[label]), f, g) for label, f, g in shown}
     # the Phi(k) figure: the k slice in k order with full rank (L2-init) at a share of 1; SFT (k = 0) as a line
     # with its interval as a band, as k = 0 has no place on the log axis; k: auto beside the grid
     phi_k = figures["phi_k"]
@@ -662,7 +684,8 @@ def test_reproduction_page_renders_the_forgetting_views(tmp_path):
 
 
 def test_reproduction_page_from_the_committed_claims_files(tmp_path):
-    """The committed results (written before the regimes and the two views) still render, into a copy."""
+    """The committed results, of either design (with or without the C5 regimes and the two views), render into a
+    copy: the drift figure has one line per regime the file holds, and the 1/lambda guide."""
     import json
     import shutil
     from pathlib import Path
@@ -680,8 +703,12 @@ def test_reproduction_page_from_the_committed_claims_files(tmp_path):
     assert page.count("### Forgetting under two views") == len(files)
     assert "Not in this result file" in page
     for path in files:
-        figures = study_figures(json.loads(path.read_text()))
-        assert len(figures["drift_lambda"].data) in (0, 2)  # the one old slice and its 1/lambda guide
+        stored = json.loads(path.read_text())
+        c5 = next(c for c in stored["claims"] if c["id"] == "C5")["numbers"]
+        regimes = len(c5.get("regimes") or {}) or int(bool(c5.get("lambda")))  # an old file: its one slice
+        drawn = study_figures(stored)["drift_lambda"].data
+        assert [t.name for t in drawn[regimes:]] == (["1/lambda"] if regimes else [])
+        assert len(drawn) == regimes + int(regimes > 0)
 
 
 # ------------------------------------------------------------------------------------------ per-reference optimizer
