@@ -30,12 +30,13 @@ def alive_nodes() -> list[dict[str, Any]]:
 def node_inputs(config: SweepConfig) -> dict[str, str]:
     """The config fields that name a local path a trial reads (:func:`input_path_slots`) and that exist on the
     driver, absolute as :func:`rpsft.sweeps.runner.absolutize` leaves them, by field name."""
-    data = config.model_dump(mode="json", by_alias=True)
-    values = {field: container[key] for field, container, key in input_path_slots(data)}
+    slots = input_path_slots(config.model_dump(mode="json", by_alias=True))
     return {
-        field: value
-        for field, value in values.items()
-        if isinstance(value, str) and Path(value).is_absolute() and Path(value).exists()
+        field: container[key]
+        for field, container, key in slots
+        if isinstance(container[key], str)
+        and Path(container[key]).is_absolute()
+        and Path(container[key]).exists()
     }
 
 
