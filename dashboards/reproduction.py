@@ -252,21 +252,33 @@ def rotation_figure(result: dict[str, Any]) -> Any:
     return styled(fig, f"{result['model']}: rotation vs ID gain", "G_id", "mean principal angle (deg)")
 
 
+def _has_rotation(result: dict[str, Any]) -> bool:
+    return any("rotation/mean_deg" in config["metrics"] for config in result["configurations"])
+
+
 def study_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The study's figures by name; the rotation figure only where the study measured rotation."""
     claims = {c["id"]: c for c in result["claims"]}
-    return {
+    figures = {
         "tradeoff": tradeoff_figure(result),
         "phi_k": phi_k_figure(result, claims["C4"]),
         "drift_lambda": drift_figure(result, claims["C5"]),
-        "rotation": rotation_figure(result),
     }
+    if _has_rotation(result):
+        figures["rotation"] = rotation_figure(result)
+    return figures
 
 
 def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> tuple[list[Path], str | None]:
     """The study's figures as PNG: ``(paths, None)``, or ``([], why not)``."""
     from rpsft.dashboards.report import write_pngs
 
-    return write_pngs(study_figures(result), Path(results_dir))
+    figures = study_figures(result)
+    if (
+        "rotation" not in figures
+    ):  # a rerun without rotation leaves no earlier run's figure for the page to embed
+        (Path(results_dir) / "rotation.png").unlink(missing_ok=True)
+    return write_pngs(figures, Path(results_dir))
 
 
 # ------------------------------------------------------------------------------------------ the page
@@ -350,6 +362,11 @@ def _forgetting_section(result: dict[str, Any]) -> list[str]:
     views = result.get("forgetting_views")
     if not views:
         return lines + ["Not in this result file (written before both views were reported).", ""]
+    if not any(row["f_ood"].get("mc") for row in views["configurations"]):
+        return lines + [
+            "F_ood is under `nll` only: this study scored no `mc` items (`evaluation.mc` is not set).",
+            "",
+        ]
     lines += [
         "F_ood under `nll` (the rise in NLL of the base model's own answers) and `mc` (the drop in "
         "log-likelihood multiple-choice accuracy, `evaluation.mc`), with 95% paired bootstrap intervals.",

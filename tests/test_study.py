@@ -389,6 +389,16 @@ def test_reproduction_page_and_figures_from_the_claims_file(tmp_path):
     )
     figures = study_figures(stored)
     assert set(figures) == {"tradeoff", "phi_k", "drift_lambda", "rotation"}
+    # a study that measured no rotation draws no rotation figure (an empty one would be a blank plot)
+    unrotated = [
+        {**c, "metrics": {k: v for k, v in c["metrics"].items() if not k.startswith("rotation/")}}
+        for c in stored["configurations"]
+    ]
+    assert set(study_figures({**stored, "configurations": unrotated})) == {
+        "tradeoff",
+        "phi_k",
+        "drift_lambda",
+    }
     # the trade-off figure numbers each point as its table row: every configuration on the left, those with
     # G_id > 0 on the right (a planted loser, last by Phi, only on the left)
     import copy
@@ -701,7 +711,17 @@ def test_reproduction_page_from_the_committed_claims_files(tmp_path):
         shutil.copy(path, target)
     page = write_reproduction_page(tmp_path / "docs").read_text()
     assert page.count("### Forgetting under two views") == len(files)
-    assert "Not in this result file" in page
+    # the two views side by side where a study scored mc items, one line where it did not
+    with_mc = [
+        path
+        for path in files
+        if any(
+            row["f_ood"].get("mc")
+            for row in json.loads(path.read_text())["forgetting_views"]["configurations"]
+        )
+    ]
+    assert page.count("| configuration | F_ood nll | F_ood mc |") == len(with_mc)
+    assert page.count("F_ood is under `nll` only") == len(files) - len(with_mc)
     for path in files:
         stored = json.loads(path.read_text())
         c5 = next(c for c in stored["claims"] if c["id"] == "C5")["numbers"]

@@ -310,7 +310,9 @@ def claim_c3(configs: list[Configuration], intervals: Any) -> ClaimResult:
     sft = _reference(configs, "sft")
     rpsft = [c for c in configs if c.method == "rpsft" and c.paper_setting and ROTATION in c.metrics]
     if sft is None or ROTATION not in sft.metrics or not rpsft:
-        return ClaimResult("C3", text, "inconclusive", "no rotation measured (evaluation.rotation: true)")
+        return ClaimResult(
+            "C3", text, "inconclusive", "no rotation measured (set evaluation.rotation: true to measure it)"
+        )
     key_sft = intervals.key_of(sft.point)
     # comparable ID gain: within 25% of SFT's G_id, or a paired G_id difference whose interval holds 0
     equal = [
