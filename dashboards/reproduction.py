@@ -274,9 +274,8 @@ def write_study_figures(result: dict[str, Any], results_dir: str | Path) -> tupl
     from rpsft.dashboards.report import write_pngs
 
     figures = study_figures(result)
-    if (
-        "rotation" not in figures
-    ):  # a rerun without rotation leaves no earlier run's figure for the page to embed
+    # a rerun without rotation leaves no earlier run's rotation figure for the page to embed
+    if "rotation" not in figures:
         (Path(results_dir) / "rotation.png").unlink(missing_ok=True)
     return write_pngs(figures, Path(results_dir))
 
